@@ -1,0 +1,5 @@
+import sys
+
+from mechcna.cli import main
+
+sys.exit(main())

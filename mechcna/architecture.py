@@ -1,0 +1,170 @@
+"""Architecture facts in one place: a read-only view over a :class:`HookedTransformer`.
+
+Attribution code asks this view for per-layer weights (FFN value vectors ``W_out`` rows, keys
+``W_in``/``W_gate``, per-head ``W_V``/``W_O`` with grouped-query heads expanded, pre-norm
+weights) and the final-norm kind, so no analysis module branches on architecture itself.
+Missing biases are returned as zeros and missing norm weights as ones.
+
+Example:
+    >>> arch = Architecture(model)          # doctest: +SKIP
+    >>> arch.W_out(3).shape                 # (d_mlp, d_model): row k is neuron k's value
+"""
+
+from typing import Literal, cast
+
+import torch
+from transformer_lens import HookedTransformer
+
+from mechcna._types import Float, Tensor
+from mechcna.errors import MechcnaError, UnsupportedArchitectureError
+
+NormKind = Literal["LN", "LNPre", "RMS", "RMSPre", "none"]
+_NORMS = {"LN": "LN", "LNPre": "LNPre", "RMS": "RMS", "RMSPre": "RMSPre", None: "none"}
+
+
+class Architecture:
+    """Per-layer weights and norm facts of a supported model (a view; nothing is copied).
+
+    Raises:
+        UnsupportedArchitectureError: attention-only models, parallel attention/MLP blocks,
+            mixtures of experts, or unknown normalisation types.
+    """
+
+    def __init__(self, model: HookedTransformer):
+        cfg = model.cfg
+        problems = []
+        if cfg.attn_only:
+            problems.append("attention-only models have no FFN neurons")
+        if cfg.parallel_attn_mlp:
+            problems.append("parallel attention/MLP blocks (GPT-J style) have no resid_mid")
+        if getattr(cfg, "num_experts", None):
+            problems.append("mixture-of-experts MLPs")
+        if cfg.normalization_type not in _NORMS:
+            problems.append(f"normalization_type {cfg.normalization_type!r}")
+        if cfg.d_mlp is None:
+            problems.append("no d_mlp")
+        if problems:
+            raise UnsupportedArchitectureError(
+                f"{cfg.model_name}: unsupported architecture: " + "; ".join(problems)
+            )
+        self.model = model
+        self.n_layers: int = cfg.n_layers
+        self.n_heads: int = cfg.n_heads
+        self.d_head: int = cfg.d_head
+        self.d_model: int = cfg.d_model
+        self.d_mlp: int = int(cfg.d_mlp)  # type: ignore[arg-type]
+        self.d_vocab: int = cfg.d_vocab_out
+        self.n_key_value_heads: int = cfg.n_key_value_heads or cfg.n_heads
+        self.gated: bool = bool(cfg.gated_mlp)
+        self.norm: NormKind = _NORMS[cfg.normalization_type]  # type: ignore[assignment]
+        self.final_norm: NormKind = self.norm
+        self.eps: float = cfg.eps
+
+    # ----------------------------------------------------------------- checks
+    def check_layer(self, layer: int) -> int:
+        """Return ``layer`` (negative indices allowed) or raise a clear error."""
+        if not -self.n_layers <= layer < self.n_layers:
+            raise MechcnaError(f"layer {layer} out of range: the model has {self.n_layers} layers")
+        return layer % self.n_layers
+
+    def check_head(self, layer: int, head: int) -> tuple[int, int]:
+        layer = self.check_layer(layer)
+        if not 0 <= head < self.n_heads:
+            raise MechcnaError(f"head {head} out of range: layers have {self.n_heads} heads")
+        return layer, head
+
+    def check_neuron(self, layer: int, neuron: int) -> tuple[int, int]:
+        layer = self.check_layer(layer)
+        if not 0 <= neuron < self.d_mlp:
+            raise MechcnaError(f"neuron {neuron} out of range: layers have {self.d_mlp} neurons")
+        return layer, neuron
+
+    # ---------------------------------------------------------------- weights
+    def _block(self, layer: int):
+        return self.model.blocks[self.check_layer(layer)]
+
+    def W_out(self, layer: int) -> Float[Tensor, "neuron d_model"]:
+        """FFN value vectors: row ``k`` is what neuron ``k`` writes per unit coefficient."""
+        return self._block(layer).mlp.W_out
+
+    def b_out(self, layer: int) -> Float[Tensor, " d_model"]:
+        return self._bias(self._block(layer).mlp, "b_out", self.d_model)
+
+    def W_in(self, layer: int) -> Float[Tensor, "d_model neuron"]:
+        """FFN keys (the ``up`` projection for gated MLPs)."""
+        return self._block(layer).mlp.W_in
+
+    def b_in(self, layer: int) -> Float[Tensor, " neuron"]:
+        return self._bias(self._block(layer).mlp, "b_in", self.d_mlp)
+
+    def W_gate(self, layer: int) -> Float[Tensor, "d_model neuron"] | None:
+        """Gate keys of a gated MLP (``None`` otherwise)."""
+        return cast(Tensor, self._block(layer).mlp.W_gate) if self.gated else None
+
+    def W_V(self, layer: int) -> Float[Tensor, "head_index d_model d_head"]:
+        """Value weights per query head (grouped-query heads repeated to ``n_heads``)."""
+        return self._block(layer).attn.W_V
+
+    def b_V(self, layer: int) -> Float[Tensor, "head_index d_head"]:
+        attn = self._block(layer).attn
+        b = getattr(attn, "b_V", None)
+        return b if b is not None else self._zeros(self.n_heads, self.d_head)
+
+    def W_O(self, layer: int) -> Float[Tensor, "head_index d_head d_model"]:
+        return self._block(layer).attn.W_O
+
+    def b_O(self, layer: int) -> Float[Tensor, " d_model"]:
+        return self._bias(self._block(layer).attn, "b_O", self.d_model)
+
+    def ln1_w(self, layer: int) -> Float[Tensor, " d_model"]:
+        """Pre-attention norm weight (ones if the norm has no weight)."""
+        return self._norm_w(self._block(layer).ln1)
+
+    def ln2_w(self, layer: int) -> Float[Tensor, " d_model"]:
+        """Pre-MLP norm weight (ones if the norm has no weight)."""
+        return self._norm_w(self._block(layer).ln2)
+
+    @property
+    def ln_final_w(self) -> Float[Tensor, " d_model"]:
+        return self._norm_w(self.model.ln_final) if self.final_norm != "none" else self._ones()
+
+    @property
+    def ln_final_b(self) -> Float[Tensor, " d_model"]:
+        b = getattr(self.model.ln_final, "b", None) if self.final_norm != "none" else None
+        return b if b is not None else self._zeros(self.d_model)
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.model.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        return self.model.b_U
+
+    @property
+    def centres_final(self) -> bool:
+        """Whether the final norm subtracts the mean (LayerNorm kinds)."""
+        return self.final_norm in ("LN", "LNPre")
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.W_U.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.W_U.device
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(*shape, dtype=self.dtype, device=self.device)
+
+    def _ones(self) -> Tensor:
+        return torch.ones(self.d_model, dtype=self.dtype, device=self.device)
+
+    def _bias(self, module: torch.nn.Module, name: str, size: int) -> Tensor:
+        b = getattr(module, name, None)
+        return b if isinstance(b, Tensor) else self._zeros(size)
+
+    def _norm_w(self, module: torch.nn.Module) -> Tensor:
+        w = getattr(module, "w", None)
+        return w if isinstance(w, Tensor) else self._ones()

@@ -1,0 +1,127 @@
+"""Residual-stream self-check: does the model decompose the way attribution assumes?
+
+:func:`check_model` runs a random prompt and verifies, layer by layer, that
+
+1. embedding + every attention output + every MLP output reproduces the final residual;
+2. per-head outputs ``z @ W_O`` plus ``b_O`` sum to each attention output;
+3. per-neuron contributions ``post * W_out`` plus ``b_out`` sum to each MLP output.
+
+Every attribution score rests on these identities; a model whose hooks were patched, or an
+architecture TransformerLens wires differently, fails here with the layer named.
+
+Example:
+    >>> report = check_model(model)   # doctest: +SKIP
+    >>> report.max_error              # largest relative error seen
+"""
+
+from dataclasses import dataclass
+
+import einops
+import torch
+from transformer_lens import HookedTransformer
+
+from mechcna.architecture import Architecture
+from mechcna.errors import ModelCheckError
+from mechcna.hooks import hook_name
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Largest relative error of each identity, and the tolerance used."""
+
+    residual: float
+    heads: float
+    neurons: float
+    tolerance: float
+
+    @property
+    def max_error(self) -> float:
+        return max(self.residual, self.heads, self.neurons)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    scale = max(float(b.abs().max()), 1e-12)
+    return float((a - b).abs().max()) / scale
+
+
+def check_model(
+    model: HookedTransformer,
+    tokens: torch.Tensor | None = None,
+    *,
+    seq_len: int = 6,
+    seed: int = 0,
+    tolerance: float | None = None,
+) -> CheckReport:
+    """Verify the residual-stream decomposition on a prompt; raise naming the failing layer.
+
+    Args:
+        model: the model to check.
+        tokens: ``[batch, pos]`` tokens; default a random prompt of ``seq_len`` tokens.
+        seed: seed for the random prompt.
+        tolerance: max relative error (default 1e-4 for fp32 and wider types, 2e-2 below).
+
+    Returns:
+        A :class:`CheckReport` with the largest error of each identity.
+
+    Raises:
+        ModelCheckError: an identity fails; the message names the layer and the identity.
+        UnsupportedArchitectureError: the architecture is not supported at all.
+    """
+    arch = Architecture(model)
+    if tolerance is None:
+        tolerance = 1e-4 if arch.dtype in (torch.float32, torch.float64) else 2e-2
+    if tokens is None:
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, arch.d_vocab, (1, seq_len), generator=gen)
+    tokens = tokens.to(arch.device)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+
+    resid = cache[hook_name("embed")]
+    if hook_name("pos_embed") in cache:
+        resid = resid + cache[hook_name("pos_embed")]
+    err_resid = err_heads = err_neurons = 0.0
+    for layer in range(arch.n_layers):
+        attn_out = cache[hook_name("attn_out", layer)]
+        mlp_out = cache[hook_name("mlp_out", layer)]
+        e = _rel(resid, cache[hook_name("resid_pre", layer)])
+        err_resid = max(err_resid, e)
+        if e > tolerance:
+            raise ModelCheckError(
+                f"layer {layer}: embedding plus earlier attention and MLP outputs do not "
+                f"reproduce resid_pre (relative error {e:.2e} > {tolerance:.0e})"
+            )
+        heads = einops.einsum(
+            cache[hook_name("z", layer)],
+            arch.W_O(layer),
+            "batch pos head_index d_head, head_index d_head d_model -> batch pos d_model",
+        )
+        e = _rel(heads + arch.b_O(layer), attn_out)
+        err_heads = max(err_heads, e)
+        if e > tolerance:
+            raise ModelCheckError(
+                f"layer {layer}: per-head outputs (hook_z @ W_O + b_O) do not sum to the "
+                f"attention output hook_attn_out (relative error {e:.2e} > {tolerance:.0e})"
+            )
+        neurons = einops.einsum(
+            cache[hook_name("post", layer)],
+            arch.W_out(layer),
+            "batch pos neuron, neuron d_model -> batch pos d_model",
+        )
+        e = _rel(neurons + arch.b_out(layer), mlp_out)
+        err_neurons = max(err_neurons, e)
+        if e > tolerance:
+            raise ModelCheckError(
+                f"layer {layer}: per-neuron contributions (hook_post * W_out + b_out) do not "
+                f"sum to the MLP output hook_mlp_out (relative error {e:.2e} > {tolerance:.0e})"
+            )
+        resid = resid + attn_out + mlp_out
+    e = _rel(resid, cache[hook_name("resid_post", arch.n_layers - 1)])
+    err_resid = max(err_resid, e)
+    if e > tolerance:
+        raise ModelCheckError(
+            f"layer {arch.n_layers - 1}: the sum of all components does not reproduce the "
+            f"final residual (relative error {e:.2e} > {tolerance:.0e})"
+        )
+    return CheckReport(err_resid, err_heads, err_neurons, tolerance)

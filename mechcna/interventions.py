@@ -1,0 +1,344 @@
+"""Interventions as scoped TransformerLens hooks, and their weight-space equivalents.
+
+Each intervention is a small frozen dataclass that knows (a) the forward hooks that realise it
+and (b), where possible, how to write the same change into a copy of the weights. Apply any
+number of them with the :func:`intervene` context manager; contexts nest and compose, and no
+hook survives the ``with`` block, even when the body raises.
+
+* :class:`HeadAblation`: zero a head's output (``attn.hook_z``), or replace it with its mean
+  over a reference set (:meth:`HeadAblation.mean_over`). Zeroing ``z`` equals zeroing the
+  head's slice of ``W_O`` (the output bias stays, as in the papers' code).
+* :class:`NeuronEdit`: zero, scale or set FFN neuron coefficients (``mlp.hook_post``).
+* :class:`KeepNeurons`: zero every FFN neuron of the given layers except a kept set.
+* :class:`Patch`: overwrite any activation with the one from another run.
+
+All act on every position unless ``positions`` is given (indices into the position axis,
+negative allowed).
+
+Example:
+    >>> with intervene(model, HeadAblation([(1, 0)]), NeuronEdit([(0, 5)])):  # doctest: +SKIP
+    ...     logits = model(tokens)
+    >>> edited = apply_to_weights(model, HeadAblation([(1, 0)]))              # doctest: +SKIP
+"""
+
+import copy
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, cast, runtime_checkable
+
+import einops
+import torch
+from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+from mechcna._types import Tensor, Tokens
+from mechcna.architecture import Architecture
+from mechcna.errors import MechcnaError
+from mechcna.hooks import hook_name
+
+HookFn = Callable[[Tensor, HookPoint], Tensor]
+FwdHooks = list[tuple[str, HookFn]]
+Positions = Sequence[int] | None
+
+
+@runtime_checkable
+class Intervention(Protocol):
+    """What :func:`intervene` needs from an intervention."""
+
+    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks: ...
+
+    def write_weights(self, model: HookedTransformer) -> None: ...
+
+
+def _positions(positions: Iterable[int] | None) -> Positions:
+    return None if positions is None else tuple(int(p) for p in positions)
+
+
+def _edit(
+    act: Tensor, positions: Positions, index: tuple, fn: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Apply ``fn`` to ``act[:, positions][index]`` in place (all positions if ``None``)."""
+    if positions is None:
+        act[(slice(None), slice(None), *index)] = fn(act[(slice(None), slice(None), *index)])
+        return act
+    pos = torch.tensor(positions, device=act.device)
+    if ((pos >= act.shape[1]) | (pos < -act.shape[1])).any():
+        raise MechcnaError(f"positions {positions} out of range for {act.shape[1]} positions")
+    sub = act[:, pos]
+    sub[(slice(None), slice(None), *index)] = fn(sub[(slice(None), slice(None), *index)])
+    act[:, pos] = sub
+    return act
+
+
+def _no_positions(kind: str, positions: Positions) -> None:
+    if positions is not None:
+        raise MechcnaError(f"{kind} at given positions has no weight-space equivalent")
+
+
+@dataclass(frozen=True, eq=False)
+class HeadAblation:
+    """Ablate attention heads: ``mode="zero"`` sets their ``z`` to 0, ``mode="mean"`` to a mean.
+
+    Args:
+        heads: ``(layer, head)`` pairs.
+        mode: ``"zero"`` or ``"mean"`` (build the latter with :meth:`mean_over`).
+        means: per-head mean ``z`` (``[d_head]``), keyed by ``(layer, head)``; mean mode only.
+        positions: positions to ablate (default: all).
+    """
+
+    heads: Sequence[tuple[int, int]]
+    mode: Literal["zero", "mean"] = "zero"
+    means: dict[tuple[int, int], Tensor] | None = field(default=None, repr=False)
+    positions: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", tuple((int(l), int(h)) for l, h in self.heads))
+        object.__setattr__(self, "positions", _positions(self.positions))
+        if self.mode not in ("zero", "mean"):
+            raise MechcnaError(f"mode must be 'zero' or 'mean', not {self.mode!r}")
+        if self.mode == "mean" and (self.means is None or set(self.means) < set(self.heads)):
+            raise MechcnaError(
+                "mean ablation needs means for every head: use HeadAblation.mean_over"
+            )
+
+    @classmethod
+    def mean_over(
+        cls,
+        model: HookedTransformer,
+        heads: Sequence[tuple[int, int]],
+        reference: Tokens,
+        positions: Iterable[int] | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> "HeadAblation":
+        """Mean ablation: each head's ``z`` replaced by its mean over the reference tokens
+        (over prompts and positions; padding excluded when ``attention_mask`` is given)."""
+        arch = Architecture(model)
+        heads = [arch.check_head(l, h) for l, h in heads]
+        layers = sorted({l for l, _ in heads})
+        names = [hook_name("z", l) for l in layers]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(reference, names_filter=lambda n: n in names)
+        w = attention_mask if attention_mask is not None else torch.ones(reference.shape[:2])
+        w = w.to(model.W_U.device, model.W_U.dtype)
+        means = {}
+        for l, h in heads:
+            z = cache[hook_name("z", l)][:, :, h]
+            total = einops.einsum(z, w, "batch pos d_head, batch pos -> d_head")
+            means[(l, h)] = total / w.sum()
+        return cls(heads, mode="mean", means=means, positions=_positions(positions))
+
+    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+        arch = Architecture(model)
+        by_layer: dict[int, list[int]] = defaultdict(list)
+        for l, h in self.heads:
+            l, h = arch.check_head(l, h)
+            by_layer[l].append(h)
+        hooks: FwdHooks = []
+        for layer, hs in by_layer.items():
+            idx = torch.tensor(hs)
+            if self.mode == "zero":
+                fill = None
+            else:
+                assert self.means is not None
+                fill = torch.stack([self.means[(layer, h)] for h in hs])
+
+            def hook(z: Tensor, hook: HookPoint, idx=idx, fill=fill) -> Tensor:
+                value = torch.zeros(()) if fill is None else fill
+                return _edit(
+                    z,
+                    self.positions,
+                    (idx.to(z.device),),
+                    lambda sub, v=value: v.to(sub).expand_as(sub).clone(),
+                )
+
+            hooks.append((hook_name("z", layer), hook))
+        return hooks
+
+    def write_weights(self, model: HookedTransformer) -> None:
+        _no_positions("head ablation", self.positions)
+        arch = Architecture(model)
+        with torch.no_grad():
+            for l, h in self.heads:
+                l, h = arch.check_head(l, h)
+                attn = model.blocks[l].attn
+                if self.mode == "mean":
+                    assert self.means is not None
+                    mean = self.means[(l, h)].to(attn.W_O)
+                    shift = einops.einsum(mean, attn.W_O[h], "d_head, d_head d_model -> d_model")
+                    attn.b_O.add_(shift)
+                attn.W_O[h] = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class NeuronEdit:
+    """Zero, scale or set FFN neuron coefficients (``blocks.{l}.mlp.hook_post``).
+
+    Args:
+        neurons: ``(layer, neuron)`` pairs.
+        op: ``"zero"``, ``"scale"`` (multiply by ``value``) or ``"set"`` (to ``value``).
+        value: the factor or the value.
+        positions: positions to edit (default: all).
+    """
+
+    neurons: Sequence[tuple[int, int]]
+    op: Literal["zero", "scale", "set"] = "zero"
+    value: float = 0.0
+    positions: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "neurons", tuple((int(l), int(k)) for l, k in self.neurons))
+        object.__setattr__(self, "positions", _positions(self.positions))
+        if self.op not in ("zero", "scale", "set"):
+            raise MechcnaError(f"op must be 'zero', 'scale' or 'set', not {self.op!r}")
+
+    def _by_layer(self, model: HookedTransformer) -> dict[int, Tensor]:
+        arch = Architecture(model)
+        by_layer: dict[int, list[int]] = defaultdict(list)
+        for l, k in self.neurons:
+            l, k = arch.check_neuron(l, k)
+            by_layer[l].append(k)
+        return {l: torch.tensor(sorted(set(ks))) for l, ks in by_layer.items()}
+
+    def _fn(self) -> Callable[[Tensor], Tensor]:
+        if self.op == "zero":
+            return torch.zeros_like
+        if self.op == "scale":
+            return lambda sub: sub * self.value
+        return lambda sub: torch.full_like(sub, self.value)
+
+    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+        fn = self._fn()
+        hooks: FwdHooks = []
+        for layer, idx in self._by_layer(model).items():
+
+            def hook(post: Tensor, hook: HookPoint, idx=idx) -> Tensor:
+                return _edit(post, self.positions, (idx.to(post.device),), fn)
+
+            hooks.append((hook_name("post", layer), hook))
+        return hooks
+
+    def write_weights(self, model: HookedTransformer) -> None:
+        _no_positions("neuron edit", self.positions)
+        with torch.no_grad():
+            for layer, idx in self._by_layer(model).items():
+                mlp = model.blocks[layer].mlp
+                if self.op == "set":
+                    cast(Tensor, mlp.b_out).add_(self.value * mlp.W_out[idx].sum(0))
+                factor = self.value if self.op == "scale" else 0.0
+                mlp.W_out[idx] = mlp.W_out[idx] * factor
+
+
+@dataclass(frozen=True, eq=False)
+class KeepNeurons:
+    """Zero every FFN neuron in ``layers`` except ``neurons`` (the papers' "keep" experiment).
+
+    Args:
+        neurons: ``(layer, neuron)`` pairs to keep.
+        layers: the layers whose other neurons are zeroed, e.g. ``range(17, 32)``.
+        positions: positions to edit (default: all).
+    """
+
+    neurons: Sequence[tuple[int, int]]
+    layers: Sequence[int]
+    positions: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "neurons", tuple((int(l), int(k)) for l, k in self.neurons))
+        object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
+        object.__setattr__(self, "positions", _positions(self.positions))
+
+    def as_edit(self, model: HookedTransformer) -> NeuronEdit:
+        """The equivalent :class:`NeuronEdit` zeroing the complement."""
+        arch = Architecture(model)
+        keep = {arch.check_neuron(l, k) for l, k in self.neurons}
+        layers = sorted({arch.check_layer(l) for l in self.layers})
+        drop = [(l, k) for l in layers for k in range(arch.d_mlp) if (l, k) not in keep]
+        return NeuronEdit(drop, "zero", positions=self.positions)
+
+    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+        return self.as_edit(model).fwd_hooks(model)
+
+    def write_weights(self, model: HookedTransformer) -> None:
+        self.as_edit(model).write_weights(model)
+
+
+@dataclass(frozen=True, eq=False)
+class Patch:
+    """Overwrite the activation at ``hook`` with ``source`` (e.g. from another run's cache).
+
+    ``source`` must have the activation's shape, or batch size 1 to broadcast over prompts.
+    """
+
+    hook: str
+    source: Tensor = field(repr=False)
+    positions: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positions", _positions(self.positions))
+
+    @classmethod
+    def from_cache(
+        cls, cache: ActivationCache, hooks: Iterable[str], positions: Iterable[int] | None = None
+    ) -> list["Patch"]:
+        """One patch per hook name, taking the activations stored in ``cache``."""
+        return [cls(h, cache[h], _positions(positions)) for h in hooks]
+
+    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+        if self.hook not in model.hook_dict:
+            raise MechcnaError(f"no hook named {self.hook!r} in this model")
+
+        def hook(act: Tensor, hook: HookPoint) -> Tensor:
+            src = self.source.to(act)
+            if src.shape[1:] != act.shape[1:] or src.shape[0] not in (1, act.shape[0]):
+                raise MechcnaError(
+                    f"patch source for {self.hook} has shape {tuple(src.shape)}, "
+                    f"activation has {tuple(act.shape)}"
+                )
+            src = src.expand_as(act)
+            if self.positions is None:
+                return src.clone()
+            pos = torch.tensor(self.positions, device=act.device)
+            act[:, pos] = src[:, pos]
+            return act
+
+        return [(self.hook, hook)]
+
+    def write_weights(self, model: HookedTransformer) -> None:
+        raise MechcnaError("activation patching has no weight-space equivalent")
+
+
+def collect_hooks(model: HookedTransformer, interventions: Iterable[object]) -> FwdHooks:
+    """All forward hooks of ``interventions``, validated against ``model``."""
+    hooks: FwdHooks = []
+    for iv in interventions:
+        if not isinstance(iv, Intervention):
+            raise MechcnaError(f"{iv!r} is not an intervention")
+        hooks.extend(iv.fwd_hooks(model))
+    return hooks
+
+
+@contextmanager
+def intervene(
+    model: HookedTransformer, *interventions: Intervention
+) -> Iterator[HookedTransformer]:
+    """Context manager applying ``interventions`` through hooks; removes them on exit.
+
+    Contexts nest (inner hooks add to outer ones) and clean up even if the body raises.
+    """
+    hooks = collect_hooks(model, interventions)
+    with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
+        yield model
+
+
+def apply_to_weights(model: HookedTransformer, *interventions: Intervention) -> HookedTransformer:
+    """A deep copy of ``model`` with ``interventions`` written into its weights (for export).
+
+    Zeroing a head zeroes its ``W_O`` slice; zeroing a neuron zeroes its ``W_out`` row; mean
+    ablation and ``set`` move the constant into the output bias. The original is untouched.
+    """
+    edited = copy.deepcopy(model)
+    for iv in interventions:
+        iv.write_weights(edited)
+    return edited

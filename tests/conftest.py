@@ -1,0 +1,29 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from tests.helpers import build
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(kind):
+    return build(kind)
+
+
+@pytest.fixture
+def model64(kind):
+    return build(kind, dtype=torch.float64)
