@@ -1,0 +1,140 @@
+"""Turning prompts and targets into tokens: padding, scored positions, single-token targets.
+
+Every analysis takes prompts as strings or tokens. Batches are **right-padded**: with causal
+attention, padding after a prompt never changes the activations of its real tokens, so each
+prompt is scored at its own last real position (or a chosen one) with no attention mask.
+
+Example:
+    >>> batch = prepare_prompts(model, ["3+5=", "12+7="])      # doctest: +SKIP
+    >>> batch.positions                                          # last real token per prompt
+    >>> single_token_ids(model, ["8", "1"])                      # doctest: +SKIP
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformer_lens import HookedTransformer
+
+from mechcna._types import Int, Tensor
+from mechcna.errors import MechcnaError, TokenizationError
+
+Prompts = str | Sequence[str] | Tensor
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Right-padded tokens and the position scored in each prompt.
+
+    Attributes:
+        tokens: ``[batch, pos]`` token ids, right-padded.
+        lengths: number of real tokens per prompt.
+        positions: the scored position per prompt (default: the last real token).
+        strings: the prompts as given, when they were strings.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    lengths: Int[Tensor, " batch"]
+    positions: Int[Tensor, " batch"]
+    strings: tuple[str, ...] | None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def batch_index(self) -> Int[Tensor, " batch"]:
+        return torch.arange(len(self), device=self.tokens.device)
+
+
+def prepare_prompts(
+    model: HookedTransformer,
+    prompts: Prompts,
+    position: int | None = None,
+    prepend_bos: bool | None = None,
+) -> PromptBatch:
+    """Tokenise (or take) prompts, right-padded, and find the scored position in each.
+
+    Args:
+        model: the model whose tokenizer to use.
+        prompts: a string, a list of strings, or ``[batch, pos]`` / ``[pos]`` token ids (token
+            ids are taken as they are, unpadded).
+        position: the position to score, indexing each prompt's real tokens (``-1``, the
+            default, is the last one; ``0`` the first).
+        prepend_bos: overrides the model's default BOS policy for strings.
+
+    Raises:
+        MechcnaError: empty prompts, or a position outside a prompt.
+    """
+    device = model.W_U.device
+    if isinstance(prompts, Tensor):
+        tokens = prompts.to(device)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise MechcnaError(f"token prompts must be [batch, pos], got {tuple(prompts.shape)}")
+        if tokens.dtype.is_floating_point:
+            raise MechcnaError("token prompts must be integer ids")
+        lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=device)
+        strings = None
+    else:
+        strings = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+        if not strings:
+            raise MechcnaError("no prompts given")
+        if model.tokenizer is None:
+            raise TokenizationError("the model has no tokenizer: pass token ids instead")
+        bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        rows = [model.to_tokens(s, prepend_bos=bos, truncate=False)[0] for s in strings]
+        if any(len(r) == 0 for r in rows):
+            raise MechcnaError("a prompt tokenises to no tokens")
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        pad = int(model.tokenizer.pad_token_id or 0)  # type: ignore[arg-type]
+        tokens = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = r
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise MechcnaError(f"prompts of {tokens.shape[1]} tokens exceed n_ctx {model.cfg.n_ctx}")
+    pos = -1 if position is None else int(position)
+    positions = torch.where(torch.tensor(pos < 0, device=device), lengths + pos, pos + 0 * lengths)
+    if (positions < 0).any() or (positions >= lengths).any():
+        raise MechcnaError(f"position {pos} is outside a prompt of {int(lengths.min())} tokens")
+    return PromptBatch(tokens, lengths, positions, strings)
+
+
+def single_token_id(model: HookedTransformer, target: str | int) -> int:
+    """The id of a target given as one token's string or id.
+
+    Raises:
+        TokenizationError: the string is not exactly one token, or the id is out of range.
+    """
+    d_vocab = model.cfg.d_vocab_out
+    if isinstance(target, int):
+        if not 0 <= target < d_vocab:
+            raise TokenizationError(f"target id {target} outside the vocabulary of {d_vocab}")
+        return target
+    if model.tokenizer is None:
+        raise TokenizationError("the model has no tokenizer: give targets as token ids")
+    ids = model.to_tokens(target, prepend_bos=False, truncate=False)[0]
+    if len(ids) != 1:
+        pieces = model.to_str_tokens(target, prepend_bos=False)
+        raise TokenizationError(
+            f"target {target!r} is {len(ids)} tokens {pieces}, not a single token"
+        )
+    return int(ids[0])
+
+
+def single_token_ids(
+    model: HookedTransformer, targets: str | int | Sequence[str | int], n: int | None = None
+) -> Int[Tensor, " batch"]:
+    """Target ids for a batch: one target for all prompts, or one per prompt.
+
+    Args:
+        targets: a token string or id, or a sequence of them.
+        n: the batch size a single target is broadcast to (and a sequence must match).
+    """
+    if isinstance(targets, (str, int)):
+        ids = [single_token_id(model, targets)] * (n or 1)
+    else:
+        ids = [single_token_id(model, t) for t in targets]
+        if n is not None and len(ids) != n:
+            raise MechcnaError(f"{len(ids)} targets for {n} prompts")
+    return torch.tensor(ids, device=model.W_U.device)
