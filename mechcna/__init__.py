@@ -6,6 +6,16 @@ neurons, query neurons, arithmetic heads, and Comparative Neuron Analysis.
 """
 
 from mechcna.architecture import Architecture
+from mechcna.attribution import (
+    AttentionNeuronImportance,
+    HeadImportance,
+    LayerImportance,
+    NeuronImportance,
+    attention_neuron_importance,
+    head_importance,
+    layer_importance,
+    neuron_importance,
+)
 from mechcna.check import CheckReport, check_model
 from mechcna.errors import (
     MechcnaError,
@@ -30,6 +40,8 @@ from mechcna.models import (
     load_model,
     save_checkpoint,
 )
+from mechcna.projection import TopTokens, project_to_vocab, top_tokens
+from mechcna.static import BlockCache
 from mechcna.tokenizer import load_tokenizer, word_level_tokenizer
 
 __version__ = "0.1.0"
@@ -37,24 +49,36 @@ __version__ = "0.1.0"
 __all__ = [
     "NO_PROCESSING",
     "Architecture",
+    "AttentionNeuronImportance",
+    "BlockCache",
     "CheckReport",
     "HeadAblation",
+    "HeadImportance",
     "KeepNeurons",
+    "LayerImportance",
     "MechcnaError",
     "ModelCheckError",
     "ModelNotFoundError",
     "NeuronEdit",
+    "NeuronImportance",
     "Patch",
     "TokenizationError",
+    "TopTokens",
     "UnsupportedArchitectureError",
     "WeightProcessing",
     "apply_to_weights",
+    "attention_neuron_importance",
     "check_model",
     "get_processing",
+    "head_importance",
     "hook_name",
     "intervene",
+    "layer_importance",
     "load_model",
     "load_tokenizer",
+    "neuron_importance",
+    "project_to_vocab",
     "save_checkpoint",
+    "top_tokens",
     "word_level_tokenizer",
 ]

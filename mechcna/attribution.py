@@ -1,0 +1,508 @@
+"""Log-probability-increase attribution of layers, heads, FFN neurons and attention neurons.
+
+Yu & Ananiadou, *Neuron-Level Knowledge Attribution in Large Language Models* (EMNLP 2024);
+METHODS.md sections 3, 4 and 10. A component that writes the vector ``v`` into the residual
+stream at the scored position ``T`` is scored by how much it raises the target's
+log-probability when added to the residual it reads from:
+
+    ``Imp(v) = log p(w | base + v) - log p(w | base)``
+
+with both terms projected through the final norm (its scale frozen from the real forward pass,
+see :mod:`mechcna.projection`) and the unembedding. ``base`` is ``resid_pre`` of the layer for
+attention components and ``resid_mid`` for FFN components. The target ``w`` defaults to the
+model's own top-1 prediction, as in the papers' code.
+
+* :func:`layer_importance`: each attention layer and FFN layer (section 4.1). The scores
+  telescope: their sum is ``log p(w | final) - log p(w | embedding)``.
+* :func:`head_importance`: each head's output ``z[T] @ W_O`` (4.2), optionally split by
+  source position (4.3).
+* :func:`neuron_importance`: every FFN neuron, ``coefficient * W_out[k]`` (4.4).
+* :func:`attention_neuron_importance`: every attention neuron ``(layer, pos, head, dim)``,
+  coefficient ``pattern[T, pos] * v[pos, dim]`` times row ``dim`` of ``W_O[head]`` (4.5).
+
+Neuron scores use :mod:`mechcna.engine`: static per-layer vocabulary directions shared by all
+prompts, positions and models, a certified third-order expansion, and an exact fallback.
+
+Example:
+    >>> res = neuron_importance(model, ["Tim Duncan plays the sport of"])   # doctest: +SKIP
+    >>> res.top(10, prompt=0)                                                # doctest: +SKIP
+    >>> res.plot()                                                           # doctest: +SKIP
+"""
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import einops
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+from mechcna import plotting
+from mechcna._types import Float, Int, Tensor
+from mechcna.architecture import Architecture
+from mechcna.engine import EngineStats, Method, exact_rows_logprob, logprob_increase
+from mechcna.errors import MechcnaError
+from mechcna.hooks import hook_name
+from mechcna.interventions import Intervention, intervene
+from mechcna.models import get_processing
+from mechcna.projection import compute_dtype, linear_part, logit_offset, project_to_vocab
+from mechcna.prompts import PromptBatch, Prompts, prepare_prompts, single_token_ids
+from mechcna.results import Scores
+from mechcna.static import BlockCache, attention_block, ffn_block
+
+Targets = str | int | Sequence[str | int] | None
+
+
+# ---------------------------------------------------------------------------- capture
+@dataclass(frozen=True)
+class Capture:
+    """What one forward pass gives the attribution code, at each prompt's scored position.
+
+    Per-layer tensors have shape ``[prompt, layer, ...]``. ``pattern`` is the attention row of
+    the scored position (``[prompt, layer, head, key_pos]``); ``v`` covers every position.
+    """
+
+    batch: PromptBatch
+    target: Int[Tensor, " prompt"]
+    scale: Float[Tensor, " prompt"]
+    resid_pre: Float[Tensor, "prompt layer d_model"]
+    resid_mid: Float[Tensor, "prompt layer d_model"]
+    attn_out: Float[Tensor, "prompt layer d_model"]
+    mlp_out: Float[Tensor, "prompt layer d_model"]
+    resid_final: Float[Tensor, "prompt d_model"]
+    post: Float[Tensor, "prompt layer neuron"] | None
+    z: Float[Tensor, "prompt layer head_index d_head"] | None
+    pattern: Float[Tensor, "prompt layer head_index key_pos"] | None
+    v: Float[Tensor, "prompt layer key_pos head_index d_head"] | None
+
+
+def capture(
+    model: HookedTransformer,
+    prompts: Prompts,
+    targets: Targets = None,
+    *,
+    position: int | None = None,
+    interventions: Iterable[Intervention] = (),
+    need: Iterable[Literal["post", "z", "attention"]] = ("post", "z", "attention"),
+) -> Capture:
+    """Run the prompts once (under ``interventions``) and keep what attribution needs.
+
+    Only the scored position is stored for residuals, MLP activations and ``z``; the values
+    ``v`` are kept at every position only when attention neurons are needed.
+
+    Args:
+        targets: target tokens (strings or ids, one or one per prompt); default: the model's
+            own top-1 prediction at the scored position.
+    """
+    arch = Architecture(model)
+    batch = prepare_prompts(model, prompts, position)
+    need = set(need)
+    rows = batch.batch_index
+    pos = batch.positions
+    store: dict[str, Tensor] = {}
+
+    def at_position(key: str) -> Callable[[Tensor, HookPoint], None]:
+        def hook(act: Tensor, hook: HookPoint) -> None:
+            store[key] = act[rows, pos].detach()
+
+        return hook
+
+    def whole(key: str) -> Callable[[Tensor, HookPoint], None]:
+        def hook(act: Tensor, hook: HookPoint) -> None:
+            store[key] = act.detach()
+
+        return hook
+
+    def pattern_row(key: str) -> Callable[[Tensor, HookPoint], None]:
+        def hook(act: Tensor, hook: HookPoint) -> None:  # [batch head query key]
+            store[key] = act[rows, :, pos].detach()
+
+        return hook
+
+    hooks: list[tuple[str | Callable, Callable]] = [(hook_name("scale"), at_position("scale"))]
+    last = arch.n_layers - 1
+    hooks.append((hook_name("resid_post", last), at_position("final")))
+    for l in range(arch.n_layers):
+        for kind in ("resid_pre", "resid_mid", "attn_out", "mlp_out"):
+            hooks.append((hook_name(kind, l), at_position(f"{kind}{l}")))
+        if "post" in need:
+            hooks.append((hook_name("post", l), at_position(f"post{l}")))
+        if "z" in need:
+            hooks.append((hook_name("z", l), at_position(f"z{l}")))
+        if "attention" in need:
+            hooks.append((hook_name("pattern", l), pattern_row(f"pattern{l}")))
+            hooks.append((hook_name("v", l), whole(f"v{l}")))
+    if arch.final_norm == "none":
+        hooks = hooks[1:]
+    with torch.no_grad(), intervene(model, *interventions):
+        logits = model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
+    if targets is None:
+        target = logits[rows, pos].argmax(-1)
+    else:
+        target = single_token_ids(model, targets, len(batch))
+    if arch.final_norm == "none":
+        scale = torch.ones(len(batch), dtype=compute_dtype(arch.dtype), device=arch.device)
+    else:
+        scale = store["scale"].reshape(len(batch)).to(compute_dtype(arch.dtype))
+
+    def stack(prefix: str) -> Tensor:
+        return torch.stack([store[f"{prefix}{l}"] for l in range(arch.n_layers)], 1)
+
+    v = None
+    if "attention" in need:
+        vs = [store[f"v{l}"] for l in range(arch.n_layers)]
+        repeat = arch.n_heads // vs[0].shape[2]
+        v = torch.stack([x.repeat_interleave(repeat, dim=2) for x in vs], 1)
+    return Capture(
+        batch=batch,
+        target=target,
+        scale=scale,
+        resid_pre=stack("resid_pre"),
+        resid_mid=stack("resid_mid"),
+        attn_out=stack("attn_out"),
+        mlp_out=stack("mlp_out"),
+        resid_final=store["final"],
+        post=stack("post") if "post" in need else None,
+        z=stack("z") if "z" in need else None,
+        pattern=stack("pattern") if "attention" in need else None,
+        v=v,
+    )
+
+
+def attention_coefficients(cap: Capture) -> Float[Tensor, "prompt layer key_pos head_index d_head"]:
+    """Attention-neuron coefficients ``pattern[T, pos] * v[pos]`` (the papers' subvalues).
+
+    Summed over ``key_pos`` they give ``z`` at the scored position.
+    """
+    if cap.pattern is None or cap.v is None:
+        raise MechcnaError("this capture was made without attention values")
+    return einops.einsum(
+        cap.pattern,
+        cap.v,
+        "prompt layer head_index key_pos, prompt layer key_pos head_index d_head "
+        "-> prompt layer key_pos head_index d_head",
+    )
+
+
+# ---------------------------------------------------------------------------- helpers
+def _logprob(
+    model: HookedTransformer,
+    vectors: Float[Tensor, "prompt ... d_model"],
+    cap: Capture,
+    paper_compat: bool,
+) -> Float[Tensor, "prompt ..."]:
+    """``log p(w | vectors)`` with each prompt's frozen scale and target."""
+    extra = vectors.ndim - 2
+    scale = cap.scale.reshape(-1, *([1] * extra))
+    logits = project_to_vocab(model, vectors, scale, paper_compat=paper_compat)
+    target = cap.target.reshape(-1, *([1] * extra)).expand(logits.shape[:-1])
+    return exact_rows_logprob(logits, target)
+
+
+def _target_strings(model: HookedTransformer, ids: Tensor) -> tuple[str, ...]:
+    if model.tokenizer is None:
+        return tuple(str(int(i)) for i in ids)
+    return tuple(model.to_single_str_token(int(i)) for i in ids)
+
+
+def _meta(model: HookedTransformer, cap: Capture, paper_compat: bool) -> dict:
+    return {
+        "target_ids": cap.target.cpu(),
+        "targets": _target_strings(model, cap.target),
+        "prompts": cap.batch.strings,
+        "model_name": model.cfg.model_name,
+        "processing": get_processing(model),
+        "paper_compat": paper_compat,
+    }
+
+
+def _layers(arch: Architecture, layers: Iterable[int] | None) -> list[int]:
+    if layers is None:
+        return list(range(arch.n_layers))
+    return sorted({arch.check_layer(l) for l in layers})
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class LayerImportance(Scores):
+    """``scores[prompt, layer, component]``, component 0 = attention, 1 = FFN.
+
+    ``extras["final_logprob"]`` and ``extras["embedding_logprob"]`` hold the telescoping ends.
+    """
+
+    final_logprob: Tensor | None = None
+    embedding_logprob: Tensor | None = None
+
+    def plot(self, prompt: int | None = None) -> go.Figure:
+        return plotting.layer_bars(self, prompt)
+
+
+@dataclass(frozen=True)
+class HeadImportance(Scores):
+    """``scores[prompt, layer, head]`` or ``scores[prompt, layer, head, pos]``."""
+
+    def plot(self, prompt: int | None = None) -> go.Figure:
+        return plotting.head_heatmap(self, prompt)
+
+
+@dataclass(frozen=True)
+class NeuronImportance(Scores):
+    """``scores[prompt, layer, neuron]`` for FFN neurons; ``extras["coefficient"]`` too."""
+
+    stats: EngineStats | None = None
+
+    @property
+    def coefficients(self) -> Tensor:
+        return self.extras["coefficient"]
+
+    def plot(self, prompt: int | None = None, k: int = 300) -> go.Figure:
+        return plotting.neuron_layer_counts(self, k, prompt, name="FFN")
+
+
+@dataclass(frozen=True)
+class AttentionNeuronImportance(Scores):
+    """``scores[prompt, layer, pos, head, d_head]``; ``extras["coefficient"]`` too.
+
+    A neuron ``(layer, pos, head, dim)`` is row ``dim`` of ``W_O[layer][head]`` read from
+    source position ``pos``; positions past a prompt's scored position score 0.
+    """
+
+    stats: EngineStats | None = None
+
+    @property
+    def coefficients(self) -> Tensor:
+        return self.extras["coefficient"]
+
+    def plot(self, prompt: int | None = None, k: int = 300) -> go.Figure:
+        return plotting.neuron_layer_counts(self, k, prompt, name="attention")
+
+
+# ---------------------------------------------------------------------------- scores
+def layer_importance(
+    model: HookedTransformer,
+    prompts: Prompts,
+    targets: Targets = None,
+    *,
+    position: int | None = None,
+    paper_compat: bool = False,
+    interventions: Iterable[Intervention] = (),
+) -> LayerImportance:
+    """Log-probability increase of each attention layer and FFN layer (METHODS 4.1).
+
+    Returns:
+        :class:`LayerImportance` with ``scores[prompt, layer, component]`` (0 = attention on
+        ``resid_pre``, 1 = FFN on ``resid_mid``), natural-log units.
+    """
+    cap = capture(model, prompts, targets, position=position, interventions=interventions, need=())
+    with torch.no_grad():
+        pre = _logprob(model, cap.resid_pre, cap, paper_compat)  # [prompt layer]
+        mid = _logprob(model, cap.resid_mid, cap, paper_compat)
+        after_attn = _logprob(model, cap.resid_pre + cap.attn_out, cap, paper_compat)
+        after_ffn = _logprob(model, cap.resid_mid + cap.mlp_out, cap, paper_compat)
+        final = _logprob(model, cap.resid_final, cap, paper_compat)
+    scores = torch.stack([after_attn - pre, after_ffn - mid], -1)
+    return LayerImportance(
+        scores=scores.cpu(),
+        dims=("prompt", "layer", "component"),
+        final_logprob=final.cpu(),
+        embedding_logprob=pre[:, 0].cpu(),
+        **_meta(model, cap, paper_compat),
+    )
+
+
+def head_importance(
+    model: HookedTransformer,
+    prompts: Prompts,
+    targets: Targets = None,
+    *,
+    by_position: bool = False,
+    layers: Iterable[int] | None = None,
+    position: int | None = None,
+    paper_compat: bool = False,
+    interventions: Iterable[Intervention] = (),
+) -> HeadImportance:
+    """Log-probability increase of each head's output on ``resid_pre`` (METHODS 4.2, 4.3).
+
+    Args:
+        by_position: split each head's output by source position (``pattern * v`` per
+            position, through ``W_O``), giving ``scores[prompt, layer, head, pos]``.
+        layers: restrict to these layers (others score 0).
+
+    Returns:
+        :class:`HeadImportance`; head outputs exclude ``b_O`` (it belongs to no head).
+    """
+    arch = Architecture(model)
+    need = ("attention",) if by_position else ("z",)
+    cap = capture(
+        model, prompts, targets, position=position, interventions=interventions, need=need
+    )
+    chosen = _layers(arch, layers)
+    n = len(cap.batch)
+    if by_position:
+        coef = attention_coefficients(cap)  # prompt layer pos head d_head
+        shape = (n, arch.n_layers, arch.n_heads, coef.shape[2])
+    else:
+        shape = (n, arch.n_layers, arch.n_heads)
+    scores = torch.zeros(shape, dtype=compute_dtype(arch.dtype))
+    with torch.no_grad():
+        for l in chosen:
+            base = _logprob(model, cap.resid_pre[:, l], cap, paper_compat)
+            if by_position:
+                vec = einops.einsum(
+                    coef[:, l],
+                    arch.W_O(l),
+                    "prompt pos head d_head, head d_head d_model -> prompt head pos d_model",
+                )
+                lp = _logprob(model, cap.resid_pre[:, l, None, None] + vec, cap, paper_compat)
+                scores[:, l] = (lp - base[:, None, None]).cpu()
+            else:
+                assert cap.z is not None
+                vec = einops.einsum(
+                    cap.z[:, l],
+                    arch.W_O(l),
+                    "prompt head d_head, head d_head d_model -> prompt head d_model",
+                )
+                lp = _logprob(model, cap.resid_pre[:, l, None] + vec, cap, paper_compat)
+                scores[:, l] = (lp - base[:, None]).cpu()
+    dims = ("prompt", "layer", "head", "pos") if by_position else ("prompt", "layer", "head")
+    return HeadImportance(scores=scores, dims=dims, **_meta(model, cap, paper_compat))
+
+
+def neuron_importance(
+    model: HookedTransformer,
+    prompts: Prompts,
+    targets: Targets = None,
+    *,
+    layers: Iterable[int] | None = None,
+    position: int | None = None,
+    paper_compat: bool = False,
+    method: Method = "certified",
+    tol: float | None = None,
+    interventions: Iterable[Intervention] = (),
+    cache: BlockCache | None = None,
+    progress: bool = False,
+) -> NeuronImportance:
+    """Log-probability increase of every FFN neuron on ``resid_mid`` (METHODS 4.4).
+
+    Neuron ``k`` of layer ``l`` writes ``post[T, k] * W_out[l][k]``; its score is
+    ``log p(w | resid_mid + that) - log p(w | resid_mid)``.
+
+    Args:
+        layers: restrict to these layers (others score 0).
+        method: ``"certified"`` (default; every score within ``tol`` of exact) or ``"exact"``.
+        tol: certification tolerance (default 1e-6, 1e-12 in float64).
+        cache: static direction blocks to reuse (default: the model's own cache).
+        progress: show a progress bar over layers.
+
+    Returns:
+        :class:`NeuronImportance` with ``scores[prompt, layer, neuron]`` and coefficients.
+    """
+    arch = Architecture(model)
+    cap = capture(
+        model, prompts, targets, position=position, interventions=interventions, need=("post",)
+    )
+    assert cap.post is not None
+    return neuron_importance_from_capture(
+        model, cap, layers=layers, paper_compat=paper_compat, method=method, tol=tol,
+        cache=cache, progress=progress, arch=arch,
+    )  # fmt: skip
+
+
+def neuron_importance_from_capture(
+    model: HookedTransformer,
+    cap: Capture,
+    *,
+    layers: Iterable[int] | None = None,
+    paper_compat: bool = False,
+    method: Method = "certified",
+    tol: float | None = None,
+    cache: BlockCache | None = None,
+    progress: bool = False,
+    arch: Architecture | None = None,
+    reference_scale: Tensor | None = None,
+) -> NeuronImportance:
+    """:func:`neuron_importance` on an existing :class:`Capture` (used by CNA).
+
+    Args:
+        reference_scale: a frozen final scale to use instead of the capture's own.
+    """
+    arch = arch or Architecture(model)
+    if cap.post is None:
+        raise MechcnaError("this capture was made without FFN activations")
+    scale = cap.scale if reference_scale is None else reference_scale
+    stats = EngineStats()
+    n = len(cap.batch)
+    scores = torch.zeros(n, arch.n_layers, arch.d_mlp, dtype=compute_dtype(arch.dtype))
+    offset = logit_offset(arch, paper_compat)
+    with torch.no_grad():
+        for l in tqdm(_layers(arch, layers), desc="FFN layers", disable=not progress):
+            block = ffn_block(model, l, cache)
+            base = linear_part(arch, cap.resid_mid[:, l]) / scale[:, None] + offset
+            coef = (cap.post[:, l].to(base.dtype) / scale[:, None])[:, None]
+            imp = logprob_increase(
+                base, block, coef, cap.target, method=method, tol=tol, stats=stats
+            )
+            scores[:, l] = imp[:, 0].cpu()
+    return NeuronImportance(
+        scores=scores,
+        dims=("prompt", "layer", "neuron"),
+        extras={"coefficient": cap.post.cpu()},
+        stats=stats,
+        **_meta(model, cap, paper_compat),
+    )
+
+
+def attention_neuron_importance(
+    model: HookedTransformer,
+    prompts: Prompts,
+    targets: Targets = None,
+    *,
+    layers: Iterable[int] | None = None,
+    position: int | None = None,
+    paper_compat: bool = False,
+    method: Method = "certified",
+    tol: float | None = None,
+    interventions: Iterable[Intervention] = (),
+    cache: BlockCache | None = None,
+    progress: bool = False,
+) -> AttentionNeuronImportance:
+    """Log-probability increase of every attention neuron on ``resid_pre`` (METHODS 4.5).
+
+    Neuron ``(l, p, h, k)`` writes ``pattern[h, T, p] * v[p, h, k]`` times row ``k`` of
+    ``W_O[l][h]``. All positions share the static direction of that row.
+
+    Returns:
+        :class:`AttentionNeuronImportance` with ``scores[prompt, layer, pos, head, d_head]``.
+    """
+    arch = Architecture(model)
+    cap = capture(
+        model, prompts, targets, position=position, interventions=interventions,
+        need=("attention",),
+    )  # fmt: skip
+    coef = attention_coefficients(cap)
+    n, _, n_pos = coef.shape[:3]
+    scores = torch.zeros(
+        n, arch.n_layers, n_pos, arch.n_heads, arch.d_head, dtype=compute_dtype(arch.dtype)
+    )
+    stats = EngineStats()
+    offset = logit_offset(arch, paper_compat)
+    with torch.no_grad():
+        for l in tqdm(_layers(arch, layers), desc="attention layers", disable=not progress):
+            block = attention_block(model, l, cache)
+            base = linear_part(arch, cap.resid_pre[:, l]) / cap.scale[:, None] + offset
+            a = einops.rearrange(coef[:, l], "prompt pos head d_head -> prompt pos (head d_head)")
+            a = a.to(base.dtype) / cap.scale[:, None, None]
+            imp = logprob_increase(base, block, a, cap.target, method=method, tol=tol, stats=stats)
+            scores[:, l] = einops.rearrange(
+                imp, "prompt pos (head d_head) -> prompt pos head d_head", head=arch.n_heads
+            ).cpu()
+    return AttentionNeuronImportance(
+        scores=scores,
+        dims=("prompt", "layer", "pos", "head", "d_head"),
+        extras={"coefficient": coef.cpu()},
+        stats=stats,
+        **_meta(model, cap, paper_compat),
+    )
