@@ -31,6 +31,7 @@ def _run(model, tokens):
     return logits[0], cache
 
 
+@torch.no_grad()
 def literal_ffn_scores(model, tokens, target=None, paper_compat=False):
     """[layer, neuron] log-prob increases for one unpadded prompt (last position)."""
     logits, cache = _run(model, tokens)
@@ -49,6 +50,7 @@ def literal_ffn_scores(model, tokens, target=None, paper_compat=False):
     return torch.stack(out), w
 
 
+@torch.no_grad()
 def literal_attention_scores(model, tokens, target=None, paper_compat=False):
     """[layer, pos, head, d_head] log-prob increases for one unpadded prompt."""
     logits, cache = _run(model, tokens)
@@ -72,6 +74,7 @@ def literal_attention_scores(model, tokens, target=None, paper_compat=False):
     return torch.stack(out), w
 
 
+@torch.no_grad()
 def literal_layer_scores(model, tokens, target=None, paper_compat=False):
     """[layer, 2] (attention, FFN) log-prob increases."""
     logits, cache = _run(model, tokens)
@@ -92,6 +95,7 @@ def literal_layer_scores(model, tokens, target=None, paper_compat=False):
     return torch.stack(rows), w
 
 
+@torch.no_grad()
 def literal_head_scores(model, tokens, target=None, paper_compat=False):
     """[layer, head] log-prob increases of z @ W_O on resid_pre."""
     logits, cache = _run(model, tokens)
