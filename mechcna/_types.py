@@ -4,7 +4,7 @@ Axis names follow TransformerLens (``batch pos d_model d_mlp d_vocab head_index 
 query_pos key_pos``) plus mechcna's own (``prompt layer neuron``).
 """
 
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 Tokens = Int[Tensor, "batch pos"]
@@ -13,4 +13,14 @@ ResidVector = Float[Tensor, " d_model"]
 ResidBatch = Float[Tensor, "... d_model"]
 VocabBatch = Float[Tensor, "... d_vocab"]
 
-__all__ = ["Float", "Int", "Logits", "ResidBatch", "ResidVector", "Tensor", "Tokens", "VocabBatch"]
+__all__ = [
+    "Bool",
+    "Float",
+    "Int",
+    "Logits",
+    "ResidBatch",
+    "ResidVector",
+    "Tensor",
+    "Tokens",
+    "VocabBatch",
+]

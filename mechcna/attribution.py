@@ -41,7 +41,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from mechcna import plotting
-from mechcna._types import Float, Int, Tensor
+from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.architecture import Architecture
 from mechcna.engine import EngineStats, Method, exact_rows_logprob, logprob_increase
 from mechcna.errors import MechcnaError
@@ -53,7 +53,7 @@ from mechcna.prompts import PromptBatch, Prompts, prepare_prompts, single_token_
 from mechcna.results import Scores
 from mechcna.static import BlockCache, attention_block, ffn_block
 
-Targets = str | int | Sequence[str | int] | None
+Targets = str | int | Sequence[str | int] | Tensor | None
 
 
 # ---------------------------------------------------------------------------- capture
@@ -434,18 +434,11 @@ def neuron_importance_from_capture(
         raise MechcnaError("this capture was made without FFN activations")
     scale = cap.scale if reference_scale is None else reference_scale
     stats = EngineStats()
-    n = len(cap.batch)
-    scores = torch.zeros(n, arch.n_layers, arch.d_mlp, dtype=compute_dtype(arch.dtype))
-    offset = logit_offset(arch, paper_compat)
-    with torch.no_grad():
-        for l in tqdm(_layers(arch, layers), desc="FFN layers", disable=not progress):
-            block = ffn_block(model, l, cache)
-            base = linear_part(arch, cap.resid_mid[:, l]) / scale[:, None] + offset
-            coef = (cap.post[:, l].to(base.dtype) / scale[:, None])[:, None]
-            imp = logprob_increase(
-                base, block, coef, cap.target, method=method, tol=tol, stats=stats
-            )
-            scores[:, l] = imp[:, 0].cpu()
+    scores = ffn_scores(
+        model, cap.resid_mid, cap.post, cap.target, scale, layers=layers,
+        paper_compat=paper_compat, method=method, tol=tol, cache=cache, progress=progress,
+        stats=stats,
+    )  # fmt: skip
     return NeuronImportance(
         scores=scores,
         dims=("prompt", "layer", "neuron"),
@@ -453,6 +446,48 @@ def neuron_importance_from_capture(
         stats=stats,
         **_meta(model, cap, paper_compat),
     )
+
+
+def ffn_scores(
+    model: HookedTransformer,
+    resid_mid: Float[Tensor, "prompt layer d_model"],
+    post: Float[Tensor, "prompt layer neuron"],
+    target: Int[Tensor, " prompt"],
+    scale: Float[Tensor, " prompt"],
+    *,
+    layers: Iterable[int] | None = None,
+    paper_compat: bool = False,
+    method: Method = "certified",
+    tol: float | None = None,
+    cache: BlockCache | None = None,
+    progress: bool = False,
+    stats: EngineStats | None = None,
+    rows: Bool[Tensor, "prompt layer"] | None = None,
+) -> Float[Tensor, "prompt layer neuron"]:
+    """FFN neuron log-probability increases from stacked activations (the core of
+    :func:`neuron_importance`; rows may come from different runs, e.g. CNA's two states).
+
+    Each layer's static block is fetched once and used for every row. ``rows`` restricts
+    the work to the ``(prompt, layer)`` pairs marked True (others score 0).
+    """
+    arch = Architecture(model)
+    n = resid_mid.shape[0]
+    scores = torch.zeros(n, arch.n_layers, arch.d_mlp, dtype=compute_dtype(arch.dtype))
+    offset = logit_offset(arch, paper_compat)
+    scale = scale.to(offset.dtype)
+    with torch.no_grad():
+        for l in tqdm(_layers(arch, layers), desc="FFN layers", disable=not progress):
+            sel = torch.arange(n) if rows is None else rows[:, l].nonzero().flatten()
+            if len(sel) == 0:
+                continue
+            block = ffn_block(model, l, cache)
+            s = scale[sel.to(scale.device)]
+            base = linear_part(arch, resid_mid[sel, l]) / s[:, None] + offset
+            coef = (post[sel, l].to(base.dtype) / s[:, None])[:, None]
+            imp = logprob_increase(base, block, coef, target[sel.to(target.device)],
+                                   method=method, tol=tol, stats=stats)  # fmt: skip
+            scores[sel, l] = imp[:, 0].cpu()
+    return scores
 
 
 def attention_neuron_importance(

@@ -265,6 +265,52 @@ class KeepNeurons:
 
 
 @dataclass(frozen=True, eq=False)
+class NeuronMask:
+    """Zero FFN neurons per prompt: ``mask[prompt, layer, neuron]`` (True = zero it).
+
+    Lets one batched forward pass run a different neuron set for each prompt (e.g. each
+    case's own top-K CNA neurons). The batch must have ``mask.shape[0]`` prompts.
+    """
+
+    mask: Tensor = field(repr=False)
+    positions: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask.ndim != 3 or self.mask.dtype != torch.bool:
+            raise MechcnaError("mask must be a [prompt, layer, neuron] boolean tensor")
+        object.__setattr__(self, "positions", _positions(self.positions))
+
+    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+        arch = Architecture(model)
+        if self.mask.shape[1:] != (arch.n_layers, arch.d_mlp):
+            raise MechcnaError(
+                f"mask has shape {tuple(self.mask.shape)}, expected [prompt, "
+                f"{arch.n_layers}, {arch.d_mlp}]"
+            )
+        hooks: FwdHooks = []
+        for layer in self.mask.any(0).any(-1).nonzero().flatten().tolist():
+            keep = ~self.mask[:, layer]
+
+            def hook(post: Tensor, hook: HookPoint, keep=keep) -> Tensor:
+                if post.shape[0] != keep.shape[0]:
+                    raise MechcnaError(
+                        f"NeuronMask for {keep.shape[0]} prompts applied to {post.shape[0]}"
+                    )
+                factor = keep.to(post)[:, None, :]
+                if self.positions is None:
+                    return post * factor
+                pos = torch.tensor(self.positions, device=post.device)
+                post[:, pos] = post[:, pos] * factor
+                return post
+
+            hooks.append((hook_name("post", layer), hook))
+        return hooks
+
+    def write_weights(self, model: HookedTransformer) -> None:
+        raise MechcnaError("a per-prompt neuron mask has no weight-space equivalent")
+
+
+@dataclass(frozen=True, eq=False)
 class Patch:
     """Overwrite the activation at ``hook`` with ``source`` (e.g. from another run's cache).
 

@@ -123,7 +123,9 @@ def single_token_id(model: HookedTransformer, target: str | int) -> int:
 
 
 def single_token_ids(
-    model: HookedTransformer, targets: str | int | Sequence[str | int], n: int | None = None
+    model: HookedTransformer,
+    targets: str | int | Sequence[str | int] | Tensor,
+    n: int | None = None,
 ) -> Int[Tensor, " batch"]:
     """Target ids for a batch: one target for all prompts, or one per prompt.
 
@@ -131,6 +133,10 @@ def single_token_ids(
         targets: a token string or id, or a sequence of them.
         n: the batch size a single target is broadcast to (and a sequence must match).
     """
+    if isinstance(targets, Tensor):
+        if targets.dtype.is_floating_point or targets.ndim > 1:
+            raise MechcnaError("target ids must be a 1-d integer tensor")
+        targets = [int(t) for t in targets.reshape(-1)]
     if isinstance(targets, (str, int)):
         ids = [single_token_id(model, targets)] * (n or 1)
     else:
