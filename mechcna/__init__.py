@@ -14,6 +14,7 @@ from mechcna.errors import (
     TokenizationError,
     UnsupportedArchitectureError,
 )
+from mechcna.heads import HeadEffects, HeadSweep, head_sweep, single_prompt_head_effects
 from mechcna.hooks import hook_name
 from mechcna.interventions import (
     HeadAblation,
@@ -39,6 +40,8 @@ __all__ = [
     "Architecture",
     "CheckReport",
     "HeadAblation",
+    "HeadEffects",
+    "HeadSweep",
     "KeepNeurons",
     "MechcnaError",
     "ModelCheckError",
@@ -51,10 +54,12 @@ __all__ = [
     "apply_to_weights",
     "check_model",
     "get_processing",
+    "head_sweep",
     "hook_name",
     "intervene",
     "load_model",
     "load_tokenizer",
     "save_checkpoint",
+    "single_prompt_head_effects",
     "word_level_tokenizer",
 ]
