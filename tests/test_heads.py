@@ -309,3 +309,19 @@ def test_no_hooks_left_when_a_pass_raises(model, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         head_sweep(model, _prompts()[:3], "3", heads_per_pass=2, progress=False)
     assert _no_hooks(model)
+
+
+def test_cli_head_sweep(tmp_path, capsys):
+    from mechcna import save_checkpoint
+    from mechcna.cli import main
+
+    ckpt = save_checkpoint(build("llama"), tmp_path / "tiny")
+    html, csv = tmp_path / "heads.html", tmp_path / "heads.csv"
+    args = ["head-sweep", "--model", str(ckpt), "--quiet", "--top", "3"]
+    assert main([*args, "--prompt", "12+7=", "--html", str(html)]) == 0
+    assert "heads whose ablation lowers p most" in capsys.readouterr().out
+    assert html.stat().st_size > 1000
+    (tmp_path / "cases.tsv").write_text("12+7=\t1\n3+5=\t8\nthe sum of 3 and 5 is\t8\n")
+    assert main([*args, "--prompts-file", str(tmp_path / "cases.tsv"), "--csv", str(csv)]) == 0
+    assert "3 cases" in capsys.readouterr().out
+    assert len(pd.read_csv(csv)) == 8
