@@ -62,11 +62,13 @@ def random_model(args) -> HookedTransformer:
     return mechcna.load_model(cfg, device="cpu", seed=args.seed, tokenizer=tok)
 
 
-def random_cases(n: int, seed: int) -> tuple[list[str], list[str], pd.DataFrame]:
+def random_cases(
+    n: int, seed: int, templates: str = "all"
+) -> tuple[list[str], list[str], pd.DataFrame]:
     rng = random.Random(seed)
     prompts, targets, rows = [], [], []
     for i in range(n):
-        t = i % len(TEMPLATES)
+        t = i % len(TEMPLATES) if templates == "all" else 0
         a, b = rng.randrange(10, 100), rng.randrange(10, 100)
         op = "-" if TEMPLATES[t].startswith("{a}-") else "+"
         if op == "-" and a < b:
@@ -121,15 +123,30 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=int, default=512)
     p.add_argument("--baseline-heads", type=int, default=6, help="heads timed for the baseline")
     p.add_argument("--baseline-cases", type=int, default=64, help="cases timed for the baseline")
+    p.add_argument(
+        "--templates",
+        choices=["all", "last"],
+        default="all",
+        help="random cases: 4 templates of 7 to 14 tokens, or only 'n1+n2=' (the papers' "
+        "appendix E tables)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--heads-per-pass", type=int, default=16)
+    p.add_argument("--heads-per-pass", type=int, default=4)
     p.add_argument("--layers", type=int, default=4, help="random model: layers")
     p.add_argument("--heads", type=int, default=8, help="random model: heads per layer")
     p.add_argument("--d-model", type=int, default=128, help="random model: d_model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's); 1 is robust on a shared, busy machine",
+    )
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.model == "shipped":
         try:
             model, prompts, targets, labels = shipped(args.cases)
@@ -139,12 +156,12 @@ def main(argv=None) -> int:
             args.model = "random"
     if args.model == "random":
         model = random_model(args)
-        prompts, targets, labels = random_cases(args.cases, args.seed)
-        source = f"random Llama-like model (seed {args.seed}), prompts like '12+7='"
+        prompts, targets, labels = random_cases(args.cases, args.seed, args.templates)
+        source = f"random Llama-like model (seed {args.seed}), {args.templates} templates"
     elif args.model != "shipped":
         model = mechcna.load_model(args.model, device="cpu")
-        prompts, targets, labels = random_cases(args.cases, args.seed)
-        source = f"{args.model}, prompts like '12+7='"
+        prompts, targets, labels = random_cases(args.cases, args.seed, args.templates)
+        source = f"{args.model}, {args.templates} templates"
     cfg = model.cfg
     n_all = cfg.n_layers * cfg.n_heads
     n_params = sum(p.numel() for p in model.parameters())
@@ -154,7 +171,9 @@ def main(argv=None) -> int:
         f"{n_params / 1e6:.2f}M parameters, {cfg.dtype}"
     )
     print(
-        f"cases: {len(prompts)}; torch threads: {torch.get_num_threads()}; {platform.processor()}"
+        f"cases: {len(prompts)}; torch threads: {torch.get_num_threads()}; "
+        f"{os.cpu_count()} CPUs ({platform.machine()}), load average {os.getloadavg()[0]:.1f}; "
+        f"{time.strftime('%Y-%m-%d')}"
     )
 
     t0 = time.perf_counter()

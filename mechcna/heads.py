@@ -26,7 +26,9 @@ How it is fast (exact; equal to one deep copy per head, see ``tests/test_heads.p
   from the tokens, since no attention mask is used);
 * several heads of one layer share a pass: the batch is repeated once per head and one hook on
   ``blocks.{l}.attn.hook_z`` ablates head ``h_c`` only in copy ``c``;
-* the final norm and unembedding are applied at the scored positions only.
+* after the last block's attention only per-position maps remain, so its MLP, the final
+  norm and the unembedding run at the scored positions only (in the clean pass too, so
+  ablated and unablated numbers go through the same arithmetic).
 
 Example:
     >>> sweep = head_sweep(model, ["3+5=", "12+7="], ["8", "1"])      # doctest: +SKIP
@@ -183,12 +185,33 @@ def _head_means(
 
 
 # ------------------------------------------------------------------------------ the sweep
-def _logits_at(
-    model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"], positions: Tensor
+def _final_logits(
+    model: HookedTransformer,
+    inputs: Tensor,
+    positions: Int[Tensor, " batch"],
+    start_at_layer: int | None = None,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
 ) -> Float[Tensor, "batch d_vocab"]:
-    """Final norm and unembedding of the residual at one position per row."""
-    rows = torch.arange(resid.shape[0], device=resid.device)
-    x = resid[rows, positions][:, None]
+    """Final logits at each row's scored position.
+
+    After the last block's attention only per-position maps remain (its MLP, the final norm,
+    the unembedding), so a hook on the last ``hook_resid_mid`` keeps just the scored position
+    of each row; blocks without ``resid_mid`` (parallel attention/MLP) run in full.
+    """
+    rows = torch.arange(len(positions), device=positions.device)
+    shrunk: list[bool] = []
+
+    def keep_scored(resid_mid: Tensor, hook: HookPoint) -> Tensor:
+        shrunk.append(True)
+        return resid_mid[rows, positions][:, None]
+
+    hooks = [*fwd_hooks, (hook_name("resid_mid", model.cfg.n_layers - 1), keep_scored)]
+    with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
+        if start_at_layer is None:
+            final = model(inputs, stop_at_layer=model.cfg.n_layers, **_forward_kwargs(model))
+        else:
+            final = model(inputs, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers)
+    x = final if shrunk else final[rows, positions][:, None]
     if model.cfg.normalization_type is not None:
         x = model.ln_final(x)
     logits = model.unembed(x)[:, 0]
@@ -198,7 +221,7 @@ def _logits_at(
 def _ablated_pass(
     model: HookedTransformer,
     resid: Float[Tensor, "batch pos d_model"],
-    positions: Tensor,
+    positions: Int[Tensor, " batch"],
     layer: int,
     heads: list[int],
     fill: Tensor | None,
@@ -219,9 +242,8 @@ def _ablated_pass(
         z[rows, :, head_idx] = value
         return z
 
-    with model.hooks(fwd_hooks=[(hook_name("z", layer), ablate)]):
-        final = model(x, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
-    return _logits_at(model, final, positions.repeat(k))
+    hooks = [(hook_name("z", layer), ablate)]
+    return _final_logits(model, x, positions.repeat(k), start_at_layer=layer, fwd_hooks=hooks)
 
 
 def head_sweep(
@@ -235,7 +257,7 @@ def head_sweep(
     reference: HeadAblation | TokenPrompts | None = None,
     position: int | None = None,
     batch_size: int = 32,
-    heads_per_pass: int = 16,
+    heads_per_pass: int = 4,
     progress: bool = True,
 ) -> "HeadSweep":
     """Ablate each head in turn over a dataset; per-case correctness and target log-probs.
@@ -257,7 +279,8 @@ def head_sweep(
         position: the scored position within each prompt's real tokens (default: the last).
         batch_size: prompts per pass.
         heads_per_pass: heads of one layer ablated side by side in a pass (each in its own
-            copy of the batch); a pass holds ``batch_size * heads_per_pass`` rows.
+            copy of the batch); a pass holds ``batch_size * heads_per_pass`` rows. The
+            defaults (128 rows) suit a CPU; raise both on a GPU.
         progress: show a progress bar.
 
     Returns:
@@ -320,16 +343,22 @@ def head_sweep(
     ]
     names = {hook_name("resid_pre", l) for l in by_layer}
     bar = tqdm(total=len(batches) * len(chunks), desc="head sweep", disable=not progress)
+    cache: dict[str, Tensor] = {}
+
+    def store(act: Tensor, hook: HookPoint) -> Tensor:
+        cache[str(hook.name)] = act
+        return act
+
     with torch.no_grad():
         for idx_cpu in batches:
             idx = idx_cpu.to(batch.tokens.device)
             pos = batch.positions[idx]
             tokens = batch.tokens[idx, : int(pos.max()) + 1]
-            logits, cache = model.run_with_cache(
-                tokens, names_filter=lambda name: name in names, **_forward_kwargs(model)
-            )
-            rows = torch.arange(len(idx), device=logits.device)
-            base = logits[rows, pos].log_softmax(-1)
+            cache.clear()
+            base = _final_logits(
+                model, tokens, pos, fwd_hooks=[(name, store) for name in names]
+            ).log_softmax(-1)
+            rows = torch.arange(len(idx), device=base.device)
             tgt = base.argmax(-1) if target_ids is None else target_ids[idx]
             base_logprob[idx_cpu] = base[rows, tgt].cpu()
             base_prediction[idx_cpu] = base.argmax(-1).cpu()
@@ -346,7 +375,6 @@ def head_sweep(
                 logprob[out_rows[:, None], idx_cpu[None]] = picked[..., 0].cpu()
                 prediction[out_rows[:, None], idx_cpu[None]] = lp.argmax(-1).cpu()
                 bar.update()
-            del cache
     bar.close()
     return HeadSweep(
         heads=heads_t,
