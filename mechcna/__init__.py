@@ -24,6 +24,7 @@ from mechcna.errors import (
     TokenizationError,
     UnsupportedArchitectureError,
 )
+from mechcna.heads import HeadEffects, HeadSweep, head_sweep, single_prompt_head_effects
 from mechcna.hooks import hook_name
 from mechcna.interventions import (
     HeadAblation,
@@ -53,7 +54,9 @@ __all__ = [
     "BlockCache",
     "CheckReport",
     "HeadAblation",
+    "HeadEffects",
     "HeadImportance",
+    "HeadSweep",
     "KeepNeurons",
     "LayerImportance",
     "MechcnaError",
@@ -71,6 +74,7 @@ __all__ = [
     "check_model",
     "get_processing",
     "head_importance",
+    "head_sweep",
     "hook_name",
     "intervene",
     "layer_importance",
@@ -79,6 +83,7 @@ __all__ = [
     "neuron_importance",
     "project_to_vocab",
     "save_checkpoint",
+    "single_prompt_head_effects",
     "top_tokens",
     "word_level_tokenizer",
 ]

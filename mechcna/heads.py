@@ -1,0 +1,779 @@
+"""Arithmetic heads: ablate every attention head and measure what breaks (ARITH section 3).
+
+Yu & Ananiadou (EMNLP 2024, "Interpreting Arithmetic Mechanism in Large Language Models
+through Comparative Neuron Analysis", section 3 and appendix E) find the heads arithmetic
+depends on by ablating one head at a time: the head's output ``z`` is set to zero at every
+position (equivalently its slice of ``W_O`` is zeroed; the output bias stays), and the model's
+accuracy on an arithmetic dataset is compared with the unablated model's (their Tables 1, 2
+and 24 to 27). On a single prompt they rank heads by the probability of the model's own top-1
+token after ablation (METHODS.md 6.1).
+
+:func:`head_sweep` reports, for every head, per-case correctness (greedy argmax at the scored
+position equals the target) and the target's log-probability, plus the unablated baseline.
+:class:`HeadSweep` aggregates them per label cell (operation, digits, template, ...),
+ranks heads (:meth:`HeadSweep.top`), builds the paper's tables (:meth:`HeadSweep.table`) and
+plots layer x head heatmaps. :func:`single_prompt_head_effects` is the one-prompt ranking.
+``mode="mean"`` replaces a head's ``z`` with its mean over reference prompts instead
+(:meth:`~mechcna.HeadAblation.mean_over` semantics: over prompts and real positions).
+
+How it is fast (exact; equal to one deep copy per head, see ``tests/test_heads.py``):
+
+* prompts run in right-padded batches sorted by length (causal attention keeps the real
+  tokens unaffected by later padding; each prompt is read at its own scored position);
+* one clean pass caches ``blocks.{l}.hook_resid_pre``; a head of layer ``l`` cannot change
+  anything before layer ``l``, so its ablated pass starts there
+  (``model(resid, start_at_layer=l)``; rotary models take positions ``0..T-1`` as in a pass
+  from the tokens, since no attention mask is used);
+* several heads of one layer share a pass: the batch is repeated once per head and one hook on
+  ``blocks.{l}.attn.hook_z`` ablates head ``h_c`` only in copy ``c``;
+* after the last block's attention only per-position maps remain, so its MLP, the final
+  norm and the unembedding run at the scored positions only (in the clean pass too, so
+  ablated and unablated numbers go through the same arithmetic).
+
+Example:
+    >>> sweep = head_sweep(model, ["3+5=", "12+7="], ["8", "1"])      # doctest: +SKIP
+    >>> sweep.top(5)                                                  # doctest: +SKIP
+    >>> sweep.table("operation", heads="top")      # Table 1 form      # doctest: +SKIP
+    >>> single_prompt_head_effects(model, "3+5=").top(10)             # doctest: +SKIP
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import einops
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Bool
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import apply_softcap
+
+from mechcna._types import Float, Int, Tensor
+from mechcna.errors import MechcnaError, UnsupportedArchitectureError
+from mechcna.hooks import hook_name
+from mechcna.interventions import HeadAblation
+from mechcna.prompts import PromptBatch, prepare_prompts, single_token_ids
+
+Head = tuple[int, int]
+Cell = Mapping[str, Any] | str | None
+Value = Literal["accuracy", "decrease", "relative_decrease", "logprob", "delta_logprob"]
+PlotValue = Literal["delta_accuracy", "accuracy", "delta_logprob", "logprob"]
+TokenPrompts = str | Sequence[str] | Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
+Targets = str | int | Sequence[str | int] | Tensor | None
+
+
+# ------------------------------------------------------------------------------------ inputs
+def _check_heads(model: HookedTransformer, heads: Sequence[Head] | None) -> tuple[Head, ...]:
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if heads is None:
+        return tuple((l, h) for l in range(n_layers) for h in range(n_heads))
+    out: list[Head] = []
+    for pair in heads:
+        if len(pair) != 2:
+            raise MechcnaError(f"heads must be (layer, head) pairs, got {pair!r}")
+        l, h = int(pair[0]), int(pair[1])
+        if not -n_layers <= l < n_layers:
+            raise MechcnaError(f"layer {l} out of range: the model has {n_layers} layers")
+        if not 0 <= h < n_heads:
+            raise MechcnaError(f"head {h} out of range: layers have {n_heads} heads")
+        if (l % n_layers, h) not in out:
+            out.append((l % n_layers, h))
+    if not out:
+        raise MechcnaError("no heads to ablate")
+    return tuple(out)
+
+
+def _tokenize(model: HookedTransformer, prompts: TokenPrompts, position: int | None) -> PromptBatch:
+    """Like :func:`prepare_prompts`, also accepting a list of unequal-length token rows."""
+    if isinstance(prompts, (str, Tensor)) or (
+        len(prompts) > 0 and all(isinstance(p, str) for p in prompts)
+    ):
+        return prepare_prompts(model, prompts, position)  # type: ignore[arg-type]
+    if len(prompts) == 0:
+        raise MechcnaError("no prompts given")
+    rows = [torch.as_tensor(p).reshape(-1) for p in prompts]
+    if any(len(r) == 0 or r.dtype.is_floating_point for r in rows):
+        raise MechcnaError("token prompts must be non-empty integer ids")
+    tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    lengths = torch.tensor([len(r) for r in rows], device=model.W_U.device)
+    pos = -1 if position is None else int(position)
+    positions = lengths + pos if pos < 0 else torch.full_like(lengths, pos)
+    if (positions < 0).any() or (positions >= lengths).any():
+        raise MechcnaError(f"position {pos} is outside a prompt of {int(lengths.min())} tokens")
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise MechcnaError(f"prompts of {tokens.shape[1]} tokens exceed n_ctx {model.cfg.n_ctx}")
+    return PromptBatch(tokens.to(model.W_U.device), lengths, positions, None)
+
+
+def _unpack(data: Any, targets: Targets, labels: pd.DataFrame | None):
+    """(prompts, targets, labels frame or None) from a dataset object or plain prompts."""
+    if all(hasattr(data, a) for a in ("prompts", "targets", "to_frame")) and not isinstance(
+        data, (str, Tensor)
+    ):
+        if targets is not None or labels is not None:
+            raise MechcnaError("a dataset brings its own targets and labels: pass neither")
+        prompts, targets, labels = list(data.prompts), list(data.targets), data.to_frame()
+        return prompts, targets, labels
+    if isinstance(data, str):
+        data = [data]
+    return data, targets, labels
+
+
+def _target_ids(model: HookedTransformer, targets: Targets, n: int) -> Tensor | None:
+    if targets is None:
+        return None
+    if isinstance(targets, Tensor):
+        ids = targets.reshape(-1).long().to(model.W_U.device)
+        if len(ids) == 1:
+            ids = ids.expand(n)
+        if len(ids) != n:
+            raise MechcnaError(f"{len(ids)} targets for {n} prompts")
+        if ((ids < 0) | (ids >= model.cfg.d_vocab_out)).any():
+            raise MechcnaError("target id outside the vocabulary")
+        return ids
+    if not isinstance(targets, (str, int)) and len(targets) != n:
+        raise MechcnaError(f"{len(targets)} targets for {n} prompts")
+    return single_token_ids(model, targets, n)
+
+
+def _forward_kwargs(model: HookedTransformer) -> dict[str, Any]:
+    # Right padding and no attention mask, whatever the tokenizer's default padding side,
+    # so passes from the tokens and from a cached residual see the same positions.
+    return {"padding_side": "right"} if model.tokenizer is not None else {}
+
+
+def _batches(batch: PromptBatch, batch_size: int) -> list[Tensor]:
+    """Case indices per batch, sorted by length so batches carry little padding."""
+    order = torch.argsort(batch.positions.cpu(), stable=True)
+    return list(order.split(batch_size))
+
+
+def _head_means(
+    model: HookedTransformer,
+    heads: Sequence[Head],
+    reference: PromptBatch,
+    batch_size: int,
+) -> dict[Head, Tensor]:
+    """Mean ``z`` of each head over the reference prompts' real tokens (padding excluded)."""
+    layers = sorted({l for l, _ in heads})
+    names = {hook_name("z", l): l for l in layers}
+    sums = {
+        l: torch.zeros(model.cfg.n_heads, model.cfg.d_head, dtype=torch.float64) for l in layers
+    }
+    count = 0
+    for idx in _batches(reference, batch_size):
+        idx = idx.to(reference.tokens.device)
+        length = reference.lengths[idx]
+        tokens = reference.tokens[idx, : int(length.max())]
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < length[:, None]
+        _, cache = model.run_with_cache(
+            tokens, names_filter=lambda n: n in names, **_forward_kwargs(model)
+        )
+        for name, l in names.items():
+            z = cache[name].double()
+            w = mask.to(z)
+            sums[l] += einops.einsum(z, w, "batch pos head d_head, batch pos -> head d_head").cpu()
+        count += int(mask.sum())
+    dtype, device = model.W_U.dtype, model.W_U.device
+    return {(l, h): (sums[l][h] / count).to(device, dtype) for l, h in heads}
+
+
+# ------------------------------------------------------------------------------ the sweep
+def _final_logits(
+    model: HookedTransformer,
+    inputs: Tensor,
+    positions: Int[Tensor, " batch"],
+    start_at_layer: int | None = None,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+) -> Float[Tensor, "batch d_vocab"]:
+    """Final logits at each row's scored position.
+
+    After the last block's attention only per-position maps remain (its MLP, the final norm,
+    the unembedding), so a hook on the last ``hook_resid_mid`` keeps just the scored position
+    of each row; blocks without ``resid_mid`` (parallel attention/MLP) run in full.
+    """
+    rows = torch.arange(len(positions), device=positions.device)
+    shrunk: list[bool] = []
+
+    def keep_scored(resid_mid: Tensor, hook: HookPoint) -> Tensor:
+        shrunk.append(True)
+        return resid_mid[rows, positions][:, None]
+
+    hooks = [*fwd_hooks, (hook_name("resid_mid", model.cfg.n_layers - 1), keep_scored)]
+    with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
+        if start_at_layer is None:
+            final = model(inputs, stop_at_layer=model.cfg.n_layers, **_forward_kwargs(model))
+        else:
+            final = model(inputs, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers)
+    x = final if shrunk else final[rows, positions][:, None]
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    logits = model.unembed(x)[:, 0]
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+
+
+def _ablated_pass(
+    model: HookedTransformer,
+    resid: Float[Tensor, "batch pos d_model"],
+    positions: Int[Tensor, " batch"],
+    layer: int,
+    heads: list[int],
+    fill: Tensor | None,
+) -> Float[Tensor, "copy_batch d_vocab"]:
+    """Final logits with head ``heads[c]`` of ``layer`` ablated in copy ``c`` of the batch."""
+    k, n = len(heads), resid.shape[0]
+    x = einops.repeat(resid, "batch pos d_model -> (copy batch) pos d_model", copy=k)
+    rows = torch.arange(k * n, device=resid.device)
+    head_idx = einops.repeat(
+        torch.tensor(heads, device=resid.device), "copy -> (copy batch)", batch=n
+    )
+    if fill is None:
+        value = torch.zeros((), dtype=resid.dtype, device=resid.device)
+    else:
+        value = einops.repeat(fill.to(resid), "copy d_head -> (copy batch) 1 d_head", batch=n)
+
+    def ablate(z: Tensor, hook: HookPoint) -> Tensor:
+        z[rows, :, head_idx] = value
+        return z
+
+    hooks = [(hook_name("z", layer), ablate)]
+    return _final_logits(model, x, positions.repeat(k), start_at_layer=layer, fwd_hooks=hooks)
+
+
+def head_sweep(
+    model: HookedTransformer,
+    data: Any,
+    targets: Targets = None,
+    *,
+    labels: pd.DataFrame | None = None,
+    heads: Sequence[Head] | None = None,
+    mode: Literal["zero", "mean"] = "zero",
+    reference: HeadAblation | TokenPrompts | None = None,
+    position: int | None = None,
+    batch_size: int = 32,
+    heads_per_pass: int = 4,
+    progress: bool = True,
+) -> "HeadSweep":
+    """Ablate each head in turn over a dataset; per-case correctness and target log-probs.
+
+    Args:
+        model: the model (left unchanged; hooks are scoped to each pass).
+        data: a dataset object with ``.prompts``, ``.targets`` and ``.to_frame()`` (labels
+            such as ``operation``, ``digits``, ``template``, ``kind``), or prompts: a string,
+            a list of strings, ``[batch, pos]`` token ids or a list of token-id rows.
+        targets: with plain prompts, one target per prompt (single-token strings or ids) or
+            one for all; ``None`` uses the unablated model's own top-1 token per prompt.
+        labels: with plain prompts, an optional frame of per-case labels (one row per prompt).
+        heads: the ``(layer, head)`` pairs to ablate (default: all, layer-major).
+        mode: ``"zero"`` sets the head's ``z`` to zero at every position (the papers' code);
+            ``"mean"`` sets it to its mean over ``reference``.
+        reference: mean mode only: a mean-mode :class:`HeadAblation` holding the means (e.g.
+            from :meth:`HeadAblation.mean_over`), or reference prompts (default: ``data``'s),
+            averaged over prompts and real positions.
+        position: the scored position within each prompt's real tokens (default: the last).
+        batch_size: prompts per pass.
+        heads_per_pass: heads of one layer ablated side by side in a pass (each in its own
+            copy of the batch); a pass holds ``batch_size * heads_per_pass`` rows. The
+            defaults (128 rows) suit a CPU; raise both on a GPU.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`HeadSweep` with ``[ablation, case]`` correctness, log-probs (natural log)
+        and predictions, and the unablated baseline.
+
+    Raises:
+        MechcnaError: a head out of range, a target that is not one token, lengths that do
+            not match, or mean mode without usable means.
+    """
+    if mode not in ("zero", "mean"):
+        raise MechcnaError(f"mode must be 'zero' or 'mean', not {mode!r}")
+    if batch_size < 1 or heads_per_pass < 1:
+        raise MechcnaError("batch_size and heads_per_pass must be positive")
+    if model.cfg.positional_embedding_type == "shortformer":
+        raise UnsupportedArchitectureError("shortformer positional embeddings")
+    prompts, targets, labels = _unpack(data, targets, labels)
+    heads_t = _check_heads(model, heads)
+    batch = _tokenize(model, prompts, position)
+    n = len(batch)
+    target_ids = _target_ids(model, targets, n)
+    if labels is not None:
+        if len(labels) != n:
+            raise MechcnaError(f"{len(labels)} label rows for {n} prompts")
+        labels = labels.reset_index(drop=True)
+    else:
+        labels = pd.DataFrame(index=range(n))
+
+    means: dict[Head, Tensor] | None = None
+    if mode == "mean":
+        if isinstance(reference, HeadAblation):
+            if reference.mode != "mean" or reference.means is None:
+                raise MechcnaError("reference must be a mean-mode HeadAblation (mean_over)")
+            missing = [hd for hd in heads_t if hd not in reference.means]
+            if missing:
+                raise MechcnaError(f"reference has no means for heads {missing}")
+            means = {hd: reference.means[hd] for hd in heads_t}
+        else:
+            ref = batch if reference is None else _tokenize(model, reference, None)
+            means = _head_means(model, heads_t, ref, batch_size)
+    elif reference is not None:
+        raise MechcnaError("reference is for mode='mean' only")
+
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads_t:
+        by_layer.setdefault(l, []).append(h)
+    row_of = {hd: i for i, hd in enumerate(heads_t)}
+    dtype = model.W_U.dtype
+    logprob = torch.empty(len(heads_t), n, dtype=dtype)
+    prediction = torch.empty(len(heads_t), n, dtype=torch.long)
+    base_logprob = torch.empty(n, dtype=dtype)
+    base_prediction = torch.empty(n, dtype=torch.long)
+    targets_out = torch.empty(n, dtype=torch.long)
+
+    batches = _batches(batch, batch_size)
+    chunks = [
+        (l, hs[i : i + heads_per_pass])
+        for l, hs in by_layer.items()
+        for i in range(0, len(hs), heads_per_pass)
+    ]
+    names = {hook_name("resid_pre", l) for l in by_layer}
+    bar = tqdm(total=len(batches) * len(chunks), desc="head sweep", disable=not progress)
+    cache: dict[str, Tensor] = {}
+
+    def store(act: Tensor, hook: HookPoint) -> Tensor:
+        cache[str(hook.name)] = act
+        return act
+
+    with torch.no_grad():
+        for idx_cpu in batches:
+            idx = idx_cpu.to(batch.tokens.device)
+            pos = batch.positions[idx]
+            tokens = batch.tokens[idx, : int(pos.max()) + 1]
+            cache.clear()
+            base = _final_logits(
+                model, tokens, pos, fwd_hooks=[(name, store) for name in names]
+            ).log_softmax(-1)
+            rows = torch.arange(len(idx), device=base.device)
+            tgt = base.argmax(-1) if target_ids is None else target_ids[idx]
+            base_logprob[idx_cpu] = base[rows, tgt].cpu()
+            base_prediction[idx_cpu] = base.argmax(-1).cpu()
+            targets_out[idx_cpu] = tgt.cpu()
+            for layer, hs in chunks:
+                fill = None if means is None else torch.stack([means[(layer, h)] for h in hs])
+                resid = cache[hook_name("resid_pre", layer)]
+                lp = _ablated_pass(model, resid, pos, layer, hs, fill).log_softmax(-1)
+                lp = einops.rearrange(
+                    lp, "(copy batch) d_vocab -> copy batch d_vocab", copy=len(hs)
+                )
+                out_rows = torch.tensor([row_of[(layer, h)] for h in hs])
+                picked = lp.gather(-1, einops.repeat(tgt, "batch -> copy batch 1", copy=len(hs)))
+                logprob[out_rows[:, None], idx_cpu[None]] = picked[..., 0].cpu()
+                prediction[out_rows[:, None], idx_cpu[None]] = lp.argmax(-1).cpu()
+                bar.update()
+    bar.close()
+    return HeadSweep(
+        heads=heads_t,
+        correct=prediction == targets_out[None],
+        logprob=logprob,
+        prediction=prediction,
+        base_correct=base_prediction == targets_out,
+        base_logprob=base_logprob,
+        base_prediction=base_prediction,
+        targets=targets_out,
+        labels=labels,
+        n_layers=model.cfg.n_layers,
+        n_heads=model.cfg.n_heads,
+        mode=mode,
+        prompts=batch.strings,
+        model_name=str(model.cfg.model_name),
+        means=means,
+    )
+
+
+# -------------------------------------------------------------------------------- results
+def _label(l: int, h: int) -> str:
+    return f"{l}_{h}"
+
+
+def _cell_label(by: Sequence[str], values: Sequence[Any]) -> str:
+    parts = [f"{v}D" if c == "digits" else str(v) for c, v in zip(by, values)]
+    return "".join(parts) if "digits" in by else ", ".join(parts)
+
+
+def _heatmap(
+    z: np.ndarray, n_layers: int, n_heads: int, title: str, signed: bool, colorbar: str
+) -> go.Figure:
+    scale: dict[str, Any] = (
+        {"colorscale": "RdBu", "zmid": 0.0} if signed else {"colorscale": "Viridis"}
+    )
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(n_heads)),
+            y=list(range(n_layers)),
+            colorbar={"title": colorbar},
+            hovertemplate="layer %{y}, head %{x}: %{z:.4g}<extra></extra>",
+            **scale,
+        )
+    )
+    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer")
+    return fig
+
+
+@dataclass(frozen=True, eq=False)
+class HeadSweep:
+    """Per-head ablation results over a dataset (from :func:`head_sweep`).
+
+    Attributes:
+        heads: the ablated ``(layer, head)`` pairs, one per row of the tensors.
+        correct: whether the argmax at the scored position equals the target.
+        logprob: natural-log probability of the target after ablation.
+        prediction: the argmax token after ablation.
+        base_correct, base_logprob, base_prediction: the same for the unablated model.
+        targets: target token ids.
+        labels: one row of labels per case (may have no columns).
+        n_layers, n_heads: the model's shape, for heatmaps.
+        mode: ``"zero"`` or ``"mean"``.
+        prompts: the prompts, when given as strings.
+        model_name: the model's name.
+        means: mean mode: the ``z`` each head was set to.
+    """
+
+    heads: tuple[Head, ...]
+    correct: Bool[Tensor, "ablation case"]
+    logprob: Float[Tensor, "ablation case"]
+    prediction: Int[Tensor, "ablation case"]
+    base_correct: Bool[Tensor, " case"]
+    base_logprob: Float[Tensor, " case"]
+    base_prediction: Int[Tensor, " case"]
+    targets: Int[Tensor, " case"]
+    labels: pd.DataFrame = field(repr=False)
+    n_layers: int
+    n_heads: int
+    mode: Literal["zero", "mean"] = "zero"
+    prompts: tuple[str, ...] | None = field(default=None, repr=False)
+    model_name: str = ""
+    means: dict[Head, Tensor] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.heads) != self.correct.shape[0] or len(self.labels) != self.correct.shape[1]:
+            raise MechcnaError("heads and labels must match the result tensors")
+
+    @property
+    def head_labels(self) -> list[str]:
+        """Heads as the papers write them, ``"layer_head"``."""
+        return [_label(l, h) for l, h in self.heads]
+
+    @property
+    def n_cases(self) -> int:
+        return self.correct.shape[1]
+
+    # ------------------------------------------------------------------ selection
+    def _mask(self, cell: Cell) -> np.ndarray:
+        if cell is None:
+            return np.ones(self.n_cases, dtype=bool)
+        if isinstance(cell, str):
+            try:
+                mask = self.labels.eval(cell).to_numpy(dtype=bool)
+            except Exception as err:  # pandas raises many kinds for a bad query
+                raise MechcnaError(f"bad cell query {cell!r}: {err}") from err
+        else:
+            mask = np.ones(self.n_cases, dtype=bool)
+            for col, value in cell.items():
+                if col not in self.labels.columns:
+                    raise MechcnaError(
+                        f"no label column {col!r}; columns are {list(self.labels.columns)}"
+                    )
+                mask &= (self.labels[col] == value).to_numpy()
+        if not mask.any():
+            raise MechcnaError(f"no cases in cell {cell!r}")
+        return mask
+
+    def _summary(self, mask: np.ndarray) -> pd.DataFrame:
+        m = torch.tensor(mask)
+        acc = self.correct[:, m].double().mean(1).numpy()
+        lp = self.logprob[:, m].double().mean(1).numpy()
+        base_acc = float(self.base_correct[m].double().mean())
+        base_lp = float(self.base_logprob[m].double().mean())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(base_acc > 0, (base_acc - acc) / base_acc, np.nan)
+        return pd.DataFrame(
+            {
+                "head": self.head_labels,
+                "layer": [l for l, _ in self.heads],
+                "head_index": [h for _, h in self.heads],
+                "n": int(mask.sum()),
+                "accuracy": acc,
+                "base_accuracy": base_acc,
+                "delta_accuracy": acc - base_acc,
+                "relative_decrease": rel,
+                "logprob": lp,
+                "base_logprob": base_lp,
+                "delta_logprob": lp - base_lp,
+            }
+        )
+
+    def summary(self, cell: Cell = None) -> pd.DataFrame:
+        """One row per head: accuracy (fraction), mean target log-prob, and their changes.
+
+        Args:
+            cell: restrict to cases whose labels match, e.g. ``{"operation": "+",
+                "digits": 2}``, or a :meth:`pandas.DataFrame.eval` query string.
+
+        ``relative_decrease`` is ``(ori - int) / ori`` (the papers' Table 2), NaN when the
+        unablated accuracy is zero.
+        """
+        return self._summary(self._mask(cell))
+
+    def top(self, k: int = 10, cell: Cell = None) -> pd.DataFrame:
+        """The ``k`` heads whose ablation lowers accuracy most (ties: log-prob decrease)."""
+        df = self.summary(cell)
+        df = df.sort_values(["delta_accuracy", "delta_logprob"], kind="stable")
+        return df.head(k).reset_index(drop=True)
+
+    def _groups(self, by: Sequence[str], cell: Cell) -> list[tuple[str, np.ndarray]]:
+        base = self._mask(cell)
+        missing = [c for c in by if c not in self.labels.columns]
+        if missing:
+            raise MechcnaError(f"no label columns {missing}; columns are {list(self.labels)}")
+        out = []
+        keys = by[0] if len(by) == 1 else list(by)
+        for key, rows in self.labels[base].groupby(keys, sort=False).groups.items():
+            mask = np.zeros(self.n_cases, dtype=bool)
+            mask[np.asarray(rows)] = True
+            values = key if isinstance(key, tuple) else (key,)
+            out.append((_cell_label(by, values), mask))
+        return out
+
+    def to_frame(self, by: str | Sequence[str] | None = None) -> pd.DataFrame:
+        """Per-head summaries overall (``by=None``) or per label cell (one row per head and
+        cell, with the ``by`` columns first)."""
+        if by is None:
+            return self.summary()
+        cols = [by] if isinstance(by, str) else list(by)
+        frames = []
+        for _, mask in self._groups(cols, None):
+            df = self._summary(mask)
+            first = self.labels[mask].iloc[0]
+            for i, c in enumerate(cols):
+                df.insert(i, c, first[c])
+            frames.append(df)
+        return pd.concat(frames, ignore_index=True)
+
+    def table(
+        self,
+        by: str | Sequence[str] | None = "operation",
+        *,
+        heads: Sequence[Head | str] | Literal["top"] | None = None,
+        k: int = 5,
+        values: Value = "accuracy",
+        cell: Cell = None,
+        overall: bool = True,
+    ) -> pd.DataFrame:
+        """The papers' head tables, in percent (log-probs in nats).
+
+        * ``heads=None``: Tables 24 to 27: per row (cell), the unablated accuracy ``ori``
+          then that cell's own top-``k`` heads (``head_1``, ``value_1``, ...).
+        * ``heads=[(17, 22), "15_9", ...]`` or ``"top"`` (the overall top ``k``): Table 1:
+          the same heads as columns for every row. With ``values="relative_decrease"``
+          this is Table 2 (e.g. ``by="digits", cell={"operation": "+"}``).
+
+        Args:
+            by: label column(s) defining the rows (e.g. ``("digits", "operation")`` gives
+                rows ``2D+``); ``None`` for the overall row only.
+            heads: fixed head columns, ``"top"``, or ``None`` for per-row top heads.
+            k: heads per row (``heads=None``) or top heads (``heads="top"``).
+            values: ``"accuracy"`` (%), ``"decrease"`` (ori - int, points),
+                ``"relative_decrease"`` ((ori - int) / ori, %), ``"logprob"``,
+                ``"delta_logprob"``.
+            cell: restrict every row to cases matching this cell first.
+            overall: add an ``"all"`` row (all cases of ``cell``).
+
+        Returns:
+            A frame indexed by cell label, with ``ori`` (unablated accuracy, %) first.
+        """
+        rows: list[tuple[str, np.ndarray]] = []
+        if overall or by is None:
+            rows.append(("all", self._mask(cell)))
+        if by is not None:
+            rows += self._groups([by] if isinstance(by, str) else list(by), cell)
+        fixed: list[int] | None = None
+        if heads == "top":
+            top = self.top(k, cell)
+            fixed = [self.head_labels.index(h) for h in top["head"]]
+        elif heads is not None:
+            fixed = []
+            for hd in heads:
+                label = hd if isinstance(hd, str) else _label(*hd)
+                if label not in self.head_labels:
+                    raise MechcnaError(f"head {label} was not part of this sweep")
+                fixed.append(self.head_labels.index(label))
+        scale = 1.0 if values in ("logprob", "delta_logprob") else 100.0
+        column = {
+            "accuracy": "accuracy",
+            "decrease": "decrease",
+            "relative_decrease": "relative_decrease",
+            "logprob": "logprob",
+            "delta_logprob": "delta_logprob",
+        }[values]
+        records = []
+        for name, mask in rows:
+            df = self._summary(mask)
+            df["decrease"] = -df["delta_accuracy"]
+            record: dict[str, Any] = {"cell": name, "n": int(mask.sum())}
+            record["ori"] = 100.0 * float(df["base_accuracy"].iloc[0])
+            if fixed is not None:
+                for i in fixed:
+                    record[df["head"].iloc[i]] = scale * float(df[column].iloc[i])
+            else:
+                ranked = df.sort_values(["delta_accuracy", "delta_logprob"], kind="stable")
+                names = ranked["head"].tolist()[:k]
+                scores = ranked[column].to_numpy(dtype=float)[:k]
+                for j, (name_j, score) in enumerate(zip(names, scores), start=1):
+                    record[f"head_{j}"] = name_j
+                    record[f"{values}_{j}"] = scale * float(score)
+            records.append(record)
+        return pd.DataFrame.from_records(records).set_index("cell")
+
+    def plot(
+        self,
+        operation: Any = None,
+        *,
+        cell: Cell = None,
+        value: PlotValue = "delta_accuracy",
+    ) -> go.Figure:
+        """A layer x head heatmap of ``value`` (deltas on a diverging scale centred on 0).
+
+        Args:
+            operation: shorthand for ``cell={"operation": operation}``.
+            cell: the cases to aggregate (default: all).
+            value: ``"delta_accuracy"``/``"accuracy"`` (fractions) or
+                ``"delta_logprob"``/``"logprob"`` (mean target log-prob, nats).
+        """
+        if operation is not None:
+            if isinstance(cell, str):
+                raise MechcnaError("give operation or a query-string cell, not both")
+            cell = {**(cell or {}), "operation": operation}
+        df = self.summary(cell)
+        z = np.full((self.n_layers, self.n_heads), np.nan)
+        z[df["layer"].to_numpy(), df["head_index"].to_numpy()] = df[value].to_numpy()
+        where = "all cases" if cell is None else str(cell)
+        title = f"{value} after {self.mode}-ablating each head ({where}, {self.model_name})"
+        return _heatmap(z, self.n_layers, self.n_heads, title, value.startswith("delta"), value)
+
+
+# --------------------------------------------------------------------- single prompt
+@dataclass(frozen=True, eq=False)
+class HeadEffects:
+    """The target's probability after ablating each head, on one prompt (METHODS 6.1).
+
+    Attributes:
+        heads: the ablated ``(layer, head)`` pairs.
+        logprob: natural-log probability of the target after each ablation.
+        base_logprob: the unablated log-probability of the target.
+        target: the target token id (by default the model's own top-1 prediction).
+        target_str: the target as a string, when the model has a tokenizer.
+        prompt: the prompt, when given as a string.
+        n_layers, n_heads: the model's shape.
+    """
+
+    heads: tuple[Head, ...]
+    logprob: Float[Tensor, " ablation"]
+    base_logprob: float
+    target: int
+    target_str: str | None
+    prompt: str | None
+    n_layers: int
+    n_heads: int
+
+    @property
+    def prob(self) -> Float[Tensor, " ablation"]:
+        return self.logprob.exp()
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per head, sorted by the target's probability after ablation, ascending."""
+        lp = self.logprob.double().numpy()
+        df = pd.DataFrame(
+            {
+                "head": [_label(l, h) for l, h in self.heads],
+                "layer": [l for l, _ in self.heads],
+                "head_index": [h for _, h in self.heads],
+                "prob": np.exp(lp),
+                "logprob": lp,
+                "delta_prob": np.exp(lp) - np.exp(self.base_logprob),
+                "delta_logprob": lp - self.base_logprob,
+            }
+        )
+        return df.sort_values("logprob", kind="stable").reset_index(drop=True)
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` heads whose ablation lowers the target's probability most."""
+        return self.to_frame().head(k)
+
+    def plot(
+        self, value: Literal["delta_logprob", "delta_prob", "prob", "logprob"] = "delta_logprob"
+    ) -> go.Figure:
+        """A layer x head heatmap (deltas on a diverging scale centred on 0)."""
+        df = self.to_frame()
+        z = np.full((self.n_layers, self.n_heads), np.nan)
+        z[df["layer"].to_numpy(), df["head_index"].to_numpy()] = df[value].to_numpy()
+        title = f"{value} of {self.target_str or self.target!r} after ablating each head"
+        if self.prompt is not None:
+            title += f" ({self.prompt!r})"
+        return _heatmap(z, self.n_layers, self.n_heads, title, value.startswith("delta"), value)
+
+
+def single_prompt_head_effects(
+    model: HookedTransformer,
+    prompt: str | Int[Tensor, " pos"],
+    target: str | int | None = None,
+    *,
+    heads: Sequence[Head] | None = None,
+    mode: Literal["zero", "mean"] = "zero",
+    reference: HeadAblation | TokenPrompts | None = None,
+    heads_per_pass: int = 64,
+    progress: bool = False,
+) -> HeadEffects:
+    """Ablate each head on one prompt and record the target's probability (METHODS 6.1).
+
+    Args:
+        model: the model.
+        prompt: a string or 1-D token ids.
+        target: a single-token string or id; default the unablated model's top-1 token.
+        heads: the heads to ablate (default: all).
+        mode: ``"zero"`` (default) or ``"mean"`` (means over ``reference``).
+        reference: see :func:`head_sweep`.
+        heads_per_pass: heads ablated side by side in one pass.
+        progress: show a progress bar.
+    """
+    if mode == "mean" and reference is None:
+        raise MechcnaError("mean mode on one prompt needs reference prompts or means")
+    data = prompt if isinstance(prompt, str) else [prompt]
+    sweep = head_sweep(
+        model,
+        data,
+        None if target is None else [target],
+        heads=heads,
+        mode=mode,
+        reference=reference,
+        batch_size=1,
+        heads_per_pass=heads_per_pass,
+        progress=progress,
+    )
+    tid = int(sweep.targets[0])
+    tok = model.tokenizer
+    return HeadEffects(
+        heads=sweep.heads,
+        logprob=sweep.logprob[:, 0],
+        base_logprob=float(sweep.base_logprob[0]),
+        target=tid,
+        target_str=None if tok is None else model.to_single_str_token(tid),
+        prompt=prompt if isinstance(prompt, str) else None,
+        n_layers=sweep.n_layers,
+        n_heads=sweep.n_heads,
+    )
