@@ -32,6 +32,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_heads.add_argument("--html", default=None, help="write the layer x head heatmap here")
     p_heads.add_argument("--csv", default=None, help="write per-head results here")
     p_heads.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_attr = sub.add_parser("attribute", help="log-probability-increase scores for prompts")
+    p_attr.add_argument("--model", required=True, help="model name or directory")
+    p_attr.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p_attr.add_argument("--target", default=None, help="target token (default: top-1)")
+    p_attr.add_argument("--level", choices=["layers", "heads", "ffn", "attention"], default="ffn")
+    p_attr.add_argument("--paper-compat", action="store_true", help="drop ln_final bias and b_U")
+    _outputs(p_attr)
+    p_cna = sub.add_parser("cna", help="Comparative Neuron Analysis against head ablations")
+    p_cna.add_argument("--model", required=True, help="model name or directory")
+    p_cna.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p_cna.add_argument("--head", action="append", required=True, help="LAYER.HEAD to ablate")
+    p_cna.add_argument("--target", default=None, help="target token (default: top-1)")
+    _outputs(p_cna)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "demo":
@@ -39,7 +52,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "head-sweep":
         return _head_sweep(args, parser)
+    if args.command in ("attribute", "cna"):
+        return _scores(args, parser)
     return 2  # pragma: no cover
+
+
+def _outputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--top", type=int, default=10, help="rows to list")
+    p.add_argument("--html", default=None, help="write the figure here")
+    p.add_argument("--csv", default=None, help="write all scores here (long format)")
+
+
+def _scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from mechcna import attribution
+    from mechcna.comparative import compare_neurons
+    from mechcna.interventions import HeadAblation
+    from mechcna.models import load_model
+
+    model = load_model(args.model)
+    if args.command == "cna":
+        try:
+            pairs = [tuple(int(x) for x in h.split(".")) for h in args.head]
+        except ValueError:
+            parser.error("--head takes LAYER.HEAD, e.g. 3.1")
+        if any(len(p) != 2 for p in pairs):
+            parser.error("--head takes LAYER.HEAD, e.g. 3.1")
+        res = compare_neurons(model, args.prompt, HeadAblation(pairs), args.target)  # type: ignore[arg-type]
+        title = f"CNA against ablating {', '.join(args.head)}"
+    else:
+        fn = {
+            "layers": attribution.layer_importance,
+            "heads": attribution.head_importance,
+            "ffn": attribution.neuron_importance,
+            "attention": attribution.attention_neuron_importance,
+        }[args.level]
+        res = fn(model, args.prompt, args.target, paper_compat=args.paper_compat)
+        title = f"{args.level} log-probability increase"
+    sys.stdout.write(f"{title}; targets {list(res.targets)}\n")
+    for i, prompt in enumerate(args.prompt):
+        sys.stdout.write(f"prompt {prompt!r}:\n")
+        sys.stdout.write(res.top(args.top, prompt=i).to_string(index=False) + "\n")
+    if args.csv:
+        res.to_frame().to_csv(args.csv, index=False)
+    if args.html:
+        res.plot().write_html(args.html, include_plotlyjs=True)
+    return 0
 
 
 def _head_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
