@@ -18,7 +18,8 @@ activation are credited with the neuron's importance ``Imp``:
 * :func:`query_neuron_tokens` (5.6): a hidden-interpretable query neuron made readable through
   the attention neuron's head.
 
-Everything is one forward pass plus contractions; the only Python loops run over layers.
+Each analysis is one or two forward passes plus einsum contractions; the only Python loops
+run over layers.
 
 Example:
     >>> q = query_neurons(model, ["Tim Duncan plays the sport of"], k=30)   # doctest: +SKIP
