@@ -1,0 +1,607 @@
+"""Query side of neuron attribution: which lower components and neurons activate value neurons.
+
+Yu & Ananiadou, *Neuron-Level Knowledge Attribution in Large Language Models* (EMNLP 2024),
+the query-neuron analysis; METHODS.md section 5. A value neuron is activated through the inner
+product of its input with its **key**; with the pre-norm weight folded in (``key' = key *
+gamma``) and the norm scale and nonlinearity ignored, the input splits into residual
+components ``c`` whose shares ``r_c / S`` (``r_c = <c, key'>``, ``S = sum_c r_c``) of the
+activation are credited with the neuron's importance ``Imp``:
+
+* :func:`ffn_query_layers` (5.1): components ``[embedding, A0, F0, ..., A_l]`` at the scored
+  position, for the top-K FFN value neurons.
+* :func:`attention_query_layers` (5.2): components ``[embedding, A0, F0, ..., F_{l-1}]`` at the
+  attention neuron's source position, key ``W_V[l][h][:, k] * ln1.w``.
+* :func:`query_neurons` (5.3): FFN neurons of lower layers, ``Q(i, j) += <m[i][p, j] *
+  W_out[i][j], key'> / <x_in[l][p], key'> * Imp`` over the top-K attention value neurons.
+* :func:`attention_neuron_queries` (5.4): the same for one attention neuron.
+* :func:`query_value_overlap` (5.5): query-only vs query-value neurons per layer.
+* :func:`query_neuron_tokens` (5.6): a hidden-interpretable query neuron made readable through
+  the attention neuron's head.
+
+Each analysis is one or two forward passes plus einsum contractions; the only Python loops
+run over layers.
+
+Example:
+    >>> q = query_neurons(model, ["Tim Duncan plays the sport of"], k=30)   # doctest: +SKIP
+    >>> q.top(10, prompt=0)                                                  # doctest: +SKIP
+    >>> ffn_query_layers(model, prompts).plot()                              # doctest: +SKIP
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import einops
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from mechcna import plotting
+from mechcna._types import Float, Int, Tensor
+from mechcna.architecture import Architecture
+from mechcna.attribution import (
+    AttentionNeuronImportance,
+    NeuronImportance,
+    Targets,
+    attention_neuron_importance,
+    capture,
+    neuron_importance_from_capture,
+)
+from mechcna.errors import MechcnaError
+from mechcna.interventions import Intervention
+from mechcna.projection import compute_dtype, top_tokens
+from mechcna.prompts import Prompts
+from mechcna.results import Aggregate, Scores
+from mechcna.transfer import (
+    PositionCapture,
+    TokenComparison,
+    capture_positions,
+    component_labels,
+)
+
+FFNKey = Literal["up", "gate", "mean"]
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class QueryLayers(Scores):
+    """``scores[prompt, component]``: the value neurons' importance credited to each residual
+    component (0 the embedding, ``2l + 1`` attention ``l``, ``2l + 2`` FFN ``l``; the notebook's
+    label is ``c / 2 - 0.5``). For each prompt the scores sum to the total importance of its
+    top-K neurons.
+
+    For gated MLPs with ``key="mean"``, ``extras["up"]`` and ``extras["gate"]`` hold the
+    attribution through each key alone.
+
+    Attributes:
+        kind: ``"FFN"`` or ``"attention"``: which value neurons were attributed.
+        neurons: ``[prompt, K, ...]`` the value neurons (``(layer, neuron)`` or ``(layer, pos,
+            head, d_head)``).
+        importance: ``[prompt, K]`` their importance.
+        mean_layer: ``[prompt]`` the average layer of the K neurons (printed in 5.2).
+    """
+
+    kind: str = "FFN"
+    neurons: Tensor | None = None
+    importance: Tensor | None = None
+    mean_layer: Tensor | None = None
+
+    def top(
+        self,
+        k: int = 10,
+        prompt: int | None = None,
+        aggregate: Aggregate = "mean",
+        largest: bool = True,
+    ) -> pd.DataFrame:
+        frame = super().top(k, prompt=prompt, aggregate=aggregate, largest=largest)
+        frame["label"] = [c / 2 - 0.5 for c in frame["component"]]
+        frame["name"] = [component_labels(self.scores.shape[1])[c] for c in frame["component"]]
+        return frame
+
+    def plot(self, prompt: int | None = None) -> go.Figure:
+        return plotting.query_layer_bars(self, prompt)
+
+
+@dataclass(frozen=True)
+class QueryNeurons(Scores):
+    """``scores[prompt, layer, neuron]``: query scores of FFN neurons (METHODS 5.3, 5.4).
+
+    Attributes:
+        sources: ``[prompt, K, 4]`` the attention neurons ``(layer, pos, head, d_head)`` read.
+        source_importance: ``[prompt, K]`` their importance (the weights of the sum).
+    """
+
+    sources: Tensor | None = None
+    source_importance: Tensor | None = None
+
+    def plot(self, prompt: int | None = None, k: int = 300) -> go.Figure:
+        return plotting.layer_count_lines(self, k, prompt, name="query FFN")
+
+
+@dataclass(frozen=True)
+class QueryValueOverlap(Scores):
+    """``scores[prompt, layer, kind]``: raw counts per layer of query-only (kind 0) and
+    query-value (kind 1) neurons among the top-``k`` query neurons (METHODS 5.5)."""
+
+    k: int = 300
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = super().to_frame().rename(columns={"score": "count"})
+        frame["kind"] = frame["kind"].map(lambda c: ("query-only", "query-value")[c])
+        frame["percent"] = 100 * frame["count"] / self.k
+        n_layers = self.scores.shape[1]
+        frame["layer_percent"] = 100 * frame["layer"] / max(n_layers - 1, 1)
+        return frame
+
+    def plot(self, prompt: int | None = None) -> go.Figure:
+        return plotting.query_value_lines(self, prompt)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _valid_positions(scores: Tensor, positions: Tensor) -> Tensor:
+    """Attention-neuron scores with positions after each prompt's scored one set to -inf."""
+    pos = torch.arange(scores.shape[2])
+    valid = pos[None, :] <= positions.cpu()[:, None]  # prompt pos
+    return scores.masked_fill(~valid[:, None, :, None, None], float("-inf"))
+
+
+def _top_attention(
+    att: AttentionNeuronImportance, positions: Tensor, k: int
+) -> tuple[Int[Tensor, "prompt attn 4"], Float[Tensor, "prompt attn"]]:
+    scores = _valid_positions(att.scores, positions)
+    flat = einops.rearrange(
+        scores, "prompt layer pos head d_head -> prompt (layer pos head d_head)"
+    )
+    k = min(k, flat.shape[1])
+    top = flat.topk(k, dim=1)
+    coords = torch.stack(torch.unravel_index(top.indices, scores.shape[1:]), -1)
+    imp = top.values.masked_fill(~torch.isfinite(top.values), 0.0)
+    return coords, imp
+
+
+def _attention_keys(
+    arch: Architecture, neurons: Int[Tensor, "prompt attn 4"], dtype: torch.dtype
+) -> Float[Tensor, "prompt attn d_model"]:
+    """``W_V[l][h][:, k] * ln1.w[l]`` for each attention neuron (one gather per layer)."""
+    layer, head, dim = neurons[..., 0], neurons[..., 2], neurons[..., 3]
+    keys = torch.zeros(*neurons.shape[:2], arch.d_model, dtype=dtype, device=arch.device)
+    for l in layer.unique().tolist():
+        mask = (layer == l).to(arch.device)
+        h, d = head.to(arch.device)[mask], dim.to(arch.device)[mask]
+        keys[mask] = (arch.W_V(l)[h, :, d] * arch.ln1_w(l)).to(dtype)
+    return keys
+
+
+def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    return torch.where(den != 0, num / torch.where(den != 0, den, 1), 0)
+
+
+def _attention_importance(
+    model: HookedTransformer,
+    prompts: Prompts,
+    targets: Targets,
+    attention: AttentionNeuronImportance | None,
+    n_prompts: int,
+    **kw,
+) -> AttentionNeuronImportance:
+    if attention is None:
+        return attention_neuron_importance(model, prompts, targets, **kw)
+    if attention.scores.shape[0] != n_prompts:
+        raise MechcnaError(
+            f"attention importance has {attention.scores.shape[0]} prompts, not {n_prompts}"
+        )
+    return attention
+
+
+def _query_scores(
+    arch: Architecture,
+    cap: PositionCapture,
+    neurons: Int[Tensor, "prompt attn 4"],
+    weights: Float[Tensor, "prompt attn"],
+    progress: bool,
+) -> Float[Tensor, "prompt layer neuron"]:
+    """``Q[i, j] = sum_n w_n <m[i][p_n, j] W_out[i][j], key'_n> / <x_in[l_n][p_n], key'_n>``
+    over the attention neurons ``n`` of layers ``l_n > i``."""
+    dtype = compute_dtype(arch.dtype)
+    dev = arch.device
+    neurons = neurons.to(dev)
+    keys = _attention_keys(arch, neurons, dtype)
+    n = neurons.shape[0]
+    rows = torch.arange(n, device=dev)[:, None]
+    layer, pos = neurons[..., 0], neurons[..., 1]
+    x_in = cap.resid_pre[rows, layer, pos].to(dtype)  # prompt attn d_model
+    denom = einops.einsum(x_in, keys, "prompt attn d_model, prompt attn d_model -> prompt attn")
+    weight = _safe_ratio(weights.to(dev, dtype), denom)
+    scores = torch.zeros(n, arch.n_layers, arch.d_mlp, dtype=dtype)
+    for i in tqdm(range(arch.n_layers - 1), desc="query layers", disable=not progress):
+        w = torch.where(layer > i, weight, 0)
+        if not (w != 0).any():
+            continue
+        coef = cap.post[rows, i, pos].to(dtype)  # prompt attn neuron
+        wk = einops.einsum(
+            arch.W_out(i).to(dtype), keys,
+            "neuron d_model, prompt attn d_model -> prompt attn neuron",
+        )  # fmt: skip
+        scores[:, i] = einops.einsum(
+            w, coef * wk, "prompt attn, prompt attn neuron -> prompt neuron"
+        ).cpu()
+    return scores
+
+
+# ---------------------------------------------------------------------------- 5.3 / 5.4
+def query_neurons(
+    model: HookedTransformer,
+    prompts: Prompts,
+    targets: Targets = None,
+    *,
+    k: int = 30,
+    attention: AttentionNeuronImportance | None = None,
+    position: int | None = None,
+    paper_compat: bool = False,
+    interventions: Iterable[Intervention] = (),
+    progress: bool = False,
+) -> QueryNeurons:
+    """Query FFN neurons of the top-``k`` attention value neurons (METHODS 5.3).
+
+    For each prompt, the ``k`` attention neurons ``(l, p, h, d)`` with the highest importance
+    ``Imp_a`` (source positions up to the scored one) each credit every FFN neuron ``j`` of
+    every lower layer ``i < l`` with
+
+        ``<m[i][p, j] * W_out[i][j], key'> / <x_in[l][p], key'> * Imp_a``,
+
+    ``key' = W_V[l][h][:, d] * ln1.w[l]`` (raw, no norm scale or centring), summed over the
+    attention neurons (so a neuron accumulates over their source positions). A zero
+    denominator contributes nothing.
+
+    Args:
+        k: how many attention neurons (30 in both notebooks).
+        attention: precomputed :func:`~mechcna.attribution.attention_neuron_importance` of
+            the same prompts (computed otherwise).
+        paper_compat: passed to the importance scores (drop the final norm's bias and b_U).
+
+    Returns:
+        :class:`QueryNeurons` ``scores[prompt, layer, neuron]`` (log-probability units).
+    """
+    arch = Architecture(model)
+    cap = capture_positions(
+        model, prompts, position=position, attention=False, interventions=interventions
+    )
+    att = _attention_importance(
+        model, prompts, targets, attention, len(cap.batch), position=position,
+        paper_compat=paper_compat, interventions=interventions,
+    )  # fmt: skip
+    if k < 1:
+        raise MechcnaError(f"k must be positive, got {k}")
+    neurons, imp = _top_attention(att, cap.batch.positions, k)
+    with torch.no_grad():
+        scores = _query_scores(arch, cap, neurons, imp, progress)
+    return QueryNeurons(
+        scores=scores,
+        dims=("prompt", "layer", "neuron"),
+        target_ids=att.target_ids,
+        targets=att.targets,
+        prompts=att.prompts,
+        model_name=att.model_name,
+        processing=att.processing,
+        paper_compat=att.paper_compat,
+        sources=neurons.cpu(),
+        source_importance=imp.cpu(),
+    )
+
+
+def attention_neuron_queries(
+    model: HookedTransformer,
+    prompts: Prompts,
+    neuron: tuple[int, int, int, int],
+    targets: Targets = None,
+    *,
+    scale_by_importance: bool = True,
+    position: int | None = None,
+    paper_compat: bool = False,
+    interventions: Iterable[Intervention] = (),
+) -> QueryNeurons:
+    """Query FFN neurons of one attention neuron (METHODS 5.4).
+
+    The formula of :func:`query_neurons` for a single attention neuron. Magnitudes are scaled
+    by **that neuron's own importance** in each prompt (the notebook instead multiplies by a
+    stale value left from another cell; rankings agree whenever the importance is positive;
+    a negative importance reverses the ranking). ``scale_by_importance=False`` gives the bare
+    fractions ``<u, key'> / <x_in, key'>``.
+
+    Args:
+        neuron: ``(layer, pos, head, d_head)`` as in
+            :class:`~mechcna.attribution.AttentionNeuronImportance` (the notebook's id string
+            is ``layer_head_dim_pos``); ``pos`` indexes each prompt's real tokens, negative
+            allowed.
+    """
+    arch = Architecture(model)
+    layer, pos, head, dim = (int(x) for x in neuron)
+    layer, head = arch.check_head(layer, head)
+    if not 0 <= dim < arch.d_head:
+        raise MechcnaError(f"dimension {dim} out of range: heads have {arch.d_head} dimensions")
+    cap = capture_positions(
+        model, prompts, position=position, attention=False, interventions=interventions
+    )
+    lengths = cap.batch.lengths.cpu()
+    if ((pos >= lengths) | (pos < -lengths)).any():
+        raise MechcnaError(f"position {pos} out of range for a prompt of {int(lengths.min())}")
+    p = torch.where(torch.tensor(pos < 0), lengths + pos, torch.full_like(lengths, pos))
+    if (p > cap.batch.positions.cpu()).any():
+        raise MechcnaError(f"position {pos} is after a prompt's scored position")
+    att = attention_neuron_importance(
+        model, prompts, targets, layers=[layer], position=position,
+        paper_compat=paper_compat, interventions=interventions,
+    )  # fmt: skip
+    n = len(cap.batch)
+    rows = torch.arange(n)
+    imp = att.scores[rows, layer, p, head, dim]
+    weights = imp if scale_by_importance else torch.ones_like(imp)
+    coords = torch.tensor([layer, 0, head, dim]).repeat(n, 1)
+    coords[:, 1] = p
+    with torch.no_grad():
+        scores = _query_scores(arch, cap, coords[:, None], weights[:, None], False)
+    return QueryNeurons(
+        scores=scores,
+        dims=("prompt", "layer", "neuron"),
+        target_ids=att.target_ids,
+        targets=att.targets,
+        prompts=att.prompts,
+        model_name=att.model_name,
+        processing=att.processing,
+        paper_compat=att.paper_compat,
+        sources=coords[:, None],
+        source_importance=imp[:, None],
+    )
+
+
+# ---------------------------------------------------------------------------- 5.1 / 5.2
+def _ffn_key_vectors(
+    arch: Architecture,
+    neurons: Int[Tensor, "prompt value 2"],
+    which: Literal["up", "gate", "value"],
+    dtype: torch.dtype,
+) -> Float[Tensor, "prompt value d_model"]:
+    layer, idx = neurons[..., 0], neurons[..., 1]
+    keys = torch.zeros(*neurons.shape[:2], arch.d_model, dtype=dtype, device=arch.device)
+    for l in layer.unique().tolist():
+        mask = layer == l
+        j = idx[mask]
+        if which == "value":
+            W = arch.W_out(l)[j]
+        elif which == "gate":
+            gate = arch.W_gate(l)
+            assert gate is not None
+            W = gate[:, j].T
+        else:
+            W = arch.W_in(l)[:, j].T
+        keys[mask.to(arch.device)] = (W * arch.ln2_w(l)).to(dtype)
+    return keys
+
+
+def _shares(
+    comps: Float[Tensor, "prompt value component d_model"],
+    keys: Float[Tensor, "prompt value d_model"],
+    last: Int[Tensor, "prompt value"],
+    imp: Float[Tensor, "prompt value"],
+) -> Float[Tensor, "prompt component"]:
+    """``sum_n Imp_n * r_c / S`` with components after ``last`` excluded."""
+    r = einops.einsum(
+        comps,
+        keys,
+        "prompt value component d_model, prompt value d_model -> prompt value component",
+    )
+    c = torch.arange(comps.shape[2], device=r.device)
+    r = torch.where(c[None, None] <= last[..., None], r, 0)
+    weight = _safe_ratio(imp.to(r), r.sum(-1))
+    return einops.einsum(weight, r, "prompt value, prompt value component -> prompt component")
+
+
+def ffn_query_layers(
+    model: HookedTransformer,
+    prompts: Prompts,
+    targets: Targets = None,
+    *,
+    k: int = 30,
+    values: NeuronImportance | None = None,
+    key: FFNKey = "mean",
+    position: int | None = None,
+    paper_compat: bool = False,
+    interventions: Iterable[Intervention] = (),
+) -> QueryLayers:
+    """Query-layer attribution of the top-``k`` FFN value neurons (METHODS 5.1).
+
+    For neuron ``(l, j)`` with importance ``Imp`` and key ``key'``, every component ``c`` of
+    ``[embedding, A0, F0, ..., A_{l-1}, F_{l-1}, A_l]`` at the scored position gets
+    ``Imp * r_c / S`` with ``r_c = <c, key'>`` and ``S = <resid_mid[l], key'>``.
+
+    Keys (``* ln2.w``): ``W_in`` for non-gated MLPs; for gated MLPs ``key="up"`` (``W_in``),
+    ``"gate"`` (``W_gate``) or ``"mean"`` (default: the average of the two attributions,
+    which still sums to ``Imp``; each is kept in ``extras``). ``paper_compat=True`` reproduces
+    the notebooks: for gated models the neuron's **value vector** ``W_out[l][j] * ln2.w`` (the
+    Llama notebook's choice), for non-gated models ``W_in`` (the GPT-2 notebook), and the
+    importance scores drop the final norm's bias and ``b_U``.
+
+    Args:
+        k: how many value neurons (30 in the Llama notebook, 100 in the GPT-2 one).
+        values: precomputed :func:`~mechcna.attribution.neuron_importance` of these prompts.
+    """
+    arch = Architecture(model)
+    if key not in ("up", "gate", "mean"):
+        raise MechcnaError(f"key must be 'up', 'gate' or 'mean', not {key!r}")
+    cap = capture(model, prompts, targets, position=position, interventions=interventions,
+                  need=() if values is not None else ("post",))  # fmt: skip
+    if values is None:
+        values = neuron_importance_from_capture(model, cap, paper_compat=paper_compat, arch=arch)
+    elif values.scores.shape[0] != len(cap.batch):
+        raise MechcnaError("values were computed for a different number of prompts")
+    dtype = compute_dtype(arch.dtype)
+    flat = einops.rearrange(values.scores, "prompt layer neuron -> prompt (layer neuron)")
+    top = flat.topk(min(k, flat.shape[1]), dim=1)
+    neurons = torch.stack(torch.unravel_index(top.indices, values.scores.shape[1:]), -1)
+    imp = top.values.to(arch.device, dtype)
+    pairs = torch.stack([cap.attn_out, cap.mlp_out], 2)
+    rest = einops.rearrange(pairs, "prompt layer two d_model -> prompt (layer two) d_model")
+    comps = torch.cat([cap.resid_pre[:, :1], rest], 1).to(dtype)  # prompt component d
+    comps = comps[:, None].expand(-1, neurons.shape[1], -1, -1)
+    last = (2 * neurons[..., 0] + 1).to(arch.device)
+    neurons_d = neurons.to(arch.device)
+    if paper_compat and arch.gated:
+        names: list[Literal["up", "gate", "value"]] = ["value"]
+    elif not arch.gated or key == "up":
+        names = ["up"]
+    elif key == "gate":
+        names = ["gate"]
+    else:
+        names = ["up", "gate"]
+    with torch.no_grad():
+        parts = {
+            n: _shares(comps, _ffn_key_vectors(arch, neurons_d, n, dtype), last, imp).cpu()
+            for n in names
+        }
+    scores = torch.stack(list(parts.values())).mean(0)
+    extras = parts if len(parts) > 1 else {}
+    return QueryLayers(
+        scores=scores,
+        dims=("prompt", "component"),
+        target_ids=values.target_ids,
+        targets=values.targets,
+        prompts=values.prompts,
+        model_name=values.model_name,
+        processing=values.processing,
+        paper_compat=paper_compat,
+        extras=extras,
+        kind="FFN",
+        neurons=neurons,
+        importance=top.values,
+        mean_layer=neurons[..., 0].double().mean(1),
+    )
+
+
+def attention_query_layers(
+    model: HookedTransformer,
+    prompts: Prompts,
+    targets: Targets = None,
+    *,
+    k: int = 30,
+    attention: AttentionNeuronImportance | None = None,
+    position: int | None = None,
+    paper_compat: bool = False,
+    interventions: Iterable[Intervention] = (),
+) -> QueryLayers:
+    """Query-layer attribution of the top-``k`` attention value neurons (METHODS 5.2).
+
+    For attention neuron ``(l, p, h, d)`` the components are ``[embedding, A0, F0, ...,
+    A_{l-1}, F_{l-1}]`` at its **source position** ``p``, the key ``W_V[l][h][:, d] *
+    ln1.w[l]`` (value bias and norm centring ignored, as in the notebooks), and each component
+    gets ``Imp * r_c / S`` with ``S = <resid_pre[l][p], key'>``.
+    """
+    arch = Architecture(model)
+    cap = capture_positions(
+        model, prompts, position=position, attention=False, interventions=interventions
+    )
+    att = _attention_importance(
+        model, prompts, targets, attention, len(cap.batch), position=position,
+        paper_compat=paper_compat, interventions=interventions,
+    )  # fmt: skip
+    neurons, imp = _top_attention(att, cap.batch.positions, k)
+    dtype = compute_dtype(arch.dtype)
+    dev = arch.device
+    nd = neurons.to(dev)
+    rows = torch.arange(nd.shape[0], device=dev)[:, None]
+    comps = cap.components()[rows, nd[..., 1]].to(dtype)  # prompt attn component d
+    with torch.no_grad():
+        keys = _attention_keys(arch, nd, dtype)
+        scores = _shares(comps, keys, 2 * nd[..., 0], imp.to(dev, dtype)).cpu()
+    return QueryLayers(
+        scores=scores,
+        dims=("prompt", "component"),
+        target_ids=att.target_ids,
+        targets=att.targets,
+        prompts=att.prompts,
+        model_name=att.model_name,
+        processing=att.processing,
+        paper_compat=att.paper_compat,
+        kind="attention",
+        neurons=neurons,
+        importance=imp,
+        mean_layer=neurons[..., 0].double().mean(1),
+    )
+
+
+# ---------------------------------------------------------------------------- 5.5 / 5.6
+def query_value_overlap(
+    values: NeuronImportance, queries: QueryNeurons, k: int = 300
+) -> QueryValueOverlap:
+    """Query-only and query-value neurons per layer (METHODS 5.5).
+
+    With ``V`` the top-``k`` FFN value neurons and ``Q`` the top-``k`` query neurons of a
+    prompt, query-value neurons are ``Q & V`` and query-only neurons ``Q - V``; their raw
+    counts per layer are the scores. Query neurons with a score of exactly 0 (read by no
+    selected attention neuron) are left out, so a prompt may count fewer than ``k``.
+    :meth:`QueryValueOverlap.plot` shows both axes in % (layer as % of depth, count as % of
+    ``k``), as the paper's figure presumably does; the notebook plots raw numbers.
+    """
+    if values.scores.shape != queries.scores.shape:
+        raise MechcnaError("values and queries must cover the same prompts, layers and neurons")
+    _, n_layers, n_neurons = values.scores.shape
+    k = min(k, n_layers * n_neurons)
+    flat_v = einops.rearrange(values.scores, "prompt layer neuron -> prompt (layer neuron)")
+    flat_q = einops.rearrange(queries.scores, "prompt layer neuron -> prompt (layer neuron)")
+    in_v = torch.zeros_like(flat_v, dtype=torch.bool).scatter_(1, flat_v.topk(k, 1).indices, True)
+    in_q = torch.zeros_like(flat_q, dtype=torch.bool).scatter_(1, flat_q.topk(k, 1).indices, True)
+    in_q &= flat_q != 0  # neurons no attention neuron reads are not query neurons
+    kinds = torch.stack([in_q & ~in_v, in_q & in_v], -1).double()  # prompt (layer neuron) kind
+    counts = einops.reduce(
+        kinds, "prompt (layer neuron) kind -> prompt layer kind", "sum", layer=n_layers
+    )
+    return QueryValueOverlap(
+        scores=counts,
+        dims=("prompt", "layer", "kind"),
+        target_ids=queries.target_ids,
+        targets=queries.targets,
+        prompts=queries.prompts,
+        model_name=queries.model_name,
+        processing=queries.processing,
+        paper_compat=queries.paper_compat,
+        k=k,
+    )
+
+
+def query_neuron_tokens(
+    model: HookedTransformer,
+    neuron: tuple[int, int],
+    head: tuple[int, int],
+    k: int = 10,
+    *,
+    paper_compat: bool = True,
+) -> TokenComparison:
+    """Make a hidden-interpretable query neuron readable through a head (METHODS 5.6).
+
+    The raw value vector ``W_out[i][j]`` (not scaled by a coefficient) goes through the **real
+    pre-attention norm of the head's layer applied to the vector alone** (its own RMS/std;
+    LayerNorm centring and bias included), the head's V projection with ``b_V``, and ``W_O``;
+    then the top and bottom tokens of the result are compared with those of the raw vector.
+    The final-norm scale is a positive scalar and is left at 1 (rankings are unaffected).
+    Contrast :func:`mechcna.transfer.transform_through_attention`, which scales by the
+    *residual's* norm and excludes biases (the arithmetic paper's variant).
+
+    Args:
+        neuron: the query neuron ``(layer, neuron)``.
+        head: ``(layer, head)`` of the attention neuron it feeds.
+    """
+    arch = Architecture(model)
+    i, j = arch.check_neuron(*neuron)
+    l, h = arch.check_head(*head)
+    with torch.no_grad():
+        vector = arch.W_out(i)[j].detach()
+        normed = model.blocks[l].ln1(vector[None, None])[0, 0]
+        z = einops.einsum(normed, arch.W_V(l)[h], "d_model, d_model d_head -> d_head")
+        z = z + arch.b_V(l)[h]
+        out = einops.einsum(z, arch.W_O(l)[h], "d_head, d_head d_model -> d_model")
+    pair = (
+        top_tokens(model, vector, k, paper_compat=paper_compat),
+        top_tokens(model, out, k, paper_compat=paper_compat),
+    )
+    return TokenComparison(f"{i}_{j}", ("original", f"through head {l}_{h}"), pair)

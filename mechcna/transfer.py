@@ -1,0 +1,915 @@
+"""Feature transfer through attention, and hidden-interpretable shallow FFN neurons.
+
+Yu & Ananiadou, *Interpreting Arithmetic Mechanism in Large Language Models through
+Comparative Neuron Analysis* (EMNLP 2024), section 4.4; METHODS.md section 8. A shallow FFN
+neuron can write a vector whose own top tokens mean nothing, yet which becomes readable (e.g.
+"three, Three, III, 3") once an attention layer moves it to a later position. The transfer is
+linear once the norm scale is frozen:
+
+* ``nrm_{l,t}(v) = centre(v) / scale_{l,t} * gamma_l``: the pre-attention norm of layer ``l``
+  with the scale of the **real residual** at position ``t`` (``blocks.l.ln1.hook_scale``),
+  frozen, so the map is linear; ``centre`` subtracts the mean for LayerNorm and is the identity
+  for RMSNorm.
+* ``VO_{l,h}(u) = (u @ W_V[l][h]) @ W_O[l][h]`` for one head, and ``VO_l`` the sum over all
+  heads, **with no attention weights** (the notebook's "full-layer VO").
+* **Biases are excluded** (the norm's ``beta``, ``b_V`` and ``b_O``): they do not depend on the
+  transferred vector, so leaving them out keeps every map linear, makes the transforms of
+  components add up to the transform of their sum, and lets a two-hop path be two one-hop
+  paths in sequence.
+
+What this module offers:
+
+* :func:`ffn_keys`: a deep neuron's keys (``up``/``gate`` for gated MLPs, ``in`` otherwise),
+  each times the pre-MLP norm weight, and their raw inner products with residual vectors.
+* :func:`source_position_scores`, :func:`head_scores`, :func:`component_scores`,
+  :func:`neuron_scores`: the steps of the "3+5=" pipeline (METHODS 8.2): which source
+  positions, heads, earlier components and shallow neurons feed a neuron's keys, optionally
+  through a path of attention transforms.
+* :func:`transform_through_attention`: one- and two-hop transformed vectors of FFN neurons,
+  token embeddings or any vector, with original vs transformed top tokens (paper Table 7).
+* :func:`concept_tokens`, :func:`hidden_interpretable_neurons`, :func:`mask_experiment`: the
+  zero-shot search for hidden-interpretable neurons and its masking test (paper Table 8).
+
+Example:
+    >>> keys = ffn_keys(model, 19, 5769)                                   # doctest: +SKIP
+    >>> source_position_scores(model, "3+5=", 17, keys).top(3)             # doctest: +SKIP
+    >>> t = transform_through_attention(model, (12, 4072), [(15, None, 2)], prompt="3+5=")
+    >>> t.tokens(10).to_frame()                                            # doctest: +SKIP
+    >>> search = hidden_interpretable_neurons(model, thresholds=(1, 2, 3))  # doctest: +SKIP
+"""
+
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import einops
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+from mechcna import plotting
+from mechcna._types import Float, Int, Tensor
+from mechcna.architecture import Architecture
+from mechcna.errors import MechcnaError
+from mechcna.hooks import hook_name
+from mechcna.interventions import Intervention, NeuronEdit, intervene
+from mechcna.projection import TopTokens, compute_dtype, linear_part, top_tokens
+from mechcna.prompts import PromptBatch, Prompts, prepare_prompts, single_token_id
+
+PathStep = tuple[int, int | None, int | None]
+
+
+# ---------------------------------------------------------------------------- capture
+@dataclass(frozen=True)
+class PositionCapture:
+    """Per-position activations of one forward pass (``[prompt, layer, pos, ...]``).
+
+    Attributes:
+        batch: the prompts, right-padded.
+        resid_pre: residual entering each layer (``resid_pre[:, 0]`` is the embedding).
+        attn_out: attention output (with ``b_O``).
+        mlp_out: FFN output (with ``b_out``).
+        post: FFN coefficients (``mlp.hook_post``).
+        ln1_scale: the pre-attention norm's scale (ones when the model has no norm).
+        pattern: attention probabilities ``[prompt, layer, head, query_pos, key_pos]``.
+        v: values with grouped-query heads expanded ``[prompt, layer, pos, head, d_head]``.
+    """
+
+    batch: PromptBatch
+    resid_pre: Float[Tensor, "prompt layer pos d_model"]
+    attn_out: Float[Tensor, "prompt layer pos d_model"]
+    mlp_out: Float[Tensor, "prompt layer pos d_model"]
+    post: Float[Tensor, "prompt layer pos neuron"]
+    ln1_scale: Float[Tensor, "prompt layer pos"]
+    pattern: Float[Tensor, "prompt layer head_index query_pos key_pos"] | None
+    v: Float[Tensor, "prompt layer pos head_index d_head"] | None
+
+    def components(self) -> Float[Tensor, "prompt pos component d_model"]:
+        """``[embedding, A0, F0, A1, F1, ...]`` at every position (component ``c`` has label
+        ``c / 2 - 0.5``: -0.5 the embedding, ``l`` attention ``l``, ``l + 0.5`` FFN ``l``)."""
+        pairs = torch.stack([self.attn_out, self.mlp_out], 2)  # prompt layer two pos d
+        rest = einops.rearrange(
+            pairs, "prompt layer two pos d_model -> prompt pos (layer two) d_model"
+        )
+        return torch.cat([self.resid_pre[:, 0, :, None], rest], 2)
+
+
+def capture_positions(
+    model: HookedTransformer,
+    prompts: Prompts,
+    *,
+    position: int | None = None,
+    attention: bool = True,
+    interventions: Iterable[Intervention] = (),
+) -> PositionCapture:
+    """Run ``prompts`` once and keep every position's residual components and coefficients."""
+    arch = Architecture(model)
+    batch = prepare_prompts(model, prompts, position)
+    store: dict[str, Tensor] = {}
+
+    def keep(key: str) -> Callable[[Tensor, HookPoint], None]:
+        def hook(act: Tensor, hook: HookPoint) -> None:
+            store[key] = act.detach()
+
+        return hook
+
+    kinds = ["resid_pre", "attn_out", "mlp_out", "post"] + (["pattern", "v"] if attention else [])
+    hooks: list[tuple[str | Callable, Callable]] = []
+    for l in range(arch.n_layers):
+        hooks += [(hook_name(kind, l), keep(f"{kind}{l}")) for kind in kinds]
+        if arch.norm != "none":
+            hooks.append((hook_name("scale", l, "ln1"), keep(f"scale{l}")))
+    with torch.no_grad(), intervene(model, *interventions):
+        model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
+
+    def stack(prefix: str) -> Tensor:
+        return torch.stack([store[f"{prefix}{l}"] for l in range(arch.n_layers)], 1)
+
+    if arch.norm != "none":
+        scale = stack("scale")[..., 0]
+    else:
+        scale = torch.ones(batch.tokens.shape[0], arch.n_layers, batch.tokens.shape[1])
+        scale = scale.to(arch.device, arch.dtype)
+    pattern = v = None
+    if attention:
+        pattern = stack("pattern")
+        vs = [store[f"v{l}"] for l in range(arch.n_layers)]
+        repeat = arch.n_heads // vs[0].shape[2]
+        v = torch.stack([x.repeat_interleave(repeat, dim=2) for x in vs], 1)
+    return PositionCapture(
+        batch=batch,
+        resid_pre=stack("resid_pre"),
+        attn_out=stack("attn_out"),
+        mlp_out=stack("mlp_out"),
+        post=stack("post"),
+        ln1_scale=scale,
+        pattern=pattern,
+        v=v,
+    )
+
+
+def _check_position(cap: PositionCapture, position: int, prompt: int = 0) -> int:
+    n = int(cap.batch.lengths[prompt])
+    if not -n <= position < n:
+        raise MechcnaError(f"position {position} out of range for a prompt of {n} tokens")
+    return position % n
+
+
+def component_labels(n_components: int) -> list[str]:
+    """Names of residual components ``[emb, A0, F0, A1, ...]``."""
+    return ["emb"] + [("A" if c % 2 else "F") + str((c - 1) // 2) for c in range(1, n_components)]
+
+
+# ---------------------------------------------------------------------------- keys
+@dataclass(frozen=True)
+class FFNKeys:
+    """The keys of one FFN neuron, each times the pre-MLP norm weight (METHODS 8.1).
+
+    Attributes:
+        layer, neuron: the neuron.
+        names: ``("up", "gate")`` for gated MLPs, ``("in",)`` otherwise.
+        vectors: ``[key, d_model]`` the keys.
+    """
+
+    layer: int
+    neuron: int
+    names: tuple[str, ...]
+    vectors: Float[Tensor, "key d_model"]
+
+    def inner(self, residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... key"]:
+        """Raw inner products ``<residual, key>`` (no norm scale, as in the notebook)."""
+        keys = self.vectors.to(residual)
+        return einops.einsum(residual, keys, "... d_model, key d_model -> ... key")
+
+
+def ffn_keys(model: HookedTransformer, layer: int, neuron: int) -> FFNKeys:
+    """Keys of FFN neuron ``(layer, neuron)``: ``W_in`` (up) and ``W_gate`` columns times the
+    pre-MLP norm weight ``ln2.w`` (only ``W_in`` for non-gated MLPs)."""
+    arch = Architecture(model)
+    layer, neuron = arch.check_neuron(layer, neuron)
+    gamma = arch.ln2_w(layer)
+    gate = arch.W_gate(layer)
+    with torch.no_grad():
+        if gate is None:
+            return FFNKeys(layer, neuron, ("in",), (arch.W_in(layer)[:, neuron] * gamma)[None])
+        vectors = torch.stack([arch.W_in(layer)[:, neuron], gate[:, neuron]]) * gamma
+    return FFNKeys(layer, neuron, ("up", "gate"), vectors)
+
+
+def _keys(model: HookedTransformer, keys: "FFNKeys | tuple[int, int]") -> FFNKeys:
+    return keys if isinstance(keys, FFNKeys) else ffn_keys(model, *keys)
+
+
+# ---------------------------------------------------------------------------- transforms
+@dataclass(frozen=True)
+class _Hop:
+    layer: int
+    head: int | None
+    scale: float
+
+
+def _resolve_path(
+    arch: Architecture, path: Sequence[PathStep], cap: PositionCapture | None
+) -> list[_Hop]:
+    hops = []
+    for step in path:
+        if len(step) != 3:
+            raise MechcnaError(f"path steps are (layer, head_or_None, position), got {step!r}")
+        layer, head, position = step
+        if head is None:
+            layer = arch.check_layer(layer)
+        else:
+            layer, head = arch.check_head(layer, head)
+        if cap is None:
+            scale = 1.0
+        elif position is None:
+            raise MechcnaError("with a prompt, each path step needs a position")
+        else:
+            position = _check_position(cap, position)
+            scale = float(cap.ln1_scale[0, layer, position])
+        hops.append(_Hop(layer, head, scale))
+    return hops
+
+
+def _centres(arch: Architecture) -> bool:
+    return arch.norm in ("LN", "LNPre")
+
+
+def _vo(arch: Architecture, hop: _Hop, x: Tensor) -> Tensor:
+    """``VO(nrm(x))`` for one hop, biases excluded."""
+    if _centres(arch):
+        x = x - x.mean(-1, keepdim=True)
+    x = x / hop.scale * arch.ln1_w(hop.layer).to(x)
+    W_V, W_O = arch.W_V(hop.layer).to(x), arch.W_O(hop.layer).to(x)
+    if hop.head is not None:
+        z = einops.einsum(x, W_V[hop.head], "... d_model, d_model d_head -> ... d_head")
+        return einops.einsum(z, W_O[hop.head], "... d_head, d_head d_model -> ... d_model")
+    z = einops.einsum(x, W_V, "... d_model, head d_model d_head -> ... head d_head")
+    return einops.einsum(z, W_O, "... head d_head, head d_head d_model -> ... d_model")
+
+
+def _apply(arch: Architecture, hops: Sequence[_Hop], x: Tensor) -> list[Tensor]:
+    out = []
+    with torch.no_grad():
+        for hop in hops:
+            x = _vo(arch, hop, x)
+            out.append(x)
+    return out
+
+
+def vo_transform(
+    model: HookedTransformer,
+    vectors: Float[Tensor, "... d_model"],
+    layer: int,
+    head: int | None = None,
+    *,
+    scale: float = 1.0,
+) -> Float[Tensor, "... d_model"]:
+    """``VO_{l,h}(nrm(v))`` (or the full layer's ``VO_l`` when ``head`` is ``None``).
+
+    Args:
+        scale: the frozen norm scale ``scale_{l,t}`` (``blocks.l.ln1.hook_scale`` at the
+            vector's position); 1 gives the direction only.
+    """
+    arch = Architecture(model)
+    layer, head = (arch.check_layer(layer), None) if head is None else arch.check_head(layer, head)
+    return _apply(arch, [_Hop(layer, head, scale)], vectors.to(compute_dtype(arch.dtype)))[-1]
+
+
+@dataclass(frozen=True)
+class TokenComparison:
+    """Top and bottom tokens of a vector before and after each transform (paper Table 7)."""
+
+    label: str
+    columns: tuple[str, ...]
+    tokens: tuple[TopTokens, ...]
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """Wide table: the top-``k`` tokens of each column."""
+        return pd.DataFrame(
+            {c: [t for t, _ in tt.top[:k]] for c, tt in zip(self.columns, self.tokens)}
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        frames = []
+        for c, tt in zip(self.columns, self.tokens):
+            frame = tt.to_frame()
+            frame.insert(0, "column", c)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+    def plot(self) -> go.Figure:
+        return plotting.token_table(self)
+
+
+@dataclass(frozen=True)
+class AttentionTransform:
+    """A vector and its images after each hop of an attention path (METHODS 8.1-8.2).
+
+    Attributes:
+        label: what was transformed (``"12_4072"``, ``"token '3'"``, ``"vector"``).
+        path: the path, as ``(layer, head_or_None, position)`` steps.
+        original: ``[..., d_model]`` the vector(s) before the first hop.
+        hops: ``[hop, ..., d_model]`` the vector(s) after each hop.
+    """
+
+    label: str
+    path: tuple[PathStep, ...]
+    original: Float[Tensor, "... d_model"]
+    hops: Float[Tensor, "hop ... d_model"]
+    model: HookedTransformer = field(repr=False)
+
+    @property
+    def transformed(self) -> Tensor:
+        """The vector(s) after the last hop."""
+        return self.hops[-1]
+
+    def tokens(self, k: int = 10, *, paper_compat: bool = True) -> TokenComparison:
+        """Top/bottom tokens of the original and of each hop's image (one vector only)."""
+        if self.original.ndim != 1:
+            raise MechcnaError("tokens() needs a single vector, not a batch")
+        columns = ["original"] + [_step_name(s) for s in self.path]
+        vecs = [self.original, *self.hops]
+        tt = tuple(top_tokens(self.model, v, k, paper_compat=paper_compat) for v in vecs)
+        return TokenComparison(self.label, tuple(columns), tt)
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        return self.tokens(k).top(k)
+
+    def to_frame(self, k: int = 10) -> pd.DataFrame:
+        return self.tokens(k).to_frame()
+
+    def plot(self, k: int = 10) -> go.Figure:
+        return self.tokens(k).plot()
+
+
+def _step_name(step: PathStep) -> str:
+    layer, head, position = step
+    where = "" if position is None else f" @pos {position}"
+    return f"after L{layer}" + ("" if head is None else f"H{head}") + where
+
+
+def transform_through_attention(
+    model: HookedTransformer,
+    vector_or_neuron: Float[Tensor, "... d_model"] | tuple[int, int] | str,
+    path: Sequence[PathStep],
+    prompt: str | Tensor | None = None,
+    *,
+    coefficient: bool = False,
+) -> AttentionTransform:
+    """Transform a vector through a path of attention VO maps, without attention weights.
+
+    Each step ``(layer, head_or_None, position)`` applies ``VO_{layer,head}(nrm_{layer,pos}(.))``
+    (the full layer when ``head`` is ``None``), where ``nrm`` uses the real, frozen
+    ``ln1.hook_scale`` of ``prompt`` at ``(layer, position)`` (METHODS 8.1); biases are
+    excluded so every step is linear. ``[(15, None, 2)]`` is one hop (Table 7);
+    ``[(15, None, 2), (17, 22, 5)]`` is the two-hop transform of 8.2 step 5.
+
+    Args:
+        vector_or_neuron: a ``[..., d_model]`` vector (batch), an FFN neuron
+            ``(layer, neuron)`` (its raw value vector, the ``W_out`` row), or a single token
+            whose embedding row of ``W_E`` is used (no positional embedding).
+        path: the steps, first applied first.
+        prompt: the prompt whose residual scales are used; ``None`` uses scale 1 (token
+            rankings are unchanged: the scale is a positive scalar per step).
+        coefficient: for a neuron, multiply its value vector by its coefficient ``m`` at the
+            first step's position in ``prompt`` (the notebook's ``u = m * fc2``).
+
+    Raises:
+        MechcnaError: an empty path, or a layer, head, position or neuron out of range.
+    """
+    arch = Architecture(model)
+    if not path:
+        raise MechcnaError("the path needs at least one (layer, head_or_None, position) step")
+    cap = None
+    if prompt is not None:
+        if isinstance(prompt, Tensor) and prompt.ndim == 2 and prompt.shape[0] != 1:
+            raise MechcnaError("transform_through_attention takes one prompt")
+        cap = capture_positions(model, prompt, attention=False)
+    hops = _resolve_path(arch, path, cap)
+    dtype = compute_dtype(arch.dtype)
+    if isinstance(vector_or_neuron, tuple):
+        layer, neuron = arch.check_neuron(*vector_or_neuron)
+        vector = arch.W_out(layer)[neuron].detach().to(dtype)
+        label = f"{layer}_{neuron}"
+        if coefficient:
+            if cap is None:
+                raise MechcnaError("coefficient=True needs a prompt")
+            pos = _check_position(cap, path[0][2] if path[0][2] is not None else -1)
+            vector = vector * cap.post[0, layer, pos, neuron].to(dtype)
+            label += f" x m@{pos}"
+    elif isinstance(vector_or_neuron, str):
+        token = single_token_id(model, vector_or_neuron)
+        vector = model.W_E[token].detach().to(dtype)
+        label = f"token {vector_or_neuron!r}"
+    else:
+        vector = vector_or_neuron.detach().to(dtype)
+        label = "vector"
+        if vector.shape[-1] != arch.d_model:
+            raise MechcnaError(f"vectors have {vector.shape[-1]} features, not {arch.d_model}")
+    steps = tuple((int(l), None if h is None else int(h), p) for l, h, p in path)
+    out = _apply(arch, hops, vector)
+    return AttentionTransform(label, steps, vector, torch.stack(out), model)
+
+
+# ---------------------------------------------------------------------------- key scores
+@dataclass(frozen=True)
+class KeyScores:
+    """Inner products of a set of vectors with a neuron's keys (METHODS 8.2).
+
+    Attributes:
+        scores: ``[row, key]`` raw inner products.
+        rows: a label per row (a position, a head, a component, a neuron).
+        keys: the key names (``up``/``gate`` or ``in``).
+        title: what was scored.
+        row_values: a numeric value per row (the component label ``c/2 - 0.5``, a position,
+            a head or a neuron index).
+    """
+
+    scores: Float[Tensor, "row key"]
+    rows: tuple[str, ...]
+    keys: tuple[str, ...]
+    title: str
+    row_values: tuple[float, ...]
+
+    def total(self) -> Tensor:
+        """Sum over keys (the notebook ranks by up + gate)."""
+        return self.scores.sum(-1)
+
+    def top(self, k: int = 10, by: str | None = None) -> pd.DataFrame:
+        """The ``k`` rows with the largest score (sum over keys, or the key named ``by``)."""
+        if by is None:
+            values = self.total()
+        elif by in self.keys:
+            values = self.scores[:, self.keys.index(by)]
+        else:
+            raise MechcnaError(f"by must be one of {self.keys} or None, not {by!r}")
+        order = values.argsort(descending=True)[:k].tolist()
+        return self.to_frame().iloc[order].reset_index(drop=True)
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame({"row": list(self.rows), "value": list(self.row_values)})
+        for i, name in enumerate(self.keys):
+            frame[name] = self.scores[:, i].tolist()
+        frame["total"] = self.total().tolist()
+        return frame
+
+    def plot(self) -> go.Figure:
+        return plotting.key_score_bars(self)
+
+
+def _key_scores(
+    arch: Architecture,
+    keys: FFNKeys,
+    vectors: Tensor,
+    hops: list[_Hop],
+    rows: Sequence[str],
+    values: Iterable[float | int],
+    title: str,
+) -> KeyScores:
+    x = vectors.to(compute_dtype(arch.dtype))
+    if hops:
+        x = _apply(arch, hops, x)[-1]
+    with torch.no_grad():
+        scores = keys.inner(x)
+    return KeyScores(scores.cpu(), tuple(rows), keys.names, title, tuple(float(v) for v in values))
+
+
+def _one_prompt(model: HookedTransformer, prompt: str | Tensor, attention: bool) -> PositionCapture:
+    cap = capture_positions(model, prompt, attention=attention)
+    if len(cap.batch) != 1:
+        raise MechcnaError("this analysis takes one prompt")
+    return cap
+
+
+def _head_position_vectors(
+    arch: Architecture, cap: PositionCapture, layer: int, query: int
+) -> Float[Tensor, "key_pos head_index d_model"]:
+    """``alpha[h, q, p] * v[p, h] @ W_O[h]`` for every source position and head (no ``b_O``)."""
+    assert cap.pattern is not None and cap.v is not None
+    n = int(cap.batch.lengths[0])
+    coef = einops.einsum(
+        cap.pattern[0, layer, :, query, :n],
+        cap.v[0, layer, :n],
+        "head key_pos, key_pos head d_head -> key_pos head d_head",
+    )
+    return einops.einsum(
+        coef, arch.W_O(layer).to(coef), "pos head d_head, head d_head d_model -> pos head d_model"
+    )
+
+
+def source_position_scores(
+    model: HookedTransformer,
+    prompt: str | Tensor,
+    layer: int,
+    keys: "FFNKeys | tuple[int, int]",
+    *,
+    query_position: int | None = None,
+    path: Sequence[PathStep] = (),
+) -> KeyScores:
+    """Attention layer ``layer``'s output at ``query_position``, split by source position,
+    against a neuron's keys (METHODS 8.2 steps 1 and 4).
+
+    Row ``p`` is ``sum_h alpha[h, q, p] * v[p, h] @ W_O[h]`` (``b_O`` excluded), optionally sent
+    through ``path`` first (e.g. ``[(17, 22, 5)]`` for step 4).
+
+    Args:
+        query_position: the position whose attention output is split (default: last token).
+    """
+    arch = Architecture(model)
+    keys = _keys(model, keys)
+    layer = arch.check_layer(layer)
+    cap = _one_prompt(model, prompt, attention=True)
+    q = _check_position(cap, -1 if query_position is None else query_position)
+    hops = _resolve_path(arch, path, cap)
+    vectors = _head_position_vectors(arch, cap, layer, q).sum(1)
+    n = vectors.shape[0]
+    return _key_scores(
+        arch, keys, vectors, hops, [f"pos {p}" for p in range(n)], range(n),
+        f"attention layer {layer} at position {q} by source position",
+    )  # fmt: skip
+
+
+def head_scores(
+    model: HookedTransformer,
+    prompt: str | Tensor,
+    layer: int,
+    keys: "FFNKeys | tuple[int, int]",
+    *,
+    source_position: int,
+    query_position: int | None = None,
+    path: Sequence[PathStep] = (),
+) -> KeyScores:
+    """Each head's contribution from one source position against a neuron's keys (8.2
+    step 2): row ``h`` is ``alpha[h, q, p] * v[p, h] @ W_O[h]``."""
+    arch = Architecture(model)
+    keys = _keys(model, keys)
+    layer = arch.check_layer(layer)
+    cap = _one_prompt(model, prompt, attention=True)
+    q = _check_position(cap, -1 if query_position is None else query_position)
+    p = _check_position(cap, source_position)
+    hops = _resolve_path(arch, path, cap)
+    vectors = _head_position_vectors(arch, cap, layer, q)[p]
+    return _key_scores(
+        arch, keys, vectors, hops, [f"{layer}_{h}" for h in range(arch.n_heads)],
+        range(arch.n_heads), f"heads of layer {layer}, source {p} -> position {q}",
+    )  # fmt: skip
+
+
+def component_scores(
+    model: HookedTransformer,
+    prompt: str | Tensor,
+    keys: "FFNKeys | tuple[int, int]",
+    *,
+    position: int,
+    below_layer: int | None = None,
+    path: Sequence[PathStep] = (),
+) -> KeyScores:
+    """Residual components at ``position`` (embedding, ``A[i]``, ``F[i]`` for ``i`` below
+    ``below_layer``) through ``path`` against a neuron's keys (8.2 steps 3 and 5).
+
+    Rows are labelled ``emb``, ``A3``, ``F3``; ``row_values`` hold the notebook's labels
+    ``c / 2 - 0.5``. ``below_layer`` defaults to the first path step's layer (or the keys'
+    layer without a path). Components include their biases (``b_O``, ``b_out``).
+    """
+    arch = Architecture(model)
+    keys = _keys(model, keys)
+    cap = _one_prompt(model, prompt, attention=False)
+    p = _check_position(cap, position)
+    hops = _resolve_path(arch, path, cap)
+    if below_layer is None:
+        below_layer = path[0][0] if path else keys.layer
+    if not 0 <= below_layer <= arch.n_layers:
+        raise MechcnaError(f"below_layer {below_layer} out of range 0..{arch.n_layers}")
+    n = 2 * below_layer + 1
+    vectors = cap.components()[0, p, :n]
+    return _key_scores(
+        arch, keys, vectors, hops, component_labels(n), [c / 2 - 0.5 for c in range(n)],
+        f"components at position {p} below layer {below_layer}",
+    )  # fmt: skip
+
+
+def neuron_scores(
+    model: HookedTransformer,
+    prompt: str | Tensor,
+    keys: "FFNKeys | tuple[int, int]",
+    *,
+    layer: int,
+    position: int,
+    path: Sequence[PathStep] = (),
+) -> KeyScores:
+    """Every neuron of FFN ``layer`` at ``position``, ``u_j = m[pos, j] * W_out[j]``, through
+    ``path`` against a neuron's keys (8.2 step 6). Rows are ``"layer_neuron"``."""
+    arch = Architecture(model)
+    keys = _keys(model, keys)
+    layer = arch.check_layer(layer)
+    cap = _one_prompt(model, prompt, attention=False)
+    p = _check_position(cap, position)
+    hops = _resolve_path(arch, path, cap)
+    W_out = arch.W_out(layer).detach()
+    vectors = cap.post[0, layer, p, :, None].to(W_out) * W_out
+    return _key_scores(
+        arch, keys, vectors, hops, [f"{layer}_{j}" for j in range(arch.d_mlp)],
+        range(arch.d_mlp), f"FFN {layer} neurons at position {p}",
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- zero-shot search
+DIGITS = tuple("0123456789")
+NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty "
+    "ninety hundred thousand "
+    "first second third fourth fifth sixth seventh eighth ninth tenth "
+    "once twice triple double half quarter "
+    "zéro un deux trois quatre cinq sept huit neuf dix "
+    "null eins zwei drei vier fünf sechs sieben acht neun zehn "
+    "uno due tre quattro cinque sei sette otto nove dieci "
+    "cero dos tres cuatro cinco seis siete ocho nueve diez "
+    "〇 零 一 二 三 四 五 六 七 八 九 十 百 千"
+).split()
+ROMAN = tuple("I II III IV V VI VII VIII IX X XI XII XV XX".split())
+SCRIPTS = tuple("⁰¹²³⁴⁵⁶⁷⁸⁹₀₁₂₃₄₅₆₇₈₉½⅓¼⅔¾")
+OPERATORS = tuple("+ - * / = × ÷ − ± %".split()) + tuple(
+    "plus minus times sum difference product ratio divide divided divides multiply "
+    "multiplied add added subtract subtracted equal equals total quotient".split()
+)
+#: The default concept list of :func:`concept_tokens` (our assumption: the paper gives none).
+DEFAULT_CONCEPTS: tuple[str, ...] = DIGITS + tuple(NUMBER_WORDS) + ROMAN + SCRIPTS + OPERATORS
+
+
+def concept_tokens(
+    model: HookedTransformer, concepts: Iterable[str] | None = None
+) -> dict[int, str]:
+    """Token ids whose text is a number or operation concept.
+
+    A token matches when its decoded text, stripped of surrounding whitespace (and of the
+    ``▁``/``Ġ`` word markers), equals a concept **case-insensitively** (``" Three"`` matches
+    ``three``). Concepts absent from the vocabulary are simply skipped.
+
+    Args:
+        concepts: the concept strings; default :data:`DEFAULT_CONCEPTS`: digits 0-9, number
+            words and ordinals (English, French, German, Italian, Spanish, Chinese), Roman
+            numerals, super/subscript digits and vulgar fractions, operator symbols and words
+            (plus, minus, times, sum, difference, product, ratio, ...).
+
+    Returns:
+        ``{token_id: token_text}``.
+    """
+    if model.tokenizer is None:
+        raise MechcnaError("concept_tokens needs a model with a tokenizer")
+    wanted = {c.strip().lower() for c in (DEFAULT_CONCEPTS if concepts is None else concepts)}
+    wanted.discard("")
+    ids = list(range(model.cfg.d_vocab_out))
+    texts = model.tokenizer.batch_decode([[i] for i in ids])
+    found = {}
+    for i, text in zip(ids, texts):
+        key = text.strip().strip("▁Ġ").strip().lower()
+        if key in wanted:
+            found[i] = text
+    return found
+
+
+@dataclass(frozen=True)
+class ZeroShotSearch:
+    """Concept counts of shallow FFN neurons after attention transforms (METHODS 8.3).
+
+    Attributes:
+        counts: ``[layer, neuron]`` concept tokens among the top-``top`` tokens of the neuron's
+            transformed value vector (aggregated over attention layers); -1 where not searched.
+        best_layer: ``[layer, neuron]`` the attention layer with the most concepts (-1 if none).
+        neuron_layers, attention_layers: the layers searched and the transforming layers.
+        concept_ids: the concept token ids.
+        top: how many top tokens were inspected.
+        thresholds: the values of ``M`` reported.
+        aggregate: ``"max"`` or ``"union"`` over attention layers.
+    """
+
+    counts: Int[Tensor, "layer neuron"]
+    best_layer: Int[Tensor, "layer neuron"]
+    neuron_layers: tuple[int, ...]
+    attention_layers: tuple[int, ...]
+    concept_ids: tuple[int, ...]
+    top: int
+    thresholds: tuple[int, ...]
+    aggregate: str
+
+    def neurons(self, m: int) -> list[tuple[int, int]]:
+        """Searched neurons with at least ``m`` concepts (``m = 0``: every searched neuron)."""
+        idx = torch.nonzero(self.counts >= m).tolist()
+        return [(int(l), int(j)) for l, j in idx]
+
+    @property
+    def sets(self) -> dict[int, list[tuple[int, int]]]:
+        """``{M: neurons}`` for every threshold."""
+        return {m: self.neurons(m) for m in self.thresholds}
+
+    def summary(self) -> pd.DataFrame:
+        """One row per threshold: ``M`` and the number of neurons."""
+        return pd.DataFrame(
+            {
+                "M": list(self.thresholds),
+                "n_neurons": [len(self.neurons(m)) for m in self.thresholds],
+            }
+        )
+
+    def top_neurons(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` searched neurons with the most concepts."""
+        frame = self.to_frame()
+        return frame.sort_values("count", ascending=False, kind="stable").head(k)
+
+    def to_frame(self) -> pd.DataFrame:
+        idx = torch.nonzero(self.counts >= 0)
+        l, j = idx[:, 0], idx[:, 1]
+        return pd.DataFrame(
+            {
+                "layer": l.tolist(),
+                "neuron": j.tolist(),
+                "count": self.counts[l, j].tolist(),
+                "best_attention_layer": self.best_layer[l, j].tolist(),
+            }
+        )
+
+    def plot(self) -> go.Figure:
+        return plotting.zero_shot_lines(self)
+
+
+def _default_split(n_layers: int) -> tuple[list[int], list[int]]:
+    half = max(n_layers // 2, 1)
+    return list(range(half)), list(range(min(half + 1, n_layers)))
+
+
+def hidden_interpretable_neurons(
+    model: HookedTransformer,
+    *,
+    neuron_layers: Iterable[int] | None = None,
+    attention_layers: Iterable[int] | None = None,
+    concepts: Iterable[str] | None = None,
+    top: int = 50,
+    thresholds: Sequence[int] = (0, 1, 2, 3),
+    aggregate: Literal["max", "union"] = "max",
+    chunk: int = 2048,
+    progress: bool = False,
+) -> ZeroShotSearch:
+    """Zero-shot search for hidden-interpretable shallow FFN neurons (METHODS 8.3).
+
+    For every FFN neuron ``j`` of a layer ``i`` in ``neuron_layers`` and every attention layer
+    ``l`` in ``attention_layers`` with ``l > i`` (only later layers can read what neuron ``j``
+    writes), the neuron's raw value vector ``W_out[i][j]`` is sent through the full-layer
+    ``VO_l(nrm_l(.))`` of METHODS 8.1 (all heads, no attention weights, no biases) and
+    projected with the final norm (no biases). The norm scales are positive scalars and do not
+    change any ranking, so no prompt is needed (scale 1). The neuron's count is the number of
+    concept tokens among the ``top`` tokens, aggregated over its attention layers by
+    ``aggregate``: ``"max"`` (the best single layer, default) or ``"union"`` (distinct concept
+    tokens over all layers).
+
+    Defaults follow the paper's Llama-7B choice (neurons of layers 0-15, attention layers
+    0-16 of 32): ``neuron_layers = 0 .. L/2 - 1``, ``attention_layers = 0 .. L/2``.
+
+    ``M = 0`` keeps every searched neuron; the paper's Table 8 reports 51,980 of 176,128 for
+    M = 0, which no reading we know reproduces (if the paper meant "more than M", our ``M+1``
+    is its ``M``).
+
+    Args:
+        concepts: concept strings for :func:`concept_tokens` (default: its documented list).
+        top: how many top tokens are inspected (50 in the paper).
+        thresholds: the values of ``M`` to report.
+        chunk: neurons per projection batch (memory: ``chunk x d_vocab`` floats).
+        progress: show a progress bar over neuron layers.
+    """
+    arch = Architecture(model)
+    default_n, default_a = _default_split(arch.n_layers)
+    n_layers = sorted({arch.check_layer(l) for l in (neuron_layers or default_n)})
+    a_layers = sorted({arch.check_layer(l) for l in (attention_layers or default_a)})
+    if aggregate not in ("max", "union"):
+        raise MechcnaError(f"aggregate must be 'max' or 'union', not {aggregate!r}")
+    if not 0 < top <= arch.d_vocab:
+        raise MechcnaError(f"top must be in 1..{arch.d_vocab}, got {top}")
+    ids = sorted(concept_tokens(model, concepts))
+    is_concept = torch.zeros(arch.d_vocab, dtype=torch.bool, device=arch.device)
+    is_concept[ids] = True
+    counts = torch.full((arch.n_layers, arch.d_mlp), -1, dtype=torch.long)
+    best = torch.full((arch.n_layers, arch.d_mlp), -1, dtype=torch.long)
+    dtype = compute_dtype(arch.dtype)
+    with torch.no_grad():
+        for i in tqdm(n_layers, desc="neuron layers", disable=not progress):
+            readers = [l for l in a_layers if l > i]
+            W_out = arch.W_out(i).detach().to(dtype)
+            for start in range(0, arch.d_mlp, chunk):
+                rows = W_out[start : start + chunk]
+                per_layer = torch.zeros(len(readers), rows.shape[0], dtype=torch.long)
+                per_layer = per_layer.to(arch.device)
+                union = torch.zeros(rows.shape[0], arch.d_vocab, dtype=torch.bool)
+                union = union.to(arch.device) if aggregate == "union" else None
+                for r, l in enumerate(readers):
+                    logits = linear_part(arch, _vo(arch, _Hop(l, None, 1.0), rows))
+                    top_ids = logits.topk(top, -1).indices
+                    per_layer[r] = is_concept[top_ids].sum(-1)
+                    if union is not None:
+                        union.scatter_(1, top_ids, is_concept[top_ids])
+                if not readers:
+                    c = torch.zeros(rows.shape[0], dtype=torch.long)
+                    b = torch.full_like(c, -1)
+                else:
+                    best_count, arg = per_layer.max(0)
+                    c = best_count if union is None else union.sum(-1)
+                    b = torch.tensor(readers, device=arg.device)[arg]
+                    b = torch.where(c > 0, b, -1)
+                counts[i, start : start + rows.shape[0]] = c.cpu()
+                best[i, start : start + rows.shape[0]] = b.cpu()
+    return ZeroShotSearch(
+        counts=counts,
+        best_layer=best,
+        neuron_layers=tuple(n_layers),
+        attention_layers=tuple(a_layers),
+        concept_ids=tuple(ids),
+        top=top,
+        thresholds=tuple(int(m) for m in thresholds),
+        aggregate=aggregate,
+    )
+
+
+@dataclass(frozen=True)
+class MaskExperiment:
+    """Accuracy after zeroing each neuron set, with same-size random baselines (Table 8).
+
+    ``decrease`` is in accuracy points (``base - masked``, accuracy as returned by
+    ``evaluate``); ``relative_decrease`` is ``100 * decrease / base`` (the paper's
+    "accuracy decrease" in %, our reading).
+    """
+
+    base_accuracy: float
+    rows: tuple[dict, ...]
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(list(self.rows))
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        return self.to_frame().sort_values("relative_decrease", ascending=False).head(k)
+
+    def plot(self) -> go.Figure:
+        return plotting.mask_bars(self)
+
+
+Evaluate = Callable[[HookedTransformer, list[Intervention]], float]
+
+
+def mask_experiment(
+    model: HookedTransformer,
+    neuron_sets: "ZeroShotSearch | Mapping[int | str, Sequence[tuple[int, int]]]",
+    evaluate: Evaluate,
+    *,
+    random_baseline: bool = True,
+    pool_layers: Iterable[int] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> MaskExperiment:
+    """Zero each neuron set at every position and measure the accuracy drop (Table 8).
+
+    Args:
+        neuron_sets: a :class:`ZeroShotSearch` (its sets per ``M``) or ``{name: neurons}``.
+        evaluate: ``(model, interventions) -> accuracy``; called once unmasked, once per set
+            and once per random baseline (e.g. an arithmetic accuracy under the interventions).
+        random_baseline: also zero a random set of the same size drawn from ``pool_layers``.
+        pool_layers: layers of the random pool (default: the search's neuron layers, or every
+            layer appearing in the sets).
+        seed: seed of the random baselines.
+    """
+    arch = Architecture(model)
+    if isinstance(neuron_sets, ZeroShotSearch):
+        sets = neuron_sets.sets
+        default_pool = list(neuron_sets.neuron_layers)
+    else:
+        sets = {k: [tuple(n) for n in v] for k, v in neuron_sets.items()}
+        default_pool = sorted({int(n[0]) for v in sets.values() for n in v})
+    pool_l = sorted({arch.check_layer(l) for l in (pool_layers or default_pool)})
+    pool = [(l, j) for l in pool_l for j in range(arch.d_mlp)]
+    rng = random.Random(seed)
+    base = float(evaluate(model, []))
+    rows = []
+    for name, neurons in tqdm(sets.items(), desc="neuron sets", disable=not progress):
+        neurons = [arch.check_neuron(int(l), int(j)) for l, j in neurons]
+        acc = float(evaluate(model, [NeuronEdit(neurons)])) if neurons else base
+        row = {
+            "set": name,
+            "n_neurons": len(neurons),
+            "accuracy": acc,
+            "decrease": base - acc,
+            "relative_decrease": 100 * (base - acc) / base if base else float("nan"),
+        }
+        if random_baseline:
+            if len(neurons) > len(pool):
+                raise MechcnaError(f"set {name!r} is larger than the random pool")
+            drawn = rng.sample(pool, len(neurons))
+            racc = float(evaluate(model, [NeuronEdit(drawn)])) if drawn else base
+            row |= {
+                "random_accuracy": racc,
+                "random_decrease": base - racc,
+                "random_relative_decrease": 100 * (base - racc) / base if base else float("nan"),
+            }
+        rows.append(row)
+    return MaskExperiment(base, tuple(rows))
