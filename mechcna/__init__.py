@@ -14,6 +14,7 @@ from mechcna.errors import (
     TokenizationError,
     UnsupportedArchitectureError,
 )
+from mechcna.evaluation import AccuracyResult, evaluate_accuracy
 from mechcna.hooks import hook_name
 from mechcna.interventions import (
     HeadAblation,
@@ -30,13 +31,17 @@ from mechcna.models import (
     load_model,
     save_checkpoint,
 )
+from mechcna.tasks.arithmetic import ArithmeticCase, ArithmeticDataset, arithmetic_dataset
 from mechcna.tokenizer import load_tokenizer, word_level_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NO_PROCESSING",
+    "AccuracyResult",
     "Architecture",
+    "ArithmeticCase",
+    "ArithmeticDataset",
     "CheckReport",
     "HeadAblation",
     "KeepNeurons",
@@ -49,7 +54,9 @@ __all__ = [
     "UnsupportedArchitectureError",
     "WeightProcessing",
     "apply_to_weights",
+    "arithmetic_dataset",
     "check_model",
+    "evaluate_accuracy",
     "get_processing",
     "hook_name",
     "intervene",
