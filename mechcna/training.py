@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from mechcna.errors import MechcnaError
 from mechcna.evaluation import AccuracyResult, evaluate_accuracy
 from mechcna.models import load_model, save_checkpoint
+from mechcna.prompts import prepare_prompts
 from mechcna.tasks import occupations
 from mechcna.tasks.arithmetic import (
     DIGITS,
@@ -72,15 +73,19 @@ class TrainingConfig:
     Optimisation: AdamW with ``lr``, ``weight_decay``, linear warmup for ``warmup_steps`` then
     cosine decay to ``min_lr_ratio * lr``; ``batch_size`` sequences per step.
     Data: ``operation_weights`` / ``digit_weights`` (sampling weights per operation and digit
-    count), ``word_prob`` and ``word_slots`` (operands as words), ``occupation_fraction`` of
-    each batch are occupation sentences with ``occupation_skew``; the held-out split is
-    ``holdout_fraction`` of each cell's pairs under ``holdout_seed``; subtraction and division
-    policies as in :func:`mechcna.arithmetic_dataset`.
+    count), ``mixed_digit_fraction`` of ``+ - *`` problems have operands of different digit
+    counts (``7+25=``; never part of an evaluation cell, they teach column arithmetic that does
+    not depend on operand length), ``identity_fraction`` of ``+ -`` problems are ``n + 0``,
+    ``n - 0`` or ``n - n`` with ``n`` of any digit count (training pairs only; these rules are
+    rare under uniform sampling), ``word_prob`` and ``word_slots`` (operands as words),
+    ``occupation_fraction`` of each batch are occupation sentences with ``occupation_skew``;
+    the held-out split is ``holdout_fraction`` of each cell's pairs under ``holdout_seed``;
+    subtraction and division policies as in :func:`mechcna.arithmetic_dataset`.
     Evaluation: ``eval_pairs`` held-out pairs per cell (all of them when fewer exist).
     """
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
@@ -95,6 +100,8 @@ class TrainingConfig:
     n_ctx: int = 48
     operation_weights: tuple[float, float, float, float] = (0.3, 0.3, 0.2, 0.2)
     digit_weights: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    mixed_digit_fraction: float = 0.1
+    identity_fraction: float = 0.05
     word_prob: float = 0.15
     word_slots: str = "either"
     occupation_fraction: float = 0.1
@@ -207,11 +214,30 @@ class _Sampler:
             if not is_held_out(op, d, n1, n2, c.holdout_fraction, c.holdout_seed):
                 return n1, n2
 
+    def _identity_pair(self, op: str) -> tuple[int, int]:
+        while True:
+            d = self.rng.choice(DIGITS)
+            n = self.rng.choice(_operand_range(d))
+            n1, n2 = (n, n) if op == "-" and self.rng.random() < 0.5 else (n, 0)
+            if d > 1 and n2 == 0:  # a mixed-digit pair: no evaluation cell holds it
+                return n1, n2
+            if not is_held_out(op, d, n1, n2, self.c.holdout_fraction, self.c.holdout_seed):
+                return n1, n2
+
     def arithmetic(self) -> tuple[str, str]:
         op = self.rng.choices(OPERATIONS, weights=self.c.operation_weights)[0]
         d = self.rng.choices(DIGITS, weights=self.c.digit_weights)[0]
         t = self.rng.choice(TEMPLATE_IDS)
-        n1, n2 = self.pair(op, d)
+        identity = op in ("+", "-") and self.rng.random() < self.c.identity_fraction
+        if identity:
+            n1, n2 = self._identity_pair(op)
+        elif op != "/" and self.rng.random() < self.c.mixed_digit_fraction:
+            d1, d2 = self.rng.sample(DIGITS, 2)
+            n1, n2 = self.rng.choice(_operand_range(d1)), self.rng.choice(_operand_range(d2))
+            if op == "-" and self.c.nonnegative_subtraction and n1 < n2:
+                n1, n2 = n2, n1
+        else:
+            n1, n2 = self.pair(op, d)
         w1, w2 = _word_choice(self.rng, self.c.word_prob, self.c.word_slots)
         text = render(op, t, _as_word(n1) if w1 else n1, _as_word(n2) if w2 else n2)
         sep = "" if t == 4 else " "
@@ -306,8 +332,9 @@ def occupation_bias(model: HookedTransformer, skew: float | None = None) -> pd.D
     with torch.no_grad():
         logp = {}
         for g in occupations.GENDERS:
-            tokens = model.to_tokens(occupations.occupation_prompts(g))
-            logp[g] = model(tokens)[:, -1].log_softmax(-1)[:, ids]
+            batch = prepare_prompts(model, occupations.occupation_prompts(g))
+            logits = model(batch.tokens)[batch.batch_index, batch.positions]
+            logp[g] = logits.log_softmax(-1)[:, ids.to(logits.device)]
         gap = logp["woman"] - logp["man"]
     for t in range(len(occupations.TEMPLATES)):
         for j, p in enumerate(profs):
