@@ -129,12 +129,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 prompts, 1 literal")
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--only-large", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     if args.only_large:
         print(json.dumps(large(4, 8)))
         return
-    print(f"machine: {os.cpu_count()} CPU threads, torch {torch.__version__}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch threads {args.threads}, torch {torch.__version__}"
+    )
     r = small(4 if args.quick else 16, 1 if args.quick else 2, 8)
     print("\n== GPT-2-small shape: all FFN + attention neurons ==")
     print(f"prompts {r['prompts']} x {r['tokens_per_prompt']} tokens")
@@ -160,7 +163,10 @@ def main() -> None:
     print(f"peak RSS after fast path: {r['peak_rss_gb_fast']:.2f} GB (with cached blocks)")
     if not args.skip_large:
         out = subprocess.run(
-            [sys.executable, __file__, "--only-large"], capture_output=True, text=True, check=True
+            [sys.executable, __file__, "--only-large", "--threads", str(args.threads)],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         g = json.loads(out.stdout.strip().splitlines()[-1])
         print("\n== GPT-2-large shape: all FFN neurons, streaming (no block cache) ==")

@@ -24,6 +24,7 @@ from mechcna.errors import (
     TokenizationError,
     UnsupportedArchitectureError,
 )
+from mechcna.evaluation import AccuracyResult, evaluate_accuracy
 from mechcna.heads import HeadEffects, HeadSweep, head_sweep, single_prompt_head_effects
 from mechcna.hooks import hook_name
 from mechcna.interventions import (
@@ -54,6 +55,7 @@ from mechcna.query import (
     query_value_overlap,
 )
 from mechcna.static import BlockCache
+from mechcna.tasks.arithmetic import ArithmeticCase, ArithmeticDataset, arithmetic_dataset
 from mechcna.tokenizer import load_tokenizer, word_level_tokenizer
 from mechcna.transfer import (
     AttentionTransform,
@@ -78,7 +80,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NO_PROCESSING",
+    "AccuracyResult",
     "Architecture",
+    "ArithmeticCase",
+    "ArithmeticDataset",
     "AttentionNeuronImportance",
     "AttentionTransform",
     "BlockCache",
@@ -108,12 +113,14 @@ __all__ = [
     "WeightProcessing",
     "ZeroShotSearch",
     "apply_to_weights",
+    "arithmetic_dataset",
     "attention_neuron_importance",
     "attention_neuron_queries",
     "attention_query_layers",
     "check_model",
     "component_scores",
     "concept_tokens",
+    "evaluate_accuracy",
     "ffn_keys",
     "ffn_query_layers",
     "get_processing",

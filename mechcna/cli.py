@@ -17,6 +17,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="run the main demo on the shipped model, offline")
     p_demo.add_argument("--model", default=None, help="model name or directory")
     p_demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_demo.add_argument("--pairs", type=int, default=40, help="operand pairs per cell")
+    p_demo.add_argument("--out", default="runs/demo", help="folder for the HTML figures")
     p_heads = sub.add_parser(
         "head-sweep",
         help="ablate every attention head on one prompt, or over a file of prompt/target pairs",
@@ -45,15 +47,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_cna.add_argument("--head", action="append", required=True, help="LAYER.HEAD to ablate")
     p_cna.add_argument("--target", default=None, help="target token (default: top-1)")
     _outputs(p_cna)
+    p_train = sub.add_parser(
+        "train-arithmetic", help="train the small arithmetic model (mechcna/arith-small)"
+    )
+    p_train.add_argument("--out", default=None, help="checkpoint directory to write")
+    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--steps", type=int, default=None)
+    p_train.add_argument("--batch-size", type=int, default=None)
+    p_train.add_argument("--eval-pairs", type=int, default=None, help="held-out pairs per cell")
+    p_train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p_train.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "demo":
-        sys.stdout.write(demo.run(args.model, progress=not args.quiet))
+        report = demo.run(args.model, progress=not args.quiet, out_dir=args.out, n_pairs=args.pairs)
+        sys.stdout.write(report)
         return 0
     if args.command == "head-sweep":
         return _head_sweep(args, parser)
     if args.command in ("attribute", "cna"):
         return _scores(args, parser)
+    if args.command == "train-arithmetic":
+        from mechcna import training
+
+        overrides = {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "eval_pairs": args.eval_pairs,
+            "threads": args.threads,
+        }
+        config = training.TrainingConfig(
+            seed=args.seed, **{k: v for k, v in overrides.items() if v is not None}
+        )
+        result = training.train_arithmetic(config, out=args.out, progress=not args.quiet)
+        sys.stdout.write(result.to_frame().to_string(index=False) + "\n")
+        return 0
     return 2  # pragma: no cover
 
 

@@ -1,11 +1,12 @@
 from mechcna.cli import main
 
 
-def test_demo_runs_in_process(capsys):
-    assert main(["demo", "--quiet"]) == 0
+def test_demo_runs_in_process(tmp_path, capsys):
+    assert main(["demo", "--quiet", "--pairs", "4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "residual self-check passed" in out
-    assert "delta log p" in out
+    assert "CNA against ablating head" in out and "random" in out
+    assert (tmp_path / "cna.html").stat().st_size > 0
 
 
 def test_attribute_and_cna_subcommands(tmp_path, capsys):
