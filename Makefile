@@ -27,7 +27,7 @@ lint: setup
 	$(VENV)/bin/pyright
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --nbmake tests notebooks
 
 bench: setup
 	$(PY) benchmarks/attribution.py

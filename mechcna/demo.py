@@ -72,7 +72,7 @@ def _run(model_name: str | None, progress: bool, out_dir: Path, n_pairs: int) ->
     out.write(sweep.table(by="operation", k=3).to_string() + "\n")
     add = sweep.top(5, cell={"operation": "+"})
     out.write("top heads on addition:\n" + add.to_string(index=False) + "\n")
-    layer, head = int(add.iloc[0]["layer"]), int(add.iloc[0]["head"])
+    layer, head = int(add.iloc[0]["layer"]), int(add.iloc[0]["head_index"])
     _write(sweep.plot(operation="+"), out_path, "head_sweep_addition", out)
 
     prompt = "3+5="
