@@ -83,15 +83,14 @@ def random_cases(
 def shipped(n: int):
     """The shipped arithmetic model and dataset, when the package has them."""
     model = mechcna.load_model("mechcna/arith-small", device="cpu")
-    make = getattr(mechcna, "arithmetic_dataset", None)
-    if make is None:
-        raise RuntimeError("mechcna.arithmetic_dataset is not available yet")
-    try:
-        data = make()
-    except TypeError:
-        data = make(model)
-    prompts, targets, labels = list(data.prompts), list(data.targets), data.to_frame()
-    return model, prompts[:n], targets[:n], labels.iloc[:n].reset_index(drop=True)
+    data = mechcna.arithmetic_dataset(
+        ["+", "-", "*", "/"], [1, 2], n_pairs=100, tokenizer=model.tokenizer, split="heldout"
+    )
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    prompts = [data.prompts[i] for i in order]
+    targets = [data.targets[i] for i in order]
+    labels = data.to_frame().iloc[order].reset_index(drop=True)
+    return model, prompts, targets, labels
 
 
 def baseline(model, prompts, target_ids, heads):

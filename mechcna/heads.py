@@ -246,6 +246,58 @@ def _ablated_pass(
     return _final_logits(model, x, positions.repeat(k), start_at_layer=layer, fwd_hooks=hooks)
 
 
+def _mid_shortcut(model: HookedTransformer) -> bool:
+    """Whether an ablated pass may start from the clean ``resid_mid`` of the ablated layer.
+
+    In a standard pre-norm block the other heads of the ablated layer are unchanged, so the
+    ablated ``resid_mid`` is the clean one minus ``(z_h - fill) @ W_O[h]`` and the layer's
+    attention need not be rerun.
+    """
+    cfg = model.cfg
+    from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+
+    return not (
+        cfg.attn_only
+        or cfg.parallel_attn_mlp
+        or cfg.use_normalization_before_and_after
+        or cfg.original_architecture in POST_NORM_ARCHITECTURES
+    )
+
+
+def _ablated_from_mid(
+    model: HookedTransformer,
+    resid_mid: Float[Tensor, "batch pos d_model"],
+    z: Float[Tensor, "batch pos head_index d_head"],
+    positions: Int[Tensor, " batch"],
+    layer: int,
+    heads: list[int],
+    fill: Tensor | None,
+) -> Float[Tensor, "copy_batch d_vocab"]:
+    """:func:`_ablated_pass` starting from the clean ``resid_mid`` of ``layer``."""
+    k = len(heads)
+    idx = torch.tensor(heads, device=z.device)
+    z_h = z[:, :, idx]  # batch pos copy d_head
+    if fill is not None:
+        z_h = z_h - fill.to(z_h)[None, None]
+    W_O = model.blocks[layer].attn.W_O[idx]
+    delta = einops.einsum(
+        z_h, W_O, "batch pos copy d_head, copy d_head d_model -> copy batch pos d_model"
+    )
+    x = einops.repeat(resid_mid, "batch pos d_model -> copy batch pos d_model", copy=k) - delta
+    x = einops.rearrange(x, "copy batch pos d_model -> (copy batch) pos d_model")
+    pos = positions.repeat(k)
+    block = model.blocks[layer]
+    last = layer == model.cfg.n_layers - 1
+    if last:  # only per-position maps remain: keep the scored positions
+        x = x[torch.arange(len(pos), device=x.device), pos][:, None]
+    x = x + block.apply_mlp(block.ln2(x))
+    if last:
+        if model.cfg.normalization_type is not None:
+            x = model.ln_final(x)
+        return apply_softcap(model.unembed(x)[:, 0], model.cfg.output_logits_soft_cap)
+    return _final_logits(model, x, pos, start_at_layer=layer + 1)
+
+
 def head_sweep(
     model: HookedTransformer,
     data: Any,
@@ -341,7 +393,9 @@ def head_sweep(
         for l, hs in by_layer.items()
         for i in range(0, len(hs), heads_per_pass)
     ]
-    names = {hook_name("resid_pre", l) for l in by_layer}
+    shortcut = _mid_shortcut(model)
+    kinds = ("resid_mid", "z") if shortcut else ("resid_pre",)
+    names = {hook_name(kind, l) for l in by_layer for kind in kinds}
     bar = tqdm(total=len(batches) * len(chunks), desc="head sweep", disable=not progress)
     cache: dict[str, Tensor] = {}
 
@@ -365,8 +419,13 @@ def head_sweep(
             targets_out[idx_cpu] = tgt.cpu()
             for layer, hs in chunks:
                 fill = None if means is None else torch.stack([means[(layer, h)] for h in hs])
-                resid = cache[hook_name("resid_pre", layer)]
-                lp = _ablated_pass(model, resid, pos, layer, hs, fill).log_softmax(-1)
+                if shortcut:
+                    mid, z = cache[hook_name("resid_mid", layer)], cache[hook_name("z", layer)]
+                    lp = _ablated_from_mid(model, mid, z, pos, layer, hs, fill)
+                else:
+                    resid = cache[hook_name("resid_pre", layer)]
+                    lp = _ablated_pass(model, resid, pos, layer, hs, fill)
+                lp = lp.log_softmax(-1)
                 lp = einops.rearrange(
                     lp, "(copy batch) d_vocab -> copy batch d_vocab", copy=len(hs)
                 )

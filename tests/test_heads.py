@@ -325,3 +325,16 @@ def test_cli_head_sweep(tmp_path, capsys):
     assert main([*args, "--prompts-file", str(tmp_path / "cases.tsv"), "--csv", str(csv)]) == 0
     assert "3 cases" in capsys.readouterr().out
     assert len(pd.read_csv(csv)) == 8
+
+
+def test_resid_mid_shortcut_equals_full_layer_rerun(monkeypatch):
+    import mechcna.heads as heads_mod
+    from tests.helpers import build as _build
+
+    model = _build("llama", dtype=torch.float64)
+    prompts, targets = ["12+7=", "3+5=", "the sum of 3 and 5 is"], ["1", "8", "8"]
+    fast = heads_mod.head_sweep(model, prompts, targets, progress=False)
+    monkeypatch.setattr(heads_mod, "_mid_shortcut", lambda model: False)
+    full = heads_mod.head_sweep(model, prompts, targets, progress=False)
+    torch.testing.assert_close(fast.logprob, full.logprob, atol=1e-10, rtol=0)
+    assert torch.equal(fast.prediction, full.prediction)
