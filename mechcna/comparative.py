@@ -431,7 +431,8 @@ class ValueKeyProducts:
                     rows.append(
                         {"value_of": f"{a[0]}_{a[1]}", "key_of": f"{b[0]}_{b[1]}", "product": v}
                     )
-        return pd.DataFrame(rows).sort_values("product", ascending=False, ignore_index=True)
+        frame = pd.DataFrame(rows, columns=["value_of", "key_of", "product"])
+        return frame.sort_values("product", ascending=False, ignore_index=True)
 
     def plot(self) -> go.Figure:
         from mechcna.plotting import signed_heatmap
