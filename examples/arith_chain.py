@@ -136,7 +136,7 @@ def main() -> None:
             thresholds=(2, 4, 6, 8),
         )  # fmt: skip
         out(
-            "Zero-shot search for hidden-interpretable shallow neurons, top-10 tokens (Table 8):\n\n"
+            "Zero-shot search for hidden-interpretable shallow neurons, top-10 tokens:\n\n"
         )
         out(search.summary().to_string(index=False) + "\n\n")
 
