@@ -135,9 +135,7 @@ def main() -> None:
             model, neuron_layers=range(layer), attention_layers=range(layer + 1), top=10,
             thresholds=(2, 4, 6, 8),
         )  # fmt: skip
-        out(
-            "Zero-shot search for hidden-interpretable shallow neurons, top-10 tokens:\n\n"
-        )
+        out("Zero-shot search for hidden-interpretable shallow neurons, top-10 tokens:\n\n")
         out(search.summary().to_string(index=False) + "\n\n")
 
         def evaluate(m, interventions) -> float:
