@@ -114,12 +114,18 @@ def single_token_id(model: HookedTransformer, target: str | int) -> int:
     if model.tokenizer is None:
         raise TokenizationError("the model has no tokenizer: give targets as token ids")
     ids = model.to_tokens(target, prepend_bos=False, truncate=False)[0]
-    if len(ids) != 1:
-        pieces = model.to_str_tokens(target, prepend_bos=False)
-        raise TokenizationError(
-            f"target {target!r} is {len(ids)} tokens {pieces}, not a single token"
-        )
-    return int(ids[0])
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    if len(ids) == 1 and (int(ids[0]) != unk or target == model.tokenizer.unk_token):
+        return int(ids[0])
+    # A string that is itself a vocabulary entry (e.g. Llama's "8", which tokenises on its
+    # own as ["▁", "8"]) is that token.
+    vocab_id = model.tokenizer.get_vocab().get(target)
+    if vocab_id is not None:
+        return int(vocab_id)
+    if len(ids) == 1:
+        raise TokenizationError(f"target {target!r} is not in the vocabulary (it maps to unk)")
+    pieces = model.to_str_tokens(target, prepend_bos=False)
+    raise TokenizationError(f"target {target!r} is {len(ids)} tokens {pieces}, not a single token")
 
 
 def single_token_ids(

@@ -34,8 +34,21 @@ def test_single_token_targets():
     assert model.to_single_str_token(single_token_id(model, "8")) == "8"
     with pytest.raises(TokenizationError, match="not a single token"):
         single_token_id(model, "12")
+    with pytest.raises(TokenizationError, match="not in the vocabulary"):
+        single_token_id(model, "zebra")
     with pytest.raises(TokenizationError, match="outside the vocabulary"):
         single_token_id(model, 10_000)
     assert single_token_ids(model, "8", n=3).tolist() == [single_token_id(model, "8")] * 3
     with pytest.raises(MechcnaError, match="2 targets for 3 prompts"):
         single_token_ids(model, ["8", "9"], n=3)
+
+
+def test_vocabulary_entry_that_tokenises_apart_is_one_token():
+    # Like Llama's "8" (tokenised alone as ["▁", "8"]): the exact vocabulary entry wins.
+    from mechcna import load_model, word_level_tokenizer
+    from tests.helpers import WORDS, gpt2_cfg
+
+    tok = word_level_tokenizer([*WORDS, "12"])
+    model = load_model(gpt2_cfg(d_vocab=len(WORDS) + 5), device="cpu", tokenizer=tok)
+    assert len(model.to_tokens("12", prepend_bos=False)[0]) == 2
+    assert single_token_id(model, "12") == tok.get_vocab()["12"]
