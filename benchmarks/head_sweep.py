@@ -129,8 +129,8 @@ def main(argv=None) -> int:
         help="random cases: 4 templates of 7 to 14 tokens, or only 'n1+n2=' (the papers' "
         "appendix E tables)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--heads-per-pass", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--heads-per-pass", type=int, default=8)
     p.add_argument("--layers", type=int, default=4, help="random model: layers")
     p.add_argument("--heads", type=int, default=8, help="random model: heads per layer")
     p.add_argument("--d-model", type=int, default=128, help="random model: d_model")

@@ -308,8 +308,8 @@ def head_sweep(
     mode: Literal["zero", "mean"] = "zero",
     reference: HeadAblation | TokenPrompts | None = None,
     position: int | None = None,
-    batch_size: int = 32,
-    heads_per_pass: int = 4,
+    batch_size: int = 64,
+    heads_per_pass: int = 8,
     progress: bool = True,
 ) -> "HeadSweep":
     """Ablate each head in turn over a dataset; per-case correctness and target log-probs.

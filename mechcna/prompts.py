@@ -146,7 +146,12 @@ def single_token_ids(
     if isinstance(targets, (str, int)):
         ids = [single_token_id(model, targets)] * (n or 1)
     else:
-        ids = [single_token_id(model, t) for t in targets]
+        seen: dict[str | int, int] = {}
+        ids = []
+        for t in targets:  # each distinct target is tokenised once
+            if t not in seen:
+                seen[t] = single_token_id(model, t)
+            ids.append(seen[t])
         if n is not None and len(ids) != n:
             raise MechcnaError(f"{len(ids)} targets for {n} prompts")
     return torch.tensor(ids, device=model.W_U.device)
