@@ -32,6 +32,14 @@ from tests.reference import literal_attention_scores, literal_ffn_scores
 
 
 def peak_rss_gb() -> float:
+    """Peak resident memory of this process (VmHWM; getrusage's maxrss is inherited across
+    fork and would report the parent's peak in the subprocess)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
