@@ -25,6 +25,7 @@ from mechcna.evaluation import evaluate_accuracy
 from mechcna.heads import head_sweep
 from mechcna.interventions import HeadAblation
 from mechcna.models import SHIPPED_MODELS, load_model
+from mechcna.plotting import experiment_bars
 from mechcna.tasks.arithmetic import ArithmeticDataset, arithmetic_dataset
 
 
@@ -112,4 +113,5 @@ def _run(model_name: str | None, progress: bool, out_dir: Path, n_pairs: int) ->
     out.write("accuracy decrease % (mask / keep / random) and coefficient decrease % (coef):\n")
     out.write(table.round(1).to_string() + "\n")
     _write(cna.plot(k=15), out_path, "cna", out)
+    _write(experiment_bars(table, "mask / keep / random (Table 5)"), out_path, "mask_keep", out)
     return out.getvalue()

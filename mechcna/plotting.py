@@ -9,6 +9,8 @@ import plotly.graph_objects as go
 import torch
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from mechcna.attribution import (
         AttentionNeuronImportance,
         HeadImportance,
@@ -203,4 +205,16 @@ def mask_bars(result) -> go.Figure:
         yaxis_title="accuracy decrease (%)",
         barmode="group",
     )
+    return fig
+
+
+def experiment_bars(
+    table: "pd.DataFrame", title: str = "accuracy decrease (%)", y_title: str = "%"
+) -> go.Figure:
+    """Grouped bars for an experiment table (rows = experiments, columns = settings), e.g.
+    :func:`mechcna.comparative.mask_keep_table` or ``lowest_neuron_table``."""
+    fig = go.Figure()
+    for name, row in table.iterrows():
+        fig.add_bar(x=[str(c) for c in table.columns], y=row.tolist(), name=str(name))
+    fig.update_layout(title=title, yaxis_title=y_title, barmode="group")
     return fig

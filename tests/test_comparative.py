@@ -147,6 +147,10 @@ def test_mask_keep_and_lowest_tables_match_manual(kind):
     assert table.loc["coef", "top3"] == pytest.approx(sum(coef) / len(coef))
     low = lowest_neuron_table(model, PROMPTS, res, ks=(3,))
     assert low.shape == (1, 1)
+    from mechcna.plotting import experiment_bars
+
+    fig = experiment_bars(table)
+    assert isinstance(fig, go.Figure) and len(fig.data) == 4
 
 
 def test_value_key_products_manual(kind):
