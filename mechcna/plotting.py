@@ -12,11 +12,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from mechcna.attribution import (
-        AttentionNeuronImportance,
         HeadImportance,
         LayerImportance,
-        NeuronImportance,
     )
+    from mechcna.results import Scores
 
 ATTN_COLOUR = "darksalmon"
 FFN_COLOUR = "lightseagreen"
@@ -77,12 +76,12 @@ def signed_heatmap(
 
 
 def neuron_layer_counts(
-    result: "NeuronImportance | AttentionNeuronImportance",
+    result: "Scores",
     k: int = 300,
     prompt: int | None = None,
     name: str = "FFN",
 ) -> go.Figure:
-    """How many of the top-``k`` neurons sit in each layer."""
+    """How many of the top-``k`` entries of a ``[prompt, layer, ...]`` result sit in each layer."""
     top = result.top(k, prompt=prompt)
     n_layers = result.scores.shape[1]
     counts = top["layer"].value_counts().reindex(range(n_layers), fill_value=0)
@@ -115,22 +114,6 @@ def query_layer_bars(result, prompt: int | None = None) -> go.Figure:
         ),
         xaxis_title="component (-0.5 embedding, l attention, l+0.5 FFN)",
         yaxis_title="importance share",
-    )
-    return fig
-
-
-def layer_count_lines(result, k: int = 300, prompt: int | None = None, name: str = "") -> go.Figure:
-    """How many of the top-``k`` entries of a ``[prompt, layer, ...]`` result sit per layer."""
-    top = result.top(k, prompt=prompt)
-    n_layers = result.scores.shape[1]
-    counts = top["layer"].value_counts().reindex(range(n_layers), fill_value=0)
-    fig = go.Figure(
-        go.Scatter(x=list(range(n_layers)), y=counts.tolist(), mode="lines+markers", name=name)
-    )
-    fig.update_layout(
-        title=_title(f"layers of the top-{k} {name} neurons", prompt, result.prompts),
-        xaxis_title="layer",
-        yaxis_title="count",
     )
     return fig
 

@@ -117,7 +117,7 @@ class QueryNeurons(Scores):
     source_importance: Tensor | None = None
 
     def plot(self, prompt: int | None = None, k: int = 300) -> go.Figure:
-        return plotting.layer_count_lines(self, k, prompt, name="query FFN")
+        return plotting.neuron_layer_counts(self, k, prompt, name="query FFN")
 
 
 @dataclass(frozen=True)
