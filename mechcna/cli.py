@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_train.add_argument("--steps", type=int, default=None)
     p_train.add_argument("--batch-size", type=int, default=None)
     p_train.add_argument("--eval-pairs", type=int, default=None, help="held-out pairs per cell")
+    p_train.add_argument("--weight-decay", type=float, default=None, help="AdamW decay")
+    p_train.add_argument("--holdout-seed", type=int, default=None, help="held-out split seed")
     p_train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p_train.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -74,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "steps": args.steps,
             "batch_size": args.batch_size,
             "eval_pairs": args.eval_pairs,
+            "weight_decay": args.weight_decay,
+            "holdout_seed": args.holdout_seed,
             "threads": args.threads,
         }
         config = training.TrainingConfig(

@@ -70,8 +70,11 @@ class TrainingConfig:
 
     Model: ``n_layers``, ``d_model``, ``n_heads``, ``n_key_value_heads`` (grouped-query
     attention), ``d_mlp`` (gated SiLU), ``n_ctx``.
-    Optimisation: AdamW with ``lr``, ``weight_decay``, linear warmup for ``warmup_steps`` then
-    cosine decay to ``min_lr_ratio * lr``; ``batch_size`` sequences per step.
+    Optimisation: AdamW with ``lr``, ``weight_decay`` (decoupled, on matrices only), linear
+    warmup for ``warmup_steps`` then cosine decay to ``min_lr_ratio * lr``; ``batch_size``
+    sequences per step. The default ``weight_decay=1.0`` is the strong decay of the grokking
+    literature: with 0.1 the model memorises the small 1-digit tables and misses held-out
+    1-digit facts (``docs/training.md`` has the comparison).
     Data: ``operation_weights`` / ``digit_weights`` (sampling weights per operation and digit
     count), ``mixed_digit_fraction`` of ``+ - *`` problems have operands of different digit
     counts (``7+25=``; never part of an evaluation cell, they teach column arithmetic that does
@@ -90,7 +93,7 @@ class TrainingConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 150
-    weight_decay: float = 0.1
+    weight_decay: float = 1.0
     grad_clip: float = 1.0
     n_layers: int = 4
     d_model: int = 96

@@ -96,6 +96,9 @@ def test_bad_config():
 
 def test_cli_train_arithmetic(tmp_path, capsys):
     args = ["train-arithmetic", "--out", str(tmp_path), "--steps", "2", "--batch-size", "4"]
+    args += ["--weight-decay", "0.5", "--holdout-seed", "2"]
     assert main([*args, "--eval-pairs", "1", "--quiet"]) == 0
     assert (tmp_path / "card.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    data = json.loads((tmp_path / "card.json").read_text())["data"]
+    assert (data["weight_decay"], data["holdout_seed"], data["steps"]) == (0.5, 2, 2)
     assert "accuracy" in capsys.readouterr().out
