@@ -25,12 +25,11 @@ from mechcna.comparative import (
     mask_keep_table,
     value_key_products,
 )
+from mechcna.shallow import hidden_interpretable_neurons, mask_experiment
 from mechcna.tasks.arithmetic import ArithmeticDataset
 from mechcna.transfer import (
     ffn_keys,
     head_scores,
-    hidden_interpretable_neurons,
-    mask_experiment,
     source_position_scores,
     transform_through_attention,
 )

@@ -54,6 +54,13 @@ from mechcna.query import (
     query_neurons,
     query_value_overlap,
 )
+from mechcna.shallow import (
+    MaskExperiment,
+    ZeroShotSearch,
+    concept_tokens,
+    hidden_interpretable_neurons,
+    mask_experiment,
+)
 from mechcna.static import BlockCache
 from mechcna.tasks.arithmetic import ArithmeticCase, ArithmeticDataset, arithmetic_dataset
 from mechcna.tokenizer import load_tokenizer, word_level_tokenizer
@@ -61,15 +68,10 @@ from mechcna.transfer import (
     AttentionTransform,
     FFNKeys,
     KeyScores,
-    MaskExperiment,
     TokenComparison,
-    ZeroShotSearch,
     component_scores,
-    concept_tokens,
     ffn_keys,
     head_scores,
-    hidden_interpretable_neurons,
-    mask_experiment,
     neuron_scores,
     source_position_scores,
     transform_through_attention,
