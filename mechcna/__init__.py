@@ -25,7 +25,8 @@ from mechcna.errors import (
     UnsupportedArchitectureError,
 )
 from mechcna.evaluation import AccuracyResult, evaluate_accuracy
-from mechcna.heads import HeadEffects, HeadSweep, head_sweep, single_prompt_head_effects
+from mechcna.head_results import HeadEffects, HeadSweep
+from mechcna.heads import head_sweep, single_prompt_head_effects
 from mechcna.hooks import hook_name
 from mechcna.interventions import (
     HeadAblation,

@@ -3,8 +3,9 @@
 The library never calls ``fig.show()``. Signed scores use a diverging scale centred on zero.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import plotly.graph_objects as go
 import torch
 
@@ -72,6 +73,27 @@ def signed_heatmap(
         )
     )
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title)
+    return fig
+
+
+def layer_head_heatmap(
+    z: np.ndarray, n_layers: int, n_heads: int, title: str, signed: bool, colorbar: str
+) -> go.Figure:
+    """A layer x head heatmap of ``z[layer, head]`` (diverging around 0 when ``signed``)."""
+    scale: dict[str, Any] = (
+        {"colorscale": "RdBu", "zmid": 0.0} if signed else {"colorscale": "Viridis"}
+    )
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(n_heads)),
+            y=list(range(n_layers)),
+            colorbar={"title": colorbar},
+            hovertemplate="layer %{y}, head %{x}: %{z:.4g}<extra></extra>",
+            **scale,
+        )
+    )
+    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer")
     return fig
 
 
