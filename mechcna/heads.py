@@ -447,6 +447,7 @@ def head_sweep(
     )
 
 
+# --------------------------------------------------------------------- single prompt
 def single_prompt_head_effects(
     model: HookedTransformer,
     prompt: str | Int[Tensor, " pos"],

@@ -178,21 +178,39 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den != 0, num / torch.where(den != 0, den, 1), 0)
 
 
-def _attention_importance(
+def _top_attention_neurons(
     model: HookedTransformer,
     prompts: Prompts,
     targets: Targets,
     attention: AttentionNeuronImportance | None,
-    n_prompts: int,
-    **kw,
-) -> AttentionNeuronImportance:
+    k: int,
+    position: int | None,
+    paper_compat: bool,
+    interventions: Iterable[Intervention],
+) -> tuple[
+    PositionCapture,
+    AttentionNeuronImportance,
+    Int[Tensor, "prompt attn 4"],
+    Float[Tensor, "prompt attn"],
+]:
+    """The capture, the attention importance (``attention`` when given, checked against the
+    prompts) and each prompt's top-``k`` attention neurons with their importance."""
+    if k < 1:
+        raise MechcnaError(f"k must be positive, got {k}")
+    cap = capture_positions(
+        model, prompts, position=position, attention=False, interventions=interventions
+    )
     if attention is None:
-        return attention_neuron_importance(model, prompts, targets, **kw)
-    if attention.scores.shape[0] != n_prompts:
+        attention = attention_neuron_importance(
+            model, prompts, targets, position=position, paper_compat=paper_compat,
+            interventions=interventions,
+        )  # fmt: skip
+    elif attention.scores.shape[0] != len(cap.batch):
         raise MechcnaError(
-            f"attention importance has {attention.scores.shape[0]} prompts, not {n_prompts}"
+            f"attention importance has {attention.scores.shape[0]} prompts, not {len(cap.batch)}"
         )
-    return attention
+    neurons, imp = _top_attention(attention, cap.batch.positions, k)
+    return cap, attention, neurons, imp
 
 
 def _query_scores(
@@ -265,27 +283,15 @@ def query_neurons(
         :class:`QueryNeurons` ``scores[prompt, layer, neuron]`` (log-probability units).
     """
     arch = Architecture(model)
-    cap = capture_positions(
-        model, prompts, position=position, attention=False, interventions=interventions
+    cap, att, neurons, imp = _top_attention_neurons(
+        model, prompts, targets, attention, k, position, paper_compat, interventions
     )
-    att = _attention_importance(
-        model, prompts, targets, attention, len(cap.batch), position=position,
-        paper_compat=paper_compat, interventions=interventions,
-    )  # fmt: skip
-    if k < 1:
-        raise MechcnaError(f"k must be positive, got {k}")
-    neurons, imp = _top_attention(att, cap.batch.positions, k)
     with torch.no_grad():
         scores = _query_scores(arch, cap, neurons, imp, progress)
     return QueryNeurons(
         scores=scores,
         dims=("prompt", "layer", "neuron"),
-        target_ids=att.target_ids,
-        targets=att.targets,
-        prompts=att.prompts,
-        model_name=att.model_name,
-        processing=att.processing,
-        paper_compat=att.paper_compat,
+        **att.provenance(),
         sources=neurons.cpu(),
         source_importance=imp.cpu(),
     )
@@ -345,12 +351,7 @@ def attention_neuron_queries(
     return QueryNeurons(
         scores=scores,
         dims=("prompt", "layer", "neuron"),
-        target_ids=att.target_ids,
-        targets=att.targets,
-        prompts=att.prompts,
-        model_name=att.model_name,
-        processing=att.processing,
-        paper_compat=att.paper_compat,
+        **att.provenance(),
         sources=coords[:, None],
         source_importance=imp[:, None],
     )
@@ -465,12 +466,7 @@ def ffn_query_layers(
     return QueryLayers(
         scores=scores,
         dims=("prompt", "component"),
-        target_ids=values.target_ids,
-        targets=values.targets,
-        prompts=values.prompts,
-        model_name=values.model_name,
-        processing=values.processing,
-        paper_compat=paper_compat,
+        **values.provenance(paper_compat=paper_compat),
         extras=extras,
         kind="FFN",
         neurons=neurons,
@@ -498,14 +494,9 @@ def attention_query_layers(
     gets ``Imp * r_c / S`` with ``S = <resid_pre[l][p], key'>``.
     """
     arch = Architecture(model)
-    cap = capture_positions(
-        model, prompts, position=position, attention=False, interventions=interventions
+    cap, att, neurons, imp = _top_attention_neurons(
+        model, prompts, targets, attention, k, position, paper_compat, interventions
     )
-    att = _attention_importance(
-        model, prompts, targets, attention, len(cap.batch), position=position,
-        paper_compat=paper_compat, interventions=interventions,
-    )  # fmt: skip
-    neurons, imp = _top_attention(att, cap.batch.positions, k)
     dtype = compute_dtype(arch.dtype)
     dev = arch.device
     nd = neurons.to(dev)
@@ -517,12 +508,7 @@ def attention_query_layers(
     return QueryLayers(
         scores=scores,
         dims=("prompt", "component"),
-        target_ids=att.target_ids,
-        targets=att.targets,
-        prompts=att.prompts,
-        model_name=att.model_name,
-        processing=att.processing,
-        paper_compat=att.paper_compat,
+        **att.provenance(),
         kind="attention",
         neurons=neurons,
         importance=imp,
@@ -559,12 +545,7 @@ def query_value_overlap(
     return QueryValueOverlap(
         scores=counts,
         dims=("prompt", "layer", "kind"),
-        target_ids=queries.target_ids,
-        targets=queries.targets,
-        prompts=queries.prompts,
-        model_name=queries.model_name,
-        processing=queries.processing,
-        paper_compat=queries.paper_compat,
+        **queries.provenance(),
         k=k,
     )
 

@@ -6,7 +6,7 @@ prompts and target tokens, the model name and its weight processing. They share 
 """
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -55,6 +55,19 @@ class Scores:
         for name, t in self.extras.items():
             if t.shape != self.scores.shape:
                 raise MechcnaError(f"extra {name!r} has shape {tuple(t.shape)}, not the scores'")
+
+    def provenance(self, **overrides: Any) -> dict[str, Any]:
+        """What was scored (targets, prompts, model, processing, ``paper_compat``), as keyword
+        arguments for a result derived from this one; ``overrides`` replace fields."""
+        return {
+            "target_ids": self.target_ids,
+            "targets": self.targets,
+            "prompts": self.prompts,
+            "model_name": self.model_name,
+            "processing": self.processing,
+            "paper_compat": self.paper_compat,
+            **overrides,
+        }
 
     # ------------------------------------------------------------------ access
     @property

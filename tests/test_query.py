@@ -210,6 +210,8 @@ def test_query_bad_input():
     model = build("llama")
     with pytest.raises(MechcnaError, match="k must be positive"):
         query_neurons(model, PROMPTS[:1], k=0)
+    with pytest.raises(MechcnaError, match="k must be positive"):
+        attention_query_layers(model, PROMPTS[:1], k=0)
     with pytest.raises(MechcnaError, match="head"):
         attention_neuron_queries(model, PROMPTS[:1], (1, 0, 9, 0))
     with pytest.raises(MechcnaError, match="layer"):
