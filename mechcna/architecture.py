@@ -16,7 +16,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from mechcna._types import Float, Tensor
-from mechcna.errors import MechcnaError, UnsupportedArchitectureError
+from mechcna.errors import UnsupportedArchitectureError
+from mechcna.inputs import index_in
 
 NormKind = Literal["LN", "LNPre", "RMS", "RMSPre", "none"]
 _NORMS = {"LN": "LN", "LNPre": "LNPre", "RMS": "RMS", "RMSPre": "RMSPre", None: "none"}
@@ -62,22 +63,17 @@ class Architecture:
 
     # ----------------------------------------------------------------- checks
     def check_layer(self, layer: int) -> int:
-        """Return ``layer`` (negative indices allowed) or raise a clear error."""
-        if not -self.n_layers <= layer < self.n_layers:
-            raise MechcnaError(f"layer {layer} out of range: the model has {self.n_layers} layers")
-        return layer % self.n_layers
+        """Return ``layer`` or raise a clear error (one rule everywhere: indices are
+        non-negative; ``-1`` is an error, not the last layer)."""
+        return index_in(layer, self.n_layers, "layer")
 
     def check_head(self, layer: int, head: int) -> tuple[int, int]:
         layer = self.check_layer(layer)
-        if not 0 <= head < self.n_heads:
-            raise MechcnaError(f"head {head} out of range: layers have {self.n_heads} heads")
-        return layer, head
+        return layer, index_in(head, self.n_heads, "head")
 
     def check_neuron(self, layer: int, neuron: int) -> tuple[int, int]:
         layer = self.check_layer(layer)
-        if not 0 <= neuron < self.d_mlp:
-            raise MechcnaError(f"neuron {neuron} out of range: layers have {self.d_mlp} neurons")
-        return layer, neuron
+        return layer, index_in(neuron, self.d_mlp, "neuron")
 
     # ---------------------------------------------------------------- weights
     def _block(self, layer: int):

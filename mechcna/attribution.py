@@ -46,7 +46,7 @@ from mechcna.architecture import Architecture
 from mechcna.engine import EngineStats, Method, exact_rows_logprob, logprob_increase
 from mechcna.errors import MechcnaError
 from mechcna.hooks import hook_name
-from mechcna.interventions import Intervention, intervene
+from mechcna.interventions import Intervention, intervene, prompt_lengths
 from mechcna.models import get_processing
 from mechcna.projection import compute_dtype, linear_part, logit_offset, project_to_vocab
 from mechcna.prompts import PromptBatch, Prompts, prepare_prompts, single_token_ids
@@ -137,7 +137,7 @@ def capture(
             hooks.append((hook_name("v", l), whole(f"v{l}")))
     if arch.final_norm == "none":
         hooks = hooks[1:]
-    with torch.no_grad(), intervene(model, *interventions):
+    with torch.no_grad(), intervene(model, *interventions), prompt_lengths(batch.lengths):
         logits = model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
     if targets is None:
         target = logits[rows, pos].argmax(-1)

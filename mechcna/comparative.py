@@ -42,7 +42,7 @@ from mechcna.attribution import Capture, Targets, _meta, capture, ffn_scores
 from mechcna.engine import EngineStats, Method
 from mechcna.errors import MechcnaError
 from mechcna.hooks import hook_name
-from mechcna.interventions import Intervention, NeuronMask, intervene
+from mechcna.interventions import Intervention, NeuronMask, intervene, prompt_lengths
 from mechcna.projection import top_tokens
 from mechcna.prompts import PromptBatch, Prompts, prepare_prompts
 from mechcna.results import Scores
@@ -295,7 +295,7 @@ def _run_cases(
                     store[l] = act[rows, pos].detach()
 
                 hooks.append((hook_name("post", l), keep))
-        with torch.no_grad(), intervene(model, *ivs):
+        with torch.no_grad(), intervene(model, *ivs), prompt_lengths(batch.lengths[sl]):
             logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
         correct.append((logits[rows, pos].argmax(-1) == target[sl].to(tokens.device)).cpu())
         if coefficients:

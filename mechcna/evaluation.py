@@ -27,7 +27,7 @@ from transformer_lens import HookedTransformer
 
 from mechcna._types import Float, Tensor
 from mechcna.errors import MechcnaError
-from mechcna.interventions import Intervention, intervene
+from mechcna.interventions import Intervention, intervene, prompt_lengths
 from mechcna.prompts import prepare_prompts, single_token_ids
 from mechcna.tasks.arithmetic import ArithmeticDataset
 
@@ -149,7 +149,8 @@ def evaluate_accuracy(
         for start in tqdm(starts, desc="accuracy", disable=not progress, leave=False):
             assert targets is not None
             batch = prepare_prompts(model, prompts[start : start + batch_size])
-            logits = model(batch.tokens)[batch.batch_index, batch.positions]
+            with prompt_lengths(batch.lengths):
+                logits = model(batch.tokens)[batch.batch_index, batch.positions]
             logp = logits.float().log_softmax(-1)
             target = targets[start : start + batch_size]
             correct.append(logp.argmax(-1) == target)

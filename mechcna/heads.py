@@ -49,9 +49,15 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import apply_softcap
 
 from mechcna._types import Float, Int, Tensor
-from mechcna.errors import MechcnaError, UnsupportedArchitectureError
+from mechcna.errors import (
+    ComponentIndexError,
+    EmptyInputError,
+    MechcnaError,
+    UnsupportedArchitectureError,
+)
 from mechcna.head_results import Head, HeadEffects, HeadSweep
 from mechcna.hooks import hook_name
+from mechcna.inputs import index_in, pair
 from mechcna.interventions import HeadAblation
 from mechcna.prompts import PromptBatch, prepare_prompts, single_token_ids
 
@@ -64,19 +70,16 @@ def _check_heads(model: HookedTransformer, heads: Sequence[Head] | None) -> tupl
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if heads is None:
         return tuple((l, h) for l in range(n_layers) for h in range(n_heads))
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
+        raise ComponentIndexError(f"heads must be a list of (layer, head) pairs, not {heads!r}")
     out: list[Head] = []
-    for pair in heads:
-        if len(pair) != 2:
-            raise MechcnaError(f"heads must be (layer, head) pairs, got {pair!r}")
-        l, h = int(pair[0]), int(pair[1])
-        if not -n_layers <= l < n_layers:
-            raise MechcnaError(f"layer {l} out of range: the model has {n_layers} layers")
-        if not 0 <= h < n_heads:
-            raise MechcnaError(f"head {h} out of range: layers have {n_heads} heads")
-        if (l % n_layers, h) not in out:
-            out.append((l % n_layers, h))
+    for item in heads:
+        a, b = pair(item, "a (layer, head) pair")
+        l, h = index_in(a, n_layers, "layer"), index_in(b, n_heads, "head")
+        if (l, h) not in out:
+            out.append((l, h))
     if not out:
-        raise MechcnaError("no heads to ablate")
+        raise EmptyInputError("no heads to ablate")
     return tuple(out)
 
 

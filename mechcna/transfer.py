@@ -52,7 +52,7 @@ from mechcna._types import Float, Tensor
 from mechcna.architecture import Architecture
 from mechcna.errors import MechcnaError
 from mechcna.hooks import hook_name
-from mechcna.interventions import Intervention, intervene
+from mechcna.interventions import Intervention, intervene, prompt_lengths
 from mechcna.projection import TopTokens, compute_dtype, top_tokens
 from mechcna.prompts import PromptBatch, Prompts, prepare_prompts, single_token_id
 
@@ -119,7 +119,7 @@ def capture_positions(
         hooks += [(hook_name(kind, l), keep(f"{kind}{l}")) for kind in kinds]
         if arch.norm != "none":
             hooks.append((hook_name("scale", l, "ln1"), keep(f"scale{l}")))
-    with torch.no_grad(), intervene(model, *interventions):
+    with torch.no_grad(), intervene(model, *interventions), prompt_lengths(batch.lengths):
         model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
 
     def stack(prefix: str) -> Tensor:
