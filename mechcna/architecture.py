@@ -14,6 +14,7 @@ from typing import Literal, cast
 
 import torch
 from transformer_lens import HookedTransformer
+from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 
 from mechcna._types import Float, Tensor
 from mechcna.errors import UnsupportedArchitectureError
@@ -21,6 +22,22 @@ from mechcna.inputs import index_in
 
 NormKind = Literal["LN", "LNPre", "RMS", "RMSPre", "none"]
 _NORMS = {"LN": "LN", "LNPre": "LNPre", "RMS": "RMS", "RMSPre": "RMSPre", None: "none"}
+
+
+def norm_kind(module: object) -> NormKind:
+    """The kind of a TransformerLens norm module (``"none"`` for ``None``)."""
+    if module is None:
+        return "none"
+    kinds: dict[type, NormKind] = {
+        LayerNorm: "LN",
+        LayerNormPre: "LNPre",
+        RMSNorm: "RMS",
+        RMSNormPre: "RMSPre",
+    }
+    kind = kinds.get(type(module))
+    if kind is None:
+        raise UnsupportedArchitectureError(f"unknown norm module {type(module).__name__}")
+    return kind
 
 
 class Architecture:
@@ -58,7 +75,9 @@ class Architecture:
         self.n_key_value_heads: int = cfg.n_key_value_heads or cfg.n_heads
         self.gated: bool = bool(cfg.gated_mlp)
         self.norm: NormKind = _NORMS[cfg.normalization_type]  # type: ignore[assignment]
-        self.final_norm: NormKind = self.norm
+        # The final norm can be of another kind than the block norms (LayerNorm blocks with
+        # ``final_rms=True``): read it from the module itself.
+        self.final_norm: NormKind = norm_kind(getattr(model, "ln_final", None))
         self.eps: float = cfg.eps
 
     # ----------------------------------------------------------------- checks

@@ -49,16 +49,20 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import apply_softcap
 
 from mechcna._types import Float, Int, Tensor
+from mechcna.check import refuse_non_finite
 from mechcna.errors import (
     ComponentIndexError,
     EmptyInputError,
     MechcnaError,
+    NonFiniteError,
     UnsupportedArchitectureError,
 )
 from mechcna.head_results import Head, HeadEffects, HeadSweep
 from mechcna.hooks import hook_name
-from mechcna.inputs import index_in, pair
+from mechcna.inputs import index_in, pair, warn_user_hooks
 from mechcna.interventions import HeadAblation
+from mechcna.models import get_processing
+from mechcna.processing import VALUE_BIAS, require_unprocessed
 from mechcna.prompts import PromptBatch, prepare_prompts, single_token_ids
 
 TokenPrompts = str | Sequence[str] | Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
@@ -345,6 +349,9 @@ def head_sweep(
         raise MechcnaError("batch_size and heads_per_pass must be positive")
     if model.cfg.positional_embedding_type == "shortformer":
         raise UnsupportedArchitectureError("shortformer positional embeddings")
+    if mode == "zero":
+        require_unprocessed(model, "head_sweep(mode='zero')", VALUE_BIAS)
+    warn_user_hooks(model)
     prompts, targets, labels = _unpack(data, targets, labels)
     heads_t = _check_heads(model, heads)
     batch = _tokenize(model, prompts, position)
@@ -408,6 +415,8 @@ def head_sweep(
             base = _final_logits(
                 model, tokens, pos, fwd_hooks=[(name, store) for name in names]
             ).log_softmax(-1)
+            if not bool(torch.isfinite(base).all()):
+                refuse_non_finite(model, tokens, "the unablated log-probability")
             rows = torch.arange(len(idx), device=base.device)
             tgt = base.argmax(-1) if target_ids is None else target_ids[idx]
             base_logprob[idx_cpu] = base[rows, tgt].cpu()
@@ -422,6 +431,10 @@ def head_sweep(
                     resid = cache[hook_name("resid_pre", layer)]
                     lp = _ablated_pass(model, resid, pos, layer, hs, fill)
                 lp = lp.log_softmax(-1)
+                if not bool(torch.isfinite(lp).all()):
+                    raise NonFiniteError(
+                        f"layer {layer}: ablating heads {hs} gives NaN or infinite log-probs"
+                    )
                 lp = einops.rearrange(
                     lp, "(copy batch) d_vocab -> copy batch d_vocab", copy=len(hs)
                 )
@@ -447,6 +460,7 @@ def head_sweep(
         prompts=batch.strings,
         model_name=str(model.cfg.model_name),
         means=means,
+        processing=get_processing(model),
     )
 
 
@@ -499,4 +513,5 @@ def single_prompt_head_effects(
         prompt=prompt if isinstance(prompt, str) else None,
         n_layers=sweep.n_layers,
         n_heads=sweep.n_heads,
+        processing=sweep.processing,
     )

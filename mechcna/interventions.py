@@ -43,6 +43,7 @@ from mechcna.architecture import Architecture
 from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError
 from mechcna.hooks import hook_name
 from mechcna.inputs import as_int, pair
+from mechcna.processing import VALUE_BIAS, require_unprocessed
 
 HookFn = Callable[[Tensor, HookPoint], Tensor]
 FwdHooks = list[tuple[str, HookFn]]
@@ -199,6 +200,8 @@ class HeadAblation:
 
     def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
         arch = Architecture(model)
+        if self.mode == "zero":
+            require_unprocessed(model, "zero-ablating a head", VALUE_BIAS)
         by_layer: dict[int, list[int]] = defaultdict(list)
         for l, h in self.heads:
             l, h = arch.check_head(l, h)
@@ -227,6 +230,8 @@ class HeadAblation:
     def write_weights(self, model: HookedTransformer) -> None:
         _no_positions("head ablation", self.positions)
         arch = Architecture(model)
+        if self.mode == "zero":
+            require_unprocessed(model, "zero-ablating a head", VALUE_BIAS)
         with torch.no_grad():
             for l, h in self.heads:
                 l, h = arch.check_head(l, h)

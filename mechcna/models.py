@@ -72,9 +72,13 @@ NO_PROCESSING = WeightProcessing()
 _PROCESSING_ATTR = "_mechcna_processing"
 
 
-def get_processing(model: HookedTransformer) -> WeightProcessing | None:
-    """The weight processing recorded by :func:`load_model` (``None`` if unknown)."""
-    return getattr(model, _PROCESSING_ATTR, None)
+def get_processing(model: HookedTransformer) -> WeightProcessing:
+    """The weight processing of ``model``: what :func:`load_model` recorded, together with
+    what :func:`mechcna.processing.infer_processing` sees in its modules and weights (so models
+    from ``HookedTransformer.from_pretrained`` or processed after loading are known too)."""
+    from mechcna.processing import combine, infer_processing
+
+    return combine(getattr(model, _PROCESSING_ATTR, None), infer_processing(model))
 
 
 def _record(model: HookedTransformer, processing: WeightProcessing) -> HookedTransformer:
