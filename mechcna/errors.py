@@ -57,6 +57,10 @@ class ComponentIndexError(MechcnaError, IndexError):
     """A layer, head or neuron is malformed, negative or out of range."""
 
 
+class PositionError(MechcnaError, IndexError):
+    """A position lies outside a prompt's real tokens."""
+
+
 class InvalidOptionError(MechcnaError):
     """An option is not one of its allowed values (e.g. ``method="fast"``), or a count such as
     ``k`` is not a positive integer."""

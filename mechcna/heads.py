@@ -55,15 +55,16 @@ from mechcna.errors import (
     EmptyInputError,
     MechcnaError,
     NonFiniteError,
+    PromptTypeError,
     UnsupportedArchitectureError,
 )
 from mechcna.head_results import Head, HeadEffects, HeadSweep
 from mechcna.hooks import hook_name
-from mechcna.inputs import index_in, pair, warn_user_hooks
+from mechcna.inputs import check_prompt_list, index_in, pair, warn_user_hooks
 from mechcna.interventions import HeadAblation
 from mechcna.models import get_processing
 from mechcna.processing import VALUE_BIAS, require_unprocessed
-from mechcna.prompts import PromptBatch, prepare_prompts, single_token_ids
+from mechcna.prompts import PromptBatch, check_token_ids, prepare_prompts, single_token_ids
 
 TokenPrompts = str | Sequence[str] | Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
 Targets = str | int | Sequence[str | int] | Tensor | None
@@ -94,10 +95,17 @@ def _tokenize(model: HookedTransformer, prompts: TokenPrompts, position: int | N
     ):
         return prepare_prompts(model, prompts, position)  # type: ignore[arg-type]
     if len(prompts) == 0:
-        raise MechcnaError("no prompts given")
-    rows = [torch.as_tensor(p).reshape(-1) for p in prompts]
-    if any(len(r) == 0 or r.dtype.is_floating_point for r in rows):
-        raise MechcnaError("token prompts must be non-empty integer ids")
+        raise EmptyInputError("no prompts given")
+    if any(isinstance(p, str) for p in prompts):
+        check_prompt_list(prompts)  # names the first non-string
+    try:
+        rows = [torch.as_tensor(p).reshape(-1) for p in prompts]
+    except (TypeError, ValueError, RuntimeError):
+        raise PromptTypeError("prompts must be strings or rows of integer token ids") from None
+    if any(len(r) == 0 or r.dtype.is_floating_point or r.dtype == torch.bool for r in rows):
+        raise PromptTypeError("token prompts must be non-empty integer ids")
+    for r in rows:
+        check_token_ids(model, r)
     tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = r
@@ -205,7 +213,10 @@ def _final_logits(
         shrunk.append(True)
         return resid_mid[rows, positions][:, None]
 
-    hooks = [*fwd_hooks, (hook_name("resid_mid", model.cfg.n_layers - 1), keep_scored)]
+    last_mid = hook_name("resid_mid", model.cfg.n_layers - 1)
+    hooks = [*fwd_hooks]
+    if last_mid in model.hook_dict:  # attention-only and parallel blocks have none
+        hooks.append((last_mid, keep_scored))
     with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
         if start_at_layer is None:
             final = model(inputs, stop_at_layer=model.cfg.n_layers, **_forward_kwargs(model))

@@ -18,8 +18,11 @@ from transformer_lens import HookedTransformer
 
 from mechcna.errors import (
     ComponentIndexError,
+    DeviceError,
+    DtypeError,
     EmptyInputError,
     InvalidOptionError,
+    MissingWeightsError,
     PromptTypeError,
     UserHookWarning,
 )
@@ -122,3 +125,47 @@ def warn_user_hooks(model: HookedTransformer) -> None:
         UserHookWarning,
         stacklevel=3,
     )
+
+
+def check_dtype(dtype: Any) -> torch.dtype:
+    """A floating-point ``torch.dtype`` (a string such as ``"float16"`` is refused, naming
+    the ``torch.float16`` to pass instead)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str):
+        hint = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(hint, torch.dtype):
+            raise DtypeError(f"dtype must be a torch.dtype: pass {hint} instead of {dtype!r}")
+        raise DtypeError(f"unknown dtype {dtype!r}: pass a torch.dtype such as torch.float32")
+    raise DtypeError(f"dtype must be a floating-point torch.dtype, not {dtype!r}")
+
+
+def check_device(device: Any) -> torch.device:
+    """A device that exists on this machine (``"cuda"`` without CUDA is refused)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    missing = dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count()
+    if not available.get(dev.type, False) or missing:
+        raise DeviceError(f"device {device!r} is not available on this machine")
+    return dev
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def check_weight_files(path: Any) -> None:
+    """A Hugging Face checkpoint directory must hold weight files next to ``config.json``."""
+    from pathlib import Path
+
+    if not any(any(Path(path).glob(p)) for p in WEIGHT_FILES):
+        raise MissingWeightsError(
+            f"{path} has config.json but no weights ({', '.join(WEIGHT_FILES)}); download the "
+            "model files too, or pass the directory that holds them"
+        )

@@ -40,7 +40,7 @@ from transformer_lens.hook_points import HookPoint
 
 from mechcna._types import Tensor, Tokens
 from mechcna.architecture import Architecture
-from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError
+from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError, PositionError
 from mechcna.hooks import hook_name
 from mechcna.inputs import as_int, pair
 from mechcna.processing import VALUE_BIAS, require_unprocessed
@@ -107,7 +107,7 @@ def position_mask(positions: Sequence[int], n_rows: int, n_pos: int, device) -> 
     bad = (absolute < 0) | (absolute >= lengths[:, None])
     if bad.any():
         short = int(lengths[bad.any(1)].min())
-        raise MechcnaError(f"positions {tuple(positions)} fall outside a prompt of {short} tokens")
+        raise PositionError(f"positions {tuple(positions)} fall outside a prompt of {short} tokens")
     mask = torch.zeros(n_rows, n_pos, dtype=torch.bool)
     mask.scatter_(1, absolute.clamp_max(n_pos - 1), True)
     return mask.to(device)

@@ -35,6 +35,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerBase
 
 from mechcna.errors import ModelNotFoundError, UnsupportedArchitectureError
+from mechcna.inputs import check_device, check_dtype, check_weight_files
 from mechcna.tokenizer import load_tokenizer, prepare_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def load_model(
         ModelNotFoundError: the name or directory does not resolve to a model.
         UnsupportedArchitectureError: a local checkpoint of an unsupported family.
     """
-    device = device or default_device()
+    device = check_device(device or default_device())
+    dtype = check_dtype(dtype)
     if isinstance(source, HookedTransformerConfig):
         model = _from_config(source, device, dtype, tokenizer, seed)
         if processing.any:
@@ -141,6 +143,7 @@ def load_model(
             model, stored = _from_mechcna_checkpoint(path, device, dtype, tokenizer, processing)
             return _finish(model, stored, prepend_bos)
         if (path / "config.json").is_file():
+            check_weight_files(path)
             model = _from_hf_directory(path, device, dtype, tokenizer, processing)
             return _finish(model, processing, prepend_bos)
         raise ModelNotFoundError(
