@@ -40,9 +40,11 @@ from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.architecture import Architecture
 from mechcna.attribution import Capture, Targets, _meta, capture, ffn_scores
 from mechcna.engine import EngineStats, Method
-from mechcna.errors import MechcnaError
+from mechcna.errors import EmptyInputError, MechcnaError
 from mechcna.hooks import hook_name
-from mechcna.interventions import Intervention, NeuronMask, intervene
+from mechcna.interventions import Intervention, NeuronMask, intervene, prompt_lengths
+from mechcna.models import WeightProcessing, get_processing
+from mechcna.processing import refuses_processing
 from mechcna.projection import top_tokens
 from mechcna.prompts import PromptBatch, Prompts, prepare_prompts
 from mechcna.results import Scores
@@ -62,6 +64,13 @@ class NeuronComparison(Scores):
 
     reference_scale: str = "original"
     stats: EngineStats | None = None
+    layers_from: int = 0
+
+    @property
+    def changed_layers(self) -> range:
+        """The layers from the lowest one whose inputs differ between ``M`` and ``M'`` (the
+        intervened head's layer) up: the paper's deep layers of Table 5."""
+        return range(self.layers_from, self.scores.shape[1])
 
     @property
     def delta(self) -> Float[Tensor, "prompt layer neuron"]:
@@ -188,6 +197,8 @@ def _compare(
         imp = ffn_scores(model, cap.resid_mid, cap.post, cap.target, cap.scale, **kw)  # type: ignore[arg-type]
         imp_o = ffn_scores(other_model, cap_o.resid_mid, cap_o.post, cap.target, scale_o, **kw)  # type: ignore[arg-type]
     m, m_o = cap.post.cpu().to(imp.dtype), cap_o.post.cpu().to(imp.dtype)
+    differs = ((cap.resid_mid != cap_o.resid_mid).any(-1) | (cap.post != cap_o.post).any(-1)).any(0)
+    layers_from = int(differs.nonzero()[0]) if bool(differs.any()) else 0
     return NeuronComparison(
         scores=imp - imp_o,
         dims=("prompt", "layer", "neuron"),
@@ -200,6 +211,7 @@ def _compare(
         },
         reference_scale=reference_scale,
         stats=stats,
+        layers_from=layers_from,
         **_meta(model, cap, paper_compat),
     )
 
@@ -295,7 +307,7 @@ def _run_cases(
                     store[l] = act[rows, pos].detach()
 
                 hooks.append((hook_name("post", l), keep))
-        with torch.no_grad(), intervene(model, *ivs):
+        with torch.no_grad(), intervene(model, *ivs), prompt_lengths(batch.lengths[sl]):
             logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
         correct.append((logits[rows, pos].argmax(-1) == target[sl].to(tokens.device)).cpu())
         if coefficients:
@@ -330,6 +342,9 @@ def mask_keep_table(
     random neurons of ``deep_layers`` are zeroed ("random"), and the decrease (%) of the top
     neurons' coefficients from ``M`` to ``M'`` ("coef").
 
+    ``deep_layers`` defaults to the comparison's :attr:`NeuronComparison.changed_layers`:
+    from the intervened head's layer up, as the paper does (its layers 17-31 for head 17_22).
+
     Policies (the paper leaves them open): accuracy is greedy next-token accuracy against the
     comparison's targets over all cases, and the decrease is relative,
     ``(acc_M - acc_intervened) / acc_M``; "coef" is the mean over cases of
@@ -342,7 +357,10 @@ def mask_keep_table(
     arch = Architecture(model)
     batch = _batch(model, prompts, comparison)
     target = comparison.target_ids
-    deep = sorted({arch.check_layer(l) for l in (deep_layers or range(arch.n_layers))})
+    chosen = comparison.changed_layers if deep_layers is None else deep_layers
+    deep = sorted({arch.check_layer(l) for l in chosen})
+    if not deep:
+        raise EmptyInputError("deep_layers is empty")
     deep_mask = torch.zeros(arch.n_layers, arch.d_mlp, dtype=torch.bool)
     deep_mask[deep] = True
     base, _ = _run_cases(model, batch, target, batch_size=batch_size)
@@ -421,6 +439,7 @@ class ValueKeyProducts:
     neurons: tuple[tuple[int, int], ...]
     products: Float[Tensor, "source dest"]
     key: str
+    processing: WeightProcessing | None = None
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
@@ -447,6 +466,7 @@ class ValueKeyProducts:
         return fig
 
 
+@refuses_processing()
 def value_key_products(
     model: HookedTransformer,
     neurons: Sequence[tuple[int, int]],
@@ -482,7 +502,7 @@ def value_key_products(
     products = einops.einsum(values, keys, "source d_model, dest d_model -> source dest")
     layer = torch.tensor([l for l, _ in neurons])
     products = products.masked_fill(~(layer[:, None] < layer[None, :]), float("nan"))
-    return ValueKeyProducts(neurons, products.cpu(), key)
+    return ValueKeyProducts(neurons, products.cpu(), key, get_processing(model))
 
 
 def cna_table(

@@ -26,6 +26,8 @@ from jaxtyping import Bool
 from mechcna import plotting
 from mechcna._types import Float, Int, Tensor
 from mechcna.errors import MechcnaError
+from mechcna.inputs import positive_int
+from mechcna.models import WeightProcessing
 
 Head = tuple[int, int]
 Cell = Mapping[str, Any] | str | None
@@ -76,6 +78,7 @@ class HeadSweep:
     prompts: tuple[str, ...] | None = field(default=None, repr=False)
     model_name: str = ""
     means: dict[Head, Tensor] | None = field(default=None, repr=False)
+    processing: WeightProcessing | None = None
 
     def __post_init__(self) -> None:
         if len(self.heads) != self.correct.shape[0] or len(self.labels) != self.correct.shape[1]:
@@ -149,6 +152,7 @@ class HeadSweep:
 
     def top(self, k: int = 10, cell: Cell = None) -> pd.DataFrame:
         """The ``k`` heads whose ablation lowers accuracy most (ties: log-prob decrease)."""
+        k = positive_int(k, "k")
         df = self.summary(cell)
         df = df.sort_values(["delta_accuracy", "delta_logprob"], kind="stable")
         return df.head(k).reset_index(drop=True)
@@ -309,6 +313,7 @@ class HeadEffects:
     prompt: str | None
     n_layers: int
     n_heads: int
+    processing: WeightProcessing | None = None
 
     @property
     def prob(self) -> Float[Tensor, " ablation"]:
@@ -332,7 +337,7 @@ class HeadEffects:
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` heads whose ablation lowers the target's probability most."""
-        return self.to_frame().head(k)
+        return self.to_frame().head(positive_int(k, "k"))
 
     def plot(
         self, value: Literal["delta_logprob", "delta_prob", "prob", "logprob"] = "delta_logprob"

@@ -46,6 +46,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mechcna.errors import ModelNotFoundError, UnsupportedArchitectureError
 from mechcna.hf_convert import build_model, hf_config_to_tl, tl_state_dict
+from mechcna.inputs import check_device, check_dtype, check_weight_files
 from mechcna.tokenizer import load_tokenizer, prepare_tokenizer, tokenizer_adds_bos
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,13 @@ NO_PROCESSING = WeightProcessing()
 _PROCESSING_ATTR = "_mechcna_processing"
 
 
-def get_processing(model: HookedTransformer) -> WeightProcessing | None:
-    """The weight processing recorded by :func:`load_model` (``None`` if unknown)."""
-    return getattr(model, _PROCESSING_ATTR, None)
+def get_processing(model: HookedTransformer) -> WeightProcessing:
+    """The weight processing of ``model``: what :func:`load_model` recorded, together with
+    what :func:`mechcna.processing.infer_processing` sees in its modules and weights (so models
+    from ``HookedTransformer.from_pretrained`` or processed after loading are known too)."""
+    from mechcna.processing import combine, infer_processing
+
+    return combine(getattr(model, _PROCESSING_ATTR, None), infer_processing(model))
 
 
 def _record(model: HookedTransformer, processing: WeightProcessing) -> HookedTransformer:
@@ -203,7 +208,8 @@ def load_model(
     """
     from mechcna.gguf_models import KNOWN_MODELS, find_gguf, known_model_path
 
-    device = device or default_device()
+    device = check_device(device or default_device())
+    dtype = check_dtype(dtype)
     if isinstance(source, HookedTransformerConfig):
         if processing.any:
             raise UnsupportedArchitectureError(
@@ -229,7 +235,8 @@ def load_model(
     if path.is_dir() and (path / CHECKPOINT_FILE).is_file():
         model, stored, record = _from_mechcna_checkpoint(path, device, dtype, tokenizer, processing)
         return _finish(model, stored, prepend_bos, record, name)
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and (path / "config.json").is_file() and find_gguf(path) is None:
+        check_weight_files(path)
         model, bos = _from_hf_directory(path, device, dtype, tokenizer, processing)
         return _finish(model, processing, prepend_bos, bos, name, "huggingface")
     gguf_path = find_gguf(path)

@@ -147,7 +147,7 @@ def test_head_subset_and_input_forms(model64):
     model = model64
     targets = _targets(model)
     full = head_sweep(model, _prompts(), targets, heads_per_pass=2, progress=False)
-    subset = [(1, 2), (0, 3), (-1, 0), (1, 2)]
+    subset = [(1, 2), (0, 3), (1, 0), (1, 2)]
     sweep = head_sweep(model, _prompts(), targets, heads=subset, batch_size=2, progress=False)
     assert sweep.heads == ((1, 2), (0, 3), (1, 0))
     rows = [full.heads.index(hd) for hd in sweep.heads]
