@@ -313,7 +313,7 @@ def _esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: Any) -> str:  # numpy floats too
     return f"{x:.4g}"
 
 
