@@ -71,9 +71,11 @@ def test_page_holds_every_figure_and_no_external_url(tmp_path):
 
 
 def test_provenance_from_model():
-    prov = Provenance.from_model(build("llama"))
+    model = build("llama")
+    prov = Provenance.from_model(model)
     assert prov.weight_processing.startswith("none")
-    assert prov.bos == "prepended" and prov.dequantisation.startswith("none")
+    expect = "prepended" if model.cfg.default_prepend_bos else "not prepended"
+    assert prov.bos.startswith(expect + " (policy: ") and prov.dequantisation.startswith("none")
 
 
 def test_bad_inputs_and_out_dirs(tmp_path):
