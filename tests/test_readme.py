@@ -50,3 +50,16 @@ def test_real_model_blocks(tmp_path, monkeypatch):
     for line, code in REAL_BLOCKS:
         assert 'load_model("smollm2-135m")' in code
         _run(line, code, tmp_path, monkeypatch)
+
+
+def test_offline_gpt2_names_the_models_that_work_offline(monkeypatch):
+    """README: offline users asking for "gpt2" get the alternatives at once (no hub retries)."""
+    import time
+
+    from mechcna import ModelNotFoundError, load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match=r"mechcna/arith-small.*smollm2-135m"):
+        load_model("gpt2", device="cpu")
+    assert time.perf_counter() - start < 60  # the name table lookup only; retries take minutes
