@@ -25,7 +25,7 @@ Example:
     >>> res.top(10, prompt=0)                                                 # doctest: +SKIP
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from mechcna import plotting
 from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.architecture import Architecture
 from mechcna.attribution import Capture, Targets, _meta, capture, ffn_scores
@@ -109,25 +110,29 @@ class NeuronComparison(Scores):
         frame["label"] = frame["layer"].astype(str) + "_" + frame["neuron"].astype(str)
         return frame.sort_values(["count", "mean_delta"], ascending=False, ignore_index=True)
 
-    def plot(self, prompt: int | None = None, k: int = 20) -> go.Figure:
-        """Importance in ``M`` and ``M'`` of the top-``k`` CNA neurons (one prompt or mean)."""
+    def plot(
+        self, prompt: int | None = None, k: int = 20, tokens: Mapping[str, str] | None = None
+    ) -> go.Figure:
+        """Importance in ``M`` and ``M'`` of the top-``k`` CNA neurons (one prompt or mean).
+
+        Args:
+            tokens: ``{"layer_neuron": "top tokens"}`` shown in the hover text.
+        """
         top = self.top(k, prompt=prompt)
         imp_m = self.extras["imp_original"]
         imp_o = self.extras["imp_other"]
         pick = (top["layer"].tolist(), top["neuron"].tolist())
         sel_m = imp_m[prompt] if prompt is not None else imp_m.double().mean(0)
         sel_o = imp_o[prompt] if prompt is not None else imp_o.double().mean(0)
-        fig = go.Figure()
-        fig.add_bar(x=top["label"], y=sel_m[pick].tolist(), name="Imp in M")
-        fig.add_bar(x=top["label"], y=sel_o[pick].tolist(), name="Imp in M'")
-        fig.add_scatter(x=top["label"], y=top["score"], mode="markers", name="CNA delta")
-        fig.update_layout(
-            title=f"top-{k} CNA neurons" + ("" if prompt is None else f" (prompt {prompt})"),
-            xaxis_title="neuron (layer_index)",
-            yaxis_title="log-probability increase",
-            barmode="group",
+        where = (
+            "mean over cases"
+            if prompt is None
+            else repr(self.prompts[prompt] if self.prompts else prompt)
         )
-        return fig
+        return plotting.cna_bars(
+            top["label"].tolist(), sel_m[pick].tolist(), sel_o[pick].tolist(),
+            top["score"].tolist(), f"top-{k} CNA neurons ({where})", tokens,
+        )  # fmt: skip
 
 
 def _capture_other(

@@ -98,7 +98,10 @@ class AccuracyResult:
     def plot(self, by: Sequence[str] = CELL) -> go.Figure:
         """Bar chart of accuracy per cell; returns the figure."""
         table = self.to_frame(by)
-        labels = [" ".join(f"{k}={row[k]}" for k in by) for _, row in table.iterrows()]
+        short = {"digits": "{}-digit", "template": "template {}", "kind": "{}"}
+        labels = [
+            ", ".join(short.get(k, "{}").format(row[k]) for k in by) for _, row in table.iterrows()
+        ]
         fig = go.Figure(
             go.Bar(
                 x=labels,
@@ -108,12 +111,15 @@ class AccuracyResult:
                 "<br>mean log p %{customdata[1]:.3f}<extra></extra>",
             )
         )
-        title = f"accuracy {self.accuracy:.3f}"
-        if self.model_name:
-            title = f"{self.model_name}: {title}"
+        title = f"greedy accuracy per cell (overall {self.accuracy:.3f}, {len(self.correct)} cases"
+        title += f", {self.model_name})" if self.model_name else ")"
         if self.interventions:
             title += " under " + ", ".join(self.interventions)
-        fig.update_layout(title=title, yaxis={"title": "accuracy", "range": [0, 1]})
+        fig.update_layout(
+            title=title,
+            xaxis_title=" / ".join(by),
+            yaxis={"title": "accuracy", "range": [0, 1]},
+        )
         return fig
 
 

@@ -283,8 +283,16 @@ class HeadSweep:
         df = self.summary(cell)
         z = np.full((self.n_layers, self.n_heads), np.nan)
         z[df["layer"].to_numpy(), df["head_index"].to_numpy()] = df[value].to_numpy()
-        where = "all cases" if cell is None else str(cell)
-        title = f"{value} after {self.mode}-ablating each head ({where}, {self.model_name})"
+        words = {
+            "delta_accuracy": "change of accuracy",
+            "accuracy": "accuracy",
+            "delta_logprob": "change of mean log p(target)",
+            "logprob": "mean log p(target)",
+        }[value]
+        title = (
+            f"{words} when each head is {self.mode}-ablated "
+            f"({plotting.cell_words(cell)}, {int(self._mask(cell).sum())} cases, {self.model_name})"
+        )
         return plotting.layer_head_heatmap(
             z, self.n_layers, self.n_heads, title, value.startswith("delta"), value
         )
@@ -346,7 +354,14 @@ class HeadEffects:
         df = self.to_frame()
         z = np.full((self.n_layers, self.n_heads), np.nan)
         z[df["layer"].to_numpy(), df["head_index"].to_numpy()] = df[value].to_numpy()
-        title = f"{value} of {self.target_str or self.target!r} after ablating each head"
+        target = repr(self.target_str) if self.target_str is not None else f"token {self.target}"
+        words = {
+            "delta_logprob": f"change of log p({target})",
+            "delta_prob": f"change of p({target})",
+            "prob": f"p({target})",
+            "logprob": f"log p({target})",
+        }[value]
+        title = f"{words} when each head is ablated"
         if self.prompt is not None:
             title += f" ({self.prompt!r})"
         return plotting.layer_head_heatmap(

@@ -354,6 +354,7 @@ def _from_pretrained_name(
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
 ) -> HookedTransformer:
+    _fail_fast_offline(name)
     try:
         return HookedTransformer.from_pretrained(
             name,
@@ -368,6 +369,36 @@ def _from_pretrained_name(
             f"are in the Hugging Face cache or reachable online, a known model "
             f"({', '.join(_known_names())}), nor a local directory or .gguf file ({err})"
         ) from err
+
+
+def _fail_fast_offline(name: str) -> None:
+    """Raise at once, naming the models that work offline, when the TransformerLens model
+    ``name`` is not in the Hugging Face cache and the hub is unreachable (``HF_HUB_OFFLINE``
+    set, or a 2 s connection probe fails), instead of waiting through the hub's retries."""
+    import os
+    import socket
+
+    from huggingface_hub import try_to_load_from_cache
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        repo = get_official_model_name(name)
+    except ValueError:
+        return  # not a TransformerLens name: from_pretrained reports it at once
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return  # in the local cache
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=2.0).close()
+            return
+        except OSError:
+            pass
+    raise ModelNotFoundError(
+        f"{name!r} ({repo}) is not in the Hugging Face cache and the hub cannot be reached "
+        f"(offline). Models that load offline: {', '.join(_known_names())}; or a local Hugging "
+        "Face checkpoint directory or .gguf file"
+    )
 
 
 def _known_names() -> list[str]:

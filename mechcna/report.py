@@ -124,13 +124,13 @@ class Provenance:
             done = [k for k, v in asdict(processing).items() if v]
             words = ", ".join(done) if done else "none (raw weights, as the papers)"
         source = get_provenance(model)
-        if source is not None and source.quantization:
-            dequant = f"{source.quantization} GGUF dequantised to {model.cfg.dtype}"
-        else:
-            dequant = "none (float weights)"
         bos = "prepended" if model.cfg.default_prepend_bos else "not prepended"
+        dequant = "none (float weights)"
         if source is not None:
-            bos = f"{bos} ({source.bos_policy})"
+            bos += f" (policy: {source.bos_policy})"
+            if source.quantization is not None:
+                dequant = f"dequantised from {source.quantization} ({source.format})"
+            extra = {"source": source.describe(), **extra}
         return cls(
             model=str(model.cfg.model_name),
             weight_processing=words,
@@ -319,7 +319,7 @@ def _esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: Any) -> str:  # numpy floats too
     return f"{x:.4g}"
 
 
