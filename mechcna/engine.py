@@ -183,8 +183,10 @@ def _central_moments(
     """Variance and third central moment of the stored rows ``sel`` under each distribution
     (rows converted to the compute dtype one chunk at a time)."""
     k2s, k3s = [], []
+    whole = len(sel) == store.n_rows  # sel is then arange: read contiguous slices
     for i in range(0, len(sel), chunk):
-        _, k2, k3 = cumulants(probs, store.get(sel[i : i + chunk]), chunk)
+        part = slice(i, i + chunk) if whole else sel[i : i + chunk]
+        _, k2, k3 = cumulants(probs, store.get(part), chunk)
         k2s.append(k2)
         k3s.append(k3)
     return torch.cat(k2s, 1).clamp_min(0), torch.cat(k3s, 1)
@@ -281,9 +283,17 @@ def increase_from_rows(
         if not store.normalised and bool(store.known[uniq].all()):
             U = store.get(uniq)
         else:
-            todo = uniq[[int(r) not in fresh for r in uniq.tolist()]]
+            kept = store.exact_known[uniq]
+            todo = uniq[[int(r) not in fresh and not bool(k) for r, k in zip(uniq, kept)]]
             fresh.update(zip(todo.tolist(), _exact_rows(rows, todo), strict=True))
-            U = torch.stack([fresh[int(r)] for r in uniq.tolist()])
+            new = uniq[~kept]
+            if len(new):
+                store.put_exact(new, torch.stack([fresh[int(r)] for r in new.tolist()]))
+            U = (
+                store.get_exact(uniq)
+                if store.normalised
+                else torch.stack([fresh[int(r)] for r in uniq.tolist()])
+            )
         for i in range(0, idx.shape[0], exact_chunk):
             b, e, r = idx[i : i + exact_chunk].unbind(1)
             u = U[inverse[i : i + exact_chunk]]

@@ -79,6 +79,10 @@ class RowStore:
         self.centre: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=dtype)
         self._U: Tensor | None = None
         self._map: np.memmap | None = None
+        # exact rows (compute dtype, memory only) of neurons that needed the exact sum, kept
+        # when rows are stored rounded so that the next prompt need not recompute them
+        self._exact: Tensor | None = None
+        self.exact_known: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
         if path is not None:
             self._open_file()
 
@@ -106,13 +110,28 @@ class RowStore:
     @property
     def memory_bytes(self) -> int:
         """Anonymous memory held (0 for a file-backed store: its pages are page cache)."""
+        exact = int(self.exact_known.sum()) * self.d_vocab * torch.finfo(self.dtype).bits // 8
         if self._map is not None:
-            return 0
-        return int(self.known.sum()) * self.d_vocab * torch.finfo(self.storage).bits // 8
+            return exact
+        return exact + int(self.known.sum()) * self.d_vocab * torch.finfo(self.storage).bits // 8
 
     def release(self) -> None:
-        self._U, self._map = None, None
+        self._U, self._map, self._exact = None, None, None
         self.known = torch.zeros_like(self.known)
+        self.exact_known = torch.zeros_like(self.exact_known)
+
+    def put_exact(self, idx: Int[Tensor, " n"], rows: Float[Tensor, "n d_vocab"]) -> None:
+        """Keep exact rows (only for a store whose rows are rounded)."""
+        if not self.normalised or len(idx) == 0:
+            return
+        if self._exact is None:
+            self._exact = torch.empty(self.n_rows, self.d_vocab, dtype=self.dtype)
+        self._exact[idx.cpu()] = rows.cpu()
+        self.exact_known[idx.cpu()] = True
+
+    def get_exact(self, idx: Int[Tensor, " n"]) -> Float[Tensor, "n d_vocab"]:
+        assert self._exact is not None
+        return self._exact[idx.cpu()]
 
     # ------------------------------------------------------------------ rows
     def eta(self, idx: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
@@ -139,12 +158,13 @@ class RowStore:
             self._map.flush()
             self._save_meta()
 
-    def get(self, idx: Int[Tensor, " n"]) -> Float[Tensor, "n d_vocab"]:
+    def get(self, idx: Int[Tensor, " n"] | slice) -> Float[Tensor, "n d_vocab"]:
         """Centred rows ``idx`` (all must be known) in the compute dtype."""
-        U = self._tensor()[idx.cpu()].to(self.dtype)
-        if self.normalised:
-            U = U * self.radius[idx][:, None]
-        return U
+        rows = self._tensor()[idx if isinstance(idx, slice) else idx.cpu()]
+        if not self.normalised:
+            return rows.to(self.dtype)
+        U = rows.to(self.dtype)
+        return U.mul_(self.radius[idx][:, None])
 
     # ------------------------------------------------------------------ metadata on disk
     def _meta(self) -> Path:

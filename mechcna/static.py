@@ -41,7 +41,7 @@ from transformer_lens import HookedTransformer
 from mechcna._types import Float, Tensor
 from mechcna.architecture import Architecture
 from mechcna.errors import MechcnaError
-from mechcna.projection import DirectionBlock, compute_dtype, direction_block, linear_part
+from mechcna.projection import DirectionBlock, compute_dtype, direction_block
 from mechcna.rows import RowStore, default_disk_dir, open_row_store
 
 MIN_BUDGET = 256 * 2**20
@@ -112,47 +112,48 @@ def default_budget() -> int:
     return max(MIN_BUDGET, available_memory() // 2)
 
 
-@dataclass(frozen=True)
 class Projector:
     """The static map from residual space to centred vocabulary directions.
 
-    ``U[row] = W[row] @ M`` for any residual-space vectors ``W``. For the engine's range
-    bound, every column ``x_j = M[:, j] - centre`` satisfies ``|w . x_j| <= sqrt(w A w) rho``
-    with ``A = chol @ chol.T`` (Cauchy-Schwarz in the metric of ``A``) and
-    ``|w . x_j| <= |w| max_norm``; so a row's range over the vocabulary is at most
-    ``2 min(rho |chol.T w|, max_norm |w|)`` (:meth:`range_bound`).
+    ``U[row] = W[row] @ M`` for any residual-space vectors ``W``, with
+    ``M = G - mean_i G[i]`` (LayerNorm) or ``M = G`` (RMSNorm, none), ``G = gamma[:, None] * W_U``.
+    For the engine's range bound, every column ``x_j = M[:, j] - centre`` satisfies
+    ``|w . x_j| <= sqrt(w A w) rho`` with ``A = chol @ chol.T`` (Cauchy-Schwarz in the metric
+    of ``A``, any positive-definite ``A``) and ``|w . x_j| <= |w| max_norm``; so a row's range
+    over the vocabulary is at most ``2 min(rho |chol.T w|, max_norm |w|)``
+    (:meth:`range_bound`; its data are computed on first use).
 
     Attributes:
         M: ``[d_model, d_vocab]`` linear part of the final norm and unembedding.
-        chol: ``[d_model, d_model]`` lower Cholesky factor of the vocabulary covariance of
-            ``M``'s columns (plus a small ridge).
-        rho: ``max_j |chol^-1 x_j|`` (times a safety margin for rounding).
-        max_norm: ``max_j |x_j|`` (times the same margin).
+        key: the content key of the weights it was made from.
     """
 
-    M: Float[Tensor, "d_model d_vocab"]
-    chol: Float[Tensor, "d_model d_model"]
-    rho: float
-    max_norm: float
-    key: str
+    def __init__(self, M: Float[Tensor, "d_model d_vocab"], key: str):
+        self.M, self.key = M, key
+        self._ellipsoid: tuple[Tensor, float, float] | None = None
+
+    def ellipsoid(self) -> tuple[Float[Tensor, "d_model d_model"], float, float]:
+        """``(chol, rho, max_norm)``: the lower Cholesky factor of the vocabulary covariance
+        of ``M``'s columns plus a ridge, ``max_j |chol^-1 x_j|`` and ``max_j |x_j|`` (both
+        times a safety margin for rounding)."""
+        if self._ellipsoid is None:
+            self._ellipsoid = _ellipsoid(self.M)
+        return self._ellipsoid
 
     def range_bound(self, W: Float[Tensor, "row d_model"]) -> Float[Tensor, " row"]:
-        ell = (W @ self.chol).norm(dim=-1) * self.rho
-        return 2 * torch.minimum(ell, W.norm(dim=-1) * self.max_norm)
+        chol, rho, max_norm = self.ellipsoid()
+        ell = (W @ chol).norm(dim=-1) * rho
+        return 2 * torch.minimum(ell, W.norm(dim=-1) * max_norm)
 
 
 SAFETY = 1.001
 
 
-def make_projector(model: HookedTransformer, key: str) -> Projector:
-    arch = Architecture(model)
-    dtype = compute_dtype(arch.dtype)
+def _ellipsoid(M: Tensor) -> tuple[Tensor, float, float]:
     with torch.no_grad():
-        eye = torch.eye(arch.d_model, dtype=dtype, device=arch.device)
-        M = linear_part(arch, eye)
         X = (M - M.mean(1, keepdim=True)).double()
         cov = (X @ X.T) / X.shape[1]
-        eye = torch.eye(arch.d_model, dtype=torch.float64, device=arch.device)
+        eye = torch.eye(M.shape[0], dtype=torch.float64, device=M.device)
         ridge = 1e-6 * float(cov.diagonal().mean()) + 1e-30
         chol, info = torch.linalg.cholesky_ex(cov + ridge * eye)
         while int(info) != 0:  # any positive-definite matrix gives a valid bound
@@ -161,7 +162,16 @@ def make_projector(model: HookedTransformer, key: str) -> Projector:
         Y = torch.linalg.solve_triangular(chol, X, upper=False)
         rho = float(Y.norm(dim=0).max()) * SAFETY
         max_norm = float(X.norm(dim=0).max()) * SAFETY
-    return Projector(M, chol.to(dtype), rho, max_norm, key)
+    return chol.to(M.dtype), rho, max_norm
+
+
+def make_projector(model: HookedTransformer, key: str) -> Projector:
+    arch = Architecture(model)
+    dtype = compute_dtype(arch.dtype)
+    with torch.no_grad():
+        G = arch.ln_final_w.detach().to(dtype)[:, None] * arch.W_U.detach().to(dtype)
+        M = G - G.mean(0, keepdim=True) if arch.centres_final else G
+    return Projector(M.contiguous(), key)
 
 
 class BlockCache:
