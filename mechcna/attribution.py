@@ -44,7 +44,7 @@ from mechcna import plotting
 from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.architecture import Architecture
 from mechcna.check import first_non_finite
-from mechcna.engine import EngineStats, Method, exact_rows_logprob, logprob_increase
+from mechcna.engine import EngineStats, Method, exact_rows_logprob, increase_from_rows
 from mechcna.errors import MechcnaError, NonFiniteError
 from mechcna.hooks import hook_name
 from mechcna.inputs import choice, warn_user_hooks
@@ -54,7 +54,7 @@ from mechcna.processing import VALUE_BIAS, refuses_processing
 from mechcna.projection import compute_dtype, linear_part, logit_offset, project_to_vocab
 from mechcna.prompts import PromptBatch, Prompts, prepare_prompts, single_token_ids
 from mechcna.results import Scores
-from mechcna.static import BlockCache, attention_block, ffn_block
+from mechcna.static import BlockCache, layer_rows
 
 Targets = str | int | Sequence[str | int] | Tensor | None
 
@@ -530,14 +530,36 @@ def ffn_scores(
             sel = torch.arange(n) if rows is None else rows[:, l].nonzero().flatten()
             if len(sel) == 0:
                 continue
-            block = ffn_block(model, l, cache)
             s = scale[sel.to(scale.device)]
             base = linear_part(arch, resid_mid[sel, l]) / s[:, None] + offset
             coef = (post[sel, l].to(base.dtype) / s[:, None])[:, None]
-            imp = logprob_increase(base, block, coef, target[sel.to(target.device)],
-                                   method=method, tol=tol, stats=stats)  # fmt: skip
+            imp = _layer_increase(model, "ffn", l, cache, base, coef,
+                                  target[sel.to(target.device)], method, tol, stats)  # fmt: skip
             scores[sel, l] = imp[:, 0].cpu()
     return scores
+
+
+def _layer_increase(
+    model: HookedTransformer,
+    kind: str,
+    layer: int,
+    cache: BlockCache | None,
+    base: Tensor,
+    coef: Tensor,
+    target: Tensor,
+    method: Method,
+    tol: float | None,
+    stats: EngineStats | None,
+) -> Tensor:
+    """One layer's neuron scores through its :class:`~mechcna.static.LayerRows`: the whole
+    block is computed and kept when the cache can hold it, otherwise only the rows the
+    second-order expansion cannot certify (:func:`mechcna.engine.increase_from_rows`)."""
+    rows = layer_rows(model, kind, layer, cache)
+    fill = rows.cache.can_hold(rows.store)
+    imp = increase_from_rows(base, rows, coef, target, method=method, tol=tol, fill=fill,
+                             stats=stats)  # fmt: skip
+    rows.cache.settle()
+    return imp
 
 
 @refuses_processing(VALUE_BIAS)
@@ -578,11 +600,10 @@ def attention_neuron_importance(
     offset = logit_offset(arch, paper_compat)
     with torch.no_grad():
         for l in tqdm(_layers(arch, layers), desc="attention layers", disable=not progress):
-            block = attention_block(model, l, cache)
             base = linear_part(arch, cap.resid_pre[:, l]) / cap.scale[:, None] + offset
             a = einops.rearrange(coef[:, l], "prompt pos head d_head -> prompt pos (head d_head)")
             a = a.to(base.dtype) / cap.scale[:, None, None]
-            imp = logprob_increase(base, block, a, cap.target, method=method, tol=tol, stats=stats)
+            imp = _layer_increase(model, "attn", l, cache, base, a, cap.target, method, tol, stats)
             scores[:, l] = einops.rearrange(
                 imp, "prompt pos (head d_head) -> prompt pos head d_head", head=arch.n_heads
             ).cpu()

@@ -1,7 +1,10 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the block cache's disk files of the tests go to a fresh temporary directory
+os.environ.setdefault("MECHCNA_CACHE_DIR", tempfile.mkdtemp(prefix="mechcna-blocks-"))
 
 import pytest
 import torch

@@ -1,0 +1,212 @@
+"""Benchmark on SmolLM2-135M: all FFN and all attention neurons against the literal method.
+
+Measured in one run, one torch thread (``--threads``), fp32:
+
+* the literal method of the papers' code (``tests/reference.py``: add the base to every
+  neuron's vector, final norm with the frozen scale, full unembedding, log-softmax), timed
+  per layer on ``--literal-layers`` layers of one prompt and scaled to all 30 layers (the
+  script prints what it scaled);
+* ``neuron_importance`` + ``attention_neuron_importance`` with default settings: first
+  prompt on a cold cache (a fresh disk-cache directory), a second single prompt, a new
+  session warm from the disk cache, then 64 prompts amortised;
+* the first prompt when streaming (``BlockCache(budget=0, disk=False)``: only the rows the
+  second-order expansion cannot certify are computed);
+* accuracy: max |fast - literal| on the timed layers and the top-100 FFN neurons of the
+  first prompt against the literal method on all layers (``--check-all-ffn``).
+
+Peak memory is measured in separate processes (``--rss default|streaming``, VmHWM).
+
+Run under the shared lock::
+
+    flock /tmp/mechcna-heavy.lock .venv/bin/python benchmarks/smollm2_attribution.py
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from smollm2 import load_smollm2  # noqa: E402
+
+from mechcna import attention_neuron_importance, neuron_importance  # noqa: E402
+from mechcna.static import BlockCache  # noqa: E402
+from tests.reference import frozen_bs  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "Tim Duncan plays the sport of",
+    "3+5=",
+    "The Eiffel Tower is in the city of",
+]
+
+
+def many_prompts(n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        a, b = (7 * i + 3) % 10, (3 * i + 1) % 10
+        out.append([f"{a}+{b}=", f"The sum of {a} and {b} is", PROMPTS[i % 4]][i % 3])
+    return out
+
+
+@torch.no_grad()
+def literal_layer(model, tokens, layer: int, kind: str):
+    """The papers' literal per-layer computation for one unpadded prompt."""
+    logits, cache = model.run_with_cache(tokens[None])
+    T = len(tokens) - 1
+    w = int(logits[0, T].argmax())
+    s = cache["ln_final.hook_scale"][0, T, 0]
+    if kind == "ffn":
+        base = cache[f"blocks.{layer}.hook_resid_mid"][0, T]
+        vectors = (
+            cache[f"blocks.{layer}.mlp.hook_post"][0, T][:, None] * model.blocks[layer].mlp.W_out
+        )
+    else:
+        base = cache[f"blocks.{layer}.hook_resid_pre"][0, T]
+        H = model.cfg.n_heads
+        alpha = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, T, :]
+        v = cache[f"blocks.{layer}.attn.hook_v"][0]
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+        sub = alpha.T[:, :, None] * v
+        vectors = (sub[..., None] * model.blocks[layer].attn.W_O[None]).flatten(0, 2)
+    lp = torch.log_softmax(frozen_bs(model, base[None] + vectors, s), -1)[:, w]
+    lp0 = torch.log_softmax(frozen_bs(model, base, s), -1)[w]
+    return lp - lp0
+
+
+LAYERS: list[int] | None = None
+
+
+def all_neurons(model, prompts, cache):
+    t = time.perf_counter()
+    f = neuron_importance(model, prompts, cache=cache, layers=LAYERS)
+    a = attention_neuron_importance(model, prompts, cache=cache, layers=LAYERS)
+    return time.perf_counter() - t, f, a
+
+
+def rss_child(mode: str, n: int) -> None:
+    model = load_smollm2()
+    cache = BlockCache(budget=0, disk=False) if mode == "streaming" else None
+    if mode == "default":
+        cache = BlockCache(disk=tempfile.mkdtemp(prefix="mechcna-bench-"))
+    all_neurons(model, PROMPTS[:n], cache)
+    all_neurons(model, PROMPTS[:n], cache)
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    print(json.dumps({"mode": mode, "peak_rss_gb": hwm / 2**20}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layers", type=int, nargs="*", help="score only these layers (default all)")
+    ap.add_argument("--literal-layers", type=int, nargs="*", default=[0, 15, 29])
+    ap.add_argument("--amortised", type=int, default=64)
+    ap.add_argument("--check-all-ffn", action="store_true")
+    ap.add_argument("--rss", choices=["default", "streaming"])
+    ap.add_argument("--rss-prompts", type=int, default=4)
+    ap.add_argument("--skip-rss", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    global LAYERS
+    LAYERS = args.layers
+    if args.rss:
+        rss_child(args.rss, args.rss_prompts)
+        return
+    print(f"{platform.node()} {platform.processor()} torch {torch.__version__} "
+          f"threads {args.threads} load {os.getloadavg()}", flush=True)  # fmt: skip
+    model = load_smollm2()
+    L = model.cfg.n_layers if LAYERS is None else len(LAYERS)
+    prompt, second = PROMPTS[0], PROMPTS[1]
+    tokens = model.to_tokens(prompt)[0]
+    n_pos = len(tokens)
+
+    # literal method on a subset of layers, scaled to all layers
+    lit = {"ffn": {}, "attn": {}}
+    lit_t = {"ffn": [], "attn": []}
+    for kind in ("ffn", "attn"):
+        for l in args.literal_layers:
+            t = time.perf_counter()
+            lit[kind][l] = literal_layer(model, tokens, l, kind)
+            lit_t[kind].append(time.perf_counter() - t)
+    per_layer = {k: sum(v) / len(v) for k, v in lit_t.items()}
+    literal_s = L * (per_layer["ffn"] + per_layer["attn"])
+    print(f"literal: FFN {per_layer['ffn']:.2f} s/layer, attention {per_layer['attn']:.2f} "
+          f"s/layer ({n_pos} positions); timed on layers {args.literal_layers}, scaled to the "
+          f"{L} scored layers: {literal_s:.1f} s per prompt", flush=True)  # fmt: skip
+
+    disk = tempfile.mkdtemp(prefix="mechcna-bench-")
+    cache = BlockCache(disk=disk)
+    first_s, f1, a1 = all_neurons(model, [prompt], cache)
+    print(f"first prompt, cold (default cache, empty disk dir): {first_s:.1f} s -> "
+          f"{literal_s / first_s:.1f}x; certified FFN {f1.stats.certified_fraction:.3f} "
+          f"attention {a1.stats.certified_fraction:.3f}", flush=True)  # fmt: skip
+    err = 0.0
+    for l in args.literal_layers:
+        err = max(err, float((f1.scores[0, l] - lit["ffn"][l]).abs().max()))
+        att = a1.scores[0, l, :n_pos].flatten()
+        err = max(err, float((att - lit["attn"][l]).abs().max()))
+    print(f"max |fast - literal| on the timed layers (FFN and attention): {err:.2e}", flush=True)
+
+    second_s, _, _ = all_neurons(model, [second], cache)
+    print(f"second single prompt: {second_s:.2f} s -> {literal_s / second_s:.1f}x", flush=True)
+    warm = BlockCache(disk=disk)
+    warm_s, _, _ = all_neurons(model, [PROMPTS[2]], warm)
+    print(f"new session, warm from disk: {warm_s:.2f} s -> {literal_s / warm_s:.1f}x", flush=True)
+
+    stream_s, fs, ats = all_neurons(model, [prompt], BlockCache(budget=0, disk=False))
+    diff = max(
+        float((fs.scores - f1.scores).abs().max()), float((ats.scores - a1.scores).abs().max())
+    )
+    print(f"first prompt, streaming (budget 0, no disk): {stream_s:.1f} s -> "
+          f"{literal_s / stream_s:.1f}x; max |streaming - default| {diff:.2e}",
+          flush=True)  # fmt: skip
+
+    if args.amortised:
+        prompts = many_prompts(args.amortised)
+        cold = BlockCache(disk=tempfile.mkdtemp(prefix="mechcna-bench-"))
+        am_s, fa, _ = all_neurons(model, prompts, cold)
+        lit_prompts = sum(
+            L * (per_layer["ffn"] + per_layer["attn"] * len(model.to_tokens(p)[0]) / n_pos)
+            for p in prompts
+        )
+        print(f"{len(prompts)} prompts, cold cache included: {am_s:.1f} s; literal (scaled "
+              f"by positions) {lit_prompts:.0f} s -> {lit_prompts / am_s:.1f}x",
+              flush=True)  # fmt: skip
+        same = fa.scores[0] - f1.scores[0] if prompts[0] == prompt else None
+        if same is not None:
+            print(f"batched vs single prompt, max |diff| {float(same.abs().max()):.2e}")
+
+    if args.check_all_ffn:
+        t = time.perf_counter()
+        chosen = range(model.cfg.n_layers) if LAYERS is None else LAYERS
+        ref = torch.zeros_like(f1.scores[0])
+        for l in chosen:
+            ref[l] = literal_layer(model, tokens, l, "ffn")
+        print(f"literal FFN, all layers: {time.perf_counter() - t:.1f} s")
+        top_ref = set(ref.flatten().topk(100).indices.tolist())
+        top_fast = set(f1.scores[0].flatten().topk(100).indices.tolist())
+        print(f"top-100 FFN: {len(top_ref & top_fast)} of 100 shared; max |diff| "
+              f"{float((f1.scores[0] - ref).abs().max()):.2e}", flush=True)  # fmt: skip
+
+    if not args.skip_rss:
+        for mode in ("default", "streaming"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--rss", mode, "--threads", str(args.threads)]
+                + (["--layers", *map(str, LAYERS)] if LAYERS else []),
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            print(out.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Benchmark on SmolLM2-135M: ``head_sweep`` over all 270 heads against batched hooks.
+
+The baseline is what a TransformerLens user writes: for each head, one batched
+``run_with_hooks`` over the whole (right-padded) dataset with a hook on
+``blocks.{l}.attn.hook_z`` zeroing that head, reading each prompt's logits at its last real
+token. It is timed on ``--baseline-heads`` heads spread over the layers and scaled to all
+heads (the script says so); on those heads predictions and accuracies are compared with
+``head_sweep``'s. One torch thread by default. Run under the shared lock::
+
+    flock /tmp/mechcna-heavy.lock .venv/bin/python benchmarks/smollm2_head_sweep.py
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from smollm2 import load_smollm2  # noqa: E402
+
+from mechcna import head_sweep  # noqa: E402
+from mechcna.prompts import prepare_prompts, single_token_ids  # noqa: E402
+from mechcna.tasks.arithmetic import arithmetic_dataset  # noqa: E402
+
+
+@torch.no_grad()
+def baseline(model, tokens, positions, target, heads):
+    """One batched run_with_hooks per head; returns per-head correctness and log-probs."""
+    rows = torch.arange(len(positions))
+    correct, logprob = [], []
+    for l, h in heads:
+
+        def zero(z, hook, h=h):
+            z[:, :, h] = 0.0
+            return z
+
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{l}.attn.hook_z", zero)])
+        last = logits[rows, positions].log_softmax(-1)
+        correct.append(last.argmax(-1) == target)
+        logprob.append(last[rows, target])
+    return torch.stack(correct), torch.stack(logprob)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cases", type=int, default=64)
+    ap.add_argument("--baseline-heads", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--heads-per-pass", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads} load {os.getloadavg()}", flush=True)
+    model = load_smollm2()
+    data = arithmetic_dataset("+", 1, templates=1, n_pairs=None, tokenizer=model)
+    prompts = list(data.prompts)[: args.cases]
+    targets = list(data.targets)[: args.cases]
+    batch = prepare_prompts(model, prompts)
+    target = single_token_ids(model, targets, len(prompts))
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    all_heads = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    step = max(1, len(all_heads) // args.baseline_heads)
+    timed = all_heads[::step][: args.baseline_heads]
+
+    t = time.perf_counter()
+    sweep = head_sweep(model, prompts, targets, batch_size=args.batch_size,
+                       heads_per_pass=args.heads_per_pass, progress=False)  # fmt: skip
+    fast_s = time.perf_counter() - t
+    t = time.perf_counter()
+    correct, logprob = baseline(model, batch.tokens, batch.positions, target, timed)
+    base_s = (time.perf_counter() - t) * len(all_heads) / len(timed)
+    idx = [all_heads.index(x) for x in timed]
+    same_acc = torch.equal(sweep.correct[idx].float().mean(1), correct.float().mean(1))
+    same_pred = torch.equal(sweep.correct[idx], correct)
+    diff = float((sweep.logprob[idx] - logprob).abs().max())
+    print(
+        f"{len(prompts)} cases (1-digit '+', template 1), base accuracy "
+        f"{float(sweep.base_correct.float().mean()):.3f}, {len(all_heads)} heads"
+    )
+    print(
+        f"head_sweep: {fast_s:.1f} s; batched hooks: {base_s:.1f} s (timed on {len(timed)} "
+        f"heads, scaled to {len(all_heads)}) -> {base_s / fast_s:.2f}x"
+    )
+    print(f"identical accuracies {same_acc}, identical correctness {same_pred}, "
+          f"max |d log p| {diff:.1e}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
