@@ -115,16 +115,24 @@ class Provenance:
         ``model`` is a :class:`~transformer_lens.HookedTransformer` loaded by
         :func:`mechcna.load_model`; ``extra`` goes to :attr:`extra`.
         """
-        from mechcna.models import get_processing
+        from mechcna.models import get_processing, get_provenance
 
         processing = get_processing(model)
+        source = get_provenance(model)
         if processing is None:
             words = "unknown (not loaded by mechcna.load_model)"
         else:
             done = [k for k, v in asdict(processing).items() if v]
             words = ", ".join(done) if done else "none (raw weights, as the papers)"
-        dequant = getattr(model, "_mechcna_dequantisation", None) or "none (float weights)"
+        dequant = "none (float weights)"
+        if source is not None and source.dequantized:
+            dequant = (
+                f"fp32 dequantised from GGUF {source.quantization} ({source.source}): numbers "
+                "are those of the quantised weights"
+            )
         bos = "prepended" if model.cfg.default_prepend_bos else "not prepended"
+        if source is not None:
+            bos += f" ({source.bos_policy})"
         return cls(
             model=str(model.cfg.model_name),
             weight_processing=words,

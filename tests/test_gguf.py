@@ -23,6 +23,8 @@ from mechcna import (
     save_checkpoint,
 )
 from mechcna.gguf_models import KnownModel, cache_dir, read_gguf_header
+from mechcna.report import Provenance
+from tests.test_families import _perturb
 
 N_HEADS, N_KV = 4, 2
 TOKENS = ["<|endoftext|>", "<s>", *"abcdefgh", "Ġ", "Ġa", "Ġb", *[f"t{i}" for i in range(51)]]
@@ -50,12 +52,7 @@ def _tiny_llama() -> LlamaForCausalLM:
         tie_word_embeddings=True,
         rms_norm_eps=1e-5,
     )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+    return _perturb(LlamaForCausalLM(cfg))
 
 
 def write_gguf(
@@ -195,6 +192,7 @@ def test_stale_cache_entry_is_rebuilt_and_no_cache_writes_nothing(tiny_gguf, cac
 
 def test_dequantised_record_survives_save_checkpoint(tiny_gguf, cache, tmp_path):
     model = load_model(tiny_gguf, device="cpu")
+    assert "dequantised from GGUF Q8_0" in Provenance.from_model(model).dequantisation
     save_checkpoint(model, tmp_path / "ck")
     again = load_model(tmp_path / "ck", device="cpu")
     source = get_provenance(again)
