@@ -307,12 +307,12 @@ def _load_gguf(
     prepend_bos: bool | None,
     cache: bool,
 ) -> HookedTransformer:
-    from mechcna.gguf_models import convert_gguf
+    from mechcna.gguf_models import KNOWN_MODELS, convert_gguf
 
     converted = convert_gguf(path, cache=cache)
     header = converted.header
     tl_cfg = hf_config_to_tl(converted.hf_config)
-    tl_cfg.model_name = source if not Path(source).suffix else path.stem
+    tl_cfg.model_name = source if source in KNOWN_MODELS else path.stem
     own = tokenizer or converted.tokenizer
     bos = _tokenizer_bos(own)
     prepare_tokenizer(own, tl_cfg.model_name)
