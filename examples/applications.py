@@ -58,14 +58,14 @@ ENGLISH = [
 ]
 SETTINGS = {
     "shipped": dict(
-        layers=[0, 1, 2, 3], train_pairs=800, test_pairs=150, steps=600, lr=3e-3, rank=8,
+        layers=[0, 1, 2, 3], train_pairs=800, test_pairs=150, steps=500, lr=3e-3, rank=8,
         batch_size=32, cna_cases=48, prune_layers=[2, 3], prune_k=4, prune_pairs=None,
         prune_templates=[1, 2, 3, 4], groups=None,
     ),
     "smollm2": dict(
-        layers=[1, 5, 9, 15, 21, 27], train_pairs=150, test_pairs=25, steps=120, lr=1e-3,
-        rank=8, batch_size=16, cna_cases=6, prune_layers=list(range(16, 30)), prune_k=60,
-        prune_pairs=4, prune_templates=[4],
+        layers=[2, 9, 20], train_pairs=150, test_pairs=20, steps=60, lr=1e-3,
+        rank=8, batch_size=16, cna_cases=4, prune_layers=list(range(16, 30)), prune_k=60,
+        prune_pairs=2, prune_templates=[4],
         groups={"1-9": range(1, 10), "10-16": range(10, 17), "17-29": range(17, 30)},
     ),
 }  # fmt: skip
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=sorted(SETTINGS), default="shipped")
     ap.add_argument("--out", default=None)
     ap.add_argument("--stages", default="lora,cna,prune,bias")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny settings, to check the script")
     args = ap.parse_args(argv)
@@ -125,7 +125,11 @@ def main(argv=None) -> int:
         ops, 2, n_pairs=s["test_pairs"], split="heldout", seed=2, **data_kw
     )
     results["data"] = {"train_cases": len(train), "test_cases": len(test), "operations": ops}
-    lora_kw = {k: s[k] for k in ("steps", "lr", "rank", "batch_size")} | {"seed": 0}
+    lora_kw = {k: s[k] for k in ("steps", "lr", "rank", "batch_size")}
+    lora_kw |= {"seed": 0, "targets": ("q", "k", "v", "o")}
+    if "lora" not in stages:
+        _bias(args, model, test, tables, results, walls)
+        return _finish(out, model, tables, results, walls, None)
     t0 = time.perf_counter()
     sweep = lora_layer_sweep(
         model, s["layers"], train, test=test, keep_models=False, progress=args.progress, **lora_kw
@@ -188,42 +192,48 @@ def main(argv=None) -> int:
         emit(md(t11))
         del lora_model
     if "bias" in stages:
-        t0 = time.perf_counter()
-        if args.model == "shipped":
-            templates = occupations.TEMPLATES
-            probs = arithmetic_problems(["+", "-"], 2, n_pairs=20, split="heldout", seed=5)
-            neutral = [
-                f"{t.format(g=g)} {p}"
-                for t in occupations.TEMPLATES[:2] for g in occupations.GENDERS
-                for p in occupations.NEUTRAL
-            ]  # fmt: skip
-            text = [p.text + p.separator + p.answer for p in probs] + neutral
-        else:
-            from mechcna.bias import PAPER_TEMPLATES
+        _bias(args, model, test, tables, results, walls)
+    return _finish(out, model, tables, results, walls, sweep)
 
-            templates, text = PAPER_TEMPLATES, ENGLISH
-        res_b = gender_bias_experiment(
-            model, templates=templates, cost_data=test, cost_text=text, n_random=3
-        )
-        walls["tables12_13"] = time.perf_counter() - t0
-        t13 = res_b.metrics
-        t12 = res_b.neurons.to_frame()
-        tables["table12"], tables["table13"] = t12, t13
-        gaps = res_b.gaps.pivot(index="profession", columns="model", values="gap")
-        tables["bias_gaps"] = gaps
-        results["table12"] = t12.to_dict("records")
-        results["table13"] = t13.reset_index().to_dict("records")
-        results["bias_settings"] = {
-            k: v for k, v in res_b.settings.items() if k not in ("templates",)
-        }
-        results["bias_reduction_pct"] = res_b.reduction("abs_total")
-        results["bias_reduction_signed_pct"] = res_b.reduction("signed_total")
-        emit("## Table 12 (top neurons)")
-        emit(md(t12))
-        emit("## Table 13")
-        emit(md(t13, index=True))
-        emit("## per-profession gap (nats)")
-        emit(md(gaps, index=True))
+
+def _bias(args, model, test, tables, results, walls) -> None:
+    t0 = time.perf_counter()
+    if args.model == "shipped":
+        templates = occupations.TEMPLATES
+        probs = arithmetic_problems(["+", "-"], 2, n_pairs=20, split="heldout", seed=5)
+        neutral = [
+            f"{t.format(g=g)} {p}"
+            for t in occupations.TEMPLATES[:2] for g in occupations.GENDERS
+            for p in occupations.NEUTRAL
+        ]  # fmt: skip
+        text = [p.text + p.separator + p.answer for p in probs] + neutral
+    else:
+        from mechcna.bias import PAPER_TEMPLATES
+
+        templates, text = PAPER_TEMPLATES, ENGLISH
+    res_b = gender_bias_experiment(
+        model, templates=templates, cost_data=test, cost_text=text, n_random=3
+    )
+    walls["tables12_13"] = time.perf_counter() - t0
+    t13 = res_b.metrics
+    t12 = res_b.neurons.to_frame()
+    tables["table12"], tables["table13"] = t12, t13
+    gaps = res_b.gaps.pivot(index="profession", columns="model", values="gap")
+    tables["bias_gaps"] = gaps
+    results["table12"] = t12.to_dict("records")
+    results["table13"] = t13.reset_index().to_dict("records")
+    results["bias_settings"] = {k: v for k, v in res_b.settings.items() if k not in ("templates",)}
+    results["bias_reduction_pct"] = res_b.reduction("abs_total")
+    results["bias_reduction_signed_pct"] = res_b.reduction("signed_total")
+    emit("## Table 12 (top neurons)")
+    emit(md(t12))
+    emit("## Table 13")
+    emit(md(t13, index=True))
+    emit("## per-profession gap (nats)")
+    emit(md(gaps, index=True))
+
+
+def _finish(out, model, tables, results, walls, sweep) -> int:
     results["wall_s"] = walls
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     for name, t in tables.items():
@@ -241,8 +251,9 @@ def _report(model, out: Path, tables, results, sweep) -> None:
         Provenance.from_model(model, seed=0, command="examples/applications.py"),
         intro="LoRA per attention layer, CNA of LoRA, CNA-guided pruning, gender-bias editing.",
     )
-    report.section("Figure 2: accuracy against the LoRA layer", PAPER["figure2"])
-    report.figure(sweep.plot(), "test accuracy after LoRA on one layer", paper_ref="ARITH Fig. 2")
+    report.section("Figure 2 and Tables 9-13", PAPER["figure2"])
+    if sweep is not None:
+        report.figure(sweep.plot(), "accuracy after LoRA on one layer", paper_ref="ARITH Fig. 2")
     captions = {
         "figure2": ("accuracy per LoRA layer", "ARITH Fig. 2"),
         "table9": ("coefficients of the top CNA neurons on 3+5=", "ARITH Table 9"),

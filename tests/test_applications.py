@@ -26,6 +26,16 @@ from mechcna.pruning import cna_keep_set, prune_model, pruning_experiment, rando
 from tests.helpers import build
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a loaded machine two threads per
+    process make training steps ~30x slower (measured); restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _perturbed_lora(model, layer=0, seed=0):
     work = copy.deepcopy(model)
     adapters = attach_lora(work, layer, ("q", "v", "o"), rank=2)

@@ -11,6 +11,17 @@ from mechcna import MechcnaError, arithmetic_dataset
 from mechcna.lora import attach_lora, lora_finetune, lora_layer_sweep, merge_lora
 from tests.helpers import build
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a loaded machine two threads per
+    process make training steps ~30x slower (measured); restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 PROMPTS = ["3 + 5 =", "12 - 7 =", "the sum of 4 and 2 is"]
 
 
