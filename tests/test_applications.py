@@ -24,16 +24,7 @@ from mechcna.lora_analysis import (
 )
 from mechcna.pruning import cna_keep_set, prune_model, pruning_experiment, random_keep_set
 from tests.helpers import build
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a loaded machine two threads per
-    process make training steps ~30x slower (measured); restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.test_lora import _one_thread  # noqa: F401  (autouse: one torch thread)
 
 
 def _perturbed_lora(model, layer=0, seed=0):
