@@ -58,8 +58,8 @@ ENGLISH = [
 ]
 SETTINGS = {
     "shipped": dict(
-        layers=[0, 1, 2, 3], train_pairs=800, test_pairs=150, steps=500, lr=3e-3, rank=8,
-        batch_size=32, cna_cases=48, prune_layers=[2, 3], prune_k=4, prune_pairs=None,
+        layers=[0, 1, 2, 3], train_pairs=400, test_pairs=60, steps=300, lr=3e-3, rank=8,
+        batch_size=32, cna_cases=24, prune_layers=[2, 3], prune_k=4, prune_pairs=None,
         prune_templates=[1, 2, 3, 4], groups=None,
     ),
     "smollm2": dict(
