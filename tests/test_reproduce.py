@@ -207,3 +207,20 @@ def test_markdown_table():
         "| a | b|c |", "|---|---|", "| 1.235 | x\\|y |", "|  | z |",
     ]  # fmt: skip
     assert "## Claims" in to_markdown(Reproduction("m", {}, (), "here", "today"))
+
+
+def test_command_end_to_end(tmp_path, capsys):
+    """``mechcna reproduce --quick`` (the arithmetic paper, to keep the suite fast; the fixture
+    above runs both papers through the same library call)."""
+    from mechcna.reproduce.command import main
+
+    out = tmp_path / "run"
+    argv = ["--model", "mechcna/arith-small", "--out", str(out), "--paper", "arithmetic"]
+    assert main([*argv, "--quick", "--quiet", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "verdict" in printed and "total" in printed and "index.html" in printed
+    assert (out / "index.html").is_file() and (out / "reproduce.md").is_file()
+    assert "mechcna reproduce --model mechcna/arith-small" in (out / "provenance.json").read_text()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(mechcna.MechcnaError, match="not a folder"):
+        main(["--model", "no/such-model", "--out", str(tmp_path / "file")])
