@@ -39,8 +39,10 @@ from mechcna.interventions import (
 )
 from mechcna.models import (
     NO_PROCESSING,
+    ModelProvenance,
     WeightProcessing,
     get_processing,
+    get_provenance,
     load_model,
     save_checkpoint,
 )
@@ -107,6 +109,7 @@ __all__ = [
     "MechcnaError",
     "ModelCheckError",
     "ModelNotFoundError",
+    "ModelProvenance",
     "NeuronEdit",
     "NeuronImportance",
     "Patch",
@@ -132,6 +135,7 @@ __all__ = [
     "ffn_query_layers",
     "filter_knowledge",
     "get_processing",
+    "get_provenance",
     "head_importance",
     "head_scores",
     "head_sweep",
