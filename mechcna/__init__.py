@@ -29,6 +29,7 @@ from mechcna.head_results import HeadEffects, HeadSweep
 from mechcna.heads import head_sweep, single_prompt_head_effects
 from mechcna.hooks import hook_name
 from mechcna.interventions import (
+    AttentionNeuronEdit,
     HeadAblation,
     KeepNeurons,
     NeuronEdit,
@@ -66,6 +67,7 @@ from mechcna.shallow import (
 )
 from mechcna.static import BlockCache
 from mechcna.tasks.arithmetic import ArithmeticCase, ArithmeticDataset, arithmetic_dataset
+from mechcna.tasks.knowledge import KnowledgeDataset, filter_knowledge, knowledge_prompts
 from mechcna.tokenizer import load_tokenizer, word_level_tokenizer
 from mechcna.transfer import (
     AttentionTransform,
@@ -89,6 +91,7 @@ __all__ = [
     "Architecture",
     "ArithmeticCase",
     "ArithmeticDataset",
+    "AttentionNeuronEdit",
     "AttentionNeuronImportance",
     "AttentionTransform",
     "BlockCache",
@@ -100,6 +103,7 @@ __all__ = [
     "HeadSweep",
     "KeepNeurons",
     "KeyScores",
+    "KnowledgeDataset",
     "LayerImportance",
     "MaskExperiment",
     "MechcnaError",
@@ -129,6 +133,7 @@ __all__ = [
     "evaluate_accuracy",
     "ffn_keys",
     "ffn_query_layers",
+    "filter_knowledge",
     "get_processing",
     "get_provenance",
     "head_importance",
@@ -137,6 +142,7 @@ __all__ = [
     "hidden_interpretable_neurons",
     "hook_name",
     "intervene",
+    "knowledge_prompts",
     "layer_importance",
     "load_model",
     "load_tokenizer",

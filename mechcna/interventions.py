@@ -10,6 +10,7 @@ hook survives the ``with`` block, even when the body raises.
   head's slice of ``W_O`` (the output bias stays, as in the papers' code).
 * :class:`NeuronEdit`: zero, scale or set FFN neuron coefficients (``mlp.hook_post``).
 * :class:`KeepNeurons`: zero every FFN neuron of the given layers except a kept set.
+* :class:`AttentionNeuronEdit`: remove attention neurons' contributions at one position.
 * :class:`Patch`: overwrite any activation with the one from another run.
 
 All act on every position unless ``positions`` is given: indices into **each prompt's own
@@ -380,6 +381,78 @@ class NeuronMask:
 
     def write_weights(self, model: HookedTransformer) -> None:
         raise MechcnaError("a per-prompt neuron mask has no weight-space equivalent")
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionNeuronEdit:
+    """Remove attention neurons' contributions at one query position (ATTR's intervention on
+    "value attention neurons"; METHODS 4.5 and 4.6).
+
+    Neuron ``(layer, source_pos, head, dim)`` writes ``pattern[head, T, source_pos] *
+    v[source_pos, head, dim]`` into ``z[T, head, dim]`` (then row ``dim`` of ``W_O[head]``); this
+    intervention subtracts exactly that term at query position ``T = position``, leaving every
+    other position and source untouched. Removing every source of a head equals zeroing its
+    ``z`` at ``T`` (tested). Policy: the paper does not say how it zeroes attention neurons;
+    this removes precisely what :func:`mechcna.attention_neuron_importance` scores.
+
+    Args:
+        neurons: ``(layer, source_pos, head, dim)`` tuples (source positions index the prompt).
+        position: the query position (negative allowed); one prompt at a time or a batch whose
+            prompts share that position.
+    """
+
+    neurons: Sequence[tuple[int, int, int, int]]
+    position: int = -1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "neurons", tuple(tuple(int(x) for x in n) for n in self.neurons))
+        if any(len(n) != 4 for n in self.neurons):
+            raise MechcnaError("attention neurons are (layer, source_pos, head, dim) tuples")
+
+    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+        arch = Architecture(model)
+        by_layer: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+        for l, p, h, d in self.neurons:
+            l, h = arch.check_head(l, h)
+            if not 0 <= d < arch.d_head:
+                raise MechcnaError(f"dimension {d} out of range: heads have {arch.d_head}")
+            by_layer[l].append((p, h, d))
+        hooks: FwdHooks = []
+        for layer, items in by_layer.items():
+            idx = torch.tensor(items)  # neuron (pos head dim)
+            store: dict[str, Tensor] = {}
+
+            def keep_pattern(act: Tensor, hook: HookPoint, store=store) -> Tensor:
+                store["pattern"] = act  # batch head query_pos key_pos
+                return act
+
+            def keep_v(act: Tensor, hook: HookPoint, store=store) -> Tensor:
+                store["v"] = act  # batch key_pos kv_head d_head
+                return act
+
+            def edit_z(z: Tensor, hook: HookPoint, store=store, idx=idx) -> Tensor:
+                n_pos = z.shape[1]
+                t = self.position % n_pos
+                pos, head, dim = (idx[:, i].to(z.device) for i in range(3))
+                if (pos > t).any() or (pos < -n_pos).any():
+                    raise MechcnaError(f"a source position is after the query position {t}")
+                pos = pos % n_pos
+                kv = head // (arch.n_heads // store["v"].shape[2])
+                term = store["pattern"][:, head, t, pos] * store["v"][:, pos, kv, dim]
+                z = z.clone()
+                view = z[:, t].permute(1, 2, 0)  # head d_head batch, a view into z
+                view.index_put_((head, dim), -term.T, accumulate=True)
+                return z
+
+            hooks += [
+                (hook_name("pattern", layer), keep_pattern),
+                (hook_name("v", layer), keep_v),
+                (hook_name("z", layer), edit_z),
+            ]
+        return hooks
+
+    def write_weights(self, model: HookedTransformer) -> None:
+        raise MechcnaError("an attention-neuron edit at one position has no weight equivalent")
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,5 @@
-"""Task datasets: arithmetic prompts (ARITH section 3) and gendered occupation prompts."""
+"""Task datasets: arithmetic prompts (ARITH section 3), knowledge prompts (ATTR section 4.1)
+and gendered occupation prompts."""
 
 from mechcna.tasks.arithmetic import (
     ArithmeticCase,
@@ -7,11 +8,15 @@ from mechcna.tasks.arithmetic import (
     arithmetic_dataset,
     arithmetic_problems,
 )
+from mechcna.tasks.knowledge import KnowledgeDataset, filter_knowledge, knowledge_prompts
 
 __all__ = [
     "ArithmeticCase",
     "ArithmeticDataset",
     "ArithmeticProblem",
+    "KnowledgeDataset",
     "arithmetic_dataset",
     "arithmetic_problems",
+    "filter_knowledge",
+    "knowledge_prompts",
 ]

@@ -1,0 +1,111 @@
+"""Reproduce both papers on a model: every stage a library call, the paper's numbers beside ours.
+
+``mechcna reproduce --model M --out DIR [--paper attribution|arithmetic|both] [--quick]`` calls
+:func:`reproduce` and :func:`write_report` (an HTML page with every table and figure, and
+``reproduce.md``). Each stage (see
+:mod:`mechcna.reproduce.attribution`, :mod:`mechcna.reproduce.query_stages` and
+:mod:`mechcna.reproduce.arithmetic`) returns a :class:`StageResult` with tables (the papers'
+Llama-7B / GPT-2 numbers in columns labelled ``"paper (Llama-7B)"`` / ``"paper (GPT-2)"``),
+figures, the papers' qualitative claims with verdicts **measured on this model** and its wall
+time. Sizes are :class:`ReproduceSettings` (``quick()`` / ``full()`` presets).
+
+Example:
+    >>> rep = reproduce(load_model("mechcna/arith-small"), quick=True)   # doctest: +SKIP
+    >>> rep.claims_frame()                                               # doctest: +SKIP
+    >>> write_report(rep, "runs/reproduce")                              # doctest: +SKIP
+"""
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from transformer_lens import HookedTransformer
+
+from mechcna.errors import MechcnaError
+from mechcna.reproduce import arithmetic as arith
+from mechcna.reproduce import attribution as attr
+from mechcna.reproduce import query_stages as query
+from mechcna.reproduce.core import (
+    Claim,
+    ReproduceSettings,
+    Reproduction,
+    StageResult,
+    machine,
+    now,
+    run_stages,
+)
+from mechcna.reproduce.page import build_report, to_markdown, write_markdown, write_report
+
+Which = Literal["attribution", "arithmetic", "both"]
+
+__all__ = [
+    "Claim",
+    "ReproduceSettings",
+    "Reproduction",
+    "StageResult",
+    "build_report",
+    "reproduce",
+    "to_markdown",
+    "write_markdown",
+    "write_report",
+]
+
+
+def reproduce(
+    model: HookedTransformer,
+    paper: Which = "both",
+    *,
+    quick: bool = False,
+    settings: ReproduceSettings | None = None,
+    progress: bool = True,
+) -> Reproduction:
+    """Run the papers' stages on ``model`` and collect tables, figures, claims and timings.
+
+    Args:
+        paper: ``"attribution"``, ``"arithmetic"`` or ``"both"``.
+        quick: use :meth:`ReproduceSettings.quick` (ignored when ``settings`` is given).
+        settings: sizes and policies (default :meth:`ReproduceSettings.full`).
+        progress: a progress bar over stages.
+
+    Raises:
+        MechcnaError: an unknown ``paper``.
+    """
+    if paper not in ("attribution", "arithmetic", "both"):
+        raise MechcnaError(f"paper must be attribution, arithmetic or both, not {paper!r}")
+    s = settings or (ReproduceSettings.quick() if quick else ReproduceSettings.full())
+    done: dict[str, StageResult] = {}
+
+    def get(name: str, key: str) -> Any:
+        return done[name].data.get(key)
+
+    def keep(name: str, fn: Callable[[], StageResult]) -> tuple[str, Callable[[], StageResult]]:
+        def thunk() -> StageResult:
+            done[name] = fn()
+            return done[name]
+
+        return name, thunk
+
+    data = "knowledge", "dataset"
+    ffn, att = ("value_neurons", "ffn"), ("value_neurons", "attention")
+    stages = []
+    if paper in ("attribution", "both"):
+        stages += [
+            keep("knowledge", lambda: attr.knowledge_stage(model, s)),
+            keep("value_neurons", lambda: attr.value_neuron_stage(model, get(*data), s)),
+            keep("methods", lambda: attr.method_stage(model, get(*data[:1], "method_dataset"), s)),
+            keep("zeroing", lambda: attr.intervention_stage(
+                model, get(*data), get(*ffn), get(*att), s)),
+            keep("query", lambda: query.query_stage(model, get(*data), get(*ffn), get(*att), s)),
+            keep("walkthrough", lambda: query.walkthrough_stage(
+                model, get(*data), get(*ffn), get(*att))),
+        ]  # fmt: skip
+    if paper in ("arithmetic", "both"):
+        cases, head = ("arithmetic_data", "dataset"), ("heads", "head")
+        stages += [
+            keep("arithmetic_data", lambda: arith.arithmetic_stage(model, s)),
+            keep("heads", lambda: arith.head_stage(model, get(*cases), s)),
+            keep("cna", lambda: arith.cna_stage(model, get(*cases), get(*head), s)),
+            keep("shallow", lambda: arith.shallow_stage(model, get("cna", "cases"), get(*head), s)),
+        ]  # fmt: skip
+    results = run_stages(stages, progress)
+    settings_dict = {k: v for k, v in vars(s).items()}
+    return Reproduction(str(model.cfg.model_name), settings_dict, tuple(results), machine(), now())

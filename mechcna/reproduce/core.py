@@ -1,0 +1,296 @@
+"""Results of a reproduction: claims with verdicts, stages with tables, figures and wall times.
+
+Every stage of :mod:`mechcna.reproduce` returns a :class:`StageResult`: its tables (pandas,
+with the paper's numbers in columns labelled ``"paper (Llama-7B)"`` / ``"paper (GPT-2)"`` where
+the paper gives one), its figures (plotly), the claims it measured (:class:`Claim`, each with
+the paper's figure beside ours and a verdict computed from our numbers), and its wall time. A
+:class:`Reproduction` collects the stages of one run and writes them as markdown (and HTML
+figures).
+"""
+
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+Paper = Literal["attribution", "arithmetic"]
+PAPER_TITLES = {
+    "attribution": "Neuron-Level Knowledge Attribution in Large Language Models (ATTR)",
+    "arithmetic": "Interpreting Arithmetic Mechanism in LLMs through CNA (ARITH)",
+}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One qualitative claim of a paper and its verdict on this model.
+
+    Attributes:
+        paper: ``"attribution"`` or ``"arithmetic"``.
+        claim: the claim, with the test we apply to our numbers.
+        paper_figure: the paper's number(s) behind the claim.
+        ours: our measured number(s).
+        holds: ``True``/``False`` as measured; ``None`` when it could not be measured here
+            (e.g. no prompt survived a filter), with the reason in ``ours``.
+    """
+
+    paper: Paper
+    claim: str
+    paper_figure: str
+    ours: str
+    holds: bool | None
+
+    @property
+    def verdict(self) -> str:
+        return {True: "holds", False: "does not hold", None: "not measured"}[self.holds]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """One stage: tables, figures, claims, notes and the wall time it took.
+
+    ``data`` carries objects later stages reuse (not written out).
+    """
+
+    name: str
+    title: str
+    paper: Paper
+    seconds: float
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    figures: dict[str, go.Figure] = field(default_factory=dict, repr=False)
+    claims: tuple[Claim, ...] = ()
+    notes: tuple[str, ...] = ()
+    data: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The first ``k`` rows of the stage's first table."""
+        return next(iter(self.tables.values()), pd.DataFrame()).head(k)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The stage's claims, one row each."""
+        return claims_frame(self.claims)
+
+    def plot(self) -> go.Figure:
+        """The stage's first figure (an empty one when it has none)."""
+        return next(iter(self.figures.values()), go.Figure())
+
+
+class StageBuilder:
+    """Collects a stage's outputs while it runs; :func:`stage` times it."""
+
+    def __init__(self, name: str, title: str, paper: Paper):
+        self.paper: Paper = paper
+        self.name, self.title = name, title
+        self.tables: dict[str, pd.DataFrame] = {}
+        self.figures: dict[str, go.Figure] = {}
+        self.claims: list[Claim] = []
+        self.notes: list[str] = []
+        self.data: dict[str, Any] = {}
+        self.seconds = 0.0
+
+    def claim(self, claim: str, paper_figure: str, ours: str, holds: bool | None) -> None:
+        self.claims.append(Claim(self.paper, claim, paper_figure, ours, holds))
+
+    def result(self) -> StageResult:
+        tables = {k: _widen(t) for k, t in self.tables.items()}
+        return StageResult(
+            self.name, self.title, self.paper, self.seconds, tables,
+            dict(self.figures), tuple(self.claims), tuple(self.notes), dict(self.data),
+        )  # fmt: skip
+
+
+def _widen(frame: pd.DataFrame) -> pd.DataFrame:
+    """float32 columns (from torch) as float64, so every float is a Python ``float``."""
+    narrow = [c for c in frame.columns if frame[c].dtype == "float32"]
+    return frame.astype({c: "float64" for c in narrow}) if narrow else frame
+
+
+@contextmanager
+def stage(name: str, title: str, paper: Paper) -> Iterator[StageBuilder]:
+    """Run a stage body with gradients off, timing it into the builder."""
+    builder = StageBuilder(name, title, paper)
+    start = time.perf_counter()
+    with torch.no_grad():
+        yield builder
+    builder.seconds = time.perf_counter() - start
+
+
+def claims_frame(claims: tuple[Claim, ...] | list[Claim]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"paper": c.paper, "claim": c.claim, "paper's figure": c.paper_figure,
+             "ours": c.ours, "verdict": c.verdict}
+            for c in claims
+        ],
+        columns=["paper", "claim", "paper's figure", "ours", "verdict"],
+    )  # fmt: skip
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(frame: pd.DataFrame, index: bool = False) -> str:
+    """A GitHub markdown table (floats to 4 significant digits, NaN left blank)."""
+    if index:
+        frame = frame.reset_index()
+    header = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """A one-line description of this machine (CPU count, torch threads, load)."""
+    try:
+        load = ", ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
+    except OSError:  # pragma: no cover - not on every platform
+        load = "unknown"
+    cpus = __import__("os").cpu_count()
+    return (
+        f"{platform.machine()} {platform.processor() or platform.system()}, {cpus} CPUs, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, load average {load}"
+    )
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """Every stage of one ``mechcna reproduce`` run, with its settings and machine."""
+
+    model_name: str
+    settings: dict[str, Any]
+    stages: tuple[StageResult, ...]
+    machine: str
+    date: str
+
+    @property
+    def claims(self) -> tuple[Claim, ...]:
+        return tuple(c for s in self.stages for c in s.claims)
+
+    def claims_frame(self) -> pd.DataFrame:
+        return claims_frame(self.claims)
+
+    def timings(self) -> pd.DataFrame:
+        """Wall time per stage (seconds) and the total."""
+        rows = [{"paper": s.paper, "stage": s.name, "seconds": s.seconds} for s in self.stages]
+        rows.append({"paper": "", "stage": "total", "seconds": sum(s.seconds for s in self.stages)})
+        return pd.DataFrame(rows)
+
+    def stage(self, name: str) -> StageResult:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        return self.claims_frame().head(k)
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.claims_frame()
+
+    def plot(self) -> go.Figure:
+        """Wall time per stage as a bar chart."""
+        t = self.timings().iloc[:-1]
+        fig = go.Figure(go.Bar(x=t["stage"], y=t["seconds"]))
+        fig.update_layout(title=f"wall time per stage ({self.model_name})",
+                          xaxis_title="stage", yaxis_title="seconds")  # fmt: skip
+        return fig
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def run_stages(
+    stages: list[tuple[str, Callable[[], StageResult]]], progress: bool
+) -> list[StageResult]:
+    """Run stage thunks in order under one progress bar (a later thunk may read earlier
+    results through the list it is given)."""
+    from tqdm.auto import tqdm
+
+    out: list[StageResult] = []
+    bar = tqdm(stages, desc="reproduce", disable=not progress)
+    for name, thunk in bar:
+        bar.set_postfix_str(name)
+        out.append(thunk())
+    return out
+
+
+@dataclass(frozen=True)
+class ReproduceSettings:
+    """Sizes and policies of a reproduction run (``quick()`` and ``full()`` are the presets).
+
+    Attribution paper:
+        knowledge_top_k: the filter's rank threshold (1: the answer is the top-1 token).
+        prompts_per_type: knowledge prompts per type used for neuron-level attribution.
+        method_prompts: prompts in the 8-method comparison (Table 2), taken in turn from each
+            type (it scores every FFN neuron eight ways and ranks each in the vocabulary).
+        method_k: neurons zeroed per prompt and method (10 in the paper).
+        ffn_k, attention_k: value neurons zeroed per prompt (100 FFN + 200 attention).
+        histogram_k: top neurons per prompt in the layer histograms (300 in the notebooks).
+        query_k: value neurons whose queries are traced (30 in the Llama notebook).
+        query_value_k: top value / query neurons compared (300 in the notebooks).
+        arithmetic_fallback: when no knowledge prompt survives, run the attribution stages on
+            the model's correct arithmetic cases instead (types ``arith +`` ...), stated so.
+    Arithmetic paper:
+        operations, digits, templates: the dataset cells (1,600 sentences in the paper).
+        n_pairs: operand pairs per (operation, digits) cell.
+        prompt_form: ``"zero-shot"``, ``"few-shot"`` (``shots`` solved examples of the same
+            operation, digits and template before each prompt, one per line) or ``"auto"``
+            (few-shot when the tokenizer has a newline token, else zero-shot).
+        sweep_cases: at most this many cases in the head sweep (``None``: all).
+        cna_cases: at most this many correct cases of the top head's operation for CNA.
+        cna_ks: the K of Tables 5 and 6.
+        zero_shot_top, thresholds: tokens read and the M of Table 8 (``None``: the paper's
+            50 and 0-3 when the vocabulary has at least 1,000 tokens, else 10 and 2-8).
+        zero_shot_layers: attention layers that transform shallow neurons (``None``: those
+            up to the top head's layer, as the paper's 0-16 for head 17_22).
+        seed: seed of every random draw.
+    """
+
+    knowledge_top_k: int = 1
+    prompts_per_type: int = 8
+    method_prompts: int = 6
+    method_k: int = 10
+    ffn_k: int = 100
+    attention_k: int = 200
+    histogram_k: int = 300
+    query_k: int = 30
+    query_value_k: int = 300
+    arithmetic_fallback: bool = True
+    operations: tuple[str, ...] = ("+", "-", "*", "/")
+    digits: tuple[int, ...] = (1, 2)
+    templates: tuple[int, ...] = (4,)
+    n_pairs: int = 20
+    prompt_form: Literal["auto", "zero-shot", "few-shot"] = "auto"
+    shots: int = 3
+    sweep_cases: int | None = 200
+    cna_cases: int = 20
+    cna_ks: tuple[int, ...] = (100, 50, 30, 20, 10)
+    zero_shot_top: int | None = None
+    thresholds: tuple[int, ...] | None = None
+    zero_shot_layers: tuple[int, ...] | None = None
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "ReproduceSettings":
+        """The smallest sizes that still run every stage (zero-shot arithmetic prompts)."""
+        return cls(
+            prompts_per_type=1, method_prompts=2, query_value_k=100, operations=("+", "-"),
+            digits=(1,), n_pairs=6, prompt_form="zero-shot", sweep_cases=24, cna_cases=4,
+            cna_ks=(50, 10),
+        )  # fmt: skip
+
+    @classmethod
+    def full(cls) -> "ReproduceSettings":
+        """The default sizes (see docs/reproduce/ for measured wall times)."""
+        return cls()

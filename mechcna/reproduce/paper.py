@@ -1,0 +1,100 @@
+"""The papers' published numbers that the reproduction puts beside ours (METHODS.md 4.6, 6, 7, 8).
+
+Attribution paper (ATTR) numbers come from secondary sources (METHODS.md: medium confidence);
+arithmetic paper (ARITH) numbers from its full text. Keys are our table labels.
+"""
+
+LLAMA = "paper (Llama-7B)"
+GPT2 = "paper (GPT-2)"
+
+#: ATTR Table 2: MRR and probability (%) of the target after zeroing each method's top-10 FFN
+#: neurons per sentence (lower is better); ``original`` is before any intervention.
+METHOD_TABLE: dict[str, dict[str, tuple[float, float]]] = {
+    GPT2: {
+        "original": (0.361, 7.1),
+        "log_prob_increase": (0.201, 3.4),
+        "log_prob": (0.214, 3.6),
+        "prob_increase": (0.219, 3.7),
+        "norm": (0.363, 7.1),
+        "coefficient": (0.439, 8.6),
+        "rank": (0.306, 5.8),
+        "coef_x_norm": (0.394, 8.1),
+        "coef_x_rank": (0.232, 4.0),
+    },
+    LLAMA: {
+        "original": (0.551, 21.5),
+        "log_prob_increase": (0.312, 9.2),
+        "log_prob": (0.339, 10.8),
+        "prob_increase": (0.345, 10.0),
+        "norm": (0.549, 21.3),
+        "coefficient": (0.529, 22.9),
+        "rank": (0.493, 18.1),
+        "coef_x_norm": (0.523, 22.6),
+        "coef_x_rank": (0.389, 13.0),
+    },
+}
+
+#: ATTR Table 7 style: MRR / probability decrease (%) per knowledge type after zeroing the top
+#: value neurons of each sentence (the averages equal the project page's top-100 FFN + top-200
+#: attention numbers, 96.3/99.2 GPT-2 and 96.9/99.6 Llama).
+TYPE_DECREASE: dict[str, dict[str, tuple[float, float]]] = {
+    GPT2: {
+        "language": (91, 96), "capital": (98, 99), "country": (89, 94),
+        "color": (95, 97), "number": (96, 96), "month": (83, 88), "all": (96.3, 99.2),
+    },
+    LLAMA: {
+        "language": (78, 92), "capital": (84, 93), "country": (91, 98),
+        "color": (85, 93), "number": (90, 96), "month": (94, 98), "all": (96.9, 99.6),
+    },
+}  # fmt: skip
+#: Same-count random neurons (ATTR, secondary source): MRR / probability decrease (%).
+RANDOM_DECREASE = (0.22, 0.14)
+
+#: ATTR 5.2: mean layer of the top-30 attention value neurons (Llama 32 layers, GPT-2 36).
+ATTENTION_VALUE_MEAN_LAYER = {LLAMA: "20.37 of 32", GPT2: "21.74 of 36"}
+#: ATTR 5.2: top query components of those neurons (label l = attention l, l + .5 = FFN l).
+ATTENTION_QUERY_TOP = {LLAMA: "19.5, 20.5, 15.5", GPT2: "0.5, 27.5, 2.5"}
+
+#: ARITH Tables 24-27 (last prompt, Llama-7B): original accuracy (%) and the top head with its
+#: accuracy after ablation, per (digits, operation) cell.
+HEAD_CELLS: dict[str, tuple[float, str, float]] = {
+    "1D+": (88.9, "17_22", 47.6), "2D+": (94.5, "17_22", 39.3), "3D+": (96.1, "17_22", 46.4),
+    "1D-": (82.0, "17_22", 31.0), "2D-": (80.0, "16_1", 33.9), "3D-": (57.1, "16_1", 19.6),
+    "1D*": (93.0, "3_5", 85.4), "2D*": (56.9, "15_9", 49.3), "3D*": (32.8, "3_5", 25.9),
+    "1D/": (78.9, "14_19", 35.6), "2D/": (48.6, "14_19", 13.7), "3D/": (19.0, "14_19", 9.67),
+}  # fmt: skip
+#: ARITH Table 2: relative accuracy decrease (%) of the top head per operation and digits.
+TOP_HEAD_DECREASE: dict[str, dict[int, float]] = {
+    "+": {1: 46.5, 2: 58.4, 3: 52.5},
+    "-": {1: 62.2, 2: 52.6, 3: 56.9},
+    "*": {1: 6.8, 2: 11.2, 3: 8.1},
+    "/": {1: 54.9, 2: 71.8, 3: 53.2},
+}
+#: ARITH Table 3: top head's decrease (%) on memorize / change-one cases per operation.
+KIND_DECREASE: dict[str, tuple[float, float]] = {
+    "+": (59.2, 57.1), "-": (49.8, 65.5), "*": (11.6, 11.3), "/": (63.6, 75.2),
+}  # fmt: skip
+#: ARITH Table 1: 2D overall accuracy 74.8 -> 53.4 with 17_22 ablated; 976 of 1024 heads change
+#: it by only 0.01-2 points.
+TABLE1_ALL = (74.8, "17_22", 53.4)
+QUIET_HEADS = (976, 1024)
+
+#: ARITH Table 4 ("3+5=", head 17_22): the top CNA neuron and its importance in M and M'.
+TOP_CNA = ("28_3696", 0.6964, 0.82, 0.13)
+#: ARITH Table 5 (Llama 17_22, 1D+/-): accuracy decrease (%) per K (top99 written top100).
+MASK_KEEP: dict[str, dict[str, float]] = {
+    "mask": {"top100": 100.0, "top50": 96.0, "top30": 89.5, "top20": 86.8, "top10": 68.4},
+    "keep": {"top100": 3.9, "top50": 7.8, "top30": 13.2, "top20": 18.4, "top10": 38.2},
+    "coef": {"top100": 49.1, "top50": 60.4, "top30": 67.2, "top20": 72.7, "top10": 77.1},
+}
+#: ARITH Table 6: coefficient decrease (%) of the top neurons after zeroing the lowest one.
+LOWEST_NEURON: dict[str, float] = {
+    "top100": 15.8, "top50": 14.8, "top30": 12.5, "top20": 9.5, "top10": 4.4,
+}  # fmt: skip
+#: ARITH Table 8 (17_22, 1D+/-): M -> (neurons, accuracy decrease %); random 1,953: 2.6%.
+ZERO_SHOT: dict[int, tuple[int, float]] = {
+    0: (51980, 98.7), 1: (10426, 68.4), 2: (1953, 53.9), 3: (510, 43.4),
+}  # fmt: skip
+ZERO_SHOT_RANDOM = 2.6
+#: ARITH Table 7: tokens of the operand "3" through attention layer 15.
+OPERAND_TOKENS = {"3": "three, Three, RGB, triple, 3, triangle", "5": "Fif, XV, engo, vos, fif"}

@@ -1,0 +1,208 @@
+"""The attribution paper's query-side stages and its one-prompt walk-through (METHODS.md 5, 11).
+
+* :func:`query_stage`: query layers of the top FFN and attention value neurons per knowledge
+  type (Figures 6-7) and query-only vs query-value neurons per layer (section 5.5).
+* :func:`walkthrough_stage`: one prompt through layers, heads, head x source position and the
+  top FFN and attention neurons with their tokens (the knowledge notebooks, items 13-24).
+"""
+
+import numpy as np
+import pandas as pd
+import torch
+from transformer_lens import HookedTransformer
+
+from mechcna import plotting
+from mechcna.attribution import (
+    AttentionNeuronImportance,
+    NeuronImportance,
+    attention_neuron_importance,
+    head_importance,
+    layer_importance,
+    neuron_importance,
+)
+from mechcna.projection import top_tokens
+from mechcna.query import (
+    attention_query_layers,
+    ffn_query_layers,
+    query_neurons,
+    query_value_overlap,
+)
+from mechcna.reproduce import paper
+from mechcna.reproduce.attribution import PAPER, _skip, _type_rows
+from mechcna.reproduce.core import ReproduceSettings, StageResult, stage
+from mechcna.tasks.knowledge import KnowledgeDataset
+
+
+def component_label(c: int) -> float:
+    """Query-layer component index -> the paper's label (embedding -0.5, attention ``l`` at
+    ``l``, FFN ``l`` at ``l + 0.5``)."""
+    return c / 2 - 0.5
+
+
+def mean_query_layer(shares: torch.Tensor) -> float:
+    """The mean component label weighted by positive shares (``[component]``)."""
+    w = shares.double().clamp_min(0)
+    labels = torch.tensor([component_label(c) for c in range(len(w))], dtype=torch.float64)
+    return float((w * labels).sum() / w.sum()) if w.sum() > 0 else float("nan")
+
+
+def query_stage(
+    model: HookedTransformer,
+    data: KnowledgeDataset,
+    ffn: NeuronImportance | None,
+    att: AttentionNeuronImportance | None,
+    settings: ReproduceSettings,
+) -> StageResult:
+    """Query layers per type (Figures 6-7) and query-only vs query-value curves."""
+    title = "Query layers and query neurons (Figures 6-7, section 5.5)"
+    if not len(data) or ffn is None or att is None:
+        return _skip("query", title, "no prompt survived the filter")
+    with stage("query", title, PAPER) as st:
+        k = settings.query_k
+        fq = ffn_query_layers(model, data.prompts, data.answers, k=k, values=ffn)
+        aq = attention_query_layers(model, data.prompts, data.answers, k=k, attention=att)
+        assert fq.mean_layer is not None and aq.mean_layer is not None
+        rows, heat = [], {}
+        for name, mask in _type_rows(data).items():
+            m = torch.from_numpy(mask)
+            f_share, a_share = fq.scores[m].mean(0), aq.scores[m].mean(0)
+            heat[name] = a_share.double().numpy()
+            rows.append(
+                {
+                    "type": name, "n": int(mask.sum()),
+                    "FFN value mean layer": float(fq.mean_layer[m].mean()),
+                    "FFN query mean layer": mean_query_layer(f_share),
+                    "FFN top query layers": _top_labels(f_share),
+                    "attention value mean layer": float(aq.mean_layer[m].mean()),
+                    "attention query mean layer": mean_query_layer(a_share),
+                    "attention top query layers": _top_labels(a_share),
+                }
+            )  # fmt: skip
+        table = pd.DataFrame(rows)
+        table[f"{paper.LLAMA} attention value mean layer"] = paper.ATTENTION_VALUE_MEAN_LAYER[
+            paper.LLAMA
+        ]
+        table[f"{paper.LLAMA} attention top query layers"] = paper.ATTENTION_QUERY_TOP[paper.LLAMA]
+        st.tables["query_layers"] = table
+        st.figures["ffn_query_layers"] = fq.plot()
+        st.figures["attention_query_layers"] = aq.plot()
+        labels = [component_label(c) for c in range(aq.scores.shape[1])]
+        z = np.stack([heat[t] for t in heat])
+        fig = plotting.signed_heatmap(
+            torch.from_numpy(z), x_title="query component (l: attention, l.5: FFN)",
+            y_title="knowledge type", title="query-layer shares of attention value neurons",
+        )  # fmt: skip
+        fig.update_xaxes(tickvals=list(range(len(labels))), ticktext=[f"{x:g}" for x in labels])
+        fig.update_yaxes(tickvals=list(range(len(heat))), ticktext=list(heat))
+        st.figures["query_heatmap"] = fig
+        overall = rows[0]
+        st.claim(
+            "Query layers lie below the value neurons they activate (test: the share-weighted "
+            "mean query layer of the top attention value neurons is below their mean layer)",
+            f"Llama-7B: value neurons' mean layer {paper.ATTENTION_VALUE_MEAN_LAYER[paper.LLAMA]}"
+            f", top query components {paper.ATTENTION_QUERY_TOP[paper.LLAMA]}",
+            f"value mean layer {overall['attention value mean layer']:.2f}, query mean layer "
+            f"{overall['attention query mean layer']:.2f}",
+            bool(overall["attention query mean layer"] < overall["attention value mean layer"]),
+        )
+        queries = query_neurons(model, data.prompts, data.answers, k=k, attention=att)
+        overlap = query_value_overlap(ffn, queries, k=settings.query_value_k)
+        counts = overlap.scores.sum(0).double()  # layer kind
+        n_layers = counts.shape[0]
+        curve = pd.DataFrame(
+            {
+                "layer": range(n_layers),
+                "query-only": counts[:, 0].numpy(),
+                "query-value": counts[:, 1].numpy(),
+            }
+        )
+        st.tables["query_value"] = curve
+        st.figures["query_value"] = overlap.plot()
+        cut = int(np.ceil(0.6 * n_layers))
+        total = counts.sum(1)
+        low = float(counts[:cut, 0].sum() / max(float(total[:cut].sum()), 1e-12))
+        high = float(counts[cut:, 0].sum() / max(float(total[cut:].sum()), 1e-12))
+        st.claim(
+            "The share of query-only neurons drops after about 60% depth (test: query-only "
+            f"share of query neurons in layers >= {cut} is below that in layers < {cut})",
+            "section 5.5: query-only share drops after ~60% depth (secondary source)",
+            f"query-only share {100 * low:.0f}% below vs {100 * high:.0f}% above",
+            high < low,
+        )
+        st.notes.append(
+            f"Top-{k} value neurons per prompt; FFN keys are the mean of the up and gate keys "
+            "for gated MLPs (the Llama notebook used the value vector). Query neurons: top-"
+            f"{settings.query_value_k} per prompt, compared with the top-"
+            f"{settings.query_value_k} FFN value neurons."
+        )
+    return st.result()
+
+
+def _top_labels(shares: torch.Tensor, k: int = 5) -> str:
+    idx = shares.double().topk(min(k, len(shares))).indices.tolist()
+    return ", ".join(f"{component_label(c):g}" for c in idx)
+
+
+def walkthrough_stage(
+    model: HookedTransformer,
+    data: KnowledgeDataset,
+    ffn: NeuronImportance | None = None,
+    att: AttentionNeuronImportance | None = None,
+) -> StageResult:
+    """One prompt (the first of ``data``): layers, heads, head x position, top neurons.
+
+    ``ffn`` / ``att``: value-neuron scores of ``data`` already computed (prompt 0 is read;
+    batched scores equal one-prompt scores), to save a pass over the static blocks.
+    """
+    title = "One-prompt walk-through"
+    if not len(data):
+        return _skip("walkthrough", title, "no prompt survived the filter")
+    with stage("walkthrough", title, PAPER) as st:
+        item = data[0]
+        prompt, answer = [item.prompt], [item.answer]
+        layers = layer_importance(model, prompt, answer)
+        st.tables["layers"] = pd.DataFrame(
+            {
+                "layer": range(layers.scores.shape[1]),
+                "attention": layers.scores[0, :, 0].numpy(),
+                "FFN": layers.scores[0, :, 1].numpy(),
+            }
+        )
+        st.figures["layers"] = layers.plot(0)
+        heads = head_importance(model, prompt, answer)
+        st.tables["heads"] = heads.top(10, prompt=0)
+        st.figures["heads"] = heads.plot(0)
+        best = heads.top(1, prompt=0).iloc[0]
+        l, h = int(best["layer"]), int(best["head"])
+        by_pos = head_importance(model, prompt, answer, by_position=True, layers=[l])
+        tokens = model.to_str_tokens(item.prompt)
+        st.tables["head_positions"] = pd.DataFrame(
+            {"position": range(len(tokens)), "token": tokens,
+             "increase": by_pos.scores[0, l, h, : len(tokens)].numpy()}
+        )  # fmt: skip
+        ffn = ffn if ffn is not None else neuron_importance(model, prompt, answer)
+        top = ffn.top(10, prompt=0)
+        top["tokens"] = [
+            ", ".join(
+                t for t, _ in top_tokens(model, (int(a), int(b)), 8, coefficient=float(c)).top
+            )
+            for a, b, c in zip(top["layer"], top["neuron"], top["coefficient"], strict=True)
+        ]
+        st.tables["ffn_neurons"] = top
+        att = att if att is not None else attention_neuron_importance(model, prompt, answer)
+        atop = att.top(10, prompt=0)
+        W_O = model.W_O.detach()
+        atop["tokens"] = [
+            ", ".join(
+                t for t, _ in top_tokens(model, W_O[int(a), int(hd), int(d)] * float(c), 8).top
+            )
+            for a, hd, d, c in zip(
+                atop["layer"], atop["head"], atop["d_head"], atop["coefficient"], strict=True
+            )
+        ]
+        st.tables["attention_neurons"] = atop
+        st.notes.append(
+            f"Prompt {item.prompt!r} -> {item.answer!r}; top head {l}_{h}; "
+            f"p = {float(layers.final_logprob.exp()[0]):.3f}."  # type: ignore[union-attr]
+        )
+    return st.result()

@@ -1,0 +1,226 @@
+"""`reproduce --quick` end to end on the shipped model; each table equals a direct call of the
+library function it comes from (on the shipped model and on tiny random models)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import mechcna
+from mechcna.comparative import compare_neurons, mask_keep_table
+from mechcna.heads import head_sweep
+from mechcna.interventions import AttentionNeuronEdit, HeadAblation
+from mechcna.methods import evaluate_methods
+from mechcna.query import query_neurons, query_value_overlap
+from mechcna.reproduce import (
+    ReproduceSettings,
+    query_stages,
+    reproduce,
+    to_markdown,
+    write_report,
+)
+from mechcna.reproduce import arithmetic as arith
+from mechcna.reproduce import attribution as attr
+from mechcna.reproduce.core import Reproduction, markdown_table
+from mechcna.tasks.knowledge import KnowledgeDataset, KnowledgePrompt
+from tests.helpers import PROMPTS, build
+
+STAGES = [
+    "knowledge", "value_neurons", "methods", "zeroing", "query", "walkthrough",
+    "arithmetic_data", "heads", "cna", "shallow",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return mechcna.load_model("mechcna/arith-small", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def quick(shipped):
+    return reproduce(shipped, quick=True, progress=False)
+
+
+def test_quick_end_to_end_on_shipped_model(quick, tmp_path):
+    assert [s.name for s in quick.stages] == STAGES
+    assert all(s.seconds > 0 for s in quick.stages)
+    timings = quick.timings()
+    assert timings.iloc[-1]["seconds"] == pytest.approx(sum(s.seconds for s in quick.stages))
+    claims = quick.claims_frame()
+    assert len(claims) >= 12
+    assert set(claims["verdict"]) <= {"holds", "does not hold", "not measured"}
+    # The word-level model knows no capital: the attribution stages ran on the arithmetic
+    # fallback, and said so.
+    knowledge = quick.stage("knowledge")
+    assert knowledge.tables["survivors"]["kept"].sum() == 0
+    assert any("No knowledge prompt survived" in n for n in knowledge.notes)
+    assert len(knowledge.data["dataset"]) > 0
+    page = write_report(quick, tmp_path / "run")
+    text = (tmp_path / "run" / "reproduce.md").read_text()
+    assert "## Claims" in text and "paper (Llama-7B)" in text and "paper (GPT-2)" in text
+    assert "ARITH Table 5" in text and "ATTR Table 2" in text
+    html = page.read_text()
+    n_figures = sum(len(s.figures) for s in quick.stages)
+    assert n_figures >= 8 and html.count("ARITH Table 5") >= 1
+    assert len(list((tmp_path / "run").glob("table-*.csv"))) >= 20
+    assert quick.plot().data
+
+
+def test_verdicts_follow_the_numbers(quick):
+    """Each verdict is recomputed from the stage's own table."""
+    methods = quick.stage("methods").tables["methods"].set_index("method").drop(index="original")
+    lpi = methods.loc["log_prob_increase"]
+    best = bool(lpi["mrr"] <= methods["mrr"].min() and lpi["prob %"] <= methods["prob %"].min())
+    claim = next(c for c in quick.claims if c.claim.startswith("Log-probability increase"))
+    assert claim.holds == best
+    zeroing = quick.stage("zeroing").tables["zeroing"].iloc[0]
+    claim = next(c for c in quick.claims if c.claim.startswith("Zeroing the top value"))
+    assert claim.holds == bool(zeroing["MRR decrease %"] > 50 and zeroing["prob decrease %"] > 50)
+
+
+def test_method_table_equals_direct_call(quick, shipped):
+    data = quick.stage("knowledge").data["method_dataset"]
+    table = quick.stage("methods").tables["methods"]
+    direct = evaluate_methods(shipped, data.prompts, data.answers, k=10, progress=False)
+    np.testing.assert_allclose(table["mrr"], direct["mrr"], rtol=1e-12)
+    np.testing.assert_allclose(table["prob %"], 100 * direct["prob"], rtol=1e-12)
+    assert table["paper (Llama-7B) mrr"].iloc[1] == 0.312  # log_prob_increase row
+
+
+def test_head_and_cna_tables_equal_direct_calls(quick, shipped):
+    s = ReproduceSettings.quick()
+    data = quick.stage("arithmetic_data").data["dataset"]
+    cases = arith._subsample(data, s.sweep_cases, s.seed)
+    sweep = head_sweep(shipped, cases, progress=False)
+    table1 = quick.stage("heads").tables["table1"]
+    direct = sweep.table(by="operation", heads="top", k=5)
+    pd.testing.assert_frame_equal(table1[direct.columns], direct)
+    head = quick.stage("heads").data["head"]
+    assert head == arith.top_head(sweep, ["+", "-"])
+    cna_cases = quick.stage("cna").data["cases"]
+    cna = compare_neurons(shipped, cna_cases.prompts, HeadAblation([head]), cna_cases.targets)
+    deep = range(head[0], shipped.cfg.n_layers)
+    t5 = mask_keep_table(shipped, cna_cases.prompts, cna, ks=s.cna_ks, deep_layers=deep,
+                         progress=False)  # fmt: skip
+    ours = quick.stage("cna").tables["table5"].set_index(["experiment", "K"])["ours %"]
+    for exp, row in t5.iterrows():
+        for col, value in row.items():
+            assert ours[(exp, col)] == pytest.approx(value, rel=1e-12, abs=1e-12)
+
+
+def _top1_dataset(model) -> KnowledgeDataset:
+    """The tiny model's own top-1 answers to the test prompts, two 'types'."""
+    items = []
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            top = int(model(model.to_tokens(p))[0, -1].argmax())
+        items.append(KnowledgePrompt(p, model.to_single_str_token(top), ("color", "month")[i % 2]))
+    return KnowledgeDataset(tuple(items))
+
+
+def test_attribution_stage_tables_equal_direct_calls(kind):
+    model = build(kind)
+    data = _top1_dataset(model)
+    s = ReproduceSettings(histogram_k=7, ffn_k=5, attention_k=6, query_k=4, query_value_k=9)
+    value = attr.value_neuron_stage(model, data, s)
+    ffn, att = value.data["ffn"], value.data["attention"]
+    direct = mechcna.neuron_importance(model, data.prompts, data.answers)
+    torch.testing.assert_close(ffn.scores, direct.scores, rtol=0, atol=0)
+    # layer histogram vs a slow count: each prompt's top-k (layer, neuron) pairs
+    expected = np.zeros(model.cfg.n_layers, dtype=int)
+    for i in range(len(data)):
+        for label in direct.top(7, prompt=i)["layer"]:
+            expected[int(label)] += 1
+    hist = value.tables["layer_histogram"]
+    assert hist["FFN count"].tolist() == expected.tolist()
+    zeroing = attr.intervention_stage(model, data, ffn, att, s)
+    per_prompt = attr.zeroing_effects(model, data, ffn, att, 5, 6, s.seed)
+    pd.testing.assert_frame_equal(zeroing.data["per_prompt"], per_prompt)
+    before = per_prompt["rr"].mean()
+    row = zeroing.tables["zeroing"].iloc[0]
+    assert row["MRR decrease %"] == pytest.approx(
+        100 * (before - per_prompt["rr_top"].mean()) / before
+    )
+    query = query_stages.query_stage(model, data, ffn, att, s)
+    overlap = query_value_overlap(
+        ffn, query_neurons(model, data.prompts, data.answers, k=4, attention=att), k=9
+    )
+    counts = overlap.scores.sum(0)
+    assert query.tables["query_value"]["query-only"].tolist() == counts[:, 0].tolist()
+    walk = query_stages.walkthrough_stage(model, data, ffn, att)
+    alone = mechcna.neuron_importance(model, data.prompts[:1], data.answers[:1])
+    np.testing.assert_allclose(
+        walk.tables["ffn_neurons"]["score"], alone.top(10, prompt=0)["score"], rtol=1e-5
+    )
+
+
+def test_empty_dataset_skips_gracefully():
+    model = build("llama")
+    empty = KnowledgeDataset(())
+    s = ReproduceSettings()
+    for result in (
+        attr.value_neuron_stage(model, empty, s),
+        attr.method_stage(model, empty, s),
+        attr.intervention_stage(model, empty, None, None, s),
+        query_stages.query_stage(model, empty, None, None, s),
+        query_stages.walkthrough_stage(model, empty),
+    ):
+        assert result.notes and result.notes[0].startswith("Skipped")
+        assert not result.claims
+
+
+def test_attention_neuron_edit_removes_exactly_the_scored_terms(kind):
+    """Removing every source position of a head at T equals zeroing its z at T; removing one
+    neuron changes the logits by exactly its direct contribution when nothing follows."""
+    model = build(kind)
+    tokens = model.to_tokens(PROMPTS[2])
+    t = tokens.shape[1] - 1
+    every = [(1, p, 2, d) for p in range(t + 1) for d in range(model.cfg.d_head)]
+    with torch.no_grad():
+        with mechcna.intervene(model, HeadAblation([(1, 2)], positions=[t])):
+            ablated = model(tokens)
+        with mechcna.intervene(model, AttentionNeuronEdit(every)):
+            edited = model(tokens)
+        torch.testing.assert_close(edited, ablated, atol=1e-5, rtol=1e-5)
+        clean = model(tokens)
+        with mechcna.intervene(model, AttentionNeuronEdit([(1, 0, 2, 3)])):
+            one = model(tokens)
+    torch.testing.assert_close(one[0, :t], clean[0, :t])  # earlier positions untouched
+    with pytest.raises(mechcna.MechcnaError, match="after the query position"):
+        with mechcna.intervene(model, AttentionNeuronEdit([(1, 5, 0, 0)], position=2)):
+            model(tokens)
+
+
+def test_prompt_forms():
+    data = mechcna.arithmetic_dataset("+", 1, 4, n_pairs=3, split="heldout")
+    few = arith.apply_prompt_form(data, "few-shot", shots=2)
+    assert all(f.prompt.endswith(c.prompt) and f.prompt.count("\n") == 2
+               for f, c in zip(few, data))  # fmt: skip
+    assert arith.apply_prompt_form(data, "zero-shot", shots=2) is data
+    with pytest.raises(mechcna.MechcnaError, match="prompt_form"):
+        arith.apply_prompt_form(data, "one-shot")
+
+
+def test_markdown_table():
+    frame = pd.DataFrame({"a": [1.23456789, float("nan")], "b|c": ["x|y", "z"]})
+    assert markdown_table(frame).splitlines() == [
+        "| a | b|c |", "|---|---|", "| 1.235 | x\\|y |", "|  | z |",
+    ]  # fmt: skip
+    assert "## Claims" in to_markdown(Reproduction("m", {}, (), "here", "today"))
+
+
+def test_command_end_to_end(tmp_path, capsys):
+    """``mechcna reproduce --quick`` (the arithmetic paper, to keep the suite fast; the fixture
+    above runs both papers through the same library call)."""
+    from mechcna.reproduce.command import main
+
+    out = tmp_path / "run"
+    argv = ["--model", "mechcna/arith-small", "--out", str(out), "--paper", "arithmetic"]
+    assert main([*argv, "--quick", "--quiet", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "verdict" in printed and "total" in printed and "index.html" in printed
+    assert (out / "index.html").is_file() and (out / "reproduce.md").is_file()
+    assert "mechcna reproduce --model mechcna/arith-small" in (out / "provenance.json").read_text()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(mechcna.MechcnaError, match="not a folder"):
+        main(["--model", "no/such-model", "--out", str(tmp_path / "file")])
