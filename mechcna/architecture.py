@@ -1,4 +1,4 @@
-"""Architecture facts in one place: a read-only view over a :class:`HookedTransformer`.
+"""Architecture facts in one place: a read-only view over a model (either backend).
 
 Attribution code asks this view for per-layer weights (FFN value vectors ``W_out`` rows, keys
 ``W_in``/``W_gate``, per-head ``W_V``/``W_O`` with grouped-query heads expanded, pre-norm
@@ -13,9 +13,9 @@ Example:
 from typing import Literal, cast
 
 import torch
-from transformer_lens import HookedTransformer
 
 from mechcna._types import Float, Tensor
+from mechcna.backend import Model, expand_kv, weight
 from mechcna.errors import MechcnaError, UnsupportedArchitectureError
 
 NormKind = Literal["LN", "LNPre", "RMS", "RMSPre", "none"]
@@ -30,7 +30,7 @@ class Architecture:
             mixtures of experts, or unknown normalisation types.
     """
 
-    def __init__(self, model: HookedTransformer):
+    def __init__(self, model: Model):
         cfg = model.cfg
         problems = []
         if cfg.attn_only:
@@ -103,12 +103,13 @@ class Architecture:
 
     def W_V(self, layer: int) -> Float[Tensor, "head_index d_model d_head"]:
         """Value weights per query head (grouped-query heads repeated to ``n_heads``)."""
-        return self._block(layer).attn.W_V
+        return expand_kv(self._block(layer).attn.W_V, self.n_heads)
 
     def b_V(self, layer: int) -> Float[Tensor, "head_index d_head"]:
-        attn = self._block(layer).attn
-        b = getattr(attn, "b_V", None)
-        return b if b is not None else self._zeros(self.n_heads, self.d_head)
+        b = weight(self._block(layer).attn, "b_V")
+        return (
+            expand_kv(b, self.n_heads) if b is not None else self._zeros(self.n_heads, self.d_head)
+        )
 
     def W_O(self, layer: int) -> Float[Tensor, "head_index d_head d_model"]:
         return self._block(layer).attn.W_O
@@ -162,9 +163,9 @@ class Architecture:
         return torch.ones(self.d_model, dtype=self.dtype, device=self.device)
 
     def _bias(self, module: torch.nn.Module, name: str, size: int) -> Tensor:
-        b = getattr(module, name, None)
-        return b if isinstance(b, Tensor) else self._zeros(size)
+        b = weight(module, name)
+        return b if b is not None else self._zeros(size)
 
     def _norm_w(self, module: torch.nn.Module) -> Tensor:
-        w = getattr(module, "w", None)
-        return w if isinstance(w, Tensor) else self._ones()
+        w = weight(module, "w")
+        return w if w is not None else self._ones()

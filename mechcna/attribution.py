@@ -37,12 +37,12 @@ import einops
 import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from mechcna import plotting
 from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.architecture import Architecture
+from mechcna.backend import Model
 from mechcna.engine import EngineStats, Method, exact_rows_logprob, logprob_increase
 from mechcna.errors import MechcnaError
 from mechcna.hooks import hook_name
@@ -80,7 +80,7 @@ class Capture:
 
 
 def capture(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -189,7 +189,7 @@ def attention_coefficients(cap: Capture) -> Float[Tensor, "prompt layer key_pos 
 
 # ---------------------------------------------------------------------------- helpers
 def _logprob(
-    model: HookedTransformer,
+    model: Model,
     vectors: Float[Tensor, "prompt ... d_model"],
     cap: Capture,
     paper_compat: bool,
@@ -202,13 +202,13 @@ def _logprob(
     return exact_rows_logprob(logits, target)
 
 
-def _target_strings(model: HookedTransformer, ids: Tensor) -> tuple[str, ...]:
+def _target_strings(model: Model, ids: Tensor) -> tuple[str, ...]:
     if model.tokenizer is None:
         return tuple(str(int(i)) for i in ids)
     return tuple(model.to_single_str_token(int(i)) for i in ids)
 
 
-def _meta(model: HookedTransformer, cap: Capture, paper_compat: bool) -> dict:
+def _meta(model: Model, cap: Capture, paper_compat: bool) -> dict:
     return {
         "target_ids": cap.target.cpu(),
         "targets": _target_strings(model, cap.target),
@@ -282,7 +282,7 @@ class AttentionNeuronImportance(Scores):
 
 # ---------------------------------------------------------------------------- scores
 def layer_importance(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -314,7 +314,7 @@ def layer_importance(
 
 
 def head_importance(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -372,7 +372,7 @@ def head_importance(
 
 
 def neuron_importance(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -412,7 +412,7 @@ def neuron_importance(
 
 
 def neuron_importance_from_capture(
-    model: HookedTransformer,
+    model: Model,
     cap: Capture,
     *,
     layers: Iterable[int] | None = None,
@@ -449,7 +449,7 @@ def neuron_importance_from_capture(
 
 
 def ffn_scores(
-    model: HookedTransformer,
+    model: Model,
     resid_mid: Float[Tensor, "prompt layer d_model"],
     post: Float[Tensor, "prompt layer neuron"],
     target: Int[Tensor, " prompt"],
@@ -491,7 +491,7 @@ def ffn_scores(
 
 
 def attention_neuron_importance(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,

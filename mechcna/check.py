@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import einops
 import torch
-from transformer_lens import HookedTransformer
 
 from mechcna.architecture import Architecture
+from mechcna.backend import Model
 from mechcna.errors import ModelCheckError
 from mechcna.hooks import hook_name
 
@@ -46,7 +46,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_model(
-    model: HookedTransformer,
+    model: Model,
     tokens: torch.Tensor | None = None,
     *,
     seq_len: int = 6,

@@ -16,9 +16,9 @@ import math
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer
 
 from mechcna.attribution import layer_importance, neuron_importance
+from mechcna.backend import Model
 from mechcna.check import check_model
 from mechcna.comparative import cna_table, compare_neurons, mask_keep_table
 from mechcna.evaluation import evaluate_accuracy
@@ -50,7 +50,7 @@ def _run(model_name: str | None, progress: bool, out_dir: Path, n_pairs: int) ->
     out = io.StringIO()
     out_path = out_dir
     out_path.mkdir(parents=True, exist_ok=True)
-    model: HookedTransformer = load_model(model_name or next(iter(SHIPPED_MODELS)), device="cpu")
+    model: Model = load_model(model_name or next(iter(SHIPPED_MODELS)), device="cpu")
     cfg = model.cfg
     out.write(
         f"== model {cfg.model_name}: {cfg.n_layers} layers x {cfg.n_heads} heads, d_model "

@@ -23,9 +23,9 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from mechcna._types import Float, Tensor
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError
 from mechcna.interventions import Intervention, intervene
 from mechcna.prompts import prepare_prompts, single_token_ids
@@ -114,7 +114,7 @@ class AccuracyResult:
 
 
 def evaluate_accuracy(
-    model: HookedTransformer,
+    model: Model,
     dataset: ArithmeticDataset,
     interventions: Sequence[Intervention] = (),
     batch_size: int = 256,

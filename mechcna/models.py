@@ -31,9 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerBase
 
+from mechcna.backend import (
+    Backend,
+    HookedTransformer,
+    HookedTransformerConfig,
+    Model,
+    architecture_name,
+    check_backend,
+)
+from mechcna.bridge import load_bridge
 from mechcna.errors import ModelNotFoundError, UnsupportedArchitectureError
 from mechcna.tokenizer import load_tokenizer, prepare_tokenizer
 
@@ -72,12 +80,12 @@ NO_PROCESSING = WeightProcessing()
 _PROCESSING_ATTR = "_mechcna_processing"
 
 
-def get_processing(model: HookedTransformer) -> WeightProcessing | None:
+def get_processing(model: Model) -> WeightProcessing | None:
     """The weight processing recorded by :func:`load_model` (``None`` if unknown)."""
     return getattr(model, _PROCESSING_ATTR, None)
 
 
-def _record(model: HookedTransformer, processing: WeightProcessing) -> HookedTransformer:
+def _record(model: Model, processing: WeightProcessing) -> Model:
     object.__setattr__(model, _PROCESSING_ATTR, processing)
     return model
 
@@ -96,8 +104,10 @@ def load_model(
     tokenizer: PreTrainedTokenizerBase | None = None,
     prepend_bos: bool | None = None,
     seed: int | None = None,
-) -> HookedTransformer:
-    """Load a model as a :class:`HookedTransformer`, with weight processing made explicit.
+    backend: Backend | None = None,
+) -> Model:
+    """Load a model as a :class:`HookedTransformer` or a ``TransformerBridge``, with weight
+    processing made explicit.
 
     Args:
         source: a TransformerLens model name, a local Hugging Face checkpoint directory, a
@@ -109,12 +119,22 @@ def load_model(
         prepend_bos: default BOS policy; ``None`` follows the papers (no BOS for GPT-2,
             BOS otherwise).
         seed: seed for random initialisation from a config.
+        backend: ``"hooked"`` (a HookedTransformer) or ``"bridge"`` (a TransformerBridge in
+            compatibility mode, :mod:`mechcna.bridge`); default ``"hooked"`` where the
+            installed TransformerLens has it (3.x), ``"bridge"`` otherwise (4.x).
 
     Raises:
         ModelNotFoundError: the name or directory does not resolve to a model.
         UnsupportedArchitectureError: a local checkpoint of an unsupported family.
     """
     device = device or default_device()
+    if check_backend(backend) == "bridge":
+        shipped = {k: CHECKPOINT_DIR / v for k, v in SHIPPED_MODELS.items()}
+        model, done = load_bridge(
+            source, device=device, dtype=dtype, processing=processing, tokenizer=tokenizer,
+            shipped=shipped,
+        )  # fmt: skip
+        return _finish(model, done, prepend_bos)
     if isinstance(source, HookedTransformerConfig):
         model = _from_config(source, device, dtype, tokenizer, seed)
         if processing.any:
@@ -149,11 +169,9 @@ def load_model(
     return _finish(model, processing, prepend_bos)
 
 
-def _finish(
-    model: HookedTransformer, processing: WeightProcessing, prepend_bos: bool | None
-) -> HookedTransformer:
+def _finish(model: Model, processing: WeightProcessing, prepend_bos: bool | None) -> Model:
     if prepend_bos is None:
-        arch = model.cfg.original_architecture or ""
+        arch = architecture_name(model)
         prepend_bos = not arch.startswith("GPT2")
     model.cfg.default_prepend_bos = prepend_bos
     model.eval()
@@ -166,7 +184,7 @@ def _from_config(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase | None,
     seed: int | None,
-) -> HookedTransformer:
+) -> Model:
     cfg = HookedTransformerConfig.from_dict(
         {**cfg.to_dict(), "device": str(device), "dtype": dtype}
     )
@@ -183,7 +201,7 @@ def _from_pretrained_name(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
-) -> HookedTransformer:
+) -> Model:
     try:
         return HookedTransformer.from_pretrained(
             name,
@@ -264,7 +282,7 @@ def _from_hf_directory(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
-) -> HookedTransformer:
+) -> Model:
     from transformer_lens.pretrained.weight_conversions import (
         convert_gpt2_weights,
         convert_llama_weights,
@@ -295,7 +313,7 @@ def from_hf_model(
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
     convert: Any,
-) -> HookedTransformer:
+) -> Model:
     """Convert an in-memory Hugging Face model with TransformerLens's weight converters."""
     tl_cfg = HookedTransformerConfig.from_dict(
         {**tl_cfg.to_dict(), "device": str(device), "dtype": dtype}
@@ -308,9 +326,7 @@ def from_hf_model(
     return model.to(device)
 
 
-def save_checkpoint(
-    model: HookedTransformer, path: str | Path, card: dict[str, Any] | None = None
-) -> Path:
+def save_checkpoint(model: Model, path: str | Path, card: dict[str, Any] | None = None) -> Path:
     """Save weights (safetensors), config, tokenizer and a card into ``path``.
 
     Returns:
@@ -344,7 +360,7 @@ def _from_mechcna_checkpoint(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
-) -> tuple[HookedTransformer, WeightProcessing]:
+) -> tuple[Model, WeightProcessing]:
     from safetensors.torch import load_file
 
     meta = json.loads((path / CHECKPOINT_FILE).read_text())

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformer_lens import HookedTransformer
 
 from mechcna._types import Int, Tensor
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError, TokenizationError
 
 Prompts = str | Sequence[str] | Tensor
@@ -47,7 +47,7 @@ class PromptBatch:
 
 
 def prepare_prompts(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     position: int | None = None,
     prepend_bos: bool | None = None,
@@ -100,7 +100,7 @@ def prepare_prompts(
     return PromptBatch(tokens, lengths, positions, strings)
 
 
-def single_token_id(model: HookedTransformer, target: str | int) -> int:
+def single_token_id(model: Model, target: str | int) -> int:
     """The id of a target given as one token's string or id.
 
     Raises:
@@ -129,7 +129,7 @@ def single_token_id(model: HookedTransformer, target: str | int) -> int:
 
 
 def single_token_ids(
-    model: HookedTransformer,
+    model: Model,
     targets: str | int | Sequence[str | int] | Tensor,
     n: int | None = None,
 ) -> Int[Tensor, " batch"]:

@@ -36,7 +36,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from mechcna import plotting
 from mechcna._types import Float, Int, Tensor
@@ -49,6 +48,7 @@ from mechcna.attribution import (
     capture,
     neuron_importance_from_capture,
 )
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError
 from mechcna.interventions import Intervention
 from mechcna.projection import compute_dtype, top_tokens
@@ -179,7 +179,7 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 def _top_attention_neurons(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets,
     attention: AttentionNeuronImportance | None,
@@ -250,7 +250,7 @@ def _query_scores(
 
 # ---------------------------------------------------------------------------- 5.3 / 5.4
 def query_neurons(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -298,7 +298,7 @@ def query_neurons(
 
 
 def attention_neuron_queries(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     neuron: tuple[int, int, int, int],
     targets: Targets = None,
@@ -400,7 +400,7 @@ def _shares(
 
 
 def ffn_query_layers(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -476,7 +476,7 @@ def ffn_query_layers(
 
 
 def attention_query_layers(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -551,7 +551,7 @@ def query_value_overlap(
 
 
 def query_neuron_tokens(
-    model: HookedTransformer,
+    model: Model,
     neuron: tuple[int, int],
     head: tuple[int, int],
     k: int = 10,

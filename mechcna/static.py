@@ -12,10 +12,10 @@ import weakref
 from collections import OrderedDict
 
 import einops
-from transformer_lens import HookedTransformer
 
 from mechcna._types import Tensor
 from mechcna.architecture import Architecture
+from mechcna.backend import Model
 from mechcna.projection import DirectionBlock, direction_block
 
 DEFAULT_BUDGET = 2 * 2**30
@@ -61,10 +61,10 @@ class BlockCache:
         self._blocks.clear()
 
 
-_CACHES: "weakref.WeakKeyDictionary[HookedTransformer, BlockCache]" = weakref.WeakKeyDictionary()
+_CACHES: "weakref.WeakKeyDictionary[Model, BlockCache]" = weakref.WeakKeyDictionary()
 
 
-def model_cache(model: HookedTransformer) -> BlockCache:
+def model_cache(model: Model) -> BlockCache:
     """The default cache attached to ``model`` (freed with it)."""
     cache = _CACHES.get(model)
     if cache is None:
@@ -76,9 +76,7 @@ def _norm_weights(arch: Architecture) -> tuple[Tensor, ...]:
     return (arch.W_U, arch.ln_final_w)
 
 
-def ffn_block(
-    model: HookedTransformer, layer: int, cache: BlockCache | None = None
-) -> DirectionBlock:
+def ffn_block(model: Model, layer: int, cache: BlockCache | None = None) -> DirectionBlock:
     """Directions of layer ``layer``'s FFN value vectors (rows of ``W_out``)."""
     arch = Architecture(model)
     W_out = arch.W_out(layer)
@@ -87,9 +85,7 @@ def ffn_block(
     return cache.get(key, lambda: direction_block(model, W_out.detach()))
 
 
-def attention_block(
-    model: HookedTransformer, layer: int, cache: BlockCache | None = None
-) -> DirectionBlock:
+def attention_block(model: Model, layer: int, cache: BlockCache | None = None) -> DirectionBlock:
     """Directions of the rows of ``W_O[layer]`` (row ``head * d_head + dim``)."""
     arch = Architecture(model)
     W_O = arch.W_O(layer)

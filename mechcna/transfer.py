@@ -44,12 +44,12 @@ import einops
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from mechcna import plotting
 from mechcna._types import Float, Tensor
 from mechcna.architecture import Architecture
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError
 from mechcna.hooks import hook_name
 from mechcna.interventions import Intervention, intervene
@@ -95,7 +95,7 @@ class PositionCapture:
 
 
 def capture_positions(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     *,
     position: int | None = None,
@@ -182,7 +182,7 @@ class FFNKeys:
         return einops.einsum(residual, keys, "... d_model, key d_model -> ... key")
 
 
-def ffn_keys(model: HookedTransformer, layer: int, neuron: int) -> FFNKeys:
+def ffn_keys(model: Model, layer: int, neuron: int) -> FFNKeys:
     """Keys of FFN neuron ``(layer, neuron)``: ``W_in`` (up) and ``W_gate`` columns times the
     pre-MLP norm weight ``ln2.w`` (only ``W_in`` for non-gated MLPs)."""
     arch = Architecture(model)
@@ -196,7 +196,7 @@ def ffn_keys(model: HookedTransformer, layer: int, neuron: int) -> FFNKeys:
     return FFNKeys(layer, neuron, ("up", "gate"), vectors)
 
 
-def _keys(model: HookedTransformer, keys: "FFNKeys | tuple[int, int]") -> FFNKeys:
+def _keys(model: Model, keys: "FFNKeys | tuple[int, int]") -> FFNKeys:
     return keys if isinstance(keys, FFNKeys) else ffn_keys(model, *keys)
 
 
@@ -258,7 +258,7 @@ def _apply(arch: Architecture, hops: Sequence[_Hop], x: Tensor) -> list[Tensor]:
 
 
 def vo_transform(
-    model: HookedTransformer,
+    model: Model,
     vectors: Float[Tensor, "... d_model"],
     layer: int,
     head: int | None = None,
@@ -317,7 +317,7 @@ class AttentionTransform:
     path: tuple[PathStep, ...]
     original: Float[Tensor, "... d_model"]
     hops: Float[Tensor, "hop ... d_model"]
-    model: HookedTransformer = field(repr=False)
+    model: Model = field(repr=False)
 
     @property
     def transformed(self) -> Tensor:
@@ -350,7 +350,7 @@ def _step_name(step: PathStep) -> str:
 
 
 def transform_through_attention(
-    model: HookedTransformer,
+    model: Model,
     vector_or_neuron: Float[Tensor, "... d_model"] | tuple[int, int] | str,
     path: Sequence[PathStep],
     prompt: str | Tensor | None = None,
@@ -475,7 +475,7 @@ def _key_scores(
     return KeyScores(scores.cpu(), tuple(rows), keys.names, title, tuple(float(v) for v in values))
 
 
-def _one_prompt(model: HookedTransformer, prompt: str | Tensor, attention: bool) -> PositionCapture:
+def _one_prompt(model: Model, prompt: str | Tensor, attention: bool) -> PositionCapture:
     cap = capture_positions(model, prompt, attention=attention)
     if len(cap.batch) != 1:
         raise MechcnaError("this analysis takes one prompt")
@@ -499,7 +499,7 @@ def _head_position_vectors(
 
 
 def source_position_scores(
-    model: HookedTransformer,
+    model: Model,
     prompt: str | Tensor,
     layer: int,
     keys: "FFNKeys | tuple[int, int]",
@@ -531,7 +531,7 @@ def source_position_scores(
 
 
 def head_scores(
-    model: HookedTransformer,
+    model: Model,
     prompt: str | Tensor,
     layer: int,
     keys: "FFNKeys | tuple[int, int]",
@@ -557,7 +557,7 @@ def head_scores(
 
 
 def component_scores(
-    model: HookedTransformer,
+    model: Model,
     prompt: str | Tensor,
     keys: "FFNKeys | tuple[int, int]",
     *,
@@ -590,7 +590,7 @@ def component_scores(
 
 
 def neuron_scores(
-    model: HookedTransformer,
+    model: Model,
     prompt: str | Tensor,
     keys: "FFNKeys | tuple[int, int]",
     *,
