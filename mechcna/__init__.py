@@ -38,8 +38,10 @@ from mechcna.interventions import (
 )
 from mechcna.models import (
     NO_PROCESSING,
+    ModelProvenance,
     WeightProcessing,
     get_processing,
+    get_provenance,
     load_model,
     save_checkpoint,
 )
@@ -103,6 +105,7 @@ __all__ = [
     "MechcnaError",
     "ModelCheckError",
     "ModelNotFoundError",
+    "ModelProvenance",
     "NeuronEdit",
     "NeuronImportance",
     "Patch",
@@ -127,6 +130,7 @@ __all__ = [
     "ffn_keys",
     "ffn_query_layers",
     "get_processing",
+    "get_provenance",
     "head_importance",
     "head_scores",
     "head_sweep",

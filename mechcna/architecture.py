@@ -27,7 +27,8 @@ class Architecture:
 
     Raises:
         UnsupportedArchitectureError: attention-only models, parallel attention/MLP blocks,
-            mixtures of experts, or unknown normalisation types.
+            post-attention/post-MLP norms or soft-capped logits (Gemma 2), mixtures of
+            experts, or unknown normalisation types.
     """
 
     def __init__(self, model: Model):
@@ -37,6 +38,13 @@ class Architecture:
             problems.append("attention-only models have no FFN neurons")
         if cfg.parallel_attn_mlp:
             problems.append("parallel attention/MLP blocks (GPT-J style) have no resid_mid")
+        if cfg.use_normalization_before_and_after:
+            problems.append(
+                "post-attention/post-MLP norms (Gemma 2 style) rescale every neuron's write to "
+                "the residual stream by a scale that depends on the other neurons"
+            )
+        if cfg.output_logits_soft_cap > 0:
+            problems.append("soft-capped output logits (the projection ignores the tanh)")
         if getattr(cfg, "num_experts", None):
             problems.append("mixture-of-experts MLPs")
         if cfg.normalization_type not in _NORMS:

@@ -47,7 +47,7 @@ from mechcna.engine import EngineStats, Method, exact_rows_logprob, logprob_incr
 from mechcna.errors import MechcnaError
 from mechcna.hooks import hook_name
 from mechcna.interventions import Intervention, intervene
-from mechcna.models import get_processing
+from mechcna.models import get_processing, get_provenance
 from mechcna.projection import compute_dtype, linear_part, logit_offset, project_to_vocab
 from mechcna.prompts import PromptBatch, Prompts, prepare_prompts, single_token_ids
 from mechcna.results import Scores
@@ -216,6 +216,7 @@ def _meta(model: Model, cap: Capture, paper_compat: bool) -> dict:
         "model_name": model.cfg.model_name,
         "processing": get_processing(model),
         "paper_compat": paper_compat,
+        "model_source": get_provenance(model),
     }
 
 

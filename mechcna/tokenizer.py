@@ -78,3 +78,19 @@ def load_tokenizer(path: str | Path, name: str | None = None) -> PreTrainedToken
     fast = PreTrainedTokenizerFast(tokenizer_file=str(p), **SPECIAL_TOKENS)
     prepare_tokenizer(fast, name or p.parent.name)
     return fast
+
+
+def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether encoding text with ``tokenizer`` itself puts its BOS token first.
+
+    This is what the model's Hugging Face tokenizer does (``add_bos_token`` and its
+    post-processor): Llama-2 adds ``<s>``, GPT-2 and SmolLM2 add nothing. Checked by encoding,
+    not by reading flags, so tokenizers whose flags and behaviour disagree are judged by what
+    they do.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(plain) and with_special[0] == bos

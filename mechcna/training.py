@@ -372,7 +372,11 @@ def train_arithmetic(
     tokenizer = build_tokenizer()
     d_vocab = len(tokenizer)
     model = load_model(
-        model_config(config, d_vocab), device="cpu", tokenizer=tokenizer, seed=config.seed
+        model_config(config, d_vocab),
+        device="cpu",
+        tokenizer=tokenizer,
+        seed=config.seed,
+        prepend_bos=True,  # trained with BOS (the word-level tokenizer adds none itself)
     )
     model.train()
     sampler = _Sampler(config)

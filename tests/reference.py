@@ -32,14 +32,15 @@ def _run(model, tokens):
 
 
 @torch.no_grad()
-def literal_ffn_scores(model, tokens, target=None, paper_compat=False):
-    """[layer, neuron] log-prob increases for one unpadded prompt (last position)."""
+def literal_ffn_scores(model, tokens, target=None, paper_compat=False, layers=None):
+    """[layer, neuron] log-prob increases for one unpadded prompt (last position); only the
+    given ``layers`` (in that order) when given."""
     logits, cache = _run(model, tokens)
     T = len(tokens) - 1
     w = int(logits[T].argmax()) if target is None else target
     s = cache["ln_final.hook_scale"][0, T, 0]
     out = []
-    for l in range(model.cfg.n_layers):
+    for l in range(model.cfg.n_layers) if layers is None else layers:
         base = cache[f"blocks.{l}.hook_resid_mid"][0, T]
         m = cache[f"blocks.{l}.mlp.hook_post"][0, T]
         subvalues = m[:, None] * model.blocks[l].mlp.W_out  # [neuron, d_model]
@@ -51,15 +52,16 @@ def literal_ffn_scores(model, tokens, target=None, paper_compat=False):
 
 
 @torch.no_grad()
-def literal_attention_scores(model, tokens, target=None, paper_compat=False):
-    """[layer, pos, head, d_head] log-prob increases for one unpadded prompt."""
+def literal_attention_scores(model, tokens, target=None, paper_compat=False, layers=None):
+    """[layer, pos, head, d_head] log-prob increases for one unpadded prompt; only the given
+    ``layers`` (in that order) when given."""
     logits, cache = _run(model, tokens)
     T = len(tokens) - 1
     w = int(logits[T].argmax()) if target is None else target
     s = cache["ln_final.hook_scale"][0, T, 0]
     H = model.cfg.n_heads
     out = []
-    for l in range(model.cfg.n_layers):
+    for l in range(model.cfg.n_layers) if layers is None else layers:
         base = cache[f"blocks.{l}.hook_resid_pre"][0, T]
         alpha = cache[f"blocks.{l}.attn.hook_pattern"][0, :, T, :]  # [head, pos]
         v = cache[f"blocks.{l}.attn.hook_v"][0]  # [pos, kv_head, d_head]

@@ -4,13 +4,16 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from mechcna import (
     ModelNotFoundError,
+    ModelProvenance,
     UnsupportedArchitectureError,
     WeightProcessing,
     get_processing,
+    get_provenance,
     load_model,
     save_checkpoint,
 )
-from tests.helpers import build, gpt2_cfg
+from mechcna.tokenizer import tokenizer_adds_bos
+from tests.helpers import build, gpt2_cfg, tokenizer
 
 
 def _hf_gpt2():
@@ -81,13 +84,76 @@ def test_mechcna_checkpoint_round_trip(tmp_path):
     assert (tmp_path / "ck" / "card.json").is_file()
 
 
+def _bos_adding_tokenizer():
+    """A word-level tokenizer whose post-processor puts <bos> first (as Llama-2's adds <s>)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tokenizer()
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(  # type: ignore[assignment]
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+    )
+    return tok
+
+
 def test_config_source_and_seed():
     a = load_model(gpt2_cfg(), device="cpu", seed=3)
     b = load_model(gpt2_cfg(), device="cpu", seed=3)
     torch.testing.assert_close(a.W_E, b.W_E, atol=0, rtol=0)
-    assert a.cfg.default_prepend_bos is False  # GPT-2 family: no BOS, as in the papers
-    c = load_model(gpt2_cfg(original_architecture="LlamaForCausalLM"), device="cpu")
-    assert c.cfg.default_prepend_bos is True
+    assert a.cfg.default_prepend_bos is False  # no tokenizer: nothing to prepend
+    assert get_provenance(a) == ModelProvenance("config", "config", False, "no tokenizer")
+
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_bos_follows_the_tokenizer(arch):
+    cfg = gpt2_cfg(original_architecture=arch)
+    plain = load_model(cfg, device="cpu", tokenizer=tokenizer())
+    assert not tokenizer_adds_bos(tokenizer())
+    assert plain.cfg.default_prepend_bos is False
+    assert plain.to_str_tokens("12+7=") == ["1", "2", "+", "7", "="]
+    adds = load_model(cfg, device="cpu", tokenizer=_bos_adding_tokenizer())
+    assert tokenizer_adds_bos(_bos_adding_tokenizer())
+    assert adds.cfg.default_prepend_bos is True
+    assert adds.to_str_tokens("12+7=") == ["<bos>", "1", "2", "+", "7", "="]
+    record = get_provenance(adds)
+    assert record is not None
+    assert (record.prepend_bos, record.bos_policy) == (True, "tokenizer")
+
+
+def test_prepend_bos_argument_overrides_and_changes_are_seen():
+    model = load_model(gpt2_cfg(), device="cpu", tokenizer=tokenizer(), prepend_bos=True)
+    assert model.to_str_tokens("12")[0] == "<bos>"
+    record = get_provenance(model)
+    assert record is not None
+    assert (record.prepend_bos, record.bos_policy) == (True, "argument")
+    model.cfg.default_prepend_bos = False
+    record = get_provenance(model)
+    assert record is not None
+    assert (record.prepend_bos, record.bos_policy) == (False, "changed after loading")
+
+
+def test_hf_checkpoint_bos_follows_its_tokenizer(tmp_path):
+    hf = _hf_llama()
+    hf.save_pretrained(tmp_path / "plain")
+    hf.save_pretrained(tmp_path / "bos")
+    tokenizer().save_pretrained(tmp_path / "plain")
+    _bos_adding_tokenizer().save_pretrained(tmp_path / "bos")
+    plain = load_model(tmp_path / "plain", device="cpu")
+    bos = load_model(tmp_path / "bos", device="cpu")
+    assert (plain.cfg.default_prepend_bos, bos.cfg.default_prepend_bos) == (False, True)
+    assert bos.to_tokens("12")[0, 0] == bos.tokenizer.bos_token_id  # type: ignore[union-attr]
+    record = get_provenance(bos)
+    assert record is not None and record.format == "huggingface"
+    assert record.bos_policy == "tokenizer" and not record.dequantized
+
+
+def test_shipped_model_keeps_bos_from_its_checkpoint():
+    model = load_model("mechcna/arith-small", device="cpu")
+    assert model.cfg.default_prepend_bos is True
+    assert model.to_str_tokens("3+5=")[0] == "<bos>"
+    record = get_provenance(model)
+    assert record == ModelProvenance("mechcna/arith-small", "mechcna", True, "checkpoint")
+    assert "BOS: checkpoint" in record.describe()
 
 
 def test_dtype_argument():

@@ -1,0 +1,92 @@
+"""The report page: every figure inline, plotly.js once, no external URL, one CSV per table."""
+
+import json
+import re
+
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+from jaxtyping import TypeCheckError
+from plotly.offline import get_plotlyjs
+
+from mechcna.errors import MechcnaError
+from mechcna.report import OutputPathError, Provenance, Report, check_out_dir
+from tests.helpers import build
+
+
+def _report() -> Report:
+    report = Report("A <run>", Provenance(model="toy", extra={"seed": 3}), intro="First words.")
+    report.section("Accuracy", "Held-out accuracy.\n\nSecond paragraph.")
+    report.table(
+        pd.DataFrame({"cell": ["+", "-"], "accuracy": [1.0, 0.5]}),
+        "accuracy per cell",
+        paper_ref="ARITH Table 1",
+    )
+    report.figure(go.Figure(go.Bar(x=[0, 1], y=[3, 4])), "bars </script> tricky", "ARITH Fig. 2")
+    report.section("CNA")
+    report.figure(go.Figure(go.Heatmap(z=[[1, -1]])), "a heatmap")
+    report.table(pd.DataFrame({"k": [5]}, index=["mask"]), "mask table", index=True)
+    report.preformatted("col  col\n1    2", caption="printed")
+    return report
+
+
+def assert_self_contained(page: str, n_figures: int) -> None:
+    """plotly.js exactly once, one drawn div per figure, and no URL outside plotly.js."""
+    bundle = get_plotlyjs()
+    assert page.count(bundle) == 1
+    rest = page.replace(bundle, "")
+    assert "http://" not in rest and "https://" not in rest
+    assert not re.search(r"\b(src|href)\s*=", rest)
+    assert "@import" not in rest
+    divs = re.findall(r'<div id="(figure-\d+)"', rest)
+    assert divs == [f"figure-{i}" for i in range(1, n_figures + 1)]
+    for div in divs:
+        assert rest.count(f'Plotly.newPlot("{div}"') == 1
+    # nothing in a figure's JSON closes the script early
+    scripts = re.findall(r"<script>(.*?)</script>", rest, flags=re.S)
+    assert len(scripts) == n_figures + 1  # the emptied bundle's tag and one per figure
+
+
+def test_page_holds_every_figure_and_no_external_url(tmp_path):
+    report = _report()
+    page_path = report.write(tmp_path / "out")
+    page = page_path.read_text()
+    assert page_path.name == "index.html"
+    assert_self_contained(page, n_figures=2)
+    assert "A &lt;run&gt;" in page and "Second paragraph." in page
+    assert "Figure 1.</b> bars &lt;/script&gt; tricky" in page
+    assert "Paper: ARITH Table 1." in page and "Paper: ARITH Fig. 2." in page
+    for field in ("weight processing", "dequantisation", "BOS", "wall time", "versions"):
+        assert f"<th>{field}</th>" in page
+    # one CSV per table, in page order, equal to the frames
+    csvs = sorted(p.name for p in page_path.parent.glob("*.csv"))
+    assert csvs == ["table-01-accuracy-per-cell.csv", "table-02-mask-table.csv"]
+    pd.testing.assert_frame_equal(pd.read_csv(page_path.parent / csvs[0]), report.tables[0])
+    assert list(pd.read_csv(page_path.parent / csvs[1]).columns) == ["index", "k"]
+    text = (page_path.parent / "report.txt").read_text()
+    assert "== Accuracy" in text and "accuracy per cell [paper: ARITH Table 1]" in text
+    prov = json.loads((page_path.parent / "provenance.json").read_text())
+    assert prov["model"] == "toy" and prov["extra"] == {"seed": 3}
+    assert prov["wall_time_s"] >= 0 and "plotly" in prov["versions"]
+
+
+def test_provenance_from_model():
+    prov = Provenance.from_model(build("llama"))
+    assert prov.weight_processing.startswith("none")
+    assert prov.bos == "prepended" and prov.dequantisation.startswith("none")
+
+
+def test_bad_inputs_and_out_dirs(tmp_path):
+    report = Report("x")
+    # a MechcnaError at run time; under pytest the runtime type checker may raise first
+    with pytest.raises((MechcnaError, TypeCheckError), match="Figure"):
+        report.figure({"data": []}, "not a figure")  # type: ignore[arg-type]
+    with pytest.raises((MechcnaError, TypeCheckError), match="DataFrame"):
+        report.table([[1]], "not a frame")  # type: ignore[arg-type]
+    file = tmp_path / "file"
+    file.write_text("")
+    with pytest.raises(OutputPathError, match="not a folder"):
+        check_out_dir(file)
+    with pytest.raises(OutputPathError, match="cannot create"):
+        check_out_dir(file / "below")
+    assert check_out_dir(tmp_path / "a" / "b").is_dir()
