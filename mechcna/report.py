@@ -115,7 +115,7 @@ class Provenance:
         ``model`` is a :class:`~transformer_lens.HookedTransformer` loaded by
         :func:`mechcna.load_model`; ``extra`` goes to :attr:`extra`.
         """
-        from mechcna.models import get_processing
+        from mechcna.models import get_processing, get_provenance
 
         processing = get_processing(model)
         if processing is None:
@@ -123,8 +123,14 @@ class Provenance:
         else:
             done = [k for k, v in asdict(processing).items() if v]
             words = ", ".join(done) if done else "none (raw weights, as the papers)"
-        dequant = getattr(model, "_mechcna_dequantisation", None) or "none (float weights)"
+        source = get_provenance(model)
+        if source is not None and source.quantization:
+            dequant = f"{source.quantization} GGUF dequantised to {model.cfg.dtype}"
+        else:
+            dequant = "none (float weights)"
         bos = "prepended" if model.cfg.default_prepend_bos else "not prepended"
+        if source is not None:
+            bos = f"{bos} ({source.bos_policy})"
         return cls(
             model=str(model.cfg.model_name),
             weight_processing=words,

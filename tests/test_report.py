@@ -73,7 +73,10 @@ def test_page_holds_every_figure_and_no_external_url(tmp_path):
 def test_provenance_from_model():
     prov = Provenance.from_model(build("llama"))
     assert prov.weight_processing.startswith("none")
-    assert prov.bos == "prepended" and prov.dequantisation.startswith("none")
+    assert prov.bos.startswith("not prepended") and prov.dequantisation.startswith("none")
+    model = build("llama")
+    model.cfg.default_prepend_bos = True
+    assert Provenance.from_model(model).bos.startswith("prepended")
 
 
 def test_bad_inputs_and_out_dirs(tmp_path):
