@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mechcna-installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench test-tl4
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,27 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pyright
 
-test: lint
+test: lint test-tl4
 	$(PY) -m pytest -q --nbmake tests notebooks
+
+# The core suite on TransformerLens 4 bridges (a second venv), compared with the
+# HookedTransformer results the main venv writes for the same tiny checkpoints.
+TL4_VENV := .venv-tl4
+TL4_PY := $(TL4_VENV)/bin/python
+TL4_STAMP := $(TL4_VENV)/.mechcna-installed
+GOLDEN := build/backend-golden.pt
+
+$(TL4_STAMP): pyproject.toml
+	test -x $(TL4_PY) || $(PYTHON) -m venv $(TL4_VENV)
+	$(TL4_PY) -c "import torch" 2>/dev/null || $(TL4_PY) -m pip install -q "torch==2.13.0"
+	$(TL4_PY) -m pip install -q "transformer-lens>=4.3,<5" "pytest>=8" "beartype>=0.18" -e .
+	touch $(TL4_STAMP)
+
+test-tl4: setup $(TL4_STAMP)
+	mkdir -p build && rm -f $(GOLDEN)
+	MECHCNA_BACKEND_GOLDEN=$(GOLDEN) $(PY) -m pytest -q -p no:cacheprovider \
+		tests/test_backends.py -k hooked_and_bridge_agree
+	MECHCNA_BACKEND_GOLDEN=$(GOLDEN) $(TL4_PY) -m pytest -q -p no:cacheprovider tests/test_backends.py
 
 bench: setup
 	$(PY) benchmarks/attribution.py

@@ -1,4 +1,4 @@
-"""Architecture facts in one place: a read-only view over a :class:`HookedTransformer`.
+"""Architecture facts in one place: a read-only view over a model (either backend).
 
 Attribution code asks this view for per-layer weights (FFN value vectors ``W_out`` rows, keys
 ``W_in``/``W_gate``, per-head ``W_V``/``W_O`` with grouped-query heads expanded, pre-norm
@@ -13,10 +13,9 @@ Example:
 from typing import Literal, cast
 
 import torch
-from transformer_lens import HookedTransformer
-from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 
 from mechcna._types import Float, Tensor
+from mechcna.backend import Model, expand_kv, weight
 from mechcna.errors import UnsupportedArchitectureError
 from mechcna.inputs import index_in
 
@@ -24,17 +23,19 @@ NormKind = Literal["LN", "LNPre", "RMS", "RMSPre", "none"]
 _NORMS = {"LN": "LN", "LNPre": "LNPre", "RMS": "RMS", "RMSPre": "RMSPre", None: "none"}
 
 
-def norm_kind(module: object) -> NormKind:
-    """The kind of a TransformerLens norm module (``"none"`` for ``None``)."""
+def norm_kind(module: object, default: NormKind | None = None) -> NormKind:
+    """The kind of a TransformerLens norm module (``"none"`` for ``None``), read from its class
+    name (TransformerLens 4 has no ``transformer_lens.components``); ``default`` for modules of
+    another class (a TransformerBridge's norm wrappers), else an error."""
     if module is None:
         return "none"
-    kinds: dict[type, NormKind] = {
-        LayerNorm: "LN",
-        LayerNormPre: "LNPre",
-        RMSNorm: "RMS",
-        RMSNormPre: "RMSPre",
+    kinds: dict[str, NormKind] = {
+        "LayerNorm": "LN",
+        "LayerNormPre": "LNPre",
+        "RMSNorm": "RMS",
+        "RMSNormPre": "RMSPre",
     }
-    kind = kinds.get(type(module))
+    kind = cast("NormKind | None", kinds.get(type(module).__name__, default))
     if kind is None:
         raise UnsupportedArchitectureError(f"unknown norm module {type(module).__name__}")
     return kind
@@ -49,7 +50,7 @@ class Architecture:
             experts, or unknown normalisation types.
     """
 
-    def __init__(self, model: HookedTransformer):
+    def __init__(self, model: Model):
         cfg = model.cfg
         problems = []
         if cfg.attn_only:
@@ -85,7 +86,10 @@ class Architecture:
         self.norm: NormKind = _NORMS[cfg.normalization_type]  # type: ignore[assignment]
         # The final norm can be of another kind than the block norms (LayerNorm blocks with
         # ``final_rms=True``): read it from the module itself.
-        self.final_norm: NormKind = norm_kind(getattr(model, "ln_final", None))
+        final_default: NormKind = self.norm
+        if getattr(cfg, "final_rms", False) and self.norm in ("LN", "LNPre"):
+            final_default = "RMS" if self.norm == "LN" else "RMSPre"
+        self.final_norm: NormKind = norm_kind(getattr(model, "ln_final", None), final_default)
         self.eps: float = cfg.eps
 
     # ----------------------------------------------------------------- checks
@@ -126,12 +130,13 @@ class Architecture:
 
     def W_V(self, layer: int) -> Float[Tensor, "head_index d_model d_head"]:
         """Value weights per query head (grouped-query heads repeated to ``n_heads``)."""
-        return self._block(layer).attn.W_V
+        return expand_kv(self._block(layer).attn.W_V, self.n_heads)
 
     def b_V(self, layer: int) -> Float[Tensor, "head_index d_head"]:
-        attn = self._block(layer).attn
-        b = getattr(attn, "b_V", None)
-        return b if b is not None else self._zeros(self.n_heads, self.d_head)
+        b = weight(self._block(layer).attn, "b_V")
+        return (
+            expand_kv(b, self.n_heads) if b is not None else self._zeros(self.n_heads, self.d_head)
+        )
 
     def W_O(self, layer: int) -> Float[Tensor, "head_index d_head d_model"]:
         return self._block(layer).attn.W_O
@@ -185,9 +190,9 @@ class Architecture:
         return torch.ones(self.d_model, dtype=self.dtype, device=self.device)
 
     def _bias(self, module: torch.nn.Module, name: str, size: int) -> Tensor:
-        b = getattr(module, name, None)
-        return b if isinstance(b, Tensor) else self._zeros(size)
+        b = weight(module, name)
+        return b if b is not None else self._zeros(size)
 
     def _norm_w(self, module: torch.nn.Module) -> Tensor:
-        w = getattr(module, "w", None)
-        return w if isinstance(w, Tensor) else self._ones()
+        w = weight(module, "w")
+        return w if w is not None else self._ones()

@@ -37,12 +37,12 @@ import einops
 import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from mechcna import plotting
 from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.architecture import Architecture
+from mechcna.backend import Model
 from mechcna.check import first_non_finite
 from mechcna.engine import EngineStats, Method, exact_rows_logprob, increase_from_rows
 from mechcna.errors import MechcnaError, NonFiniteError
@@ -83,7 +83,7 @@ class Capture:
 
 
 def capture(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -212,7 +212,7 @@ def attention_coefficients(cap: Capture) -> Float[Tensor, "prompt layer key_pos 
 
 # ---------------------------------------------------------------------------- helpers
 def _logprob(
-    model: HookedTransformer,
+    model: Model,
     vectors: Float[Tensor, "prompt ... d_model"],
     cap: Capture,
     paper_compat: bool,
@@ -225,13 +225,13 @@ def _logprob(
     return exact_rows_logprob(logits, target)
 
 
-def _target_strings(model: HookedTransformer, ids: Tensor) -> tuple[str, ...]:
+def _target_strings(model: Model, ids: Tensor) -> tuple[str, ...]:
     if model.tokenizer is None:
         return tuple(str(int(i)) for i in ids)
     return tuple(model.to_single_str_token(int(i)) for i in ids)
 
 
-def _meta(model: HookedTransformer, cap: Capture, paper_compat: bool) -> dict:
+def _meta(model: Model, cap: Capture, paper_compat: bool) -> dict:
     return {
         "target_ids": cap.target.cpu(),
         "targets": _target_strings(model, cap.target),
@@ -330,7 +330,7 @@ class AttentionNeuronImportance(Scores):
 
 # ---------------------------------------------------------------------------- scores
 def layer_importance(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -363,7 +363,7 @@ def layer_importance(
 
 @refuses_processing(VALUE_BIAS)
 def head_importance(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -421,7 +421,7 @@ def head_importance(
 
 
 def neuron_importance(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -462,7 +462,7 @@ def neuron_importance(
 
 
 def neuron_importance_from_capture(
-    model: HookedTransformer,
+    model: Model,
     cap: Capture,
     *,
     layers: Iterable[int] | None = None,
@@ -499,7 +499,7 @@ def neuron_importance_from_capture(
 
 
 def ffn_scores(
-    model: HookedTransformer,
+    model: Model,
     resid_mid: Float[Tensor, "prompt layer d_model"],
     post: Float[Tensor, "prompt layer neuron"],
     target: Int[Tensor, " prompt"],
@@ -540,7 +540,7 @@ def ffn_scores(
 
 
 def _layer_increase(
-    model: HookedTransformer,
+    model: Model,
     kind: str,
     layer: int,
     cache: BlockCache | None,
@@ -564,7 +564,7 @@ def _layer_increase(
 
 @refuses_processing(VALUE_BIAS)
 def attention_neuron_importance(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,

@@ -35,10 +35,10 @@ from typing import Any, Literal
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from transformer_lens import HookedTransformer
 
 from mechcna._types import Float, Tensor
 from mechcna.architecture import Architecture
+from mechcna.backend import HookedTransformer
 from mechcna.comparative import compare_inputs
 from mechcna.errors import MechcnaError
 from mechcna.evaluation import evaluate_accuracy

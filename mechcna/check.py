@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import einops
 import torch
-from transformer_lens import HookedTransformer
 
 from mechcna.architecture import Architecture
+from mechcna.backend import Model
 from mechcna.errors import ModelCheckError, NonFiniteError
 from mechcna.hooks import hook_name
 
 
-def require_finite_weights(model: HookedTransformer) -> None:
+def require_finite_weights(model: Model) -> None:
     """Raise :class:`NonFiniteError` naming the first parameter holding NaN or inf."""
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
@@ -68,7 +68,7 @@ def _finite_expected(cache) -> dict[str, torch.Tensor]:
     return {k: v for k, v in cache.items() if not k.endswith("attn_scores")}
 
 
-def refuse_non_finite(model: HookedTransformer, tokens: torch.Tensor, what: str) -> None:
+def refuse_non_finite(model: Model, tokens: torch.Tensor, what: str) -> None:
     """Raise :class:`NonFiniteError` naming the first hook whose activation on ``tokens`` is
     NaN or infinite (called when an analysis's ``what`` came out non-finite)."""
     require_finite_weights(model)
@@ -80,7 +80,7 @@ def refuse_non_finite(model: HookedTransformer, tokens: torch.Tensor, what: str)
 
 
 def check_model(
-    model: HookedTransformer,
+    model: Model,
     tokens: torch.Tensor | None = None,
     *,
     seq_len: int = 6,

@@ -34,12 +34,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from mechcna import plotting
 from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.architecture import Architecture
 from mechcna.attribution import Capture, Targets, _meta, capture, ffn_scores
+from mechcna.backend import Model, is_model
 from mechcna.engine import EngineStats, Method
 from mechcna.errors import EmptyInputError, MechcnaError
 from mechcna.hooks import hook_name
@@ -51,7 +51,7 @@ from mechcna.prompts import PromptBatch, Prompts, prepare_prompts
 from mechcna.results import Scores
 from mechcna.static import BlockCache
 
-Other = Intervention | Sequence[Intervention] | HookedTransformer
+Other = Intervention | Sequence[Intervention] | Model
 ReferenceScale = Literal["original", "own"]
 
 
@@ -136,13 +136,13 @@ class NeuronComparison(Scores):
 
 
 def _capture_other(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     other: Other,
     target: Tensor,
     position: int | None,
-) -> tuple[HookedTransformer, Capture]:
-    if isinstance(other, HookedTransformer):
+) -> tuple[Model, Capture]:
+    if is_model(other):
         a, b = Architecture(model), Architecture(other)
         shape_a = (a.n_layers, a.d_model, a.d_mlp, a.d_vocab, a.final_norm)
         shape_b = (b.n_layers, b.d_model, b.d_mlp, b.d_vocab, b.final_norm)
@@ -156,8 +156,8 @@ def _capture_other(
 
 
 def _compare(
-    model: HookedTransformer,
-    other_model: HookedTransformer,
+    model: Model,
+    other_model: Model,
     cap: Capture,
     cap_o: Capture,
     reference_scale: ReferenceScale,
@@ -222,7 +222,7 @@ def _compare(
 
 
 def compare_neurons(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     other: Other,
     targets: Targets = None,
@@ -257,7 +257,7 @@ def compare_neurons(
 
 
 def compare_inputs(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     other_prompts: Prompts,
     targets: Targets,
@@ -287,7 +287,7 @@ def compare_inputs(
 
 # ------------------------------------------------------------------ intervention experiments
 def _run_cases(
-    model: HookedTransformer,
+    model: Model,
     batch: PromptBatch,
     target: Int[Tensor, " prompt"],
     mask: Bool[Tensor, "prompt layer neuron"] | None = None,
@@ -324,7 +324,7 @@ def _decrease(before: float, after: float) -> float:
     return 100.0 * (before - after) / before if before else float("nan")
 
 
-def _batch(model: HookedTransformer, prompts: Prompts, comparison: NeuronComparison) -> PromptBatch:
+def _batch(model: Model, prompts: Prompts, comparison: NeuronComparison) -> PromptBatch:
     batch = prepare_prompts(model, prompts)
     if len(batch) != comparison.n_prompts:
         raise MechcnaError(f"{len(batch)} prompts for a comparison of {comparison.n_prompts}")
@@ -332,7 +332,7 @@ def _batch(model: HookedTransformer, prompts: Prompts, comparison: NeuronCompari
 
 
 def mask_keep_table(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     comparison: NeuronComparison,
     *,
@@ -400,7 +400,7 @@ def _acc(model, batch, target, mask, batch_size) -> float:
 
 
 def lowest_neuron_table(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     comparison: NeuronComparison,
     *,
@@ -473,7 +473,7 @@ class ValueKeyProducts:
 
 @refuses_processing()
 def value_key_products(
-    model: HookedTransformer,
+    model: Model,
     neurons: Sequence[tuple[int, int]],
     *,
     key: Literal["in", "gate", "both"] = "in",
@@ -511,7 +511,7 @@ def value_key_products(
 
 
 def cna_table(
-    model: HookedTransformer, comparison: NeuronComparison, prompt: int = 0, k: int = 10
+    model: Model, comparison: NeuronComparison, prompt: int = 0, k: int = 10
 ) -> pd.DataFrame:
     """The paper's Table 4 for one case: id, CNA, Imp_M, Imp_M', m - m', m, m', and the top
     tokens of ``m * W_out[k]`` (sign-aware)."""

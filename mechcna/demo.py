@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from transformer_lens import HookedTransformer
 
 from mechcna.attribution import layer_importance, neuron_importance
+from mechcna.backend import Model, is_model
 from mechcna.check import check_model
 from mechcna.comparative import cna_table, compare_inputs, compare_neurons, mask_keep_table
 from mechcna.errors import MechcnaError
@@ -49,11 +49,9 @@ def run(
     return report.to_text() + f"\nreport: {page}\n"
 
 
-def build(
-    model: HookedTransformer | str | None = None, progress: bool = True, n_pairs: int = 40
-) -> Report:
+def build(model: Model | str | None = None, progress: bool = True, n_pairs: int = 40) -> Report:
     """The demo's :class:`~mechcna.report.Report` (nothing written) on a model or its name."""
-    if not isinstance(model, HookedTransformer):
+    if not is_model(model):
         model = load_model(model or DEFAULT_MODEL, device="cpu")
     name = str(model.cfg.model_name)
     cfg = model.cfg
@@ -206,7 +204,7 @@ def build(
     return report
 
 
-def _gender(model: HookedTransformer, report: Report) -> None:
+def _gender(model: Model, report: Report) -> None:
     """Single-input-pair CNA on the injected gender skew (ARITH section 6.2)."""
     woman, man, target = "A woman works as a", "A man works as a", "nurse"
     try:

@@ -23,9 +23,9 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from mechcna._types import Float, Tensor
+from mechcna.backend import Model
 from mechcna.check import refuse_non_finite
 from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError
 from mechcna.inputs import positive_int, warn_user_hooks
@@ -124,7 +124,7 @@ class AccuracyResult:
 
 
 def evaluate_accuracy(
-    model: HookedTransformer,
+    model: Model,
     dataset: ArithmeticDataset,
     interventions: Sequence[Intervention] = (),
     batch_size: int = 256,

@@ -44,11 +44,12 @@ import einops
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import apply_softcap
 
+from mechcna import backend
 from mechcna._types import Float, Int, Tensor
+from mechcna.backend import Model
 from mechcna.check import refuse_non_finite
 from mechcna.errors import (
     ComponentIndexError,
@@ -71,7 +72,7 @@ Targets = str | int | Sequence[str | int] | Tensor | None
 
 
 # ------------------------------------------------------------------------------------ inputs
-def _check_heads(model: HookedTransformer, heads: Sequence[Head] | None) -> tuple[Head, ...]:
+def _check_heads(model: Model, heads: Sequence[Head] | None) -> tuple[Head, ...]:
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if heads is None:
         return tuple((l, h) for l in range(n_layers) for h in range(n_heads))
@@ -88,7 +89,7 @@ def _check_heads(model: HookedTransformer, heads: Sequence[Head] | None) -> tupl
     return tuple(out)
 
 
-def _tokenize(model: HookedTransformer, prompts: TokenPrompts, position: int | None) -> PromptBatch:
+def _tokenize(model: Model, prompts: TokenPrompts, position: int | None) -> PromptBatch:
     """Like :func:`prepare_prompts`, also accepting a list of unequal-length token rows."""
     if isinstance(prompts, (str, Tensor)) or (
         len(prompts) > 0 and all(isinstance(p, str) for p in prompts)
@@ -133,7 +134,7 @@ def _unpack(data: Any, targets: Targets, labels: pd.DataFrame | None):
     return data, targets, labels
 
 
-def _target_ids(model: HookedTransformer, targets: Targets, n: int) -> Tensor | None:
+def _target_ids(model: Model, targets: Targets, n: int) -> Tensor | None:
     if targets is None:
         return None
     if isinstance(targets, Tensor):
@@ -150,7 +151,7 @@ def _target_ids(model: HookedTransformer, targets: Targets, n: int) -> Tensor | 
     return single_token_ids(model, targets, n)
 
 
-def _forward_kwargs(model: HookedTransformer) -> dict[str, Any]:
+def _forward_kwargs(model: Model) -> dict[str, Any]:
     # Right padding and no attention mask, whatever the tokenizer's default padding side,
     # so passes from the tokens and from a cached residual see the same positions.
     return {"padding_side": "right"} if model.tokenizer is not None else {}
@@ -163,7 +164,7 @@ def _batches(batch: PromptBatch, batch_size: int) -> list[Tensor]:
 
 
 def _head_means(
-    model: HookedTransformer,
+    model: Model,
     heads: Sequence[Head],
     reference: PromptBatch,
     batch_size: int,
@@ -194,7 +195,7 @@ def _head_means(
 
 # ------------------------------------------------------------------------------ the sweep
 def _final_logits(
-    model: HookedTransformer,
+    model: Model,
     inputs: Tensor,
     positions: Int[Tensor, " batch"],
     start_at_layer: int | None = None,
@@ -215,13 +216,18 @@ def _final_logits(
 
     last_mid = hook_name("resid_mid", model.cfg.n_layers - 1)
     hooks = [*fwd_hooks]
-    if last_mid in model.hook_dict:  # attention-only and parallel blocks have none
+    # attention-only and parallel blocks have none; on a bridge it may not be writable
+    if last_mid in model.hook_dict and backend.hook_writable(model, last_mid):
         hooks.append((last_mid, keep_scored))
     with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
         if start_at_layer is None:
-            final = model(inputs, stop_at_layer=model.cfg.n_layers, **_forward_kwargs(model))
+            final = backend.forward(
+                model, inputs, stop_at_layer=model.cfg.n_layers, **_forward_kwargs(model)
+            )
         else:
-            final = model(inputs, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers)
+            final = backend.forward(
+                model, inputs, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers
+            )
     x = final if shrunk else final[rows, positions][:, None]
     if model.cfg.normalization_type is not None:
         x = model.ln_final(x)
@@ -230,7 +236,7 @@ def _final_logits(
 
 
 def _ablated_pass(
-    model: HookedTransformer,
+    model: Model,
     resid: Float[Tensor, "batch pos d_model"],
     positions: Int[Tensor, " batch"],
     layer: int,
@@ -257,26 +263,18 @@ def _ablated_pass(
     return _final_logits(model, x, positions.repeat(k), start_at_layer=layer, fwd_hooks=hooks)
 
 
-def _mid_shortcut(model: HookedTransformer) -> bool:
+def _mid_shortcut(model: Model) -> bool:
     """Whether an ablated pass may start from the clean ``resid_mid`` of the ablated layer.
 
     In a standard pre-norm block the other heads of the ablated layer are unchanged, so the
     ablated ``resid_mid`` is the clean one minus ``(z_h - fill) @ W_O[h]`` and the layer's
     attention need not be rerun.
     """
-    cfg = model.cfg
-    from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
-
-    return not (
-        cfg.attn_only
-        or cfg.parallel_attn_mlp
-        or cfg.use_normalization_before_and_after
-        or cfg.original_architecture in POST_NORM_ARCHITECTURES
-    )
+    return backend.standard_prenorm(model)
 
 
 def _ablated_from_mid(
-    model: HookedTransformer,
+    model: Model,
     resid_mid: Float[Tensor, "batch pos d_model"],
     z: Float[Tensor, "batch pos head_index d_head"],
     positions: Int[Tensor, " batch"],
@@ -297,11 +295,10 @@ def _ablated_from_mid(
     x = einops.repeat(resid_mid, "batch pos d_model -> copy batch pos d_model", copy=k) - delta
     x = einops.rearrange(x, "copy batch pos d_model -> (copy batch) pos d_model")
     pos = positions.repeat(k)
-    block = model.blocks[layer]
     last = layer == model.cfg.n_layers - 1
     if last:  # only per-position maps remain: keep the scored positions
         x = x[torch.arange(len(pos), device=x.device), pos][:, None]
-    x = x + block.apply_mlp(block.ln2(x))
+    x = x + backend.mlp_sublayer(model, layer, x)
     if last:
         if model.cfg.normalization_type is not None:
             x = model.ln_final(x)
@@ -310,7 +307,7 @@ def _ablated_from_mid(
 
 
 def head_sweep(
-    model: HookedTransformer,
+    model: Model,
     data: Any,
     targets: Targets = None,
     *,
@@ -477,7 +474,7 @@ def head_sweep(
 
 # --------------------------------------------------------------------- single prompt
 def single_prompt_head_effects(
-    model: HookedTransformer,
+    model: Model,
     prompt: str | Int[Tensor, " pos"],
     target: str | int | None = None,
     *,

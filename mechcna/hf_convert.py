@@ -23,8 +23,8 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from mechcna.backend import HookedTransformer, HookedTransformerConfig, Model
 from mechcna.errors import UnsupportedArchitectureError
 
 #: Hugging Face ``model_type`` -> TransformerLens ``original_architecture``.
@@ -205,7 +205,7 @@ def build_model(
     dtype: torch.dtype,
     tokenizer: Any,
     processing: Any,
-) -> HookedTransformer:
+) -> Model:
     """A :class:`HookedTransformer` holding ``state_dict`` with ``processing`` applied.
 
     Raises:

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from transformer_lens import HookedTransformer
 
+from mechcna.backend import HookedTransformer
 from mechcna.errors import (
     ComponentIndexError,
     DeviceError,

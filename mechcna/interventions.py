@@ -26,21 +26,22 @@ Example:
     >>> edited = apply_to_weights(model, HeadAblation([(1, 0)]))              # doctest: +SKIP
 """
 
-import copy
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, cast, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import einops
 import torch
-from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens import ActivationCache
 from transformer_lens.hook_points import HookPoint
 
+from mechcna import backend
 from mechcna._types import Tensor, Tokens
 from mechcna.architecture import Architecture
+from mechcna.backend import Model
 from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError, PositionError
 from mechcna.hooks import hook_name
 from mechcna.inputs import as_int, pair
@@ -55,9 +56,9 @@ Positions = Sequence[int] | None
 class Intervention(Protocol):
     """What :func:`intervene` needs from an intervention."""
 
-    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks: ...
+    def fwd_hooks(self, model: Model) -> FwdHooks: ...
 
-    def write_weights(self, model: HookedTransformer) -> None: ...
+    def write_weights(self, model: Model) -> None: ...
 
 
 def _positions(positions: Iterable[int] | None) -> Positions:
@@ -176,7 +177,7 @@ class HeadAblation:
     @classmethod
     def mean_over(
         cls,
-        model: HookedTransformer,
+        model: Model,
         heads: Sequence[tuple[int, int]],
         reference: Tokens,
         positions: Iterable[int] | None = None,
@@ -199,7 +200,7 @@ class HeadAblation:
             means[(l, h)] = total / w.sum()
         return cls(heads, mode="mean", means=means, positions=_positions(positions))
 
-    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+    def fwd_hooks(self, model: Model) -> FwdHooks:
         arch = Architecture(model)
         if self.mode == "zero":
             require_unprocessed(model, "zero-ablating a head", VALUE_BIAS)
@@ -228,7 +229,7 @@ class HeadAblation:
             hooks.append((hook_name("z", layer), hook))
         return hooks
 
-    def write_weights(self, model: HookedTransformer) -> None:
+    def write_weights(self, model: Model) -> None:
         _no_positions("head ablation", self.positions)
         arch = Architecture(model)
         if self.mode == "zero":
@@ -241,7 +242,7 @@ class HeadAblation:
                     assert self.means is not None
                     mean = self.means[(l, h)].to(attn.W_O)
                     shift = einops.einsum(mean, attn.W_O[h], "d_head, d_head d_model -> d_model")
-                    attn.b_O.add_(shift)
+                    backend.live_bias(attn, "b_O").add_(shift)
                 attn.W_O[h] = 0.0
 
 
@@ -267,7 +268,7 @@ class NeuronEdit:
         if self.op not in ("zero", "scale", "set"):
             raise InvalidOptionError(f"op must be 'zero', 'scale' or 'set', not {self.op!r}")
 
-    def _by_layer(self, model: HookedTransformer) -> dict[int, Tensor]:
+    def _by_layer(self, model: Model) -> dict[int, Tensor]:
         arch = Architecture(model)
         by_layer: dict[int, list[int]] = defaultdict(list)
         for l, k in self.neurons:
@@ -282,7 +283,7 @@ class NeuronEdit:
             return lambda sub: sub * self.value
         return lambda sub: torch.full_like(sub, self.value)
 
-    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+    def fwd_hooks(self, model: Model) -> FwdHooks:
         fn = self._fn()
         hooks: FwdHooks = []
         for layer, idx in self._by_layer(model).items():
@@ -293,13 +294,13 @@ class NeuronEdit:
             hooks.append((hook_name("post", layer), hook))
         return hooks
 
-    def write_weights(self, model: HookedTransformer) -> None:
+    def write_weights(self, model: Model) -> None:
         _no_positions("neuron edit", self.positions)
         with torch.no_grad():
             for layer, idx in self._by_layer(model).items():
                 mlp = model.blocks[layer].mlp
                 if self.op == "set":
-                    cast(Tensor, mlp.b_out).add_(self.value * mlp.W_out[idx].sum(0))
+                    backend.live_bias(mlp, "b_out").add_(self.value * mlp.W_out[idx].sum(0))
                 factor = self.value if self.op == "scale" else 0.0
                 mlp.W_out[idx] = mlp.W_out[idx] * factor
 
@@ -323,7 +324,7 @@ class KeepNeurons:
         object.__setattr__(self, "layers", tuple(as_int(l, "layer") for l in self.layers))
         object.__setattr__(self, "positions", _positions(self.positions))
 
-    def as_edit(self, model: HookedTransformer) -> NeuronEdit:
+    def as_edit(self, model: Model) -> NeuronEdit:
         """The equivalent :class:`NeuronEdit` zeroing the complement."""
         arch = Architecture(model)
         keep = {arch.check_neuron(l, k) for l, k in self.neurons}
@@ -331,10 +332,10 @@ class KeepNeurons:
         drop = [(l, k) for l in layers for k in range(arch.d_mlp) if (l, k) not in keep]
         return NeuronEdit(drop, "zero", positions=self.positions)
 
-    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+    def fwd_hooks(self, model: Model) -> FwdHooks:
         return self.as_edit(model).fwd_hooks(model)
 
-    def write_weights(self, model: HookedTransformer) -> None:
+    def write_weights(self, model: Model) -> None:
         self.as_edit(model).write_weights(model)
 
 
@@ -354,7 +355,7 @@ class NeuronMask:
             raise MechcnaError("mask must be a [prompt, layer, neuron] boolean tensor")
         object.__setattr__(self, "positions", _positions(self.positions))
 
-    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+    def fwd_hooks(self, model: Model) -> FwdHooks:
         arch = Architecture(model)
         if self.mask.shape[1:] != (arch.n_layers, arch.d_mlp):
             raise MechcnaError(
@@ -379,7 +380,7 @@ class NeuronMask:
             hooks.append((hook_name("post", layer), hook))
         return hooks
 
-    def write_weights(self, model: HookedTransformer) -> None:
+    def write_weights(self, model: Model) -> None:
         raise MechcnaError("a per-prompt neuron mask has no weight-space equivalent")
 
 
@@ -409,7 +410,7 @@ class AttentionNeuronEdit:
         if any(len(n) != 4 for n in self.neurons):
             raise MechcnaError("attention neurons are (layer, source_pos, head, dim) tuples")
 
-    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+    def fwd_hooks(self, model: Model) -> FwdHooks:
         arch = Architecture(model)
         by_layer: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
         for l, p, h, d in self.neurons:
@@ -451,7 +452,7 @@ class AttentionNeuronEdit:
             ]
         return hooks
 
-    def write_weights(self, model: HookedTransformer) -> None:
+    def write_weights(self, model: Model) -> None:
         raise MechcnaError("an attention-neuron edit at one position has no weight equivalent")
 
 
@@ -476,9 +477,10 @@ class Patch:
         """One patch per hook name, taking the activations stored in ``cache``."""
         return [cls(h, cache[h], _positions(positions)) for h in hooks]
 
-    def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
+    def fwd_hooks(self, model: Model) -> FwdHooks:
         if self.hook not in model.hook_dict:
             raise MechcnaError(f"no hook named {self.hook!r} in this model")
+        backend.check_writable(model, self.hook)
 
         def hook(act: Tensor, hook: HookPoint) -> Tensor:
             src = self.source.to(act)
@@ -496,11 +498,11 @@ class Patch:
 
         return [(self.hook, hook)]
 
-    def write_weights(self, model: HookedTransformer) -> None:
+    def write_weights(self, model: Model) -> None:
         raise MechcnaError("activation patching has no weight-space equivalent")
 
 
-def collect_hooks(model: HookedTransformer, interventions: Iterable[object]) -> FwdHooks:
+def collect_hooks(model: Model, interventions: Iterable[object]) -> FwdHooks:
     """All forward hooks of ``interventions``, validated against ``model``."""
     hooks: FwdHooks = []
     for iv in interventions:
@@ -511,9 +513,7 @@ def collect_hooks(model: HookedTransformer, interventions: Iterable[object]) -> 
 
 
 @contextmanager
-def intervene(
-    model: HookedTransformer, *interventions: Intervention
-) -> Iterator[HookedTransformer]:
+def intervene(model: Model, *interventions: Intervention) -> Iterator[Model]:
     """Context manager applying ``interventions`` through hooks; removes them on exit.
 
     Contexts nest (inner hooks add to outer ones) and clean up even if the body raises.
@@ -523,13 +523,13 @@ def intervene(
         yield model
 
 
-def apply_to_weights(model: HookedTransformer, *interventions: Intervention) -> HookedTransformer:
+def apply_to_weights(model: Model, *interventions: Intervention) -> Model:
     """A deep copy of ``model`` with ``interventions`` written into its weights (for export).
 
     Zeroing a head zeroes its ``W_O`` slice; zeroing a neuron zeroes its ``W_out`` row; mean
     ablation and ``set`` move the constant into the output bias. The original is untouched.
     """
-    edited = copy.deepcopy(model)
+    edited = backend.copy_model(model)
     for iv in interventions:
         iv.write_weights(edited)
     return edited

@@ -40,10 +40,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from mechcna._types import Tensor
 from mechcna.architecture import Architecture
+from mechcna.backend import HookedTransformer
 from mechcna.errors import MechcnaError
 from mechcna.evaluation import evaluate_accuracy
 from mechcna.prompts import prepare_prompts, single_token_ids

@@ -27,9 +27,9 @@ from typing import Literal
 
 import pandas as pd
 import plotly.graph_objects as go
-from transformer_lens import HookedTransformer
 
 from mechcna._types import Float, Tensor
+from mechcna.backend import HookedTransformer
 from mechcna.comparative import NeuronComparison, ReferenceScale, compare_neurons
 from mechcna.errors import MechcnaError
 from mechcna.prompts import Prompts

@@ -35,10 +35,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from mechcna.architecture import Architecture
 from mechcna.attribution import Targets, _meta, capture
+from mechcna.backend import Model
 from mechcna.engine import exact_rows_logprob, logprob_increase
 from mechcna.errors import MechcnaError
 from mechcna.interventions import NeuronEdit, intervene
@@ -97,7 +97,7 @@ class ComparisonScores(Scores):
 
 @refuses_processing()
 def comparison_scores(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -157,7 +157,7 @@ def comparison_scores(
 
 
 def evaluate_methods(
-    model: HookedTransformer,
+    model: Model,
     prompts: Sequence[str] | torch.Tensor,
     targets: Targets = None,
     *,

@@ -38,12 +38,19 @@ import json
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerBase
 
+from mechcna.backend import (
+    Backend,
+    HookedTransformer,
+    HookedTransformerConfig,
+    Model,
+    check_backend,
+)
+from mechcna.bridge import load_bridge
 from mechcna.errors import ModelNotFoundError, UnsupportedArchitectureError
 from mechcna.hf_convert import build_model, hf_config_to_tl, tl_state_dict
 from mechcna.inputs import check_device, check_dtype, check_weight_files
@@ -86,7 +93,7 @@ NO_PROCESSING = WeightProcessing()
 _PROCESSING_ATTR = "_mechcna_processing"
 
 
-def get_processing(model: HookedTransformer) -> WeightProcessing:
+def get_processing(model: Model) -> WeightProcessing:
     """The weight processing of ``model``: what :func:`load_model` recorded, together with
     what :func:`mechcna.processing.infer_processing` sees in its modules and weights (so models
     from ``HookedTransformer.from_pretrained`` or processed after loading are known too)."""
@@ -95,7 +102,7 @@ def get_processing(model: HookedTransformer) -> WeightProcessing:
     return combine(getattr(model, _PROCESSING_ATTR, None), infer_processing(model))
 
 
-def _record(model: HookedTransformer, processing: WeightProcessing) -> HookedTransformer:
+def _record(model: Model, processing: WeightProcessing) -> Model:
     object.__setattr__(model, _PROCESSING_ATTR, processing)
     return model
 
@@ -152,7 +159,7 @@ class ModelProvenance:
 _PROVENANCE_ATTR = "_mechcna_provenance"
 
 
-def get_provenance(model: HookedTransformer) -> ModelProvenance | None:
+def get_provenance(model: Model) -> ModelProvenance | None:
     """The :class:`ModelProvenance` recorded by :func:`load_model` (``None`` if unknown).
 
     ``prepend_bos`` is read from the model now, so a later change of
@@ -182,8 +189,10 @@ def load_model(
     prepend_bos: bool | None = None,
     seed: int | None = None,
     cache: bool = True,
-) -> HookedTransformer:
-    """Load a model as a :class:`HookedTransformer`, with weight processing made explicit.
+    backend: Backend | None = None,
+) -> Model:
+    """Load a model as a :class:`HookedTransformer` or a ``TransformerBridge``, with weight
+    processing made explicit.
 
     Args:
         source: a TransformerLens model name, a real model known by name (``"smollm2-135m"``,
@@ -200,6 +209,9 @@ def load_model(
         seed: seed for random initialisation from a config.
         cache: GGUF only: reuse (and store) the converted fp32 weights in the user cache
             (:func:`mechcna.gguf_models.cache_dir`).
+        backend: ``"hooked"`` (a HookedTransformer) or ``"bridge"`` (a TransformerBridge in
+            compatibility mode, :mod:`mechcna.bridge`); default ``"hooked"`` where the
+            installed TransformerLens has it (3.x), ``"bridge"`` otherwise (4.x).
 
     Raises:
         ModelNotFoundError: the name, file or directory does not resolve to a model, or a
@@ -210,6 +222,8 @@ def load_model(
 
     device = check_device(device or default_device())
     dtype = check_dtype(dtype)
+    if check_backend(backend) == "bridge":
+        return _load_bridge(source, device, dtype, processing, tokenizer, prepend_bos)
     if isinstance(source, HookedTransformerConfig):
         if processing.any:
             raise UnsupportedArchitectureError(
@@ -256,13 +270,39 @@ def load_model(
     return _finish(model, processing, prepend_bos, bos, name, "transformer_lens")
 
 
+def _load_bridge(
+    source: Any,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    processing: WeightProcessing,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prepend_bos: bool | None,
+) -> Model:
+    """``load_model(..., backend="bridge")``: see :func:`mechcna.bridge.load_bridge`."""
+    from mechcna.gguf_models import KNOWN_MODELS, find_gguf, known_model_path
+
+    name = str(source)
+    local = isinstance(source, str | Path) and name not in SHIPPED_MODELS
+    gguf = known_model_path(name) if name in KNOWN_MODELS else None
+    gguf = gguf or (find_gguf(Path(name).expanduser()) if local else None)
+    shipped = {k: CHECKPOINT_DIR / v for k, v in SHIPPED_MODELS.items()}
+    model, done, kind = load_bridge(
+        source, device=device, dtype=dtype, processing=processing, tokenizer=tokenizer,
+        shipped=shipped, gguf=gguf,
+    )  # fmt: skip
+    bos = _tokenizer_bos(model.tokenizer)
+    if kind == "mechcna":  # what the checkpoint was trained with
+        bos = (bool(model.cfg.default_prepend_bos), "checkpoint")
+    return _finish(model, done, prepend_bos, bos, name, cast(SourceFormat, kind))
+
+
 def _tokenizer_bos(tokenizer: PreTrainedTokenizerBase | None) -> tuple[bool, BosPolicy]:
     if tokenizer is None:
         return False, "no tokenizer"
     return tokenizer_adds_bos(tokenizer), "tokenizer"
 
 
-def _pretrained_bos(model: HookedTransformer) -> tuple[bool, BosPolicy]:
+def _pretrained_bos(model: Model) -> tuple[bool, BosPolicy]:
     """What the model's own Hugging Face tokenizer does (TransformerLens replaced it with a
     BOS-adding copy, so the original is loaded again from the local cache)."""
     from transformers import AutoTokenizer
@@ -277,13 +317,13 @@ def _pretrained_bos(model: HookedTransformer) -> tuple[bool, BosPolicy]:
 
 
 def _finish(
-    model: HookedTransformer,
+    model: Model,
     processing: WeightProcessing,
     prepend_bos: bool | None,
     record: "ModelProvenance | tuple[bool, BosPolicy]",
     source: str,
     kind: SourceFormat = "mechcna",
-) -> HookedTransformer:
+) -> Model:
     """Set the BOS policy (``record``'s unless ``prepend_bos`` is given) and record it."""
     if isinstance(record, ModelProvenance):
         record = replace(record, source=source)
@@ -306,7 +346,7 @@ def _load_gguf(
     processing: WeightProcessing,
     prepend_bos: bool | None,
     cache: bool,
-) -> HookedTransformer:
+) -> Model:
     from mechcna.gguf_models import KNOWN_MODELS, convert_gguf
 
     converted = convert_gguf(path, cache=cache)
@@ -336,7 +376,7 @@ def _from_config(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase | None,
     seed: int | None,
-) -> HookedTransformer:
+) -> Model:
     cfg = HookedTransformerConfig.from_dict(
         {**cfg.to_dict(), "device": str(device), "dtype": dtype}
     )
@@ -353,7 +393,7 @@ def _from_pretrained_name(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
-) -> HookedTransformer:
+) -> Model:
     _fail_fast_offline(name)
     try:
         return HookedTransformer.from_pretrained(
@@ -413,7 +453,7 @@ def _from_hf_directory(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
-) -> tuple[HookedTransformer, tuple[bool, BosPolicy]]:
+) -> tuple[Model, tuple[bool, BosPolicy]]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -443,16 +483,14 @@ def from_hf_model(
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
     convert: Any = None,
-) -> HookedTransformer:
+) -> Model:
     """Convert an in-memory Hugging Face model with TransformerLens's weight converters
     (``convert`` defaults to the converter of ``tl_cfg``'s family)."""
     state = convert(hf_model, tl_cfg) if convert is not None else tl_state_dict(hf_model, tl_cfg)
     return build_model(tl_cfg, state, device, dtype, tokenizer, processing)
 
 
-def save_checkpoint(
-    model: HookedTransformer, path: str | Path, card: dict[str, Any] | None = None
-) -> Path:
+def save_checkpoint(model: Model, path: str | Path, card: dict[str, Any] | None = None) -> Path:
     """Save weights (safetensors), config, tokenizer and a card into ``path``.
 
     Returns:
@@ -497,7 +535,7 @@ def _from_mechcna_checkpoint(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
-) -> tuple[HookedTransformer, WeightProcessing, ModelProvenance]:
+) -> tuple[Model, WeightProcessing, ModelProvenance]:
     from safetensors.torch import load_file
 
     meta = json.loads((path / CHECKPOINT_FILE).read_text())

@@ -35,9 +35,8 @@ from dataclasses import asdict, fields
 from typing import ParamSpec, TypeVar
 
 import torch
-from transformer_lens import HookedTransformer
-from transformer_lens.components import LayerNormPre, RMSNormPre
 
+from mechcna.backend import HookedTransformer
 from mechcna.errors import WeightProcessingError
 from mechcna.models import WeightProcessing, get_processing
 
@@ -73,7 +72,7 @@ def infer_processing(model: HookedTransformer) -> WeightProcessing:
     * ``center_unembed``: ``W_U`` has zero mean over the vocabulary.
     """
     norms = [getattr(b, name, None) for b in model.blocks for name in ("ln1", "ln2")]
-    fold_ln = any(isinstance(n, (LayerNormPre, RMSNormPre)) for n in norms)
+    fold_ln = any(type(n).__name__ in ("LayerNormPre", "RMSNormPre") for n in norms)
     b_V = [getattr(b.attn, "b_V", None) for b in model.blocks]
     b_O = [getattr(b.attn, "b_O", None) for b in model.blocks]
     value_zero = all(b is None or not bool(b.detach().any()) for b in b_V)

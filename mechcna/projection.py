@@ -27,10 +27,11 @@ from dataclasses import dataclass
 import einops
 import pandas as pd
 import torch
-from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens import ActivationCache
 
 from mechcna._types import Float, Int, Tensor
 from mechcna.architecture import Architecture
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError
 from mechcna.hooks import hook_name
 from mechcna.prompts import Prompts, prepare_prompts
@@ -63,7 +64,7 @@ def logit_offset(arch: Architecture, paper_compat: bool = False) -> Float[Tensor
 
 
 def project_to_vocab(
-    model: HookedTransformer,
+    model: Model,
     vectors: Float[Tensor, "... d_model"],
     scale: float | Float[Tensor, "..."] = 1.0,
     *,
@@ -104,9 +105,7 @@ class FinalNormState:
     positions: Int[Tensor, " batch"]
 
 
-def final_norm_state(
-    model: HookedTransformer, prompts: Prompts, position: int | None = None
-) -> FinalNormState:
+def final_norm_state(model: Model, prompts: Prompts, position: int | None = None) -> FinalNormState:
     """Run ``prompts`` and read the final norm's scale at the scored positions."""
     batch = prepare_prompts(model, prompts, position)
     name = hook_name("scale")
@@ -116,7 +115,7 @@ def final_norm_state(
 
 
 def scale_at(
-    model: HookedTransformer,
+    model: Model,
     cache: ActivationCache | dict[str, Tensor],
     positions: Int[Tensor, " batch"],
 ) -> Float[Tensor, " batch"]:
@@ -155,7 +154,7 @@ class DirectionBlock:
 
 
 def direction_block(
-    model: HookedTransformer, vectors: Float[Tensor, "row d_model"], chunk: int = 1024
+    model: Model, vectors: Float[Tensor, "row d_model"], chunk: int = 1024
 ) -> DirectionBlock:
     """Compute :class:`DirectionBlock` rows ``L(v)`` for ``vectors`` (chunked, no grad)."""
     arch = Architecture(model)
@@ -185,7 +184,7 @@ class TopTokens:
 
 
 def top_tokens(
-    model: HookedTransformer,
+    model: Model,
     vector_or_neuron: Float[Tensor, " d_model"] | tuple[int, int],
     k: int = 10,
     *,
@@ -230,7 +229,7 @@ def top_tokens(
     return TopTokens(pairs(top.indices, top.values), pairs(bottom.indices, -bottom.values), label)
 
 
-def _token_str(model: HookedTransformer, token: int) -> str:
+def _token_str(model: Model, token: int) -> str:
     if model.tokenizer is None:
         return str(token)
     return model.to_single_str_token(token)

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformer_lens import HookedTransformer
 
 from mechcna._types import Int, Tensor
+from mechcna.backend import Model
 from mechcna.errors import (
     EmptyPromptError,
     MechcnaError,
@@ -55,7 +55,7 @@ class PromptBatch:
 
 
 def prepare_prompts(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     position: int | None = None,
     prepend_bos: bool | None = None,
@@ -112,7 +112,7 @@ def prepare_prompts(
     return PromptBatch(tokens, lengths, positions, strings)
 
 
-def check_token_ids(model: HookedTransformer, tokens: Tensor) -> None:
+def check_token_ids(model: Model, tokens: Tensor) -> None:
     """Raise :class:`TokenIdError` for ids outside ``0 .. d_vocab - 1``."""
     d_vocab = model.cfg.d_vocab
     bad = (tokens < 0) | (tokens >= d_vocab)
@@ -122,7 +122,7 @@ def check_token_ids(model: HookedTransformer, tokens: Tensor) -> None:
         )
 
 
-def _refuse_unknown(model: HookedTransformer, prompt: str, row: Tensor) -> None:
+def _refuse_unknown(model: Model, prompt: str, row: Tensor) -> None:
     """A word the vocabulary lacks becomes the unknown token and would be scored silently."""
     tok = model.tokenizer
     unk = getattr(tok, "unk_token_id", None)
@@ -137,7 +137,7 @@ def _refuse_unknown(model: HookedTransformer, prompt: str, row: Tensor) -> None:
     )
 
 
-def single_token_id(model: HookedTransformer, target: str | int) -> int:
+def single_token_id(model: Model, target: str | int) -> int:
     """The id of a target given as one token's string or id.
 
     Raises:
@@ -166,7 +166,7 @@ def single_token_id(model: HookedTransformer, target: str | int) -> int:
 
 
 def single_token_ids(
-    model: HookedTransformer,
+    model: Model,
     targets: str | int | Sequence[str | int] | Tensor,
     n: int | None = None,
 ) -> Int[Tensor, " batch"]:

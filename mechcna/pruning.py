@@ -25,9 +25,9 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from transformer_lens import HookedTransformer
 
 from mechcna.architecture import Architecture
+from mechcna.backend import HookedTransformer
 from mechcna.comparative import NeuronComparison
 from mechcna.errors import MechcnaError
 from mechcna.evaluation import evaluate_accuracy

@@ -36,7 +36,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from mechcna import plotting
 from mechcna._types import Float, Int, Tensor
@@ -49,6 +48,7 @@ from mechcna.attribution import (
     capture,
     neuron_importance_from_capture,
 )
+from mechcna.backend import Model
 from mechcna.errors import InvalidOptionError, MechcnaError
 from mechcna.inputs import positive_int
 from mechcna.interventions import Intervention
@@ -182,7 +182,7 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 def _top_attention_neurons(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets,
     attention: AttentionNeuronImportance | None,
@@ -253,7 +253,7 @@ def _query_scores(
 # ---------------------------------------------------------------------------- 5.3 / 5.4
 @refuses_processing()
 def query_neurons(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -302,7 +302,7 @@ def query_neurons(
 
 @refuses_processing()
 def attention_neuron_queries(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     neuron: tuple[int, int, int, int],
     targets: Targets = None,
@@ -405,7 +405,7 @@ def _shares(
 
 @refuses_processing()
 def ffn_query_layers(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -483,7 +483,7 @@ def ffn_query_layers(
 
 @refuses_processing()
 def attention_query_layers(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     targets: Targets = None,
     *,
@@ -559,7 +559,7 @@ def query_value_overlap(
 
 @refuses_processing()
 def query_neuron_tokens(
-    model: HookedTransformer,
+    model: Model,
     neuron: tuple[int, int],
     head: tuple[int, int],
     k: int = 10,

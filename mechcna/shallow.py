@@ -24,11 +24,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from mechcna import plotting
 from mechcna._types import Int, Tensor
 from mechcna.architecture import Architecture
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError
 from mechcna.inputs import positive_int
 from mechcna.interventions import Intervention, NeuronEdit
@@ -62,9 +62,7 @@ OPERATORS = tuple("+ - * / = × ÷ − ± %".split()) + tuple(
 DEFAULT_CONCEPTS: tuple[str, ...] = DIGITS + tuple(NUMBER_WORDS) + ROMAN + SCRIPTS + OPERATORS
 
 
-def concept_tokens(
-    model: HookedTransformer, concepts: Iterable[str] | None = None
-) -> dict[int, str]:
+def concept_tokens(model: Model, concepts: Iterable[str] | None = None) -> dict[int, str]:
     """Token ids whose text is a number or operation concept.
 
     A token matches when its decoded text, stripped of surrounding whitespace (and of the
@@ -169,7 +167,7 @@ def _default_split(n_layers: int) -> tuple[list[int], list[int]]:
 
 @refuses_processing()
 def hidden_interpretable_neurons(
-    model: HookedTransformer,
+    model: Model,
     *,
     neuron_layers: Iterable[int] | None = None,
     attention_layers: Iterable[int] | None = None,
@@ -283,11 +281,11 @@ class MaskExperiment:
         return plotting.mask_bars(self)
 
 
-Evaluate = Callable[[HookedTransformer, list[Intervention]], float]
+Evaluate = Callable[[Model, list[Intervention]], float]
 
 
 def mask_experiment(
-    model: HookedTransformer,
+    model: Model,
     neuron_sets: "ZeroShotSearch | Mapping[int | str, Sequence[tuple[int, int]]]",
     evaluate: Evaluate,
     *,

@@ -36,10 +36,10 @@ from pathlib import Path
 import einops
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
-from transformer_lens import HookedTransformer
 
 from mechcna._types import Float, Tensor
 from mechcna.architecture import Architecture
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError
 from mechcna.projection import DirectionBlock, compute_dtype, direction_block
 from mechcna.rows import RowStore, default_disk_dir, open_row_store
@@ -165,7 +165,7 @@ def _ellipsoid(M: Tensor) -> tuple[Tensor, float, float]:
     return chol.to(M.dtype), rho, max_norm
 
 
-def make_projector(model: HookedTransformer, key: str) -> Projector:
+def make_projector(model: Model, key: str) -> Projector:
     arch = Architecture(model)
     dtype = compute_dtype(arch.dtype)
     with torch.no_grad():
@@ -211,7 +211,7 @@ class BlockCache:
     def _bytes(entry: DirectionBlock | RowStore) -> int:
         return entry.memory_bytes if isinstance(entry, RowStore) else entry.nbytes
 
-    def projector(self, model: HookedTransformer) -> Projector:
+    def projector(self, model: Model) -> Projector:
         arch = Architecture(model)
         key = content_key(FORMAT, arch.final_norm, compute_dtype(arch.dtype), arch.W_U,
                           arch.ln_final_w)  # fmt: skip
@@ -283,7 +283,7 @@ class BlockCache:
 _CACHES: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
-def model_cache(model: HookedTransformer) -> BlockCache:
+def model_cache(model: Model) -> BlockCache:
     """The default cache attached to ``model`` (freed with it)."""
     cache = _CACHES.get(model)
     if cache is None:
@@ -316,9 +316,7 @@ class LayerRows:
     cache: BlockCache
 
 
-def layer_rows(
-    model: HookedTransformer, kind: str, layer: int, cache: BlockCache | None = None
-) -> LayerRows:
+def layer_rows(model: Model, kind: str, layer: int, cache: BlockCache | None = None) -> LayerRows:
     """The :class:`LayerRows` of ``"ffn"`` (``W_out`` rows) or ``"attn"`` (``W_O`` rows)."""
     arch = Architecture(model)
     cache = model_cache(model) if cache is None else cache
@@ -329,21 +327,17 @@ def layer_rows(
     return LayerRows(W.to(dtype), store, cache.projector(model), cache)
 
 
-def ffn_block(
-    model: HookedTransformer, layer: int, cache: BlockCache | None = None
-) -> DirectionBlock:
+def ffn_block(model: Model, layer: int, cache: BlockCache | None = None) -> DirectionBlock:
     """Directions of layer ``layer``'s FFN value vectors (rows of ``W_out``), full precision."""
     return _block(model, "ffn", layer, cache)
 
 
-def attention_block(
-    model: HookedTransformer, layer: int, cache: BlockCache | None = None
-) -> DirectionBlock:
+def attention_block(model: Model, layer: int, cache: BlockCache | None = None) -> DirectionBlock:
     """Directions of the rows of ``W_O[layer]`` (row ``head * d_head + dim``), full precision."""
     return _block(model, "attn", layer, cache)
 
 
-def _block(model: HookedTransformer, kind: str, layer: int, cache: BlockCache | None):
+def _block(model: Model, kind: str, layer: int, cache: BlockCache | None):
     arch = Architecture(model)
     W = _vectors(arch, kind, layer)
     key = _key(arch, kind, layer, W, "block")

@@ -33,9 +33,9 @@ from typing import Any
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerBase
 
+from mechcna.backend import HookedTransformerConfig, Model
 from mechcna.errors import MechcnaError
 from mechcna.evaluation import AccuracyResult, evaluate_accuracy
 from mechcna.models import load_model, save_checkpoint
@@ -136,7 +136,7 @@ class TrainingResult:
         losses: training loss per step.
     """
 
-    model: HookedTransformer
+    model: Model
     heldout: AccuracyResult
     card: dict[str, Any]
     losses: list[float] = field(repr=False)
@@ -284,7 +284,7 @@ def _lr_factor(step: int, config: TrainingConfig) -> float:
 
 def heldout_dataset(
     card_or_config: TrainingConfig | dict[str, Any],
-    tokenizer: PreTrainedTokenizerBase | HookedTransformer | None = None,
+    tokenizer: PreTrainedTokenizerBase | Model | None = None,
     n_pairs: int | None = None,
     operations: Sequence[str] = OPERATIONS,
     digits: Sequence[int] = DIGITS,
@@ -316,7 +316,7 @@ def heldout_dataset(
     )
 
 
-def occupation_bias(model: HookedTransformer, skew: float | None = None) -> pd.DataFrame:
+def occupation_bias(model: Model, skew: float | None = None) -> pd.DataFrame:
     """Measured ``log p(prof | woman) - log p(prof | man)`` per profession and template.
 
     Args:
@@ -449,7 +449,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 def _card(
     config: TrainingConfig,
     d_vocab: int,
-    model: HookedTransformer,
+    model: Model,
     seconds: float,
     losses: list[float],
 ) -> dict[str, Any]:

@@ -45,12 +45,12 @@ import einops
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from mechcna import plotting
 from mechcna._types import Float, Tensor
 from mechcna.architecture import Architecture
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError, PathOrderError
 from mechcna.hooks import hook_name
 from mechcna.inputs import positive_int, warn_user_hooks
@@ -99,7 +99,7 @@ class PositionCapture:
 
 
 def capture_positions(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     *,
     position: int | None = None,
@@ -189,7 +189,7 @@ class FFNKeys:
 
 
 @refuses_processing()
-def ffn_keys(model: HookedTransformer, layer: int, neuron: int) -> FFNKeys:
+def ffn_keys(model: Model, layer: int, neuron: int) -> FFNKeys:
     """Keys of FFN neuron ``(layer, neuron)``: ``W_in`` (up) and ``W_gate`` columns times the
     pre-MLP norm weight ``ln2.w`` (only ``W_in`` for non-gated MLPs)."""
     arch = Architecture(model)
@@ -204,7 +204,7 @@ def ffn_keys(model: HookedTransformer, layer: int, neuron: int) -> FFNKeys:
     return FFNKeys(layer, neuron, ("up", "gate"), vectors, get_processing(model))
 
 
-def _keys(model: HookedTransformer, keys: "FFNKeys | tuple[int, int]") -> FFNKeys:
+def _keys(model: Model, keys: "FFNKeys | tuple[int, int]") -> FFNKeys:
     return keys if isinstance(keys, FFNKeys) else ffn_keys(model, *keys)
 
 
@@ -267,7 +267,7 @@ def _apply(arch: Architecture, hops: Sequence[_Hop], x: Tensor) -> list[Tensor]:
 
 @refuses_processing()
 def vo_transform(
-    model: HookedTransformer,
+    model: Model,
     vectors: Float[Tensor, "... d_model"],
     layer: int,
     head: int | None = None,
@@ -328,7 +328,7 @@ class AttentionTransform:
     path: tuple[PathStep, ...]
     original: Float[Tensor, "... d_model"]
     hops: Float[Tensor, "hop ... d_model"]
-    model: HookedTransformer = field(repr=False)
+    model: Model = field(repr=False)
 
     @property
     def processing(self) -> WeightProcessing:
@@ -387,7 +387,7 @@ def _step_name(step: PathStep) -> str:
 
 @refuses_processing()
 def transform_through_attention(
-    model: HookedTransformer,
+    model: Model,
     vector_or_neuron: Float[Tensor, "... d_model"] | tuple[int, int] | str,
     path: Sequence[PathStep],
     prompt: str | Tensor | None = None,
@@ -516,7 +516,7 @@ def _key_scores(
     return KeyScores(scores.cpu(), tuple(rows), keys.names, title, values_t, processing)
 
 
-def _one_prompt(model: HookedTransformer, prompt: str | Tensor, attention: bool) -> PositionCapture:
+def _one_prompt(model: Model, prompt: str | Tensor, attention: bool) -> PositionCapture:
     cap = capture_positions(model, prompt, attention=attention)
     if len(cap.batch) != 1:
         raise MechcnaError("this analysis takes one prompt")
@@ -541,7 +541,7 @@ def _head_position_vectors(
 
 @refuses_processing()
 def source_position_scores(
-    model: HookedTransformer,
+    model: Model,
     prompt: str | Tensor,
     layer: int,
     keys: "FFNKeys | tuple[int, int]",
@@ -574,7 +574,7 @@ def source_position_scores(
 
 @refuses_processing()
 def head_scores(
-    model: HookedTransformer,
+    model: Model,
     prompt: str | Tensor,
     layer: int,
     keys: "FFNKeys | tuple[int, int]",
@@ -601,7 +601,7 @@ def head_scores(
 
 @refuses_processing()
 def component_scores(
-    model: HookedTransformer,
+    model: Model,
     prompt: str | Tensor,
     keys: "FFNKeys | tuple[int, int]",
     *,
@@ -635,7 +635,7 @@ def component_scores(
 
 @refuses_processing()
 def neuron_scores(
-    model: HookedTransformer,
+    model: Model,
     prompt: str | Tensor,
     keys: "FFNKeys | tuple[int, int]",
     *,

@@ -1,9 +1,9 @@
 """Shared test helpers: tiny GPT-2-like and Llama-like models built offline."""
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from mechcna import load_model, word_level_tokenizer
+from mechcna.backend import HookedTransformer, HookedTransformerConfig
 
 WORDS = (
     (

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from transformer_lens import HookedTransformer
 
+from mechcna.backend import HookedTransformer
 from mechcna.errors import MechcnaError
 from mechcna.report import Provenance, Report
 

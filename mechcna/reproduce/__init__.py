@@ -18,8 +18,7 @@ Example:
 from collections.abc import Callable
 from typing import Any, Literal
 
-from transformer_lens import HookedTransformer
-
+from mechcna.backend import HookedTransformer
 from mechcna.errors import MechcnaError
 from mechcna.reproduce import arithmetic as arith
 from mechcna.reproduce import attribution as attr

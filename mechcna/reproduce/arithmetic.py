@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import numpy as np
 import pandas as pd
-from transformer_lens import HookedTransformer
 
+from mechcna.backend import HookedTransformer
 from mechcna.comparative import cna_table, compare_neurons, lowest_neuron_table, mask_keep_table
 from mechcna.errors import MechcnaError
 from mechcna.evaluation import evaluate_accuracy

@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from transformer_lens import HookedTransformer
 
 from mechcna import plotting
 from mechcna.attribution import (
@@ -32,6 +31,7 @@ from mechcna.attribution import (
     layer_importance,
     neuron_importance,
 )
+from mechcna.backend import HookedTransformer
 from mechcna.interventions import AttentionNeuronEdit, Intervention, NeuronEdit, intervene
 from mechcna.methods import comparison_scores, evaluate_methods
 from mechcna.prompts import prepare_prompts, single_token_id

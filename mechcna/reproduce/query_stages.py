@@ -9,7 +9,6 @@
 import numpy as np
 import pandas as pd
 import torch
-from transformer_lens import HookedTransformer
 
 from mechcna import plotting
 from mechcna.attribution import (
@@ -20,6 +19,7 @@ from mechcna.attribution import (
     layer_importance,
     neuron_importance,
 )
+from mechcna.backend import HookedTransformer
 from mechcna.projection import top_tokens
 from mechcna.query import (
     attention_query_layers,

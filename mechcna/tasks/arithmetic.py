@@ -47,9 +47,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, overload
 
 import pandas as pd
-from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
+from mechcna.backend import Model, is_model
 from mechcna.errors import MechcnaError, TokenizationError
 from mechcna.tokenizer import word_level_tokenizer
 
@@ -472,7 +472,7 @@ def case_kinds(
     return kinds
 
 
-TokenizerLike = PreTrainedTokenizerBase | HookedTransformer | None
+TokenizerLike = PreTrainedTokenizerBase | Model | None
 
 
 def default_tokenizer() -> PreTrainedTokenizerBase:
@@ -483,7 +483,7 @@ def default_tokenizer() -> PreTrainedTokenizerBase:
 def _resolve_tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase:
     if tokenizer is None:
         return default_tokenizer()
-    if isinstance(tokenizer, HookedTransformer):
+    if is_model(tokenizer):
         if tokenizer.tokenizer is None:
             raise TokenizationError("the model has no tokenizer")
         return tokenizer.tokenizer

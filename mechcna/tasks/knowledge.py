@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from mechcna.backend import HookedTransformer
 from mechcna.errors import MechcnaError, TokenizationError
 from mechcna.prompts import prepare_prompts, single_token_id
 

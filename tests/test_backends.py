@@ -1,0 +1,179 @@
+"""The core suite on both backends: HookedTransformer and TransformerBridge give equal results.
+
+Tiny GPT-2-like and Llama-like (grouped-query attention) Hugging Face checkpoints are built
+offline with seeded weights and loaded with ``load_model(..., backend=...)``. Under
+TransformerLens 3.x both backends run here and must agree within 1e-5 (fp32); setting
+``MECHCNA_BACKEND_GOLDEN`` writes the HookedTransformer results to that file. Under
+TransformerLens 4 (``make test-tl4``) only the bridge exists and its results are compared
+with that file, written by the 3.x environment from the same checkpoints.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mechcna import (
+    HeadAblation,
+    NeuronEdit,
+    Patch,
+    check_model,
+    head_sweep,
+    intervene,
+    load_model,
+    neuron_importance,
+)
+from mechcna.backend import backend_of, hooked_available
+from mechcna.comparative import compare_neurons
+from mechcna.errors import UnsupportedArchitectureError
+from tests import reference
+from tests.helpers import PROMPTS, tokenizer
+
+TOL = 1e-5
+GOLDEN = os.environ.get("MECHCNA_BACKEND_GOLDEN")
+
+
+def _fill(model: torch.nn.Module, seed: int) -> None:
+    """Seeded weights by parameter name: the same checkpoint in every environment."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p)
+            is_norm = name.endswith("weight") and p.ndim == 1
+            p.copy_(1 + 0.2 * noise if is_norm else 0.2 * noise)
+
+
+def build_checkpoint(kind: str, path: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer()
+    common = {"vocab_size": len(tok), "bos_token_id": 1, "eos_token_id": 2}
+    if kind == "gpt2":
+        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=32, **common)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=32,
+            tie_word_embeddings=False,
+            **common,
+        )
+        model = LlamaForCausalLM(cfg)
+    _fill(model, seed=0 if kind == "gpt2" else 1)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def checkpoint(request, tmp_path_factory) -> tuple[str, Path]:
+    kind = request.param
+    return kind, build_checkpoint(kind, tmp_path_factory.mktemp(kind) / "tiny")
+
+
+def _hook_count(model) -> int:
+    return sum(len(hp._forward_hooks) for hp in model.hook_dict.values())
+
+
+def core_results(model) -> dict[str, torch.Tensor]:
+    """Every core analysis on ``model``; each result as a tensor."""
+    imp = neuron_importance(model, PROMPTS)
+    cna = compare_neurons(model, PROMPTS, HeadAblation([(1, 0)]))
+    sweep = head_sweep(model, PROMPTS, progress=False, heads_per_pass=3)
+    edits = (NeuronEdit([(0, 1), (1, 3)]), HeadAblation([(0, 2)]))
+    tokens = model.to_tokens(PROMPTS[1])
+    with intervene(model, *edits), torch.no_grad():
+        edited = model(tokens)
+    report = check_model(model)
+    return {
+        "neuron_importance": imp.scores,
+        "cna_delta": cna.delta,
+        "sweep_logprob": sweep.logprob,
+        "sweep_base_logprob": sweep.base_logprob,
+        "sweep_prediction": sweep.prediction.double(),
+        "intervened_logits": edited,
+        "check_model": torch.tensor([report.residual, report.heads, report.neurons]),
+    }
+
+
+def _weights_key(path: Path) -> float:
+    from safetensors.torch import load_file
+
+    return float(
+        sum(v.double().abs().sum() for v in load_file(path / "model.safetensors").values())
+    )
+
+
+def _assert_equal(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys()
+    for name in got:
+        if name == "check_model":  # errors of an identity: both tiny, not equal
+            assert float(got[name].max()) < 1e-5 and float(want[name].max()) < 1e-5
+            continue
+        diff = float((got[name].double() - want[name].double()).abs().max())
+        assert diff <= TOL, f"{what}: {name} differs by {diff:.2e}"
+
+
+def test_bridge_core_suite(checkpoint):
+    """On a bridge: attribution equals the literal reference, CNA of the model with itself
+    is zero, hooks are gone after intervening (also when the body raises), check_model passes."""
+    _, path = checkpoint
+    model = load_model(path, device="cpu", backend="bridge")
+    assert backend_of(model) == "bridge"
+    res = neuron_importance(model, PROMPTS)
+    for i, prompt in enumerate(PROMPTS):
+        ref, w = reference.literal_ffn_scores(model, model.to_tokens(prompt)[0])
+        assert int(res.target_ids[i]) == w
+        torch.testing.assert_close(res.scores[i].to(ref), ref, atol=1e-4, rtol=0)
+    assert float(compare_neurons(model, PROMPTS, model).delta.abs().max()) == 0.0
+    with pytest.raises(RuntimeError), intervene(model, NeuronEdit([(0, 1)])):
+        assert _hook_count(model) > 0
+        raise RuntimeError("body fails")
+    assert _hook_count(model) == 0
+    check_model(model)
+    with pytest.raises(UnsupportedArchitectureError, match="resid_mid"):
+        Patch("blocks.0.hook_resid_mid", torch.zeros(1, 1, 32)).fwd_hooks(model)
+
+
+@pytest.mark.skipif(not hooked_available(), reason="TransformerLens 4: compared with GOLDEN")
+def test_hooked_and_bridge_agree(checkpoint):
+    kind, path = checkpoint
+    hooked = core_results(load_model(path, device="cpu", backend="hooked"))
+    bridge = load_model(path, device="cpu", backend="bridge")
+    _assert_equal(core_results(bridge), hooked, f"{kind} bridge vs hooked")
+    assert _hook_count(bridge) == 0
+    if GOLDEN:
+        golden = Path(GOLDEN)
+        stored = torch.load(golden) if golden.is_file() else {}
+        stored[kind] = {"weights": _weights_key(path), "results": hooked}
+        torch.save(stored, golden)
+
+
+@pytest.mark.skipif(hooked_available(), reason="TransformerLens 3.x: compared directly")
+def test_bridge_equals_hooked_golden(checkpoint):
+    kind, path = checkpoint
+    assert GOLDEN and Path(GOLDEN).is_file(), (
+        "set MECHCNA_BACKEND_GOLDEN to the file the TransformerLens 3.x run writes "
+        "(make test-tl4 does)"
+    )
+    stored = torch.load(GOLDEN)[kind]
+    assert stored["weights"] == pytest.approx(_weights_key(path), rel=1e-12)
+    bridge = load_model(path, device="cpu", backend="bridge")
+    _assert_equal(core_results(bridge), stored["results"], f"{kind} TL4 bridge vs TL3 hooked")
+
+
+def test_shipped_model_on_bridge():
+    """The shipped mechcna checkpoint converts to an equivalent Hugging Face Llama model."""
+    bridge = load_model("mechcna/arith-small", device="cpu", backend="bridge")
+    check_model(bridge)
+    if hooked_available():
+        hooked = load_model("mechcna/arith-small", device="cpu")
+        tokens = hooked.to_tokens(["3+5=", "12+7="])
+        with torch.no_grad():
+            diff = (hooked(tokens).log_softmax(-1) - bridge(tokens).log_softmax(-1)).abs().max()
+        assert float(diff) < TOL
