@@ -21,8 +21,10 @@ from mechcna.errors import (
     MechcnaError,
     ModelCheckError,
     ModelNotFoundError,
+    NonFiniteError,
     TokenizationError,
     UnsupportedArchitectureError,
+    WeightProcessingError,
 )
 from mechcna.evaluation import AccuracyResult, evaluate_accuracy
 from mechcna.head_results import HeadEffects, HeadSweep
@@ -105,6 +107,7 @@ __all__ = [
     "ModelNotFoundError",
     "NeuronEdit",
     "NeuronImportance",
+    "NonFiniteError",
     "Patch",
     "QueryLayers",
     "QueryNeurons",
@@ -114,6 +117,7 @@ __all__ = [
     "TopTokens",
     "UnsupportedArchitectureError",
     "WeightProcessing",
+    "WeightProcessingError",
     "ZeroShotSearch",
     "apply_to_weights",
     "arithmetic_dataset",
