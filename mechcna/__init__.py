@@ -21,8 +21,10 @@ from mechcna.errors import (
     MechcnaError,
     ModelCheckError,
     ModelNotFoundError,
+    NonFiniteError,
     TokenizationError,
     UnsupportedArchitectureError,
+    WeightProcessingError,
 )
 from mechcna.evaluation import AccuracyResult, evaluate_accuracy
 from mechcna.head_results import HeadEffects, HeadSweep
@@ -112,6 +114,7 @@ __all__ = [
     "ModelProvenance",
     "NeuronEdit",
     "NeuronImportance",
+    "NonFiniteError",
     "Patch",
     "QueryLayers",
     "QueryNeurons",
@@ -121,6 +124,7 @@ __all__ = [
     "TopTokens",
     "UnsupportedArchitectureError",
     "WeightProcessing",
+    "WeightProcessingError",
     "ZeroShotSearch",
     "apply_to_weights",
     "arithmetic_dataset",

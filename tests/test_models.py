@@ -176,6 +176,7 @@ def test_unknown_pretrained_name_is_clear():
 
 def test_unsupported_hf_family(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")  # weights present: the family is refused
     with pytest.raises(UnsupportedArchitectureError, match="bert"):
         load_model(tmp_path, device="cpu")
 

@@ -208,9 +208,9 @@ def test_query_neuron_tokens_use_the_real_norm(kind):
 
 def test_query_bad_input():
     model = build("llama")
-    with pytest.raises(MechcnaError, match="k must be positive"):
+    with pytest.raises(MechcnaError, match="k must be a positive"):
         query_neurons(model, PROMPTS[:1], k=0)
-    with pytest.raises(MechcnaError, match="k must be positive"):
+    with pytest.raises(MechcnaError, match="k must be a positive"):
         attention_query_layers(model, PROMPTS[:1], k=0)
     with pytest.raises(MechcnaError, match="head"):
         attention_neuron_queries(model, PROMPTS[:1], (1, 0, 9, 0))
