@@ -14,12 +14,30 @@ from typing import Literal, cast
 
 import torch
 from transformer_lens import HookedTransformer
+from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 
 from mechcna._types import Float, Tensor
-from mechcna.errors import MechcnaError, UnsupportedArchitectureError
+from mechcna.errors import UnsupportedArchitectureError
+from mechcna.inputs import index_in
 
 NormKind = Literal["LN", "LNPre", "RMS", "RMSPre", "none"]
 _NORMS = {"LN": "LN", "LNPre": "LNPre", "RMS": "RMS", "RMSPre": "RMSPre", None: "none"}
+
+
+def norm_kind(module: object) -> NormKind:
+    """The kind of a TransformerLens norm module (``"none"`` for ``None``)."""
+    if module is None:
+        return "none"
+    kinds: dict[type, NormKind] = {
+        LayerNorm: "LN",
+        LayerNormPre: "LNPre",
+        RMSNorm: "RMS",
+        RMSNormPre: "RMSPre",
+    }
+    kind = kinds.get(type(module))
+    if kind is None:
+        raise UnsupportedArchitectureError(f"unknown norm module {type(module).__name__}")
+    return kind
 
 
 class Architecture:
@@ -65,27 +83,24 @@ class Architecture:
         self.n_key_value_heads: int = cfg.n_key_value_heads or cfg.n_heads
         self.gated: bool = bool(cfg.gated_mlp)
         self.norm: NormKind = _NORMS[cfg.normalization_type]  # type: ignore[assignment]
-        self.final_norm: NormKind = self.norm
+        # The final norm can be of another kind than the block norms (LayerNorm blocks with
+        # ``final_rms=True``): read it from the module itself.
+        self.final_norm: NormKind = norm_kind(getattr(model, "ln_final", None))
         self.eps: float = cfg.eps
 
     # ----------------------------------------------------------------- checks
     def check_layer(self, layer: int) -> int:
-        """Return ``layer`` (negative indices allowed) or raise a clear error."""
-        if not -self.n_layers <= layer < self.n_layers:
-            raise MechcnaError(f"layer {layer} out of range: the model has {self.n_layers} layers")
-        return layer % self.n_layers
+        """Return ``layer`` or raise a clear error (one rule everywhere: indices are
+        non-negative; ``-1`` is an error, not the last layer)."""
+        return index_in(layer, self.n_layers, "layer")
 
     def check_head(self, layer: int, head: int) -> tuple[int, int]:
         layer = self.check_layer(layer)
-        if not 0 <= head < self.n_heads:
-            raise MechcnaError(f"head {head} out of range: layers have {self.n_heads} heads")
-        return layer, head
+        return layer, index_in(head, self.n_heads, "head")
 
     def check_neuron(self, layer: int, neuron: int) -> tuple[int, int]:
         layer = self.check_layer(layer)
-        if not 0 <= neuron < self.d_mlp:
-            raise MechcnaError(f"neuron {neuron} out of range: layers have {self.d_mlp} neurons")
-        return layer, neuron
+        return layer, index_in(neuron, self.d_mlp, "neuron")
 
     # ---------------------------------------------------------------- weights
     def _block(self, layer: int):

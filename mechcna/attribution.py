@@ -31,7 +31,7 @@ Example:
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal, get_args
 
 import einops
 import plotly.graph_objects as go
@@ -43,11 +43,14 @@ from transformer_lens.hook_points import HookPoint
 from mechcna import plotting
 from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.architecture import Architecture
+from mechcna.check import first_non_finite
 from mechcna.engine import EngineStats, Method, exact_rows_logprob, logprob_increase
-from mechcna.errors import MechcnaError
+from mechcna.errors import MechcnaError, NonFiniteError
 from mechcna.hooks import hook_name
-from mechcna.interventions import Intervention, intervene
+from mechcna.inputs import choice, warn_user_hooks
+from mechcna.interventions import Intervention, intervene, prompt_lengths
 from mechcna.models import get_processing, get_provenance
+from mechcna.processing import VALUE_BIAS, refuses_processing
 from mechcna.projection import compute_dtype, linear_part, logit_offset, project_to_vocab
 from mechcna.prompts import PromptBatch, Prompts, prepare_prompts, single_token_ids
 from mechcna.results import Scores
@@ -98,6 +101,7 @@ def capture(
             own top-1 prediction at the scored position.
     """
     arch = Architecture(model)
+    warn_user_hooks(model)
     batch = prepare_prompts(model, prompts, position)
     need = set(need)
     rows = batch.batch_index
@@ -137,8 +141,9 @@ def capture(
             hooks.append((hook_name("v", l), whole(f"v{l}")))
     if arch.final_norm == "none":
         hooks = hooks[1:]
-    with torch.no_grad(), intervene(model, *interventions):
+    with torch.no_grad(), intervene(model, *interventions), prompt_lengths(batch.lengths):
         logits = model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
+    _require_finite(store, arch.n_layers)
     if targets is None:
         target = logits[rows, pos].argmax(-1)
     else:
@@ -170,6 +175,24 @@ def capture(
         pattern=stack("pattern") if "attention" in need else None,
         v=v,
     )
+
+
+def _require_finite(store: dict[str, Tensor], n_layers: int) -> None:
+    """Refuse a forward pass whose activations went NaN or infinite, naming the layer."""
+    order = {f"{kind}{l}": (l, kind) for l in range(n_layers) for kind in _KINDS}
+    ordered = {k: store[k] for k in order if k in store}
+    bad = first_non_finite(ordered)
+    if bad is not None:
+        l, kind = order[bad]
+        raise NonFiniteError(
+            f"layer {l}: {hook_name(kind, l)} is NaN or infinite; check the weights with "
+            "mechcna.check_model"
+        )
+    if "final" in store and first_non_finite({"f": store["final"]}):
+        raise NonFiniteError(f"layer {n_layers - 1}: the final residual is NaN or infinite")
+
+
+_KINDS = ("resid_pre", "attn_out", "resid_mid", "post", "mlp_out", "z", "v")
 
 
 def attention_coefficients(cap: Capture) -> Float[Tensor, "prompt layer key_pos head_index d_head"]:
@@ -243,10 +266,32 @@ class LayerImportance(Scores):
 
 @dataclass(frozen=True)
 class HeadImportance(Scores):
-    """``scores[prompt, layer, head]`` or ``scores[prompt, layer, head, pos]``."""
+    """``scores[prompt, layer, head]`` or ``scores[prompt, layer, head, pos]``.
+
+    A by-position score is the log-probability increase of one position's share of a head's
+    output alone; shares do not add up to the head's score (the log-softmax is not linear),
+    so by-position results plot as head x source position, never summed over positions.
+    """
 
     def plot(self, prompt: int | None = None) -> go.Figure:
-        return plotting.head_heatmap(self, prompt)
+        if "pos" not in self.dims:
+            return plotting.head_heatmap(self, prompt)
+        values = self.select(prompt)  # layer head pos
+        n_layers, n_heads, n_pos = values.shape
+        fig = plotting.signed_heatmap(
+            values.reshape(n_layers * n_heads, n_pos),
+            x_title="source position",
+            y_title="head (layer_head)",
+            title=plotting._title(
+                "log-probability increase by head and source position", prompt, self.prompts
+            ),
+        )
+        fig.update_yaxes(
+            tickvals=list(range(n_layers * n_heads)),
+            ticktext=[f"{l}_{h}" for l in range(n_layers) for h in range(n_heads)],
+        )
+        fig.update_xaxes(tickvals=list(range(n_pos)), dtick=1)
+        return fig
 
 
 @dataclass(frozen=True)
@@ -268,10 +313,12 @@ class AttentionNeuronImportance(Scores):
     """``scores[prompt, layer, pos, head, d_head]``; ``extras["coefficient"]`` too.
 
     A neuron ``(layer, pos, head, dim)`` is row ``dim`` of ``W_O[layer][head]`` read from
-    source position ``pos``; positions past a prompt's scored position score 0.
+    source position ``pos``; positions past a prompt's scored position score 0. Labels follow
+    the papers: ``layer_head_dim_pos``.
     """
 
     stats: EngineStats | None = None
+    label_dims: ClassVar[tuple[str, ...] | None] = ("layer", "head", "d_head", "pos")
 
     @property
     def coefficients(self) -> Tensor:
@@ -314,6 +361,7 @@ def layer_importance(
     )
 
 
+@refuses_processing(VALUE_BIAS)
 def head_importance(
     model: HookedTransformer,
     prompts: Prompts,
@@ -401,6 +449,7 @@ def neuron_importance(
     Returns:
         :class:`NeuronImportance` with ``scores[prompt, layer, neuron]`` and coefficients.
     """
+    choice(method, get_args(Method), "method")
     arch = Architecture(model)
     cap = capture(
         model, prompts, targets, position=position, interventions=interventions, need=("post",)
@@ -491,6 +540,7 @@ def ffn_scores(
     return scores
 
 
+@refuses_processing(VALUE_BIAS)
 def attention_neuron_importance(
     model: HookedTransformer,
     prompts: Prompts,
@@ -513,6 +563,7 @@ def attention_neuron_importance(
     Returns:
         :class:`AttentionNeuronImportance` with ``scores[prompt, layer, pos, head, d_head]``.
     """
+    choice(method, get_args(Method), "method")
     arch = Architecture(model)
     cap = capture(
         model, prompts, targets, position=position, interventions=interventions,

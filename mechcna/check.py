@@ -4,7 +4,10 @@
 
 1. embedding + every attention output + every MLP output reproduces the final residual;
 2. per-head outputs ``z @ W_O`` plus ``b_O`` sum to each attention output;
-3. per-neuron contributions ``post * W_out`` plus ``b_out`` sum to each MLP output.
+3. per-neuron contributions ``post * W_out`` plus ``b_out`` sum to each MLP output;
+
+and that every weight and activation is finite (a NaN never exceeds a tolerance, so without
+this an all-NaN model would pass).
 
 Every attribution score rests on these identities; a model whose hooks were patched, or an
 architecture TransformerLens wires differently, fails here with the layer named.
@@ -21,8 +24,23 @@ import torch
 from transformer_lens import HookedTransformer
 
 from mechcna.architecture import Architecture
-from mechcna.errors import ModelCheckError
+from mechcna.errors import ModelCheckError, NonFiniteError
 from mechcna.hooks import hook_name
+
+
+def require_finite_weights(model: HookedTransformer) -> None:
+    """Raise :class:`NonFiniteError` naming the first parameter holding NaN or inf."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteError(f"weight {name} holds NaN or infinite values")
+
+
+def first_non_finite(acts: dict[str, torch.Tensor]) -> str | None:
+    """The first name (in insertion order) whose tensor holds NaN or inf, else ``None``."""
+    for name, t in acts.items():
+        if not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     scale = max(float(b.abs().max()), 1e-12)
     return float((a - b).abs().max()) / scale
+
+
+def _finite_expected(cache) -> dict[str, torch.Tensor]:
+    """The cached activations that must be finite (masked attention scores are ``-inf``)."""
+    return {k: v for k, v in cache.items() if not k.endswith("attn_scores")}
+
+
+def refuse_non_finite(model: HookedTransformer, tokens: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first hook whose activation on ``tokens`` is
+    NaN or infinite (called when an analysis's ``what`` came out non-finite)."""
+    require_finite_weights(model)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    bad = first_non_finite(_finite_expected(cache))
+    where = f"activation {bad}" if bad is not None else "the final logits"
+    raise NonFiniteError(f"{what} is NaN or infinite: {where} is the first non-finite value")
 
 
 def check_model(
@@ -66,6 +100,7 @@ def check_model(
 
     Raises:
         ModelCheckError: an identity fails; the message names the layer and the identity.
+        NonFiniteError: a weight or activation is NaN or infinite (named).
         UnsupportedArchitectureError: the architecture is not supported at all.
     """
     arch = Architecture(model)
@@ -75,8 +110,12 @@ def check_model(
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, arch.d_vocab, (1, seq_len), generator=gen)
     tokens = tokens.to(arch.device)
+    require_finite_weights(model)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
+    bad = first_non_finite(_finite_expected(cache))
+    if bad is not None:
+        raise NonFiniteError(f"activation {bad} holds NaN or infinite values")
 
     resid = cache[hook_name("embed")]
     if hook_name("pos_embed") in cache:

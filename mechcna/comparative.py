@@ -25,7 +25,7 @@ Example:
     >>> res.top(10, prompt=0)                                                 # doctest: +SKIP
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,13 +36,16 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from mechcna import plotting
 from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.architecture import Architecture
 from mechcna.attribution import Capture, Targets, _meta, capture, ffn_scores
 from mechcna.engine import EngineStats, Method
-from mechcna.errors import MechcnaError
+from mechcna.errors import EmptyInputError, MechcnaError
 from mechcna.hooks import hook_name
-from mechcna.interventions import Intervention, NeuronMask, intervene
+from mechcna.interventions import Intervention, NeuronMask, intervene, prompt_lengths
+from mechcna.models import WeightProcessing, get_processing
+from mechcna.processing import refuses_processing
 from mechcna.projection import top_tokens
 from mechcna.prompts import PromptBatch, Prompts, prepare_prompts
 from mechcna.results import Scores
@@ -62,6 +65,13 @@ class NeuronComparison(Scores):
 
     reference_scale: str = "original"
     stats: EngineStats | None = None
+    layers_from: int = 0
+
+    @property
+    def changed_layers(self) -> range:
+        """The layers from the lowest one whose inputs differ between ``M`` and ``M'`` (the
+        intervened head's layer) up: the paper's deep layers of Table 5."""
+        return range(self.layers_from, self.scores.shape[1])
 
     @property
     def delta(self) -> Float[Tensor, "prompt layer neuron"]:
@@ -100,25 +110,29 @@ class NeuronComparison(Scores):
         frame["label"] = frame["layer"].astype(str) + "_" + frame["neuron"].astype(str)
         return frame.sort_values(["count", "mean_delta"], ascending=False, ignore_index=True)
 
-    def plot(self, prompt: int | None = None, k: int = 20) -> go.Figure:
-        """Importance in ``M`` and ``M'`` of the top-``k`` CNA neurons (one prompt or mean)."""
+    def plot(
+        self, prompt: int | None = None, k: int = 20, tokens: Mapping[str, str] | None = None
+    ) -> go.Figure:
+        """Importance in ``M`` and ``M'`` of the top-``k`` CNA neurons (one prompt or mean).
+
+        Args:
+            tokens: ``{"layer_neuron": "top tokens"}`` shown in the hover text.
+        """
         top = self.top(k, prompt=prompt)
         imp_m = self.extras["imp_original"]
         imp_o = self.extras["imp_other"]
         pick = (top["layer"].tolist(), top["neuron"].tolist())
         sel_m = imp_m[prompt] if prompt is not None else imp_m.double().mean(0)
         sel_o = imp_o[prompt] if prompt is not None else imp_o.double().mean(0)
-        fig = go.Figure()
-        fig.add_bar(x=top["label"], y=sel_m[pick].tolist(), name="Imp in M")
-        fig.add_bar(x=top["label"], y=sel_o[pick].tolist(), name="Imp in M'")
-        fig.add_scatter(x=top["label"], y=top["score"], mode="markers", name="CNA delta")
-        fig.update_layout(
-            title=f"top-{k} CNA neurons" + ("" if prompt is None else f" (prompt {prompt})"),
-            xaxis_title="neuron (layer_index)",
-            yaxis_title="log-probability increase",
-            barmode="group",
+        where = (
+            "mean over cases"
+            if prompt is None
+            else repr(self.prompts[prompt] if self.prompts else prompt)
         )
-        return fig
+        return plotting.cna_bars(
+            top["label"].tolist(), sel_m[pick].tolist(), sel_o[pick].tolist(),
+            top["score"].tolist(), f"top-{k} CNA neurons ({where})", tokens,
+        )  # fmt: skip
 
 
 def _capture_other(
@@ -188,6 +202,8 @@ def _compare(
         imp = ffn_scores(model, cap.resid_mid, cap.post, cap.target, cap.scale, **kw)  # type: ignore[arg-type]
         imp_o = ffn_scores(other_model, cap_o.resid_mid, cap_o.post, cap.target, scale_o, **kw)  # type: ignore[arg-type]
     m, m_o = cap.post.cpu().to(imp.dtype), cap_o.post.cpu().to(imp.dtype)
+    differs = ((cap.resid_mid != cap_o.resid_mid).any(-1) | (cap.post != cap_o.post).any(-1)).any(0)
+    layers_from = int(differs.nonzero()[0]) if bool(differs.any()) else 0
     return NeuronComparison(
         scores=imp - imp_o,
         dims=("prompt", "layer", "neuron"),
@@ -200,6 +216,7 @@ def _compare(
         },
         reference_scale=reference_scale,
         stats=stats,
+        layers_from=layers_from,
         **_meta(model, cap, paper_compat),
     )
 
@@ -295,7 +312,7 @@ def _run_cases(
                     store[l] = act[rows, pos].detach()
 
                 hooks.append((hook_name("post", l), keep))
-        with torch.no_grad(), intervene(model, *ivs):
+        with torch.no_grad(), intervene(model, *ivs), prompt_lengths(batch.lengths[sl]):
             logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
         correct.append((logits[rows, pos].argmax(-1) == target[sl].to(tokens.device)).cpu())
         if coefficients:
@@ -330,6 +347,9 @@ def mask_keep_table(
     random neurons of ``deep_layers`` are zeroed ("random"), and the decrease (%) of the top
     neurons' coefficients from ``M`` to ``M'`` ("coef").
 
+    ``deep_layers`` defaults to the comparison's :attr:`NeuronComparison.changed_layers`:
+    from the intervened head's layer up, as the paper does (its layers 17-31 for head 17_22).
+
     Policies (the paper leaves them open): accuracy is greedy next-token accuracy against the
     comparison's targets over all cases, and the decrease is relative,
     ``(acc_M - acc_intervened) / acc_M``; "coef" is the mean over cases of
@@ -342,7 +362,10 @@ def mask_keep_table(
     arch = Architecture(model)
     batch = _batch(model, prompts, comparison)
     target = comparison.target_ids
-    deep = sorted({arch.check_layer(l) for l in (deep_layers or range(arch.n_layers))})
+    chosen = comparison.changed_layers if deep_layers is None else deep_layers
+    deep = sorted({arch.check_layer(l) for l in chosen})
+    if not deep:
+        raise EmptyInputError("deep_layers is empty")
     deep_mask = torch.zeros(arch.n_layers, arch.d_mlp, dtype=torch.bool)
     deep_mask[deep] = True
     base, _ = _run_cases(model, batch, target, batch_size=batch_size)
@@ -421,6 +444,7 @@ class ValueKeyProducts:
     neurons: tuple[tuple[int, int], ...]
     products: Float[Tensor, "source dest"]
     key: str
+    processing: WeightProcessing | None = None
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
@@ -447,6 +471,7 @@ class ValueKeyProducts:
         return fig
 
 
+@refuses_processing()
 def value_key_products(
     model: HookedTransformer,
     neurons: Sequence[tuple[int, int]],
@@ -482,7 +507,7 @@ def value_key_products(
     products = einops.einsum(values, keys, "source d_model, dest d_model -> source dest")
     layer = torch.tensor([l for l, _ in neurons])
     products = products.masked_fill(~(layer[:, None] < layer[None, :]), float("nan"))
-    return ValueKeyProducts(neurons, products.cpu(), key)
+    return ValueKeyProducts(neurons, products.cpu(), key, get_processing(model))
 
 
 def cna_table(

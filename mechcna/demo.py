@@ -6,33 +6,33 @@ Offline, on ``mechcna/arith-small`` (trained by ``mechcna train-arithmetic``):
 2. the arithmetic-head sweep: which heads' zero-ablation hurts addition most;
 3. log-probability-increase attribution on one prompt (layers, top FFN neurons);
 4. Comparative Neuron Analysis against the top addition head over addition cases: the top
-   CNA neurons with their tokens, and the mask / keep / random table (the paper's Table 5).
+   CNA neurons with their tokens, and the mask / keep / random table (the paper's Table 5);
+5. the gender-bias comparison of one input pair (``compare_inputs``).
 
-Figures are written as HTML files into ``out_dir`` (default ``runs/demo``).
+Everything goes into one page, ``<out_dir>/index.html`` (see :mod:`mechcna.report`), with a
+CSV per table and ``report.txt`` (the text :func:`run` returns and the CLI prints).
 """
 
-import io
 import math
 from pathlib import Path
 
+import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
 from mechcna.attribution import layer_importance, neuron_importance
 from mechcna.check import check_model
-from mechcna.comparative import cna_table, compare_neurons, mask_keep_table
+from mechcna.comparative import cna_table, compare_inputs, compare_neurons, mask_keep_table
+from mechcna.errors import MechcnaError
 from mechcna.evaluation import evaluate_accuracy
 from mechcna.heads import head_sweep
 from mechcna.interventions import HeadAblation
 from mechcna.models import SHIPPED_MODELS, load_model
-from mechcna.plotting import experiment_bars
+from mechcna.plotting import experiment_bars, neuron_top_tokens
+from mechcna.report import Provenance, Report, check_out_dir
 from mechcna.tasks.arithmetic import ArithmeticDataset, arithmetic_dataset
 
-
-def _write(fig, out_dir: Path, name: str, out: io.StringIO) -> None:
-    path = out_dir / f"{name}.html"
-    fig.write_html(path, include_plotlyjs=True)
-    out.write(f"  figure: {path}\n")
+DEFAULT_MODEL = next(iter(SHIPPED_MODELS))
 
 
 def run(
@@ -41,77 +41,190 @@ def run(
     out_dir: str | Path = "runs/demo",
     n_pairs: int = 40,
 ) -> str:
-    """Run the demo and return its report as text."""
+    """Run the demo, write its page into ``out_dir`` and return its text."""
+    out = check_out_dir(out_dir)
     with torch.no_grad():
-        return _run(model_name, progress, Path(out_dir), n_pairs)
+        report = build(model_name, progress=progress, n_pairs=n_pairs)
+    page = report.write(out)
+    return report.to_text() + f"\nreport: {page}\n"
 
 
-def _run(model_name: str | None, progress: bool, out_dir: Path, n_pairs: int) -> str:
-    out = io.StringIO()
-    out_path = out_dir
-    out_path.mkdir(parents=True, exist_ok=True)
-    model: HookedTransformer = load_model(model_name or next(iter(SHIPPED_MODELS)), device="cpu")
+def build(
+    model: HookedTransformer | str | None = None, progress: bool = True, n_pairs: int = 40
+) -> Report:
+    """The demo's :class:`~mechcna.report.Report` (nothing written) on a model or its name."""
+    if not isinstance(model, HookedTransformer):
+        model = load_model(model or DEFAULT_MODEL, device="cpu")
+    name = str(model.cfg.model_name)
     cfg = model.cfg
-    out.write(
-        f"== model {cfg.model_name}: {cfg.n_layers} layers x {cfg.n_heads} heads, d_model "
-        f"{cfg.d_model}, {cfg.d_mlp} FFN neurons per layer, vocabulary {cfg.d_vocab}\n"
+    report = Report(
+        f"mechcna demo: the arithmetic pipeline on {name}",
+        Provenance.from_model(model, n_pairs=n_pairs, command=f"mechcna demo --model {name}"),
+        intro=(
+            "The methods of Yu & Ananiadou (EMNLP 2024) on one model, offline: held-out "
+            "accuracy, the arithmetic-head sweep, log-probability-increase attribution and "
+            "Comparative Neuron Analysis (CNA). Paper references: ARITH = 'Interpreting "
+            "Arithmetic Mechanism in LLMs through Comparative Neuron Analysis'; ATTR = "
+            "'Neuron-Level Knowledge Attribution in LLMs'."
+        ),
     )
-    report = check_model(model)
-    out.write(f"residual self-check passed (max relative error {report.max_error:.1e})\n")
+    report.section("Model")
+    check = check_model(model)
+    report.text(
+        f"{cfg.model_name}: {cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}, "
+        f"{cfg.d_mlp} FFN neurons per layer, vocabulary {cfg.d_vocab}. Residual self-check "
+        f"passed (max relative error {check.max_error:.1e}): embedding, attention and FFN "
+        "outputs sum to the residual stream, heads to attention outputs, neurons to FFN outputs."
+    )
 
     data = arithmetic_dataset(
         ["+", "-"], [1, 2], n_pairs=n_pairs, tokenizer=model.tokenizer, split="heldout", seed=0
     )
     acc = evaluate_accuracy(model, data, progress=progress)
-    out.write(f"\n== held-out accuracy ({len(data)} teacher-forced cases)\n")
-    cells = acc.to_frame(("operation", "digits"))
-    out.write(cells.to_string(index=False) + "\n")
-    _write(acc.plot(), out_path, "accuracy", out)
+    report.section(
+        "Held-out accuracy",
+        f"{len(data)} teacher-forced next-token cases from operand pairs never trained on.",
+    )
+    report.table(
+        acc.to_frame(("operation", "digits")),
+        "greedy next-token accuracy and mean target log-probability per cell",
+        paper_ref="ARITH Table 1, column 'ori'",
+        name="accuracy",
+    )
+    report.figure(acc.plot(), "accuracy per (operation, digits, template) cell")
 
     sweep = head_sweep(model, data, progress=progress)
-    out.write("\n== heads whose zero-ablation lowers accuracy most (paper Tables 1-2)\n")
-    out.write(sweep.table(by="operation", k=3).to_string() + "\n")
+    report.section(
+        "Arithmetic heads",
+        "Every attention head is zero-ablated in turn over all cases; heads whose removal "
+        "lowers accuracy most are the candidates for 'arithmetic heads'.",
+    )
+    report.table(
+        sweep.table(by="operation", k=3),
+        "unablated accuracy (ori, %) and the three heads per operation whose ablation lowers "
+        "accuracy most, with the accuracy (%) left",
+        paper_ref="ARITH Tables 1-2",
+        name="heads",
+        index=True,
+    )
     add = sweep.top(5, cell={"operation": "+"})
-    out.write("top heads on addition:\n" + add.to_string(index=False) + "\n")
     layer, head = int(add.iloc[0]["layer"]), int(add.iloc[0]["head_index"])
-    _write(sweep.plot(operation="+"), out_path, "head_sweep_addition", out)
+    report.table(add, "top heads on addition", paper_ref="ARITH Table 1", name="top-heads-add")
+    report.figure(
+        sweep.plot(operation="+"),
+        "change of addition accuracy when each head is zero-ablated (layer x head)",
+        paper_ref="ARITH Tables 1-2 as a heatmap",
+    )
 
     prompt = "3+5="
     layers = layer_importance(model, [prompt])
     target = layers.targets[0]
-    out.write(
-        f"\n== attribution on {prompt!r}: target {target!r}, "
-        f"p = {math.exp(float(layers.final_logprob[0])):.3f}\n"  # type: ignore[index]
+    p = math.exp(float(layers.final_logprob[0]))  # type: ignore[index]
+    report.section(
+        f"Attribution on {prompt!r}",
+        f"Target {target!r} (the model's own top-1), p = {p:.3f}. Each component's "
+        "log-probability increase: how much adding its output to the residual stream raises "
+        "log p(target); the attention and FFN scores of all layers telescope to the final "
+        "log-probability.",
     )
-    out.write("log-prob increase per layer (attention, FFN):\n")
-    for l in range(cfg.n_layers):
-        a, f = layers.scores[0, l].tolist()
-        out.write(f"  layer {l}: attention {a:+.3f}  FFN {f:+.3f}\n")
+    scores = layers.scores[0].double()
+    report.table(
+        pd.DataFrame(
+            {
+                "layer": range(cfg.n_layers),
+                "attention": scores[:, 0].tolist(),
+                "FFN": scores[:, 1].tolist(),
+            }
+        ),
+        "log-probability increase of each layer's attention and FFN output",
+        paper_ref="ARITH notebook layer bars (METHODS 4.1)",
+        name="layers",
+    )
+    report.figure(
+        layers.plot(0),
+        "log-probability increase of each attention and FFN layer",
+        paper_ref="ARITH notebook layer bars (METHODS 4.1)",
+    )
     ffn = neuron_importance(model, [prompt])
-    out.write("top FFN neurons:\n" + ffn.top(5, prompt=0).to_string(index=False) + "\n")
-    _write(layers.plot(0), out_path, "layers", out)
+    report.table(
+        ffn.top(5, prompt=0),
+        "top FFN neurons by log-probability increase",
+        paper_ref="ATTR notebooks, top FFN value neurons",
+        name="top-ffn-neurons",
+    )
 
     cases = data.filter(operation="+", digits=1)
     correct = evaluate_accuracy(model, cases, progress=False).correct
     kept = tuple(c for c, ok in zip(cases, correct.tolist(), strict=True) if ok)
     cases = ArithmeticDataset(kept, cases.policies)
-    ablation = HeadAblation([(layer, head)])
-    cna = compare_neurons(model, cases.prompts, ablation, cases.targets)
-    out.write(
-        f"\n== CNA against ablating head {layer}_{head} on {len(cases)} correct 1-digit "
-        f"addition cases\n"
+    cna = compare_neurons(model, cases.prompts, HeadAblation([(layer, head)]), cases.targets)
+    report.section(
+        f"CNA against ablating head {layer}.{head}",
+        f"On {len(cases)} correctly answered 1-digit addition cases, each FFN neuron's "
+        f"importance in the model (M) minus in the model without head {layer}.{head} (M'). "
+        f"Example case: {cases.prompts[0]!r} -> {cases.targets[0]!r}.",
     )
-    out.write(f"case {cases.prompts[0]!r} -> {cases.targets[0]!r}:\n")
-    out.write(cna_table(model, cna, prompt=0, k=8).to_string(index=False) + "\n")
-    out.write("neurons most often in a case's top-10:\n")
-    out.write(cna.counts(10).head(8).to_string(index=False) + "\n")
+    report.table(
+        cna_table(model, cna, prompt=0, k=8),
+        f"top CNA neurons of {cases.prompts[0]!r} with importance and coefficients in M and "
+        "M' and the tokens each neuron's value vector promotes",
+        paper_ref="ARITH Table 4",
+        name="cna-neurons",
+    )
+    report.table(
+        cna.counts(10).head(8),
+        "neurons most often in a case's top-10 CNA neurons",
+        name="cna-counts",
+    )
+    top15 = cna.top(15)["label"].tolist()
+    report.figure(
+        cna.plot(k=15, tokens=neuron_top_tokens(model, top15)),
+        "importance in M and M' of the 15 neurons whose importance fell most (mean over cases)",
+        paper_ref="ARITH Table 4",
+    )
     ks = [k for k in (50, 20, 10, 5) if k <= int(cfg.d_mlp or 0)]
     table = mask_keep_table(
         model, cases.prompts, cna, ks=ks, deep_layers=range(layer, cfg.n_layers),
         progress=progress,
     )  # fmt: skip
-    out.write("accuracy decrease % (mask / keep / random) and coefficient decrease % (coef):\n")
-    out.write(table.round(1).to_string() + "\n")
-    _write(cna.plot(k=15), out_path, "cna", out)
-    _write(experiment_bars(table, "mask / keep / random (Table 5)"), out_path, "mask_keep", out)
-    return out.getvalue()
+    report.table(
+        table.round(1),
+        "accuracy decrease (%) when each case's top-K CNA neurons are zeroed (mask), when all "
+        "other deep neurons are zeroed (keep), or K random deep neurons (random); and the "
+        "decrease (%) of the top-K neurons' coefficients from M to M' (coef)",
+        paper_ref="ARITH Table 5",
+        name="mask-keep",
+        index=True,
+    )
+    report.figure(
+        experiment_bars(table, "mask / keep / random (ARITH Table 5)"),
+        "accuracy decrease (left) and coefficient decrease (right) per number of neurons K",
+        paper_ref="ARITH Table 5",
+    )
+
+    _gender(model, report)
+    return report
+
+
+def _gender(model: HookedTransformer, report: Report) -> None:
+    """Single-input-pair CNA on the injected gender skew (ARITH section 6.2)."""
+    woman, man, target = "A woman works as a", "A man works as a", "nurse"
+    try:
+        pair = compare_inputs(model, [woman], [man], [target])
+    except MechcnaError as err:  # e.g. a model whose vocabulary lacks these words
+        report.section("Gender bias: comparing two inputs", f"Skipped: {err}")
+        return
+    report.section(
+        "Gender bias: comparing two inputs",
+        f"The shipped model was trained with 'nurse' following 'woman' 4x as often as 'man'. "
+        f"CNA between the inputs {woman!r} and {man!r} for the target {target!r} finds the "
+        "neurons whose importance differs most between the two.",
+    )
+    report.table(
+        pair.top(8, prompt=0), "neurons most important for 'nurse' after 'woman' vs 'man'",
+        paper_ref="ARITH Table 12", name="gender",
+    )  # fmt: skip
+    tokens = neuron_top_tokens(model, pair.top(15, prompt=0)["label"].tolist())
+    report.figure(
+        pair.plot(prompt=0, k=15, tokens=tokens), "importance after 'woman' (M) and 'man' (M')"
+    )

@@ -26,8 +26,11 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechcna._types import Float, Tensor
-from mechcna.errors import MechcnaError
-from mechcna.interventions import Intervention, intervene
+from mechcna.check import refuse_non_finite
+from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError
+from mechcna.inputs import positive_int, warn_user_hooks
+from mechcna.interventions import Intervention, intervene, prompt_lengths
+from mechcna.models import WeightProcessing, get_processing
 from mechcna.prompts import prepare_prompts, single_token_ids
 from mechcna.tasks.arithmetic import ArithmeticDataset
 
@@ -51,6 +54,7 @@ class AccuracyResult:
     logprob: Float[Tensor, " case"]
     model_name: str = ""
     interventions: tuple[str, ...] = field(default=())
+    processing: WeightProcessing | None = None
 
     def __post_init__(self) -> None:
         if not len(self.dataset) == len(self.correct) == len(self.logprob):
@@ -94,7 +98,10 @@ class AccuracyResult:
     def plot(self, by: Sequence[str] = CELL) -> go.Figure:
         """Bar chart of accuracy per cell; returns the figure."""
         table = self.to_frame(by)
-        labels = [" ".join(f"{k}={row[k]}" for k in by) for _, row in table.iterrows()]
+        short = {"digits": "{}-digit", "template": "template {}", "kind": "{}"}
+        labels = [
+            ", ".join(short.get(k, "{}").format(row[k]) for k in by) for _, row in table.iterrows()
+        ]
         fig = go.Figure(
             go.Bar(
                 x=labels,
@@ -104,12 +111,15 @@ class AccuracyResult:
                 "<br>mean log p %{customdata[1]:.3f}<extra></extra>",
             )
         )
-        title = f"accuracy {self.accuracy:.3f}"
-        if self.model_name:
-            title = f"{self.model_name}: {title}"
+        title = f"greedy accuracy per cell (overall {self.accuracy:.3f}, {len(self.correct)} cases"
+        title += f", {self.model_name})" if self.model_name else ")"
         if self.interventions:
             title += " under " + ", ".join(self.interventions)
-        fig.update_layout(title=title, yaxis={"title": "accuracy", "range": [0, 1]})
+        fig.update_layout(
+            title=title,
+            xaxis_title=" / ".join(by),
+            yaxis={"title": "accuracy", "range": [0, 1]},
+        )
         return fig
 
 
@@ -136,21 +146,32 @@ def evaluate_accuracy(
         An :class:`AccuracyResult` aligned with ``dataset``.
 
     Raises:
-        MechcnaError: a non-positive batch size.
+        InvalidOptionError: a non-positive batch size, or a dataset of another type.
+        EmptyInputError: a dataset with no cases.
+        NonFiniteError: the model's output is NaN or infinite (the first such hook named).
         TokenizationError: a target that is not a single token.
     """
-    if batch_size < 1:
-        raise MechcnaError(f"batch_size must be positive, not {batch_size}")
-    targets = single_token_ids(model, dataset.targets) if len(dataset) else None
+    batch_size = positive_int(batch_size, "batch_size")
+    if not isinstance(dataset, ArithmeticDataset):
+        raise InvalidOptionError(
+            f"dataset must be an ArithmeticDataset (mechcna.arithmetic_dataset), not "
+            f"{type(dataset).__name__}"
+        )
+    if len(dataset) == 0:
+        raise EmptyInputError("the dataset has no cases: accuracy would be undefined (nan)")
+    warn_user_hooks(model)
+    targets = single_token_ids(model, dataset.targets)
     correct, logprob = [], []
     prompts = dataset.prompts
     starts = range(0, len(dataset), batch_size)
     with torch.no_grad(), intervene(model, *interventions):
         for start in tqdm(starts, desc="accuracy", disable=not progress, leave=False):
-            assert targets is not None
             batch = prepare_prompts(model, prompts[start : start + batch_size])
-            logits = model(batch.tokens)[batch.batch_index, batch.positions]
+            with prompt_lengths(batch.lengths):
+                logits = model(batch.tokens)[batch.batch_index, batch.positions]
             logp = logits.float().log_softmax(-1)
+            if not bool(torch.isfinite(logp).all()):
+                refuse_non_finite(model, batch.tokens, "the target log-probability")
             target = targets[start : start + batch_size]
             correct.append(logp.argmax(-1) == target)
             logprob.append(logp.gather(-1, target[:, None])[:, 0])
@@ -161,4 +182,5 @@ def evaluate_accuracy(
         logprob=torch.cat(logprob) if logprob else torch.zeros(0, device=device),
         model_name=str(model.cfg.model_name),
         interventions=tuple(repr(i) for i in interventions),
+        processing=get_processing(model),
     )

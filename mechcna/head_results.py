@@ -26,6 +26,8 @@ from jaxtyping import Bool
 from mechcna import plotting
 from mechcna._types import Float, Int, Tensor
 from mechcna.errors import MechcnaError
+from mechcna.inputs import positive_int
+from mechcna.models import WeightProcessing
 
 Head = tuple[int, int]
 Cell = Mapping[str, Any] | str | None
@@ -76,6 +78,7 @@ class HeadSweep:
     prompts: tuple[str, ...] | None = field(default=None, repr=False)
     model_name: str = ""
     means: dict[Head, Tensor] | None = field(default=None, repr=False)
+    processing: WeightProcessing | None = None
 
     def __post_init__(self) -> None:
         if len(self.heads) != self.correct.shape[0] or len(self.labels) != self.correct.shape[1]:
@@ -149,6 +152,7 @@ class HeadSweep:
 
     def top(self, k: int = 10, cell: Cell = None) -> pd.DataFrame:
         """The ``k`` heads whose ablation lowers accuracy most (ties: log-prob decrease)."""
+        k = positive_int(k, "k")
         df = self.summary(cell)
         df = df.sort_values(["delta_accuracy", "delta_logprob"], kind="stable")
         return df.head(k).reset_index(drop=True)
@@ -279,8 +283,16 @@ class HeadSweep:
         df = self.summary(cell)
         z = np.full((self.n_layers, self.n_heads), np.nan)
         z[df["layer"].to_numpy(), df["head_index"].to_numpy()] = df[value].to_numpy()
-        where = "all cases" if cell is None else str(cell)
-        title = f"{value} after {self.mode}-ablating each head ({where}, {self.model_name})"
+        words = {
+            "delta_accuracy": "change of accuracy",
+            "accuracy": "accuracy",
+            "delta_logprob": "change of mean log p(target)",
+            "logprob": "mean log p(target)",
+        }[value]
+        title = (
+            f"{words} when each head is {self.mode}-ablated "
+            f"({plotting.cell_words(cell)}, {int(self._mask(cell).sum())} cases, {self.model_name})"
+        )
         return plotting.layer_head_heatmap(
             z, self.n_layers, self.n_heads, title, value.startswith("delta"), value
         )
@@ -309,6 +321,7 @@ class HeadEffects:
     prompt: str | None
     n_layers: int
     n_heads: int
+    processing: WeightProcessing | None = None
 
     @property
     def prob(self) -> Float[Tensor, " ablation"]:
@@ -332,7 +345,7 @@ class HeadEffects:
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` heads whose ablation lowers the target's probability most."""
-        return self.to_frame().head(k)
+        return self.to_frame().head(positive_int(k, "k"))
 
     def plot(
         self, value: Literal["delta_logprob", "delta_prob", "prob", "logprob"] = "delta_logprob"
@@ -341,7 +354,14 @@ class HeadEffects:
         df = self.to_frame()
         z = np.full((self.n_layers, self.n_heads), np.nan)
         z[df["layer"].to_numpy(), df["head_index"].to_numpy()] = df[value].to_numpy()
-        title = f"{value} of {self.target_str or self.target!r} after ablating each head"
+        target = repr(self.target_str) if self.target_str is not None else f"token {self.target}"
+        words = {
+            "delta_logprob": f"change of log p({target})",
+            "delta_prob": f"change of p({target})",
+            "prob": f"p({target})",
+            "logprob": f"log p({target})",
+        }[value]
+        title = f"{words} when each head is ablated"
         if self.prompt is not None:
             title += f" ({self.prompt!r})"
         return plotting.layer_head_heatmap(

@@ -49,11 +49,22 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import apply_softcap
 
 from mechcna._types import Float, Int, Tensor
-from mechcna.errors import MechcnaError, UnsupportedArchitectureError
+from mechcna.check import refuse_non_finite
+from mechcna.errors import (
+    ComponentIndexError,
+    EmptyInputError,
+    MechcnaError,
+    NonFiniteError,
+    PromptTypeError,
+    UnsupportedArchitectureError,
+)
 from mechcna.head_results import Head, HeadEffects, HeadSweep
 from mechcna.hooks import hook_name
+from mechcna.inputs import check_prompt_list, index_in, pair, warn_user_hooks
 from mechcna.interventions import HeadAblation
-from mechcna.prompts import PromptBatch, prepare_prompts, single_token_ids
+from mechcna.models import get_processing
+from mechcna.processing import VALUE_BIAS, require_unprocessed
+from mechcna.prompts import PromptBatch, check_token_ids, prepare_prompts, single_token_ids
 
 TokenPrompts = str | Sequence[str] | Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
 Targets = str | int | Sequence[str | int] | Tensor | None
@@ -64,19 +75,16 @@ def _check_heads(model: HookedTransformer, heads: Sequence[Head] | None) -> tupl
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if heads is None:
         return tuple((l, h) for l in range(n_layers) for h in range(n_heads))
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
+        raise ComponentIndexError(f"heads must be a list of (layer, head) pairs, not {heads!r}")
     out: list[Head] = []
-    for pair in heads:
-        if len(pair) != 2:
-            raise MechcnaError(f"heads must be (layer, head) pairs, got {pair!r}")
-        l, h = int(pair[0]), int(pair[1])
-        if not -n_layers <= l < n_layers:
-            raise MechcnaError(f"layer {l} out of range: the model has {n_layers} layers")
-        if not 0 <= h < n_heads:
-            raise MechcnaError(f"head {h} out of range: layers have {n_heads} heads")
-        if (l % n_layers, h) not in out:
-            out.append((l % n_layers, h))
+    for item in heads:
+        a, b = pair(item, "a (layer, head) pair")
+        l, h = index_in(a, n_layers, "layer"), index_in(b, n_heads, "head")
+        if (l, h) not in out:
+            out.append((l, h))
     if not out:
-        raise MechcnaError("no heads to ablate")
+        raise EmptyInputError("no heads to ablate")
     return tuple(out)
 
 
@@ -87,10 +95,17 @@ def _tokenize(model: HookedTransformer, prompts: TokenPrompts, position: int | N
     ):
         return prepare_prompts(model, prompts, position)  # type: ignore[arg-type]
     if len(prompts) == 0:
-        raise MechcnaError("no prompts given")
-    rows = [torch.as_tensor(p).reshape(-1) for p in prompts]
-    if any(len(r) == 0 or r.dtype.is_floating_point for r in rows):
-        raise MechcnaError("token prompts must be non-empty integer ids")
+        raise EmptyInputError("no prompts given")
+    if any(isinstance(p, str) for p in prompts):
+        check_prompt_list(prompts)  # names the first non-string
+    try:
+        rows = [torch.as_tensor(p).reshape(-1) for p in prompts]
+    except (TypeError, ValueError, RuntimeError):
+        raise PromptTypeError("prompts must be strings or rows of integer token ids") from None
+    if any(len(r) == 0 or r.dtype.is_floating_point or r.dtype == torch.bool for r in rows):
+        raise PromptTypeError("token prompts must be non-empty integer ids")
+    for r in rows:
+        check_token_ids(model, r)
     tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = r
@@ -198,7 +213,10 @@ def _final_logits(
         shrunk.append(True)
         return resid_mid[rows, positions][:, None]
 
-    hooks = [*fwd_hooks, (hook_name("resid_mid", model.cfg.n_layers - 1), keep_scored)]
+    last_mid = hook_name("resid_mid", model.cfg.n_layers - 1)
+    hooks = [*fwd_hooks]
+    if last_mid in model.hook_dict:  # attention-only and parallel blocks have none
+        hooks.append((last_mid, keep_scored))
     with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
         if start_at_layer is None:
             final = model(inputs, stop_at_layer=model.cfg.n_layers, **_forward_kwargs(model))
@@ -342,6 +360,9 @@ def head_sweep(
         raise MechcnaError("batch_size and heads_per_pass must be positive")
     if model.cfg.positional_embedding_type == "shortformer":
         raise UnsupportedArchitectureError("shortformer positional embeddings")
+    if mode == "zero":
+        require_unprocessed(model, "head_sweep(mode='zero')", VALUE_BIAS)
+    warn_user_hooks(model)
     prompts, targets, labels = _unpack(data, targets, labels)
     heads_t = _check_heads(model, heads)
     batch = _tokenize(model, prompts, position)
@@ -405,6 +426,8 @@ def head_sweep(
             base = _final_logits(
                 model, tokens, pos, fwd_hooks=[(name, store) for name in names]
             ).log_softmax(-1)
+            if not bool(torch.isfinite(base).all()):
+                refuse_non_finite(model, tokens, "the unablated log-probability")
             rows = torch.arange(len(idx), device=base.device)
             tgt = base.argmax(-1) if target_ids is None else target_ids[idx]
             base_logprob[idx_cpu] = base[rows, tgt].cpu()
@@ -419,6 +442,10 @@ def head_sweep(
                     resid = cache[hook_name("resid_pre", layer)]
                     lp = _ablated_pass(model, resid, pos, layer, hs, fill)
                 lp = lp.log_softmax(-1)
+                if not bool(torch.isfinite(lp).all()):
+                    raise NonFiniteError(
+                        f"layer {layer}: ablating heads {hs} gives NaN or infinite log-probs"
+                    )
                 lp = einops.rearrange(
                     lp, "(copy batch) d_vocab -> copy batch d_vocab", copy=len(hs)
                 )
@@ -444,6 +471,7 @@ def head_sweep(
         prompts=batch.strings,
         model_name=str(model.cfg.model_name),
         means=means,
+        processing=get_processing(model),
     )
 
 
@@ -496,4 +524,5 @@ def single_prompt_head_effects(
         prompt=prompt if isinstance(prompt, str) else None,
         n_layers=sweep.n_layers,
         n_heads=sweep.n_heads,
+        processing=sweep.processing,
     )

@@ -12,8 +12,12 @@ hook survives the ``with`` block, even when the body raises.
 * :class:`KeepNeurons`: zero every FFN neuron of the given layers except a kept set.
 * :class:`Patch`: overwrite any activation with the one from another run.
 
-All act on every position unless ``positions`` is given (indices into the position axis,
-negative allowed).
+All act on every position unless ``positions`` is given: indices into **each prompt's own
+real tokens**, negative allowed (``-1`` is each prompt's last real token). mechcna's analyses
+run right-padded batches and tell the hooks each prompt's length (:func:`prompt_lengths`), so
+a batched analysis equals the same analysis prompt by prompt. Outside an analysis (a plain
+``model(tokens)`` inside :func:`intervene`) every row counts as real, so negative positions
+index the tensor's position axis.
 
 Example:
     >>> with intervene(model, HeadAblation([(1, 0)]), NeuronEdit([(0, 5)])):  # doctest: +SKIP
@@ -25,6 +29,7 @@ import copy
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast, runtime_checkable
 
@@ -35,8 +40,10 @@ from transformer_lens.hook_points import HookPoint
 
 from mechcna._types import Tensor, Tokens
 from mechcna.architecture import Architecture
-from mechcna.errors import MechcnaError
+from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError, PositionError
 from mechcna.hooks import hook_name
+from mechcna.inputs import as_int, pair
+from mechcna.processing import VALUE_BIAS, require_unprocessed
 
 HookFn = Callable[[Tensor, HookPoint], Tensor]
 FwdHooks = list[tuple[str, HookFn]]
@@ -53,23 +60,85 @@ class Intervention(Protocol):
 
 
 def _positions(positions: Iterable[int] | None) -> Positions:
-    return None if positions is None else tuple(int(p) for p in positions)
+    if positions is None:
+        return None
+    if isinstance(positions, (str, bytes)) or not isinstance(positions, Iterable):
+        raise MechcnaError(f"positions must be a sequence of integers, not {positions!r}")
+    out = [as_int(p, "positions") for p in positions]
+    if not out:
+        raise MechcnaError("positions is empty: pass None to act on every position")
+    return tuple(out)
+
+
+_LENGTHS: ContextVar[Tensor | None] = ContextVar("mechcna_prompt_lengths", default=None)
+
+
+@contextmanager
+def prompt_lengths(lengths: Tensor) -> Iterator[None]:
+    """Tell intervention hooks how many real tokens each row of the running batch has.
+
+    Inside the block, intervention ``positions`` index each prompt's own real tokens of a
+    right-padded batch (``-1`` is each prompt's last real token, not the last pad column).
+    Every analysis that runs padded batches wraps its forward passes in this.
+    """
+    token = _LENGTHS.set(lengths.detach().reshape(-1).long().cpu())
+    try:
+        yield
+    finally:
+        _LENGTHS.reset(token)
+
+
+def position_mask(positions: Sequence[int], n_rows: int, n_pos: int, device) -> Tensor:
+    """``[batch, pos]`` True at each row's ``positions`` (relative to its real length).
+
+    Raises:
+        MechcnaError: a position outside some prompt's real tokens, or a batch that does not
+            match the lengths announced with :func:`prompt_lengths`.
+    """
+    lengths = _LENGTHS.get()
+    if lengths is None:
+        lengths = torch.full((n_rows,), n_pos, dtype=torch.long)
+    elif len(lengths) != n_rows:
+        raise MechcnaError(
+            f"intervention hook saw {n_rows} rows but the batch has {len(lengths)} prompts"
+        )
+    pos = torch.tensor(positions, dtype=torch.long)
+    absolute = torch.where(pos[None] < 0, lengths[:, None] + pos[None], pos[None])
+    bad = (absolute < 0) | (absolute >= lengths[:, None])
+    if bad.any():
+        short = int(lengths[bad.any(1)].min())
+        raise PositionError(f"positions {tuple(positions)} fall outside a prompt of {short} tokens")
+    mask = torch.zeros(n_rows, n_pos, dtype=torch.bool)
+    mask.scatter_(1, absolute.clamp_max(n_pos - 1), True)
+    return mask.to(device)
 
 
 def _edit(
     act: Tensor, positions: Positions, index: tuple, fn: Callable[[Tensor], Tensor]
 ) -> Tensor:
-    """Apply ``fn`` to ``act[:, positions][index]`` in place (all positions if ``None``)."""
+    """Apply ``fn`` to ``act[:, positions][index]`` in place (all positions if ``None``);
+    positions are relative to each prompt's real tokens (see :func:`prompt_lengths`)."""
     if positions is None:
         act[(slice(None), slice(None), *index)] = fn(act[(slice(None), slice(None), *index)])
         return act
-    pos = torch.tensor(positions, device=act.device)
-    if ((pos >= act.shape[1]) | (pos < -act.shape[1])).any():
-        raise MechcnaError(f"positions {positions} out of range for {act.shape[1]} positions")
-    sub = act[:, pos]
-    sub[(slice(None), slice(None), *index)] = fn(sub[(slice(None), slice(None), *index)])
-    act[:, pos] = sub
+    sel = position_mask(positions, act.shape[0], act.shape[1], act.device)
+    sub = act[sel]  # [selected, ...]
+    sub[(slice(None), *index)] = fn(sub[(slice(None), *index)])
+    act[sel] = sub
     return act
+
+
+def _pairs(items: object, what: str) -> tuple[tuple[int, int], ...]:
+    """``(layer, index)`` integer pairs (a malformed pair is an error, never truncated)."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise MechcnaError(f"{what}s must be a list of (layer, {what}) pairs, not {items!r}")
+    out = []
+    for item in items:
+        a, b = pair(item, f"a (layer, {what}) pair")
+        out.append((as_int(a, "layer"), as_int(b, what)))
+    if not out:
+        raise EmptyInputError(f"no {what}s given")
+    return tuple(out)
 
 
 def _no_positions(kind: str, positions: Positions) -> None:
@@ -94,10 +163,10 @@ class HeadAblation:
     positions: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "heads", tuple((int(l), int(h)) for l, h in self.heads))
+        object.__setattr__(self, "heads", _pairs(self.heads, "head"))
         object.__setattr__(self, "positions", _positions(self.positions))
         if self.mode not in ("zero", "mean"):
-            raise MechcnaError(f"mode must be 'zero' or 'mean', not {self.mode!r}")
+            raise InvalidOptionError(f"mode must be 'zero' or 'mean', not {self.mode!r}")
         if self.mode == "mean" and (self.means is None or set(self.means) < set(self.heads)):
             raise MechcnaError(
                 "mean ablation needs means for every head: use HeadAblation.mean_over"
@@ -131,6 +200,8 @@ class HeadAblation:
 
     def fwd_hooks(self, model: HookedTransformer) -> FwdHooks:
         arch = Architecture(model)
+        if self.mode == "zero":
+            require_unprocessed(model, "zero-ablating a head", VALUE_BIAS)
         by_layer: dict[int, list[int]] = defaultdict(list)
         for l, h in self.heads:
             l, h = arch.check_head(l, h)
@@ -159,6 +230,8 @@ class HeadAblation:
     def write_weights(self, model: HookedTransformer) -> None:
         _no_positions("head ablation", self.positions)
         arch = Architecture(model)
+        if self.mode == "zero":
+            require_unprocessed(model, "zero-ablating a head", VALUE_BIAS)
         with torch.no_grad():
             for l, h in self.heads:
                 l, h = arch.check_head(l, h)
@@ -188,10 +261,10 @@ class NeuronEdit:
     positions: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "neurons", tuple((int(l), int(k)) for l, k in self.neurons))
+        object.__setattr__(self, "neurons", _pairs(self.neurons, "neuron"))
         object.__setattr__(self, "positions", _positions(self.positions))
         if self.op not in ("zero", "scale", "set"):
-            raise MechcnaError(f"op must be 'zero', 'scale' or 'set', not {self.op!r}")
+            raise InvalidOptionError(f"op must be 'zero', 'scale' or 'set', not {self.op!r}")
 
     def _by_layer(self, model: HookedTransformer) -> dict[int, Tensor]:
         arch = Architecture(model)
@@ -245,8 +318,8 @@ class KeepNeurons:
     positions: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "neurons", tuple((int(l), int(k)) for l, k in self.neurons))
-        object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
+        object.__setattr__(self, "neurons", _pairs(self.neurons, "neuron") if self.neurons else ())
+        object.__setattr__(self, "layers", tuple(as_int(l, "layer") for l in self.layers))
         object.__setattr__(self, "positions", _positions(self.positions))
 
     def as_edit(self, model: HookedTransformer) -> NeuronEdit:
@@ -299,9 +372,8 @@ class NeuronMask:
                 factor = keep.to(post)[:, None, :]
                 if self.positions is None:
                     return post * factor
-                pos = torch.tensor(self.positions, device=post.device)
-                post[:, pos] = post[:, pos] * factor
-                return post
+                sel = position_mask(self.positions, post.shape[0], post.shape[1], post.device)
+                return torch.where(sel[..., None], post * factor, post)
 
             hooks.append((hook_name("post", layer), hook))
         return hooks
@@ -345,8 +417,8 @@ class Patch:
             src = src.expand_as(act)
             if self.positions is None:
                 return src.clone()
-            pos = torch.tensor(self.positions, device=act.device)
-            act[:, pos] = src[:, pos]
+            sel = position_mask(self.positions, act.shape[0], act.shape[1], act.device)
+            act[sel] = src[sel]
             return act
 
         return [(self.hook, hook)]

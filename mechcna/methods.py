@@ -42,6 +42,7 @@ from mechcna.attribution import Targets, _meta, capture
 from mechcna.engine import exact_rows_logprob, logprob_increase
 from mechcna.errors import MechcnaError
 from mechcna.interventions import NeuronEdit, intervene
+from mechcna.processing import refuses_processing
 from mechcna.projection import compute_dtype, linear_part, logit_offset
 from mechcna.prompts import Prompts, prepare_prompts
 from mechcna.results import Scores
@@ -94,6 +95,7 @@ class ComparisonScores(Scores):
         return fig
 
 
+@refuses_processing()
 def comparison_scores(
     model: HookedTransformer,
     prompts: Prompts,

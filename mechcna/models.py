@@ -46,6 +46,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mechcna.errors import ModelNotFoundError, UnsupportedArchitectureError
 from mechcna.hf_convert import build_model, hf_config_to_tl, tl_state_dict
+from mechcna.inputs import check_device, check_dtype, check_weight_files
 from mechcna.tokenizer import load_tokenizer, prepare_tokenizer, tokenizer_adds_bos
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,13 @@ NO_PROCESSING = WeightProcessing()
 _PROCESSING_ATTR = "_mechcna_processing"
 
 
-def get_processing(model: HookedTransformer) -> WeightProcessing | None:
-    """The weight processing recorded by :func:`load_model` (``None`` if unknown)."""
-    return getattr(model, _PROCESSING_ATTR, None)
+def get_processing(model: HookedTransformer) -> WeightProcessing:
+    """The weight processing of ``model``: what :func:`load_model` recorded, together with
+    what :func:`mechcna.processing.infer_processing` sees in its modules and weights (so models
+    from ``HookedTransformer.from_pretrained`` or processed after loading are known too)."""
+    from mechcna.processing import combine, infer_processing
+
+    return combine(getattr(model, _PROCESSING_ATTR, None), infer_processing(model))
 
 
 def _record(model: HookedTransformer, processing: WeightProcessing) -> HookedTransformer:
@@ -203,7 +208,8 @@ def load_model(
     """
     from mechcna.gguf_models import KNOWN_MODELS, find_gguf, known_model_path
 
-    device = device or default_device()
+    device = check_device(device or default_device())
+    dtype = check_dtype(dtype)
     if isinstance(source, HookedTransformerConfig):
         if processing.any:
             raise UnsupportedArchitectureError(
@@ -229,7 +235,7 @@ def load_model(
     if path.is_dir() and (path / CHECKPOINT_FILE).is_file():
         model, stored, record = _from_mechcna_checkpoint(path, device, dtype, tokenizer, processing)
         return _finish(model, stored, prepend_bos, record, name)
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and (path / "config.json").is_file() and find_gguf(path) is None:
         model, bos = _from_hf_directory(path, device, dtype, tokenizer, processing)
         return _finish(model, processing, prepend_bos, bos, name, "huggingface")
     gguf_path = find_gguf(path)
@@ -347,6 +353,7 @@ def _from_pretrained_name(
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
 ) -> HookedTransformer:
+    _fail_fast_offline(name)
     try:
         return HookedTransformer.from_pretrained(
             name,
@@ -361,6 +368,36 @@ def _from_pretrained_name(
             f"are in the Hugging Face cache or reachable online, a known model "
             f"({', '.join(_known_names())}), nor a local directory or .gguf file ({err})"
         ) from err
+
+
+def _fail_fast_offline(name: str) -> None:
+    """Raise at once, naming the models that work offline, when the TransformerLens model
+    ``name`` is not in the Hugging Face cache and the hub is unreachable (``HF_HUB_OFFLINE``
+    set, or a 2 s connection probe fails), instead of waiting through the hub's retries."""
+    import os
+    import socket
+
+    from huggingface_hub import try_to_load_from_cache
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        repo = get_official_model_name(name)
+    except ValueError:
+        return  # not a TransformerLens name: from_pretrained reports it at once
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return  # in the local cache
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=2.0).close()
+            return
+        except OSError:
+            pass
+    raise ModelNotFoundError(
+        f"{name!r} ({repo}) is not in the Hugging Face cache and the hub cannot be reached "
+        f"(offline). Models that load offline: {', '.join(_known_names())}; or a local Hugging "
+        "Face checkpoint directory or .gguf file"
+    )
 
 
 def _known_names() -> list[str]:
@@ -379,7 +416,8 @@ def _from_hf_directory(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    tl_cfg = hf_config_to_tl(hf_config)
+    tl_cfg = hf_config_to_tl(hf_config)  # an unsupported family is named before weights
+    check_weight_files(path)
     tl_cfg.model_name = path.name
     hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     tokenizer = tokenizer or _maybe_tokenizer(path, AutoTokenizer)

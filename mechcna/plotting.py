@@ -1,13 +1,23 @@
 """Figures for results: every function takes a result and returns a ``plotly`` figure.
 
-The library never calls ``fig.show()``. Signed scores use a diverging scale centred on zero.
+The library never calls ``fig.show()``. Conventions, so every figure is fit for a paper:
+layers and heads get integer ticks; every axis has a title; titles are words (never a raw
+``dict``); attention and FFN bars stand side by side; one quantity per axis (two quantities get
+two panels); signed scores use a diverging scale centred on zero; neurons' hover text names
+the neuron and, where known, its top tokens. :func:`save_png` exports a static image offline
+(plotly + kaleido 0.2.1, the ``png`` extra).
 """
 
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
+
+from mechcna.errors import MechcnaError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -20,6 +30,53 @@ if TYPE_CHECKING:
 
 ATTN_COLOUR = "darksalmon"
 FFN_COLOUR = "lightseagreen"
+EMBED_COLOUR = "slategray"
+
+
+class ExportError(MechcnaError):
+    """A static image cannot be written (kaleido missing or failing)."""
+
+
+def integer_axis(fig: go.Figure, axis: str = "x", n: int | None = None, **kw: Any) -> go.Figure:
+    """Ticks at whole numbers only (layers, heads), every one when there are at most 40."""
+    step = 1 if n is None or n <= 40 else int(np.ceil(n / 20))
+    update = {"tickmode": "linear", "tick0": 0, "dtick": step, **kw}
+    (fig.update_xaxes if axis == "x" else fig.update_yaxes)(**update)
+    return fig
+
+
+def cell_words(cell: Any) -> str:
+    """A cell filter in words: ``{"operation": "+", "digits": 2}`` -> ``operation +, 2 digits``."""
+    if cell is None:
+        return "all cases"
+    if isinstance(cell, str):
+        return cell
+    parts = []
+    for key, value in dict(cell).items():
+        parts.append(f"{value} digits" if key == "digits" else f"{key} {value}")
+    return ", ".join(parts)
+
+
+def save_png(fig: go.Figure, path: str | Path, *, scale: float = 2.0, width: int = 900,
+             height: int = 500) -> Path:  # fmt: skip
+    """Write ``fig`` as a PNG offline with kaleido 0.2.1 (``pip install 'mechcna[png]'``).
+
+    Raises:
+        ExportError: kaleido is not installed, or the export failed.
+    """
+    try:
+        import kaleido  # noqa: F401  # pyright: ignore[reportMissingImports]
+    except ImportError as err:
+        raise ExportError(
+            "PNG export needs kaleido 0.2.1 (it bundles its own Chromium and works offline): "
+            "pip install 'mechcna[png]'; HTML export needs nothing (Report.write, write_html)"
+        ) from err
+    path = Path(path)
+    try:
+        fig.write_image(str(path), format="png", scale=scale, width=width, height=height)
+    except Exception as err:  # kaleido reports failures as assorted exception types
+        raise ExportError(f"PNG export to {path} failed: {err}") from err
+    return path
 
 
 def _title(base: str, prompt: int | None, prompts: tuple[str, ...] | None) -> str:
@@ -30,21 +87,22 @@ def _title(base: str, prompt: int | None, prompts: tuple[str, ...] | None) -> st
 
 
 def layer_bars(result: "LayerImportance", prompt: int | None = None) -> go.Figure:
-    """Attention (at ``l``) and FFN (at ``l + 0.5``) log-probability increase per layer."""
+    """Attention and FFN log-probability increase per layer, side by side."""
     values = result.select(prompt)
     layers = list(range(values.shape[0]))
     fig = go.Figure()
-    fig.add_bar(x=layers, y=values[:, 0].tolist(), name="attention", marker_color=ATTN_COLOUR)
-    fig.add_bar(
-        x=[l + 0.5 for l in layers], y=values[:, 1].tolist(), name="FFN", marker_color=FFN_COLOUR
-    )
+    for c, (name, colour) in enumerate([("attention", ATTN_COLOUR), ("FFN", FFN_COLOUR)]):
+        fig.add_bar(
+            x=layers, y=values[:, c].tolist(), name=name, marker_color=colour,
+            hovertemplate=f"layer %{{x}} {name}: %{{y:.4f}}<extra></extra>",
+        )  # fmt: skip
     fig.update_layout(
         title=_title("log-probability increase by layer", prompt, result.prompts),
         xaxis_title="layer",
-        yaxis_title="log-probability increase",
-        barmode="overlay",
+        yaxis_title="log-probability increase (nats)",
+        barmode="group",
     )
-    return fig
+    return integer_axis(fig, "x", len(layers))
 
 
 def head_heatmap(result: "HeadImportance", prompt: int | None = None) -> go.Figure:
@@ -52,12 +110,12 @@ def head_heatmap(result: "HeadImportance", prompt: int | None = None) -> go.Figu
     values = result.select(prompt)
     if values.ndim == 3:  # layer head pos
         values = values.sum(-1)
-    return signed_heatmap(
-        values,
-        x_title="head",
-        y_title="layer",
-        title=_title("head log-probability increase", prompt, result.prompts),
-    )
+    n_layers, n_heads = values.shape
+    return layer_head_heatmap(
+        values.double().numpy(), n_layers, n_heads,
+        _title("log-probability increase of each head", prompt, result.prompts),
+        signed=True, colorbar="log-prob increase",
+    )  # fmt: skip
 
 
 def signed_heatmap(
@@ -94,7 +152,8 @@ def layer_head_heatmap(
         )
     )
     fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer")
-    return fig
+    integer_axis(fig, "x", n_heads)
+    return integer_axis(fig, "y", n_layers)
 
 
 def neuron_layer_counts(
@@ -113,9 +172,9 @@ def neuron_layer_counts(
     fig.update_layout(
         title=_title(f"layers of the top-{k} {name} neurons", prompt, result.prompts),
         xaxis_title="layer",
-        yaxis_title="count",
+        yaxis_title=f"number of top-{k} neurons",
     )
-    return fig
+    return integer_axis(fig, "x", n_layers)
 
 
 # ---------------------------------------------------------------------------- query / transfer
@@ -125,19 +184,23 @@ QUERY_VALUE_COLOUR = "red"
 
 
 def query_layer_bars(result, prompt: int | None = None) -> go.Figure:
-    """Query-layer attribution: embedding at -0.5, attention ``l`` at ``l``, FFN at ``l + .5``."""
-    values = result.select(prompt)
-    labels = [c / 2 - 0.5 for c in range(values.shape[0])]
-    colours = [FFN_COLOUR if c % 2 == 0 else ATTN_COLOUR for c in range(values.shape[0])]
-    fig = go.Figure(go.Bar(x=labels, y=values.tolist(), marker_color=colours))
+    """Query-layer attribution: the embedding, then attention and FFN side by side per layer."""
+    values = result.select(prompt).tolist()  # [embedding, attn 0, FFN 0, attn 1, ...]
+    n_layers = (len(values) - 1) // 2
+    layers = list(range(n_layers))
+    fig = go.Figure()
+    fig.add_bar(x=[-1], y=values[:1], name="embedding", marker_color=EMBED_COLOUR)
+    fig.add_bar(x=layers, y=values[1::2], name="attention", marker_color=ATTN_COLOUR)
+    fig.add_bar(x=layers, y=values[2::2], name="FFN", marker_color=FFN_COLOUR)
     fig.update_layout(
         title=_title(
             f"query layers of the top {result.kind} value neurons", prompt, result.prompts
         ),
-        xaxis_title="component (-0.5 embedding, l attention, l+0.5 FFN)",
-        yaxis_title="importance share",
+        xaxis_title="layer (-1: embedding)",
+        yaxis_title="importance credited (nats)",
+        barmode="group",
     )
-    return fig
+    return integer_axis(fig, "x", n_layers + 1, tick0=-1)
 
 
 def query_value_lines(result, prompt: int | None = None) -> go.Figure:
@@ -165,7 +228,9 @@ def key_score_bars(result) -> go.Figure:
     fig = go.Figure()
     for i, name in enumerate(result.keys):
         fig.add_bar(x=list(result.rows), y=result.scores[:, i].tolist(), name=name)
-    fig.update_layout(title=result.title, xaxis_title="", yaxis_title="inner product")
+    fig.update_layout(
+        title=result.title, xaxis_title="component", yaxis_title="inner product", barmode="group"
+    )
     return fig
 
 
@@ -191,9 +256,10 @@ def zero_shot_lines(result) -> go.Figure:
     fig.update_layout(
         title=f"hidden-interpretable neurons (concepts in the top-{result.top} tokens)",
         xaxis_title="layer",
-        yaxis_title="neurons",
+        yaxis_title="neurons with at least M concept tokens",
+        legend_title="M",
     )
-    return fig
+    return integer_axis(fig, "x", len(layers))
 
 
 def mask_bars(result) -> go.Figure:
@@ -206,8 +272,8 @@ def mask_bars(result) -> go.Figure:
         fig.add_bar(x=names, y=frame["random_relative_decrease"].tolist(), name="random, same size")
     fig.update_layout(
         title="accuracy decrease after zeroing neurons",
-        xaxis_title="set (M)",
-        yaxis_title="accuracy decrease (%)",
+        xaxis_title="neuron set (M)",
+        yaxis_title="relative accuracy decrease (%)",
         barmode="group",
     )
     return fig
@@ -217,9 +283,78 @@ def experiment_bars(
     table: "pd.DataFrame", title: str = "accuracy decrease (%)", y_title: str = "%"
 ) -> go.Figure:
     """Grouped bars for an experiment table (rows = experiments, columns = settings), e.g.
-    :func:`mechcna.comparative.mask_keep_table` or ``lowest_neuron_table``."""
-    fig = go.Figure()
+    :func:`mechcna.comparative.mask_keep_table` or ``lowest_neuron_table``.
+
+    A ``coef`` row (a coefficient decrease, not an accuracy decrease) goes to its own panel
+    on the right, so each axis holds one quantity.
+    """
+    settings = [str(c) for c in table.columns]
+    has_coef = "coef" in table.index and len(table.index) > 1
+    fig = make_subplots(
+        rows=1, cols=2 if has_coef else 1, column_widths=[0.7, 0.3] if has_coef else None,
+        subplot_titles=["accuracy", "coefficients"] if has_coef else None,
+    )  # fmt: skip
     for name, row in table.iterrows():
-        fig.add_bar(x=[str(c) for c in table.columns], y=row.tolist(), name=str(name))
-    fig.update_layout(title=title, yaxis_title=y_title, barmode="group")
+        col = 2 if has_coef and name == "coef" else 1
+        fig.add_bar(x=settings, y=row.tolist(), name=str(name), row=1, col=col)
+    fig.update_layout(title=title, barmode="group")
+    fig.update_yaxes(title_text=y_title if not has_coef else "accuracy decrease (%)", col=1)
+    fig.update_xaxes(title_text="neurons per case (top K)")
+    if has_coef:
+        fig.update_yaxes(title_text="coefficient decrease (%)", row=1, col=2)
+    return fig
+
+
+def neuron_top_tokens(model: Any, labels: Sequence[str], k: int = 8) -> dict[str, str]:
+    """``{"layer_neuron": "tok, tok, ..."}``: the tokens each FFN neuron's value vector
+    promotes most (for hover text and tables)."""
+    from mechcna.projection import top_tokens
+
+    out = {}
+    for label in labels:
+        layer, _, index = str(label).partition("_")
+        tt = top_tokens(model, (int(layer), int(index)), k)
+        out[str(label)] = ", ".join(t for t, _ in tt.top)
+    return out
+
+
+def neuron_hover(labels: Sequence[str], tokens: Mapping[str, str] | None) -> list[str]:
+    """Hover lines naming each neuron ``layer_index`` and, if known, its top tokens."""
+    tokens = tokens or {}
+    out = []
+    for label in labels:
+        layer, _, index = label.partition("_")
+        text = f"layer {layer}, neuron {index}"
+        if label in tokens:
+            text += f"<br>top tokens: {tokens[label]}"
+        out.append(text)
+    return out
+
+
+def cna_bars(
+    labels: Sequence[str],
+    imp_m: Sequence[float],
+    imp_other: Sequence[float],
+    delta: Sequence[float],
+    title: str,
+    tokens: Mapping[str, str] | None = None,
+) -> go.Figure:
+    """Importance in ``M`` and ``M'`` side by side per neuron, with the CNA delta as markers
+    (all three in nats on one axis); hover names the neuron and its top tokens."""
+    hover = neuron_hover(labels, tokens)
+    fig = go.Figure()
+    for name, y in (("importance in M", imp_m), ("importance in M'", imp_other)):
+        template = "%{hovertext}<br>" + name + ": %{y:.4f}<extra></extra>"
+        fig.add_bar(x=list(labels), y=list(y), name=name, hovertext=hover, hovertemplate=template)
+    fig.add_scatter(
+        x=list(labels), y=list(delta), mode="markers", name="CNA delta (M - M')",
+        marker={"symbol": "diamond", "size": 9, "color": "black"}, hovertext=hover,
+        hovertemplate="%{hovertext}<br>delta: %{y:.4f}<extra></extra>",
+    )  # fmt: skip
+    fig.update_layout(
+        title=title,
+        xaxis_title="neuron (layer_index)",
+        yaxis_title="log-probability increase (nats)",
+        barmode="group",
+    )
     return fig

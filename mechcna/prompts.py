@@ -17,7 +17,15 @@ import torch
 from transformer_lens import HookedTransformer
 
 from mechcna._types import Int, Tensor
-from mechcna.errors import MechcnaError, TokenizationError
+from mechcna.errors import (
+    EmptyPromptError,
+    MechcnaError,
+    PromptTypeError,
+    TokenIdError,
+    TokenizationError,
+    UnknownTokenError,
+)
+from mechcna.inputs import check_prompt_list
 
 Prompts = str | Sequence[str] | Tensor
 
@@ -72,20 +80,24 @@ def prepare_prompts(
             tokens = tokens[None]
         if tokens.ndim != 2 or tokens.shape[1] == 0:
             raise MechcnaError(f"token prompts must be [batch, pos], got {tuple(prompts.shape)}")
-        if tokens.dtype.is_floating_point:
-            raise MechcnaError("token prompts must be integer ids")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise PromptTypeError("token prompts must be integer ids")
+        check_token_ids(model, tokens)
         lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=device)
         strings = None
     else:
-        strings = (prompts,) if isinstance(prompts, str) else tuple(prompts)
-        if not strings:
-            raise MechcnaError("no prompts given")
+        strings = check_prompt_list(prompts)
         if model.tokenizer is None:
             raise TokenizationError("the model has no tokenizer: pass token ids instead")
+        for i, s in enumerate(strings):
+            if not s.strip():
+                raise EmptyPromptError(f"prompt {i} is empty ({s!r})")
         bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         rows = [model.to_tokens(s, prepend_bos=bos, truncate=False)[0] for s in strings]
         if any(len(r) == 0 for r in rows):
-            raise MechcnaError("a prompt tokenises to no tokens")
+            raise EmptyPromptError("a prompt tokenises to no tokens")
+        for s, r in zip(strings, rows, strict=True):
+            _refuse_unknown(model, s, r)
         lengths = torch.tensor([len(r) for r in rows], device=device)
         pad = int(model.tokenizer.pad_token_id or 0)  # type: ignore[arg-type]
         tokens = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long, device=device)
@@ -98,6 +110,31 @@ def prepare_prompts(
     if (positions < 0).any() or (positions >= lengths).any():
         raise MechcnaError(f"position {pos} is outside a prompt of {int(lengths.min())} tokens")
     return PromptBatch(tokens, lengths, positions, strings)
+
+
+def check_token_ids(model: HookedTransformer, tokens: Tensor) -> None:
+    """Raise :class:`TokenIdError` for ids outside ``0 .. d_vocab - 1``."""
+    d_vocab = model.cfg.d_vocab
+    bad = (tokens < 0) | (tokens >= d_vocab)
+    if bool(bad.any()):
+        raise TokenIdError(
+            f"token id {int(tokens[bad][0])} is outside the vocabulary of {d_vocab} tokens"
+        )
+
+
+def _refuse_unknown(model: HookedTransformer, prompt: str, row: Tensor) -> None:
+    """A word the vocabulary lacks becomes the unknown token and would be scored silently."""
+    tok = model.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None or tok is None or not bool((row == unk).any()):
+        return
+    if tok.unk_token and str(tok.unk_token) in prompt:
+        return  # the prompt spells the unknown token itself
+    ids = [int(i) for i in row if int(i) != unk]
+    raise UnknownTokenError(
+        f"prompt {prompt!r} has words outside the vocabulary (they map to "
+        f"{tok.unk_token!r}); known tokens were {model.to_str_tokens(torch.tensor(ids))}"
+    )
 
 
 def single_token_id(model: HookedTransformer, target: str | int) -> int:

@@ -49,8 +49,11 @@ from mechcna.attribution import (
     capture,
     neuron_importance_from_capture,
 )
-from mechcna.errors import MechcnaError
+from mechcna.errors import InvalidOptionError, MechcnaError
+from mechcna.inputs import positive_int
 from mechcna.interventions import Intervention
+from mechcna.models import get_processing
+from mechcna.processing import refuses_processing
 from mechcna.projection import compute_dtype, top_tokens
 from mechcna.prompts import Prompts
 from mechcna.results import Aggregate, Scores
@@ -195,8 +198,7 @@ def _top_attention_neurons(
 ]:
     """The capture, the attention importance (``attention`` when given, checked against the
     prompts) and each prompt's top-``k`` attention neurons with their importance."""
-    if k < 1:
-        raise MechcnaError(f"k must be positive, got {k}")
+    k = positive_int(k, "k")
     cap = capture_positions(
         model, prompts, position=position, attention=False, interventions=interventions
     )
@@ -249,6 +251,7 @@ def _query_scores(
 
 
 # ---------------------------------------------------------------------------- 5.3 / 5.4
+@refuses_processing()
 def query_neurons(
     model: HookedTransformer,
     prompts: Prompts,
@@ -297,6 +300,7 @@ def query_neurons(
     )
 
 
+@refuses_processing()
 def attention_neuron_queries(
     model: HookedTransformer,
     prompts: Prompts,
@@ -399,6 +403,7 @@ def _shares(
     return einops.einsum(weight, r, "prompt value, prompt value component -> prompt component")
 
 
+@refuses_processing()
 def ffn_query_layers(
     model: HookedTransformer,
     prompts: Prompts,
@@ -429,8 +434,9 @@ def ffn_query_layers(
         values: precomputed :func:`~mechcna.attribution.neuron_importance` of these prompts.
     """
     arch = Architecture(model)
+    k = positive_int(k, "k")
     if key not in ("up", "gate", "mean"):
-        raise MechcnaError(f"key must be 'up', 'gate' or 'mean', not {key!r}")
+        raise InvalidOptionError(f"key must be 'up', 'gate' or 'mean', not {key!r}")
     cap = capture(model, prompts, targets, position=position, interventions=interventions,
                   need=() if values is not None else ("post",))  # fmt: skip
     if values is None:
@@ -475,6 +481,7 @@ def ffn_query_layers(
     )
 
 
+@refuses_processing()
 def attention_query_layers(
     model: HookedTransformer,
     prompts: Prompts,
@@ -550,6 +557,7 @@ def query_value_overlap(
     )
 
 
+@refuses_processing()
 def query_neuron_tokens(
     model: HookedTransformer,
     neuron: tuple[int, int],
@@ -585,4 +593,5 @@ def query_neuron_tokens(
         top_tokens(model, vector, k, paper_compat=paper_compat),
         top_tokens(model, out, k, paper_compat=paper_compat),
     )
-    return TokenComparison(f"{i}_{j}", ("original", f"through head {l}_{h}"), pair)
+    columns = ("original", f"through head {l}_{h}")
+    return TokenComparison(f"{i}_{j}", columns, pair, get_processing(model))

@@ -118,21 +118,19 @@ class Provenance:
         from mechcna.models import get_processing, get_provenance
 
         processing = get_processing(model)
-        source = get_provenance(model)
         if processing is None:
             words = "unknown (not loaded by mechcna.load_model)"
         else:
             done = [k for k, v in asdict(processing).items() if v]
             words = ", ".join(done) if done else "none (raw weights, as the papers)"
-        dequant = "none (float weights)"
-        if source is not None and source.dequantized:
-            dequant = (
-                f"fp32 dequantised from GGUF {source.quantization} ({source.source}): numbers "
-                "are those of the quantised weights"
-            )
+        source = get_provenance(model)
         bos = "prepended" if model.cfg.default_prepend_bos else "not prepended"
+        dequant = "none (float weights)"
         if source is not None:
-            bos += f" ({source.bos_policy})"
+            bos += f" (policy: {source.bos_policy})"
+            if source.quantization is not None:
+                dequant = f"dequantised from {source.quantization} ({source.format})"
+            extra = {"source": source.describe(), **extra}
         return cls(
             model=str(model.cfg.model_name),
             weight_processing=words,
@@ -321,7 +319,7 @@ def _esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: Any) -> str:  # numpy floats too
     return f"{x:.4g}"
 
 

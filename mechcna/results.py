@@ -6,17 +6,23 @@ prompts and target tokens, the model name and its weight processing. They share 
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
 from mechcna._types import Float, Int, Tensor
-from mechcna.errors import MechcnaError
+from mechcna.errors import MechcnaError, NonFiniteError
+from mechcna.inputs import positive_int
 from mechcna.models import ModelProvenance, WeightProcessing
 
 Aggregate = Literal["mean", "sum", "max", "min"]
+
+
+def attention_neuron_label(layer: int, pos: int, head: int, dim: int) -> str:
+    """The papers' label of an attention neuron: ``layer_head_dim_pos`` (e.g. ``15_2_7_3``)."""
+    return f"{layer}_{head}_{dim}_{pos}"
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class Scores:
     paper_compat: bool = False
     model_source: ModelProvenance | None = None
     extras: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    #: The axes a ``.top()`` label joins, in order (default: the axes after ``prompt``).
+    label_dims: ClassVar[tuple[str, ...] | None] = None
 
     def __post_init__(self) -> None:
         if self.scores.ndim != len(self.dims) or self.dims[0] != "prompt":
@@ -58,6 +66,14 @@ class Scores:
         for name, t in self.extras.items():
             if t.shape != self.scores.shape:
                 raise MechcnaError(f"extra {name!r} has shape {tuple(t.shape)}, not the scores'")
+        finite = torch.isfinite(self.scores)
+        if not bool(finite.all()):
+            where = (~finite).nonzero()[0].tolist()
+            named = ", ".join(f"{d} {i}" for d, i in zip(self.dims, where, strict=True))
+            raise NonFiniteError(
+                f"{type(self).__name__}: score at {named} is NaN or infinite; check the model "
+                "with mechcna.check_model"
+            )
 
     def provenance(self, **overrides: Any) -> dict[str, Any]:
         """What was scored (targets, prompts, model, processing, ``paper_compat``, model
@@ -109,6 +125,7 @@ class Scores:
             A DataFrame with one column per non-prompt axis, ``score``, ``label`` and, where
             recorded, the per-entry extras (e.g. ``coefficient``) of that prompt.
         """
+        k = positive_int(k, "k")
         values = self.select(prompt, aggregate)
         flat = values.flatten()
         k = min(k, flat.numel())
@@ -116,7 +133,8 @@ class Scores:
         coords = torch.stack(torch.unravel_index(top.indices, values.shape), 1).tolist()
         frame = pd.DataFrame(coords, columns=list(self.dims[1:]))
         frame["score"] = top.values.tolist()
-        frame["label"] = ["_".join(str(c) for c in row) for row in coords]
+        order = [self.dims[1:].index(d) for d in (self.label_dims or self.dims[1:])]
+        frame["label"] = ["_".join(str(row[i]) for i in order) for row in coords]
         if prompt is not None:
             for name, t in self.extras.items():
                 frame[name] = t[prompt].flatten()[top.indices].tolist()

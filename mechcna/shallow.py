@@ -30,7 +30,10 @@ from mechcna import plotting
 from mechcna._types import Int, Tensor
 from mechcna.architecture import Architecture
 from mechcna.errors import MechcnaError
+from mechcna.inputs import positive_int
 from mechcna.interventions import Intervention, NeuronEdit
+from mechcna.models import WeightProcessing, get_processing
+from mechcna.processing import refuses_processing
 from mechcna.projection import compute_dtype, linear_part
 from mechcna.transfer import vo_transform
 
@@ -41,13 +44,15 @@ NUMBER_WORDS = (
     "ninety hundred thousand "
     "first second third fourth fifth sixth seventh eighth ninth tenth "
     "once twice triple double half quarter "
-    "zéro un deux trois quatre cinq sept huit neuf dix "
-    "null eins zwei drei vier fünf sechs sieben acht neun zehn "
-    "uno due tre quattro cinque sei sette otto nove dieci "
+    "zéro deux trois quatre cinq sept huit neuf dix "
+    "eins zwei drei vier fünf sechs sieben acht neun zehn "
+    "uno tre quattro cinque sei sette otto nove dieci "
     "cero dos tres cuatro cinco seis siete ocho nueve diez "
     "〇 零 一 二 三 四 五 六 七 八 九 十 百 千"
 ).split()
-ROMAN = tuple("I II III IV V VI VII VIII IX X XI XII XV XX".split())
+# Not "I", "V", "X" (the pronoun and letters), nor "un", "due", "null" (common words in
+# English or French text): on real vocabularies they would inflate every count.
+ROMAN = tuple("II III IV VI VII VIII IX XI XII XV XX".split())
 SCRIPTS = tuple("⁰¹²³⁴⁵⁶⁷⁸⁹₀₁₂₃₄₅₆₇₈₉½⅓¼⅔¾")
 OPERATORS = tuple("+ - * / = × ÷ − ± %".split()) + tuple(
     "plus minus times sum difference product ratio divide divided divides multiply "
@@ -64,7 +69,9 @@ def concept_tokens(
 
     A token matches when its decoded text, stripped of surrounding whitespace (and of the
     ``▁``/``Ġ`` word markers), equals a concept **case-insensitively** (``" Three"`` matches
-    ``three``). Concepts absent from the vocabulary are simply skipped.
+    ``three``), except concepts written in capitals of two or more letters (Roman numerals),
+    which match exactly (``"IV"`` matches ``" IV"`` but not ``"iv"``). Concepts absent from
+    the vocabulary are simply skipped.
 
     Args:
         concepts: the concept strings; default :data:`DEFAULT_CONCEPTS`: digits 0-9, number
@@ -77,14 +84,15 @@ def concept_tokens(
     """
     if model.tokenizer is None:
         raise MechcnaError("concept_tokens needs a model with a tokenizer")
-    wanted = {c.strip().lower() for c in (DEFAULT_CONCEPTS if concepts is None else concepts)}
-    wanted.discard("")
+    given = [c.strip() for c in (DEFAULT_CONCEPTS if concepts is None else concepts)]
+    exact = {c for c in given if len(c) > 1 and c.isalpha() and c.isupper()}
+    folded = {c.lower() for c in given if c and c not in exact}
     ids = list(range(model.cfg.d_vocab_out))
     texts = model.tokenizer.batch_decode([[i] for i in ids])
     found = {}
     for i, text in zip(ids, texts):
-        key = text.strip().strip("▁Ġ").strip().lower()
-        if key in wanted:
+        key = text.strip().strip("▁Ġ").strip()
+        if key in exact or key.lower() in folded:
             found[i] = text
     return found
 
@@ -112,6 +120,7 @@ class ZeroShotSearch:
     top: int
     thresholds: tuple[int, ...]
     aggregate: str
+    processing: WeightProcessing | None = None
 
     def neurons(self, m: int) -> list[tuple[int, int]]:
         """Searched neurons with at least ``m`` concepts (``m = 0``: every searched neuron)."""
@@ -135,7 +144,7 @@ class ZeroShotSearch:
     def top_neurons(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` searched neurons with the most concepts."""
         frame = self.to_frame()
-        return frame.sort_values("count", ascending=False, kind="stable").head(k)
+        return frame.sort_values("count", ascending=False, kind="stable").head(positive_int(k, "k"))
 
     def to_frame(self) -> pd.DataFrame:
         idx = torch.nonzero(self.counts >= 0)
@@ -158,6 +167,7 @@ def _default_split(n_layers: int) -> tuple[list[int], list[int]]:
     return list(range(half)), list(range(min(half + 1, n_layers)))
 
 
+@refuses_processing()
 def hidden_interpretable_neurons(
     model: HookedTransformer,
     *,
@@ -245,6 +255,7 @@ def hidden_interpretable_neurons(
         top=top,
         thresholds=tuple(int(m) for m in thresholds),
         aggregate=aggregate,
+        processing=get_processing(model),
     )
 
 
@@ -259,11 +270,13 @@ class MaskExperiment:
 
     base_accuracy: float
     rows: tuple[dict, ...]
+    processing: WeightProcessing | None = None
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(list(self.rows))
 
     def top(self, k: int = 10) -> pd.DataFrame:
+        k = positive_int(k, "k")
         return self.to_frame().sort_values("relative_decrease", ascending=False).head(k)
 
     def plot(self) -> go.Figure:
@@ -327,4 +340,4 @@ def mask_experiment(
                 "random_relative_decrease": 100 * (base - racc) / base if base else float("nan"),
             }
         rows.append(row)
-    return MaskExperiment(base, tuple(rows))
+    return MaskExperiment(base, tuple(rows), get_processing(model))

@@ -415,7 +415,8 @@ def train_arithmetic(
         heldout = evaluate_accuracy(model, heldout_dataset(config, tokenizer), progress=progress)
     else:
         empty = heldout_dataset(config, tokenizer, n_pairs=0)
-        heldout = evaluate_accuracy(model, empty, progress=False)
+        none = torch.zeros(0, device=model.W_U.device)
+        heldout = AccuracyResult(empty, none.bool(), none, str(model.cfg.model_name))
     if evaluate:
         card["heldout_accuracy"] = _records(heldout.to_frame())
         card["heldout_accuracy_by_operation_digits"] = _records(

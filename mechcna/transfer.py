@@ -37,6 +37,7 @@ Example:
     >>> t.tokens(10).to_frame()                                            # doctest: +SKIP
 """
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -50,9 +51,12 @@ from transformer_lens.hook_points import HookPoint
 from mechcna import plotting
 from mechcna._types import Float, Tensor
 from mechcna.architecture import Architecture
-from mechcna.errors import MechcnaError
+from mechcna.errors import MechcnaError, PathOrderError
 from mechcna.hooks import hook_name
-from mechcna.interventions import Intervention, intervene
+from mechcna.inputs import positive_int, warn_user_hooks
+from mechcna.interventions import Intervention, intervene, prompt_lengths
+from mechcna.models import WeightProcessing, get_processing
+from mechcna.processing import refuses_processing
 from mechcna.projection import TopTokens, compute_dtype, top_tokens
 from mechcna.prompts import PromptBatch, Prompts, prepare_prompts, single_token_id
 
@@ -104,6 +108,7 @@ def capture_positions(
 ) -> PositionCapture:
     """Run ``prompts`` once and keep every position's residual components and coefficients."""
     arch = Architecture(model)
+    warn_user_hooks(model)
     batch = prepare_prompts(model, prompts, position)
     store: dict[str, Tensor] = {}
 
@@ -119,7 +124,7 @@ def capture_positions(
         hooks += [(hook_name(kind, l), keep(f"{kind}{l}")) for kind in kinds]
         if arch.norm != "none":
             hooks.append((hook_name("scale", l, "ln1"), keep(f"scale{l}")))
-    with torch.no_grad(), intervene(model, *interventions):
+    with torch.no_grad(), intervene(model, *interventions), prompt_lengths(batch.lengths):
         model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
 
     def stack(prefix: str) -> Tensor:
@@ -175,6 +180,7 @@ class FFNKeys:
     neuron: int
     names: tuple[str, ...]
     vectors: Float[Tensor, "key d_model"]
+    processing: WeightProcessing | None = None
 
     def inner(self, residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... key"]:
         """Raw inner products ``<residual, key>`` (no norm scale, as in the notebook)."""
@@ -182,6 +188,7 @@ class FFNKeys:
         return einops.einsum(residual, keys, "... d_model, key d_model -> ... key")
 
 
+@refuses_processing()
 def ffn_keys(model: HookedTransformer, layer: int, neuron: int) -> FFNKeys:
     """Keys of FFN neuron ``(layer, neuron)``: ``W_in`` (up) and ``W_gate`` columns times the
     pre-MLP norm weight ``ln2.w`` (only ``W_in`` for non-gated MLPs)."""
@@ -191,9 +198,10 @@ def ffn_keys(model: HookedTransformer, layer: int, neuron: int) -> FFNKeys:
     gate = arch.W_gate(layer)
     with torch.no_grad():
         if gate is None:
-            return FFNKeys(layer, neuron, ("in",), (arch.W_in(layer)[:, neuron] * gamma)[None])
+            vectors = (arch.W_in(layer)[:, neuron] * gamma)[None]
+            return FFNKeys(layer, neuron, ("in",), vectors, get_processing(model))
         vectors = torch.stack([arch.W_in(layer)[:, neuron], gate[:, neuron]]) * gamma
-    return FFNKeys(layer, neuron, ("up", "gate"), vectors)
+    return FFNKeys(layer, neuron, ("up", "gate"), vectors, get_processing(model))
 
 
 def _keys(model: HookedTransformer, keys: "FFNKeys | tuple[int, int]") -> FFNKeys:
@@ -257,6 +265,7 @@ def _apply(arch: Architecture, hops: Sequence[_Hop], x: Tensor) -> list[Tensor]:
     return out
 
 
+@refuses_processing()
 def vo_transform(
     model: HookedTransformer,
     vectors: Float[Tensor, "... d_model"],
@@ -283,9 +292,11 @@ class TokenComparison:
     label: str
     columns: tuple[str, ...]
     tokens: tuple[TopTokens, ...]
+    processing: WeightProcessing | None = None
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """Wide table: the top-``k`` tokens of each column."""
+        k = positive_int(k, "k")
         return pd.DataFrame(
             {c: [t for t, _ in tt.top[:k]] for c, tt in zip(self.columns, self.tokens)}
         )
@@ -320,6 +331,11 @@ class AttentionTransform:
     model: HookedTransformer = field(repr=False)
 
     @property
+    def processing(self) -> WeightProcessing:
+        """The weight processing of the model the transform used."""
+        return get_processing(self.model)
+
+    @property
     def transformed(self) -> Tensor:
         """The vector(s) after the last hop."""
         return self.hops[-1]
@@ -331,7 +347,7 @@ class AttentionTransform:
         columns = ["original"] + [_step_name(s) for s in self.path]
         vecs = [self.original, *self.hops]
         tt = tuple(top_tokens(self.model, v, k, paper_compat=paper_compat) for v in vecs)
-        return TokenComparison(self.label, tuple(columns), tt)
+        return TokenComparison(self.label, tuple(columns), tt, self.processing)
 
     def top(self, k: int = 10) -> pd.DataFrame:
         return self.tokens(k).top(k)
@@ -343,12 +359,33 @@ class AttentionTransform:
         return self.tokens(k).plot()
 
 
+def _check_path_order(arch: Architecture, path: Sequence[PathStep], source: object) -> None:
+    """Each hop must read what came before: an attention layer reads ``resid_pre``, so a
+    neuron of layer ``i`` reaches attention layers ``> i`` only, and hops go up."""
+    layers = []
+    for step in path:
+        if isinstance(step, (str, bytes)) or not isinstance(step, Sequence) or len(step) != 3:
+            raise MechcnaError(f"a path step is (layer, head_or_None, position), not {step!r}")
+        layers.append(arch.check_layer(step[0]))
+    if isinstance(source, tuple):
+        layer = arch.check_layer(source[0])
+        if layers[0] <= layer:
+            raise PathOrderError(
+                f"neuron {source[0]}_{source[1]} writes after attention layer {layers[0]} "
+                f"reads: the first hop must be a layer above {layer}"
+            )
+    for a, b in itertools.pairwise(layers):
+        if b <= a:
+            raise PathOrderError(f"hop to attention layer {b} after layer {a}: hops must go up")
+
+
 def _step_name(step: PathStep) -> str:
     layer, head, position = step
     where = "" if position is None else f" @pos {position}"
     return f"after L{layer}" + ("" if head is None else f"H{head}") + where
 
 
+@refuses_processing()
 def transform_through_attention(
     model: HookedTransformer,
     vector_or_neuron: Float[Tensor, "... d_model"] | tuple[int, int] | str,
@@ -381,6 +418,7 @@ def transform_through_attention(
     arch = Architecture(model)
     if not path:
         raise MechcnaError("the path needs at least one (layer, head_or_None, position) step")
+    _check_path_order(arch, path, vector_or_neuron)
     cap = None
     if prompt is not None:
         if isinstance(prompt, Tensor) and prompt.ndim == 2 and prompt.shape[0] != 1:
@@ -431,6 +469,7 @@ class KeyScores:
     keys: tuple[str, ...]
     title: str
     row_values: tuple[float, ...]
+    processing: WeightProcessing | None = None
 
     def total(self) -> Tensor:
         """Sum over keys (the notebook ranks by up + gate)."""
@@ -444,7 +483,7 @@ class KeyScores:
             values = self.scores[:, self.keys.index(by)]
         else:
             raise MechcnaError(f"by must be one of {self.keys} or None, not {by!r}")
-        order = values.argsort(descending=True)[:k].tolist()
+        order = values.argsort(descending=True)[: positive_int(k, "k")].tolist()
         return self.to_frame().iloc[order].reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
@@ -472,7 +511,9 @@ def _key_scores(
         x = _apply(arch, hops, x)[-1]
     with torch.no_grad():
         scores = keys.inner(x)
-    return KeyScores(scores.cpu(), tuple(rows), keys.names, title, tuple(float(v) for v in values))
+    values_t = tuple(float(v) for v in values)
+    processing = get_processing(arch.model)
+    return KeyScores(scores.cpu(), tuple(rows), keys.names, title, values_t, processing)
 
 
 def _one_prompt(model: HookedTransformer, prompt: str | Tensor, attention: bool) -> PositionCapture:
@@ -498,6 +539,7 @@ def _head_position_vectors(
     )
 
 
+@refuses_processing()
 def source_position_scores(
     model: HookedTransformer,
     prompt: str | Tensor,
@@ -530,6 +572,7 @@ def source_position_scores(
     )  # fmt: skip
 
 
+@refuses_processing()
 def head_scores(
     model: HookedTransformer,
     prompt: str | Tensor,
@@ -556,6 +599,7 @@ def head_scores(
     )  # fmt: skip
 
 
+@refuses_processing()
 def component_scores(
     model: HookedTransformer,
     prompt: str | Tensor,
@@ -589,6 +633,7 @@ def component_scores(
     )  # fmt: skip
 
 
+@refuses_processing()
 def neuron_scores(
     model: HookedTransformer,
     prompt: str | Tensor,

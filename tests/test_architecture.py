@@ -41,7 +41,8 @@ def test_out_of_range_errors():
         arch.check_head(0, 9)
     with pytest.raises(MechcnaError, match="neuron 64 out of range"):
         arch.check_neuron(0, 64)
-    assert arch.check_layer(-1) == 1
+    with pytest.raises(MechcnaError, match="-1 does not mean the last"):
+        arch.check_layer(-1)  # one rule for every index: negative is an error
 
 
 def test_unsupported_architectures():

@@ -109,5 +109,5 @@ def test_bad_input(small_dataset):
     )
     with pytest.raises(TokenizationError, match="single token"):
         evaluate_accuracy(model, bad, progress=False)
-    empty = evaluate_accuracy(model, small_dataset.filter(digits=3), progress=False)
-    assert len(empty.correct) == 0 and len(empty.to_frame()) == 0
+    with pytest.raises(mechcna.errors.EmptyInputError, match="no cases"):
+        evaluate_accuracy(model, small_dataset.filter(digits=3), progress=False)

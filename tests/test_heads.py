@@ -147,7 +147,7 @@ def test_head_subset_and_input_forms(model64):
     model = model64
     targets = _targets(model)
     full = head_sweep(model, _prompts(), targets, heads_per_pass=2, progress=False)
-    subset = [(1, 2), (0, 3), (-1, 0), (1, 2)]
+    subset = [(1, 2), (0, 3), (1, 0), (1, 2)]
     sweep = head_sweep(model, _prompts(), targets, heads=subset, batch_size=2, progress=False)
     assert sweep.heads == ((1, 2), (0, 3), (1, 0))
     rows = [full.heads.index(hd) for hd in sweep.heads]
@@ -316,15 +316,15 @@ def test_cli_head_sweep(tmp_path, capsys):
     from mechcna.cli import main
 
     ckpt = save_checkpoint(build("llama"), tmp_path / "tiny")
-    html, csv = tmp_path / "heads.html", tmp_path / "heads.csv"
     args = ["head-sweep", "--model", str(ckpt), "--quiet", "--top", "3"]
-    assert main([*args, "--prompt", "12+7=", "--html", str(html)]) == 0
-    assert "heads whose ablation lowers p most" in capsys.readouterr().out
-    assert html.stat().st_size > 1000
+    assert main([*args, "--prompt", "12+7=", "--out", str(tmp_path / "one")]) == 0
+    assert "heads whose ablation lowers p(target) most" in capsys.readouterr().out
+    assert (tmp_path / "one" / "index.html").stat().st_size > 1000
     (tmp_path / "cases.tsv").write_text("12+7=\t1\n3+5=\t8\nthe sum of 3 and 5 is\t8\n")
-    assert main([*args, "--prompts-file", str(tmp_path / "cases.tsv"), "--csv", str(csv)]) == 0
+    out = tmp_path / "many"
+    assert main([*args, "--prompts-file", str(tmp_path / "cases.tsv"), "--out", str(out)]) == 0
     assert "3 cases" in capsys.readouterr().out
-    assert len(pd.read_csv(csv)) == 8
+    assert len(pd.read_csv(next(out.glob("table-*-all-heads.csv")))) == 8
 
 
 def test_resid_mid_shortcut_equals_full_layer_rerun(monkeypatch):

@@ -71,10 +71,11 @@ def test_page_holds_every_figure_and_no_external_url(tmp_path):
 
 
 def test_provenance_from_model():
-    prov = Provenance.from_model(build("llama"))
+    model = build("llama")
+    prov = Provenance.from_model(model)
     assert prov.weight_processing.startswith("none")
-    # the word-level test tokenizer adds no BOS, so neither does the model (BOS follows it)
-    assert prov.bos == "not prepended (tokenizer)" and prov.dequantisation.startswith("none")
+    expect = "prepended" if model.cfg.default_prepend_bos else "not prepended"
+    assert prov.bos.startswith(expect + " (policy: ") and prov.dequantisation.startswith("none")
 
 
 def test_bad_inputs_and_out_dirs(tmp_path):
@@ -91,3 +92,29 @@ def test_bad_inputs_and_out_dirs(tmp_path):
     with pytest.raises(OutputPathError, match="cannot create"):
         check_out_dir(file / "below")
     assert check_out_dir(tmp_path / "a" / "b").is_dir()
+
+
+def test_png_export_without_kaleido_is_one_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from mechcna.plotting import ExportError, save_png
+
+    monkeypatch.setitem(sys.modules, "kaleido", None)  # import kaleido -> ImportError
+    with pytest.raises(ExportError, match=r"kaleido 0\.2\.1.*mechcna\[png\]"):
+        save_png(go.Figure(go.Bar(x=[0], y=[1])), tmp_path / "f.png")
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_figures_use_integer_ticks_and_side_by_side_bars():
+    from mechcna.attribution import layer_importance
+    from mechcna.plotting import experiment_bars
+
+    model = build("llama")
+    fig = layer_importance(model, ["3+5="]).plot(0)
+    assert fig.layout.barmode == "group" and fig.layout.xaxis.dtick == 1
+    assert fig.layout.xaxis.title.text == "layer" and fig.layout.yaxis.title.text
+    assert list(fig.data[0].x) == list(fig.data[1].x) == list(range(model.cfg.n_layers))
+    table = pd.DataFrame({"top5": [1.0, 2.0, 0.0, 30.0]}, index=["mask", "keep", "random", "coef"])
+    bars = experiment_bars(table)
+    coef = next(t for t in bars.data if t.name == "coef")
+    assert coef.yaxis == "y2" and all(t.yaxis == "y" for t in bars.data if t.name != "coef")

@@ -101,4 +101,5 @@ def test_cli_train_arithmetic(tmp_path, capsys):
     assert (tmp_path / "card.json").is_file() and (tmp_path / "model.safetensors").is_file()
     data = json.loads((tmp_path / "card.json").read_text())["data"]
     assert (data["weight_decay"], data["holdout_seed"], data["steps"]) == (0.5, 2, 2)
-    assert "accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "accuracy" in out and (tmp_path / "index.html").is_file()

@@ -73,8 +73,8 @@ def test_vo_transform_equals_forced_attention(kind, layer, head, p):
 
 
 def test_two_hops_compose(kind):
-    model = build(kind, dtype=torch.float64)
-    path = [(0, None, 1), (1, 2, 3)]
+    model = build(kind, dtype=torch.float64, n_layers=3)
+    path = [(1, None, 1), (2, 2, 3)]  # hops above the neuron's layer 0
     two = transform_through_attention(model, (0, 5), path, prompt=PROMPT)
     first = transform_through_attention(model, (0, 5), path[:1], prompt=PROMPT)
     second = transform_through_attention(model, first.transformed, path[1:], prompt=PROMPT)
@@ -97,7 +97,7 @@ def test_two_hops_compose(kind):
     scaled = transform_through_attention(model, (0, 5), path, prompt=PROMPT, coefficient=True)
     torch.testing.assert_close(scaled.transformed, m * two.transformed, atol=1e-12, rtol=0)
     tokens = two.tokens(5)
-    assert tokens.columns == ("original", "after L0 @pos 1", "after L1H2 @pos 3")
+    assert tokens.columns == ("original", "after L1 @pos 1", "after L2H2 @pos 3")
     assert list(two.top(3).columns) == list(tokens.columns)
     assert isinstance(two.plot(), go.Figure) and len(two.to_frame(5)) == 30
 

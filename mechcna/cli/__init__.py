@@ -1,0 +1,105 @@
+"""Command line: ``mechcna <subcommand>``; every subcommand is a thin call into the library.
+
+Each prints its result as text; with ``--out DIR`` it also writes a self-contained page
+(``index.html``), one CSV per table, ``report.txt`` and ``provenance.json`` into ``DIR``
+(:mod:`mechcna.report`). ``--model`` defaults to the shipped model ``mechcna/arith-small``.
+A mistake in the input prints one line (``mechcna: error: ...``) and exits with status 2;
+``--debug`` shows the traceback instead.
+
+Subcommands are registered with :func:`mechcna.cli.base.command` in the modules listed in
+``COMMAND_MODULES`` (add a module there to add subcommands).
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from mechcna.cli.base import COMMANDS, DEFAULT_MODEL, Context
+from mechcna.errors import MechcnaError
+from mechcna.report import check_out_dir
+
+#: Modules whose import registers subcommands (one line per module).
+COMMAND_MODULES: tuple[str, ...] = (
+    "mechcna.cli.analyses",
+    "mechcna.cli.arithmetic",
+    "mechcna.cli.runs",
+)
+
+
+def _version() -> str:
+    from mechcna import __version__
+
+    return f"mechcna {__version__}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with every registered subcommand."""
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+    parser = argparse.ArgumentParser(
+        prog="mechcna",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="example:\n  mechcna attribute --prompt '3+5=' --level ffn --out runs/attr",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<subcommand>")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(
+            cmd.name,
+            help=cmd.help,
+            description=cmd.help,
+            epilog=f"example:\n  {cmd.example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if cmd.model:
+            p.add_argument(
+                "--model",
+                default=DEFAULT_MODEL,
+                help=f"model name or checkpoint directory (default: {DEFAULT_MODEL})",
+            )
+        cmd.arguments(p)
+        p.add_argument(
+            "--out",
+            default=cmd.out_default,
+            help="folder for index.html, CSVs, report.txt, provenance.json"
+            + (f" (default: {cmd.out_default})" if cmd.out_default else " (default: none)"),
+        )
+        p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return _run(args, argv)
+    except MechcnaError as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split())
+        sys.stderr.write(f"mechcna: error: {message}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("mechcna: interrupted\n")
+        return 130
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    cmd = COMMANDS[args.command]
+    out = check_out_dir(args.out) if args.out else None  # before any computation
+    report = cmd.run(args, Context(args, argv))
+    sys.stdout.write(report.to_text())
+    if out is not None:
+        page = report.write(out)
+        sys.stdout.write(f"\nwrote {page} (+ CSV per table, report.txt, provenance.json)\n")
+    return 0

@@ -1,0 +1,136 @@
+"""Weight processing of any model: inferred from its modules and weights, refused where it matters.
+
+TransformerLens's ``HookedTransformer.from_pretrained`` processes weights by default: it folds
+the norms' weights into the next linear maps (the norms become ``LNPre``/``RMSPre``), centres
+the weights that write to the residual stream and the unembedding, and folds the value biases
+``b_V`` into the output bias ``b_O``. The model computes the same logits, but the pieces the
+papers score change:
+
+* **invariant** (computed exactly on any model): layer and FFN-neuron log-probability
+  increases (:func:`~mechcna.layer_importance`, :func:`~mechcna.neuron_importance`), CNA
+  against a second model, mean ablation, the top tokens of a vector;
+* **changed by value-bias folding** (refused): head and attention-neuron scores (a head's
+  output loses ``b_V @ W_O``), and zero-ablating a head (``b_V @ W_O`` stays in ``b_O``), so
+  the head sweep, CNA against a zero-ablated head and accuracy under it;
+* **changed by any processing** (refused): raw inner products with keys and values (query
+  neurons, key scores, value-key products, the attention transforms, the zero-shot search and
+  the method comparison's weight norms).
+
+:func:`infer_processing` reads what was applied from the model itself (norm module kinds,
+all-zero ``b_V`` with a non-zero ``b_O``, residual-writing weights and ``W_U`` centred to zero
+mean), so it works for models loaded by anyone; :func:`mechcna.get_processing` combines it with
+what :func:`mechcna.load_model` recorded. :func:`require_unprocessed` is the refusal, with the
+way to load the model unprocessed.
+
+Example:
+    >>> from transformer_lens import HookedTransformer                   # doctest: +SKIP
+    >>> infer_processing(HookedTransformer.from_pretrained("gpt2"))      # doctest: +SKIP
+    WeightProcessing(fold_ln=True, center_writing_weights=True, center_unembed=True,
+                     fold_value_biases=True)
+"""
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, fields
+from typing import ParamSpec, TypeVar
+
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens.components import LayerNormPre, RMSNormPre
+
+from mechcna.errors import WeightProcessingError
+from mechcna.models import WeightProcessing, get_processing
+
+Step = str
+P = ParamSpec("P")
+R = TypeVar("R")
+ALL_STEPS: tuple[Step, ...] = tuple(f.name for f in fields(WeightProcessing))
+#: Steps that change head outputs, attention neurons and zero head ablation.
+VALUE_BIAS: tuple[Step, ...] = ("fold_value_biases",)
+
+_HOW = (
+    "load it unprocessed: mechcna.load_model(name, processing=mechcna.NO_PROCESSING) or "
+    "HookedTransformer.from_pretrained_no_processing(name)"
+)
+
+
+def _centred(w: torch.Tensor, dim: int = -1) -> bool:
+    """Whether ``w``'s mean over ``dim`` is zero up to rounding (relative to its size)."""
+    w = w.detach().double()
+    if w.numel() == 0 or not bool(w.abs().max() > 0):
+        return False
+    mean = w.mean(dim).abs().max()
+    return bool(mean <= 1e-5 * w.abs().max())
+
+
+def infer_processing(model: HookedTransformer) -> WeightProcessing:
+    """The weight processing applied to ``model``, read from its modules and weights.
+
+    * ``fold_ln``: the block norms are ``LNPre``/``RMSPre`` (weights folded away);
+    * ``fold_value_biases``: every ``b_V`` is exactly zero while some ``b_O`` is not;
+    * ``center_writing_weights``: ``W_E``, every ``W_O`` and ``W_out`` have zero mean over
+      ``d_model`` (TransformerLens centres only LayerNorm models);
+    * ``center_unembed``: ``W_U`` has zero mean over the vocabulary.
+    """
+    norms = [getattr(b, name, None) for b in model.blocks for name in ("ln1", "ln2")]
+    fold_ln = any(isinstance(n, (LayerNormPre, RMSNormPre)) for n in norms)
+    b_V = [getattr(b.attn, "b_V", None) for b in model.blocks]
+    b_O = [getattr(b.attn, "b_O", None) for b in model.blocks]
+    value_zero = all(b is None or not bool(b.detach().any()) for b in b_V)
+    out_set = any(b is not None and bool(b.detach().any()) for b in b_O)
+    writers = [model.W_E]
+    for block in model.blocks:
+        writers.append(block.attn.W_O)
+        if not model.cfg.attn_only:
+            writers.append(block.mlp.W_out)
+    return WeightProcessing(
+        fold_ln=fold_ln,
+        center_writing_weights=all(_centred(w) for w in writers),
+        center_unembed=_centred(model.W_U),
+        fold_value_biases=value_zero and out_set,
+    )
+
+
+def combine(recorded: WeightProcessing | None, inferred: WeightProcessing) -> WeightProcessing:
+    """A step counts as applied when it was recorded or is seen in the weights."""
+    rec = asdict(recorded) if recorded is not None else {}
+    return WeightProcessing(
+        **{k: bool(v or rec.get(k, False)) for k, v in asdict(inferred).items()}
+    )
+
+
+def require_unprocessed(
+    model: HookedTransformer, analysis: str, steps: Iterable[Step] = ALL_STEPS
+) -> None:
+    """Refuse ``analysis`` on a model with any of ``steps`` applied, saying how to load it.
+
+    Raises:
+        WeightProcessingError: naming the analysis, the steps found and the way out.
+    """
+
+    processing = get_processing(model)
+    found = [s for s in steps if processing is not None and getattr(processing, s)]
+    if found:
+        raise WeightProcessingError(
+            f"{analysis} on a model with processed weights ({', '.join(found)}) would not give "
+            f"the papers' numbers (they use unprocessed weights); {_HOW}"
+        )
+
+
+def refuses_processing(
+    steps: Iterable[Step] = ALL_STEPS,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate an analysis whose first argument is the model: refuse ``steps`` before work."""
+    chosen = tuple(steps)
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+            model = args[0] if args else kwargs.get("model")
+            if isinstance(model, HookedTransformer):
+                require_unprocessed(model, f"{fn.__name__}()", chosen)
+            return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap
