@@ -250,7 +250,6 @@ def load_model(
         model, stored, record = _from_mechcna_checkpoint(path, device, dtype, tokenizer, processing)
         return _finish(model, stored, prepend_bos, record, name)
     if path.is_dir() and (path / "config.json").is_file() and find_gguf(path) is None:
-        check_weight_files(path)
         model, bos = _from_hf_directory(path, device, dtype, tokenizer, processing)
         return _finish(model, processing, prepend_bos, bos, name, "huggingface")
     gguf_path = find_gguf(path)
@@ -457,7 +456,8 @@ def _from_hf_directory(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    tl_cfg = hf_config_to_tl(hf_config)
+    tl_cfg = hf_config_to_tl(hf_config)  # an unsupported family is named before weights
+    check_weight_files(path)
     tl_cfg.model_name = path.name
     hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     tokenizer = tokenizer or _maybe_tokenizer(path, AutoTokenizer)

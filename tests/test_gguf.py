@@ -192,7 +192,7 @@ def test_stale_cache_entry_is_rebuilt_and_no_cache_writes_nothing(tiny_gguf, cac
 
 def test_dequantised_record_survives_save_checkpoint(tiny_gguf, cache, tmp_path):
     model = load_model(tiny_gguf, device="cpu")
-    assert "dequantised from GGUF Q8_0" in Provenance.from_model(model).dequantisation
+    assert "dequantised from Q8_0" in Provenance.from_model(model).dequantisation
     save_checkpoint(model, tmp_path / "ck")
     again = load_model(tmp_path / "ck", device="cpu")
     source = get_provenance(again)
