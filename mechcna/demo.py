@@ -98,7 +98,7 @@ def build(model: Model | str | None = None, progress: bool = True, n_pairs: int 
         "lowers accuracy most are the candidates for 'arithmetic heads'.",
     )
     report.table(
-        sweep.table(by="operation", k=3),
+        sweep.table(by="operation", k=3).round(1),
         "unablated accuracy (ori, %) and the three heads per operation whose ablation lowers "
         "accuracy most, with the accuracy (%) left",
         paper_ref="ARITH Tables 1-2",
