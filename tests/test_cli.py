@@ -35,6 +35,7 @@ INVOCATIONS = [
                    "--pairs", "2"]),
     ("report", ["--model", "{tiny}", "--prompt", "3+5=", "--k", "5"]),
     ("demo", ["--pairs", "3"]),
+    ("reproduce", ["--paper", "arithmetic", "--quick"]),
 ]  # fmt: skip
 
 

@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mechcna.cli.analyses",
     "mechcna.cli.arithmetic",
     "mechcna.cli.runs",
+    "mechcna.cli.papers",
 )
 
 

@@ -1,0 +1,34 @@
+"""``mechcna reproduce``: both papers end to end (:mod:`mechcna.reproduce`)."""
+
+import argparse
+from pathlib import Path
+
+from mechcna.cli.base import Context, command
+from mechcna.report import Report
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--paper", choices=["attribution", "arithmetic", "both"], default="both")
+    p.add_argument(
+        "--quick", action="store_true", help="the smallest sizes (ReproduceSettings.quick)"
+    )
+
+
+@command(
+    "reproduce",
+    "both papers' tables and claims, the papers' numbers beside ours, with verdicts",
+    "mechcna reproduce --model smollm2-135m --paper arithmetic --quick --out runs/reproduce",
+    _args,
+    out_default="runs/reproduce",
+)
+def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> Report:
+    from mechcna.reproduce import reproduce
+    from mechcna.reproduce.page import build_report, write_markdown
+
+    rep = reproduce(ctx.model, args.paper, quick=args.quick, progress=ctx.progress)
+    report = build_report(rep, ctx.report("reproduce").provenance)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_markdown(rep, out / "reproduce.md")
+    return report
