@@ -38,12 +38,12 @@ import torch
 
 from mechcna._types import Float, Tensor
 from mechcna.architecture import Architecture
-from mechcna.backend import HookedTransformer
+from mechcna.backend import Model
 from mechcna.comparative import compare_inputs
 from mechcna.errors import MechcnaError
 from mechcna.evaluation import evaluate_accuracy
 from mechcna.interventions import NeuronEdit, apply_to_weights
-from mechcna.prompts import prepare_prompts
+from mechcna.prompts import prepare_prompts, prompt_is_readable
 from mechcna.tasks import occupations
 from mechcna.tasks.arithmetic import ArithmeticDataset
 
@@ -86,7 +86,7 @@ def gender_prompts(templates: Sequence[str], gender: str) -> list[str]:
     return [t.format(g=gender) for t in templates]
 
 
-def profession_token(model: HookedTransformer, profession: str) -> int | None:
+def profession_token(model: Model, profession: str) -> int | None:
     """The single token of ``" " + profession`` (or ``profession``), or None if it has none."""
     assert model.tokenizer is not None
     unk = getattr(model.tokenizer, "unk_token_id", None)
@@ -98,7 +98,7 @@ def profession_token(model: HookedTransformer, profession: str) -> int | None:
 
 
 def profession_logprobs(
-    model: HookedTransformer,
+    model: Model,
     professions: Sequence[str],
     templates: Sequence[str] = PAPER_TEMPLATES,
     genders: Sequence[str] = GENDERS,
@@ -124,7 +124,7 @@ def profession_logprobs(
 
 
 def candidate_professions(
-    model: HookedTransformer,
+    model: Model,
     templates: Sequence[str] = PAPER_TEMPLATES,
     n_top: int = 100,
     lexicon: Sequence[str] = COMMON_PROFESSIONS,
@@ -223,7 +223,7 @@ class BiasNeurons:
 
 
 def bias_neurons(
-    model: HookedTransformer,
+    model: Model,
     woman: Sequence[str],
     man: Sequence[str],
     templates: Sequence[str] = PAPER_TEMPLATES[:1],
@@ -273,7 +273,7 @@ def bias_neurons(
     return BiasNeurons(neurons, scores.float(), tuple(profs), aggregate)
 
 
-def text_logprob(model: HookedTransformer, texts: Sequence[str], batch_size: int = 32) -> float:
+def text_logprob(model: Model, texts: Sequence[str], batch_size: int = 32) -> float:
     """Mean next-token log-probability over every token of ``texts`` after the first."""
     total, count = 0.0, 0
     with torch.no_grad():
@@ -335,7 +335,7 @@ class BiasResult:
 
 
 def gender_bias_experiment(
-    model: HookedTransformer,
+    model: Model,
     *,
     templates: Sequence[str] = PAPER_TEMPLATES,
     professions: Sequence[str] | None = None,
@@ -361,6 +361,12 @@ def gender_bias_experiment(
     Raises:
         MechcnaError: no biased profession, or bad arguments.
     """
+    # Templates with words outside a word-level vocabulary are dropped, not scored as <unk>.
+    templates = [
+        t for t in templates if all(prompt_is_readable(model, t.format(g=g)) for g in GENDERS)
+    ]
+    if not templates:
+        raise MechcnaError("no template can be read by this model's tokenizer")
     if threshold < 0 or n_random < 0 or not 1 <= cna_templates <= len(templates):
         raise MechcnaError("threshold and n_random must be >= 0, cna_templates in 1..templates")
     arch = Architecture(model)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mechcna.backend import HookedTransformer
+from mechcna.backend import Model
 from mechcna.errors import (
     ComponentIndexError,
     DeviceError,
@@ -99,7 +99,7 @@ def check_prompt_list(prompts: Any) -> tuple[str, ...]:
     return out
 
 
-def _attached_hooks(model: HookedTransformer) -> list[str]:
+def _attached_hooks(model: Model) -> list[str]:
     names = []
     for name, module in model.named_modules():
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
@@ -107,7 +107,7 @@ def _attached_hooks(model: HookedTransformer) -> list[str]:
     return names
 
 
-def warn_user_hooks(model: HookedTransformer) -> None:
+def warn_user_hooks(model: Model) -> None:
     """Warn (once per model) when hooks are attached before an analysis adds its own.
 
     Hooks that change activations break the identities scores rest on (layer scores no

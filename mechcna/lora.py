@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from mechcna._types import Tensor
 from mechcna.architecture import Architecture
-from mechcna.backend import HookedTransformer
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError
 from mechcna.evaluation import evaluate_accuracy
 from mechcna.prompts import prepare_prompts, single_token_ids
@@ -112,7 +112,7 @@ def _check_targets(targets: Iterable[str]) -> tuple[str, ...]:
     return out
 
 
-def _check_layers(model: HookedTransformer, layers: int | Iterable[int]) -> tuple[int, ...]:
+def _check_layers(model: Model, layers: int | Iterable[int]) -> tuple[int, ...]:
     arch = Architecture(model)
     items = (layers,) if isinstance(layers, int) else tuple(layers)
     if not items:
@@ -121,7 +121,7 @@ def _check_layers(model: HookedTransformer, layers: int | Iterable[int]) -> tupl
 
 
 def attach_lora(
-    model: HookedTransformer,
+    model: Model,
     layers: int | Iterable[int],
     targets: Sequence[str] = ("q", "v"),
     rank: int = 8,
@@ -157,7 +157,7 @@ def attach_lora(
     return adapters
 
 
-def merge_lora(model: HookedTransformer) -> HookedTransformer:
+def merge_lora(model: Model) -> Model:
     """Write every adapter into its weight (in place) and remove the parametrisations."""
     for block in model.blocks:
         attn = block.attn
@@ -184,7 +184,7 @@ class LoraResult:
         deltas: each adapted weight's merged change (``W_lora - W``), for re-applying it.
     """
 
-    model: HookedTransformer | None = field(repr=False)
+    model: Model | None = field(repr=False)
     layers: tuple[int, ...]
     losses: tuple[float, ...]
     accuracy_before: float
@@ -221,7 +221,7 @@ class LoraResult:
         )
         return fig
 
-    def apply_to(self, model: HookedTransformer) -> HookedTransformer:
+    def apply_to(self, model: Model) -> Model:
         """A copy of ``model`` with this run's weight changes added (e.g. to rebuild a LoRA
         model that a sweep did not keep)."""
         out = copy.deepcopy(model)
@@ -231,14 +231,14 @@ class LoraResult:
         return out
 
 
-def _loss(model: HookedTransformer, tokens: Tensor, pos: Tensor, target: Tensor) -> Tensor:
+def _loss(model: Model, tokens: Tensor, pos: Tensor, target: Tensor) -> Tensor:
     logits = model(tokens[:, : int(pos.max()) + 1])
     rows = torch.arange(len(tokens), device=tokens.device)
     return torch.nn.functional.cross_entropy(logits[rows, pos].float(), target)
 
 
 def lora_finetune(
-    model: HookedTransformer,
+    model: Model,
     layers: int | Iterable[int],
     data: ArithmeticDataset,
     *,
@@ -382,7 +382,7 @@ class LoraSweep:
 
 
 def lora_layer_sweep(
-    model: HookedTransformer,
+    model: Model,
     layers: Iterable[int],
     data: ArithmeticDataset,
     *,

@@ -29,7 +29,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from mechcna._types import Float, Tensor
-from mechcna.backend import HookedTransformer
+from mechcna.backend import Model
 from mechcna.comparative import NeuronComparison, ReferenceScale, compare_neurons
 from mechcna.errors import MechcnaError
 from mechcna.prompts import Prompts
@@ -76,8 +76,8 @@ class LoraComparison:
 
 
 def compare_lora(
-    original: HookedTransformer,
-    lora_model: HookedTransformer,
+    original: Model,
+    lora_model: Model,
     prompts: Prompts,
     targets: str | Sequence[str] | Tensor | None = None,
     *,

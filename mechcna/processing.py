@@ -36,7 +36,7 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-from mechcna.backend import HookedTransformer
+from mechcna.backend import HookedTransformer, Model
 from mechcna.errors import WeightProcessingError
 from mechcna.models import WeightProcessing, get_processing
 
@@ -62,7 +62,7 @@ def _centred(w: torch.Tensor, dim: int = -1) -> bool:
     return bool(mean <= 1e-5 * w.abs().max())
 
 
-def infer_processing(model: HookedTransformer) -> WeightProcessing:
+def infer_processing(model: Model) -> WeightProcessing:
     """The weight processing applied to ``model``, read from its modules and weights.
 
     * ``fold_ln``: the block norms are ``LNPre``/``RMSPre`` (weights folded away);
@@ -98,9 +98,7 @@ def combine(recorded: WeightProcessing | None, inferred: WeightProcessing) -> We
     )
 
 
-def require_unprocessed(
-    model: HookedTransformer, analysis: str, steps: Iterable[Step] = ALL_STEPS
-) -> None:
+def require_unprocessed(model: Model, analysis: str, steps: Iterable[Step] = ALL_STEPS) -> None:
     """Refuse ``analysis`` on a model with any of ``steps`` applied, saying how to load it.
 
     Raises:

@@ -122,6 +122,19 @@ def check_token_ids(model: Model, tokens: Tensor) -> None:
         )
 
 
+def prompt_is_readable(model: Model, prompt: str) -> bool:
+    """Whether every word of ``prompt`` is in the vocabulary (no unknown token appears unless the
+    prompt spells it): datasets written for many models use this to drop, not score, prompts a
+    word-level model cannot read."""
+    tok = model.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    if tok is None or unk is None:
+        return True
+    if tok.unk_token and str(tok.unk_token) in prompt:
+        return True
+    return unk not in tok(prompt, add_special_tokens=False)["input_ids"]
+
+
 def _refuse_unknown(model: Model, prompt: str, row: Tensor) -> None:
     """A word the vocabulary lacks becomes the unknown token and would be scored silently."""
     tok = model.tokenizer

@@ -27,7 +27,7 @@ import plotly.graph_objects as go
 import torch
 
 from mechcna.architecture import Architecture
-from mechcna.backend import HookedTransformer
+from mechcna.backend import Model
 from mechcna.comparative import NeuronComparison
 from mechcna.errors import MechcnaError
 from mechcna.evaluation import evaluate_accuracy
@@ -54,7 +54,7 @@ def cna_keep_set(
 
 
 def random_keep_set(
-    model: HookedTransformer, layers: Iterable[int], n_keep: int, seed: int = 0
+    model: Model, layers: Iterable[int], n_keep: int, seed: int = 0
 ) -> list[Neuron]:
     """``n_keep`` FFN neurons of ``layers`` drawn uniformly without replacement."""
     arch = Architecture(model)
@@ -67,9 +67,7 @@ def random_keep_set(
     return [(layers[int(i) // arch.d_mlp], int(i) % arch.d_mlp) for i in pick]
 
 
-def prune_model(
-    model: HookedTransformer, keep: Sequence[Neuron], layers: Iterable[int]
-) -> HookedTransformer:
+def prune_model(model: Model, keep: Sequence[Neuron], layers: Iterable[int]) -> Model:
     """A copy of ``model`` with every FFN neuron of ``layers`` outside ``keep`` zeroed in the
     weights (its ``W_out`` row); ``model`` is unchanged."""
     return apply_to_weights(model, KeepNeurons(keep, tuple(layers)))
@@ -123,7 +121,7 @@ class PruningResult:
 
 
 def pruning_experiment(
-    model: HookedTransformer,
+    model: Model,
     comparison: NeuronComparison,
     layers: Iterable[int],
     lora_layer: int,

@@ -131,7 +131,7 @@ def test_bias_metric_by_hand():
 
 def test_bias_pipeline_on_tiny_model(kind):
     model = build(kind)
-    templates = ["a {g} works as a", "the work of a {g} is"]
+    templates = ["a {g} works as a", "the {g} works as a"]
     assert gender_prompts(templates, "man")[0] == "a man works as a"
     lp = profession_logprobs(model, ["nurse", "driver"], templates)
     assert lp.shape == (2, 2, 2)

@@ -46,10 +46,10 @@ def test_every_subcommand_has_one_invocation_and_an_example():
     assert core
     tested = {name for name, _ in INVOCATIONS}
     # subcommands registered by other modules (reproduce, ...) are tested next to their code
-    from mechcna.cli import analyses, arithmetic, runs
+    from mechcna.cli import analyses, arithmetic, papers, runs
 
     mine = {c.name for c in COMMANDS.values() if c.run.__module__ in
-            (analyses.__name__, arithmetic.__name__, runs.__name__)}  # fmt: skip
+            (analyses.__name__, arithmetic.__name__, runs.__name__, papers.__name__)}  # fmt: skip
     # train-arithmetic: tests/test_training.py::test_cli_train_arithmetic (a minute of training)
     assert mine == tested | {"train-arithmetic"}
     for cmd in COMMANDS.values():

@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from mechcna.backend import HookedTransformer
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError
 from mechcna.report import Provenance, Report
 
@@ -86,14 +86,14 @@ class Context:
 
     args: argparse.Namespace
     argv: Sequence[str]
-    _model: HookedTransformer | None = field(default=None, repr=False)
+    _model: Model | None = field(default=None, repr=False)
 
     @property
     def progress(self) -> bool:
         return not self.args.quiet
 
     @property
-    def model(self) -> HookedTransformer:
+    def model(self) -> Model:
         if self._model is None:
             from mechcna.models import load_model
 
@@ -204,7 +204,7 @@ def interventions_from(args: argparse.Namespace) -> list[Any]:
     return out
 
 
-def with_tokens(model: HookedTransformer, frame: pd.DataFrame) -> pd.DataFrame:
+def with_tokens(model: Model, frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` (with ``layer`` and ``neuron`` columns) plus each FFN neuron's top tokens."""
     from mechcna.plotting import neuron_top_tokens
 

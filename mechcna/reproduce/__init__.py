@@ -18,7 +18,7 @@ Example:
 from collections.abc import Callable
 from typing import Any, Literal
 
-from mechcna.backend import HookedTransformer
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError
 from mechcna.reproduce import arithmetic as arith
 from mechcna.reproduce import attribution as attr
@@ -50,7 +50,7 @@ __all__ = [
 
 
 def reproduce(
-    model: HookedTransformer,
+    model: Model,
     paper: Which = "both",
     *,
     quick: bool = False,

@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from mechcna.backend import HookedTransformer
+from mechcna.backend import Model
 from mechcna.comparative import cna_table, compare_neurons, lowest_neuron_table, mask_keep_table
 from mechcna.errors import MechcnaError
 from mechcna.evaluation import evaluate_accuracy
@@ -37,7 +37,7 @@ PAPER = "arithmetic"
 TABLE1_ORI = {"all": 74.8, "+": 96.8, "-": 94.4, "*": 56.6, "/": 51.4}
 
 
-def has_newline_token(model: HookedTransformer) -> bool:
+def has_newline_token(model: Model) -> bool:
     """Whether the model's tokenizer encodes ``"\\n"`` as one known token."""
     tok = model.tokenizer
     if tok is None:
@@ -76,7 +76,7 @@ def _subsample(dataset: ArithmeticDataset, n: int | None, seed: int) -> Arithmet
 
 
 # --------------------------------------------------------------------------- 1. data
-def arithmetic_stage(model: HookedTransformer, settings: ReproduceSettings) -> StageResult:
+def arithmetic_stage(model: Model, settings: ReproduceSettings) -> StageResult:
     """The held-out cases in the chosen prompt form and the baseline accuracy per cell
     (``data["dataset"]``)."""
     with stage("arithmetic_data", "Arithmetic data and baseline accuracy", PAPER) as st:
@@ -115,9 +115,7 @@ def top_head(sweep: HeadSweep, operations: list[str]) -> tuple[int, int]:
     return int(row["layer"]), int(row["head_index"])
 
 
-def head_stage(
-    model: HookedTransformer, data: ArithmeticDataset, settings: ReproduceSettings
-) -> StageResult:
+def head_stage(model: Model, data: ArithmeticDataset, settings: ReproduceSettings) -> StageResult:
     """The head sweep and the paper's head tables (``data["sweep"]``, ``data["head"]``)."""
     with stage("heads", "Arithmetic heads (Tables 1, 2, 3, 24-27)", PAPER) as st:
         cases = _subsample(data, settings.sweep_cases, settings.seed)
@@ -196,7 +194,7 @@ def _head_claims(
 
 # --------------------------------------------------------------------------- 3. CNA
 def cna_cases(
-    model: HookedTransformer, data: ArithmeticDataset, settings: ReproduceSettings
+    model: Model, data: ArithmeticDataset, settings: ReproduceSettings
 ) -> ArithmeticDataset:
     """The model's correct + and - cases of the smallest digit count (the paper's 1D+/-),
     at most ``cna_cases``."""
@@ -217,7 +215,7 @@ def _long(table: pd.DataFrame, papers: dict[str, dict[str, float]]) -> pd.DataFr
 
 
 def cna_stage(
-    model: HookedTransformer,
+    model: Model,
     data: ArithmeticDataset,
     head: tuple[int, int],
     settings: ReproduceSettings,
@@ -236,7 +234,7 @@ def cna_stage(
 
 def _cna_tables(
     st: StageBuilder,
-    model: HookedTransformer,
+    model: Model,
     cases: ArithmeticDataset,
     head: tuple[int, int],
     settings: ReproduceSettings,
@@ -306,7 +304,7 @@ def _cna_claims(
 
 
 # --------------------------------------------------------------------------- 4. shallow
-def operand_tokens_table(model: HookedTransformer, layer: int) -> pd.DataFrame:
+def operand_tokens_table(model: Model, layer: int) -> pd.DataFrame:
     """Table 7: the top-10 tokens of the operands "3" and "5" before and after attention layer
     ``layer`` (full-layer VO, scale 1), with their number/operation concept counts."""
     concepts = set(concept_tokens(model))
@@ -332,7 +330,7 @@ def operand_tokens_table(model: HookedTransformer, layer: int) -> pd.DataFrame:
 
 
 def zero_shot_table(
-    model: HookedTransformer,
+    model: Model,
     cases: ArithmeticDataset,
     layer: int,
     settings: ReproduceSettings,
@@ -347,7 +345,7 @@ def zero_shot_table(
         thresholds=thresholds,
     )  # fmt: skip
 
-    def evaluate(m: HookedTransformer, interventions: list[Intervention]) -> float:
+    def evaluate(m: Model, interventions: list[Intervention]) -> float:
         return evaluate_accuracy(m, cases, interventions, progress=False).accuracy
 
     table = mask_experiment(model, search, evaluate, seed=settings.seed).to_frame()
@@ -359,7 +357,7 @@ def zero_shot_table(
 
 
 def shallow_stage(
-    model: HookedTransformer,
+    model: Model,
     cases: ArithmeticDataset,
     head: tuple[int, int],
     settings: ReproduceSettings,

@@ -31,7 +31,7 @@ from mechcna.attribution import (
     layer_importance,
     neuron_importance,
 )
-from mechcna.backend import HookedTransformer
+from mechcna.backend import Model
 from mechcna.interventions import AttentionNeuronEdit, Intervention, NeuronEdit, intervene
 from mechcna.methods import comparison_scores, evaluate_methods
 from mechcna.prompts import prepare_prompts, single_token_id
@@ -64,7 +64,7 @@ def _type_rows(data: KnowledgeDataset) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------- 1. data
-def knowledge_stage(model: HookedTransformer, settings: ReproduceSettings) -> StageResult:
+def knowledge_stage(model: Model, settings: ReproduceSettings) -> StageResult:
     """The knowledge prompts, the paper's filter on this model, and the prompts kept for the
     neuron-level stages (``data["dataset"]``; at most ``prompts_per_type`` per type)."""
     with stage("knowledge", "Knowledge prompts and the paper's filter", PAPER) as st:
@@ -98,7 +98,7 @@ def knowledge_stage(model: HookedTransformer, settings: ReproduceSettings) -> St
     return st.result()
 
 
-def _arithmetic_fallback(model: HookedTransformer, settings: ReproduceSettings) -> KnowledgeDataset:
+def _arithmetic_fallback(model: Model, settings: ReproduceSettings) -> KnowledgeDataset:
     cases = arithmetic_dataset(
         ("+", "-"), 1, 4, n_pairs=4 * settings.prompts_per_type, tokenizer=model,
         seed=settings.seed,
@@ -124,7 +124,7 @@ def _upper_share(counts: np.ndarray) -> float:
 
 
 def value_neuron_stage(
-    model: HookedTransformer, data: KnowledgeDataset, settings: ReproduceSettings
+    model: Model, data: KnowledgeDataset, settings: ReproduceSettings
 ) -> StageResult:
     """FFN and attention value-neuron importance of every prompt (``data["ffn"]``,
     ``data["attention"]``), their layer histograms (Figure 2) and attention vs FFN layer
@@ -203,9 +203,7 @@ def _attention_vs_ffn(scores: torch.Tensor, data: KnowledgeDataset) -> pd.DataFr
 
 
 # ------------------------------------------------------------------------------- 3. methods
-def method_stage(
-    model: HookedTransformer, data: KnowledgeDataset, settings: ReproduceSettings
-) -> StageResult:
+def method_stage(model: Model, data: KnowledgeDataset, settings: ReproduceSettings) -> StageResult:
     """The 8-method comparison (ATTR Table 2), paper columns beside ours."""
     title = "Eight scoring methods (Table 2)"
     if not len(data):
@@ -254,7 +252,7 @@ def _method_bars(table: pd.DataFrame) -> go.Figure:
 
 # ------------------------------------------------------------------------------- 4. zeroing
 def target_stats(
-    model: HookedTransformer, tokens: torch.Tensor, target: int, interventions: list[Intervention]
+    model: Model, tokens: torch.Tensor, target: int, interventions: list[Intervention]
 ) -> tuple[float, float]:
     """Reciprocal rank and probability of ``target`` at the last of ``tokens`` (``[pos]``)."""
     with torch.no_grad(), intervene(model, *interventions):
@@ -282,7 +280,7 @@ def _random_attention(
 
 
 def zeroing_effects(
-    model: HookedTransformer,
+    model: Model,
     data: KnowledgeDataset,
     ffn: NeuronImportance,
     att: AttentionNeuronImportance,
@@ -326,7 +324,7 @@ def _decrease(frame: pd.DataFrame, before: str, after: str) -> float:
 
 
 def intervention_stage(
-    model: HookedTransformer,
+    model: Model,
     data: KnowledgeDataset,
     ffn: NeuronImportance | None,
     att: AttentionNeuronImportance | None,

@@ -19,7 +19,7 @@ from mechcna.attribution import (
     layer_importance,
     neuron_importance,
 )
-from mechcna.backend import HookedTransformer
+from mechcna.backend import Model
 from mechcna.projection import top_tokens
 from mechcna.query import (
     attention_query_layers,
@@ -47,7 +47,7 @@ def mean_query_layer(shares: torch.Tensor) -> float:
 
 
 def query_stage(
-    model: HookedTransformer,
+    model: Model,
     data: KnowledgeDataset,
     ffn: NeuronImportance | None,
     att: AttentionNeuronImportance | None,
@@ -144,7 +144,7 @@ def _top_labels(shares: torch.Tensor, k: int = 5) -> str:
 
 
 def walkthrough_stage(
-    model: HookedTransformer,
+    model: Model,
     data: KnowledgeDataset,
     ffn: NeuronImportance | None = None,
     att: AttentionNeuronImportance | None = None,

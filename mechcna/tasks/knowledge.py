@@ -31,9 +31,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mechcna.backend import HookedTransformer
+from mechcna.backend import Model
 from mechcna.errors import MechcnaError, TokenizationError
-from mechcna.prompts import prepare_prompts, single_token_id
+from mechcna.prompts import prepare_prompts, prompt_is_readable, single_token_id
 
 KnowledgeType = Literal["language", "capital", "country", "color", "number", "month"]
 KNOWLEDGE_TYPES: tuple[str, ...] = ("language", "capital", "country", "color", "number", "month")
@@ -283,7 +283,7 @@ class KnowledgeFilter:
 
 
 def filter_knowledge(
-    model: HookedTransformer,
+    model: Model,
     dataset: KnowledgeDataset | None = None,
     *,
     top_k: int = 1,
@@ -318,11 +318,18 @@ def filter_knowledge(
     starts = range(0, len(dataset), batch_size)
     for start in tqdm(starts, desc="knowledge filter", disable=not progress):
         chunk = dataset[start : start + batch_size]
-        batch = prepare_prompts(model, chunk.prompts)
-        with torch.no_grad():
-            logits = model(batch.tokens)[batch.batch_index, batch.positions].float()
-        for item, row in zip(chunk, logits, strict=True):
-            rows.append(_judge(model, item, row, ids, dataset, top_k))
+        readable = [prompt_is_readable(model, p) for p in chunk.prompts]
+        texts = [p for p, ok in zip(chunk.prompts, readable, strict=True) if ok]
+        scored = iter(())
+        if texts:
+            batch = prepare_prompts(model, texts)
+            with torch.no_grad():
+                scored = iter(model(batch.tokens)[batch.batch_index, batch.positions].float())
+        for item, ok in zip(chunk, readable, strict=True):
+            if ok:
+                rows.append(_judge(model, item, next(scored), ids, dataset, top_k))
+            else:  # a word-level tokenizer without some of the prompt's words
+                rows.append(_unreadable(item, ids))
     frame = pd.DataFrame(rows)
     kept = tuple(
         p for p, ok in zip(dataset, frame["kept"] if len(frame) else [], strict=True) if ok
@@ -330,8 +337,23 @@ def filter_knowledge(
     return KnowledgeFilter(KnowledgeDataset(kept), frame, str(model.cfg.model_name), top_k)
 
 
+def _unreadable(item: KnowledgePrompt, ids: dict[str, int]) -> dict:
+    return {
+        "type": item.type,
+        "prompt": item.prompt,
+        "answer": item.answer,
+        "answer_id": ids[item.answer],
+        "rank": -1,
+        "prob": float("nan"),
+        "top1": "",
+        "beats_type": False,
+        "kept": False,
+        "reason": "prompt has words outside the vocabulary",
+    }
+
+
 def _judge(
-    model: HookedTransformer,
+    model: Model,
     item: KnowledgePrompt,
     logits: torch.Tensor,
     ids: dict[str, int],
