@@ -4,10 +4,12 @@ A :class:`RowStore` holds, for one layer's neurons, the centred vocabulary direc
 ``U[k] = W[k] @ M - centre[k]`` of the rows computed so far, with each row's exact ``radius``
 (half its range over the vocabulary) and ``centre``. Rows are stored
 
-* at half precision for float32 models: ``float16(U[k] / radius[k])`` (values in
-  ``[-1, 1]``), so a stored row differs from the exact one by at most
-  ``eta[k] = radius[k] * 2**-11`` per entry (:meth:`RowStore.eta`; the engine's bound adds the
-  effect of this rounding, see :mod:`mechcna.engine`);
+* in 16 bits for float32 models, scaled to ``[-1, 1]`` by the radius: as 16-bit fixed point
+  (``int16``, the default: ``round(32767 * U[k] / radius[k])``, so a stored row differs from the
+  exact one by at most ``eta[k] = 0.51 * radius[k] / 32767`` per entry, the 0.01 covering the
+  float32 rounding of the scaling) or as ``float16(U[k] / radius[k])`` (``eta[k] = radius[k] *
+  2**-11``, 32 times coarser; kept for tests and for files of the previous format). The engine's
+  bound adds the effect of this rounding (:meth:`RowStore.eta`, :mod:`mechcna.engine`);
 * at full precision otherwise (``eta = 0``).
 
 **Disk cache.** With a directory, the rows live in a sparse file ``<key>.rows`` mapped into
@@ -56,7 +58,10 @@ def disk_limit() -> int:
     return parse_bytes(env) if env else DEFAULT_DISK_BYTES
 
 
-_NP = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+_NP = {torch.int16: np.int16, torch.float16: np.float16, torch.float32: np.float32,
+       torch.float64: np.float64}  # fmt: skip
+#: stored value per unit of ``U / radius`` for the rounded storage formats
+LEVELS = {torch.int16: 32767.0, torch.float16: 1.0}
 
 
 class RowStore:
@@ -73,6 +78,7 @@ class RowStore:
         self.n_rows, self.d_vocab = n_rows, d_vocab
         self.storage, self.dtype = storage, dtype
         self.normalised = storage != dtype
+        self.levels = LEVELS[storage] if self.normalised else 1.0
         self.path = path
         self.known: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
         self.radius: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=dtype)
@@ -90,7 +96,7 @@ class RowStore:
     def _open_file(self) -> None:
         assert self.path is not None
         rows = self.path.with_suffix(".rows")
-        size = self.n_rows * self.d_vocab * torch.finfo(self.storage).bits // 8
+        size = self.n_rows * self.d_vocab * self.storage.itemsize
         fresh = not rows.exists()
         if fresh or rows.stat().st_size != size:
             with open(rows, "ab") as f:  # a sparse file: untouched rows take no disk
@@ -110,10 +116,10 @@ class RowStore:
     @property
     def memory_bytes(self) -> int:
         """Anonymous memory held (0 for a file-backed store: its pages are page cache)."""
-        exact = int(self.exact_known.sum()) * self.d_vocab * torch.finfo(self.dtype).bits // 8
+        exact = int(self.exact_known.sum()) * self.d_vocab * self.dtype.itemsize
         if self._map is not None:
             return exact
-        return exact + int(self.known.sum()) * self.d_vocab * torch.finfo(self.storage).bits // 8
+        return exact + int(self.known.sum()) * self.d_vocab * self.storage.itemsize
 
     def release(self) -> None:
         self._U, self._map, self._exact = None, None, None
@@ -138,25 +144,53 @@ class RowStore:
         """Per-entry bound on ``|stored row - exact row|`` for rows ``idx``."""
         if not self.normalised:
             return torch.zeros(len(idx), dtype=self.dtype)
+        if self.storage == torch.int16:
+            return self.radius[idx] * (0.51 / self.levels)
         from mechcna.static import unit_roundoff
 
         return self.radius[idx] * unit_roundoff(self.storage)
 
-    def fill(self, idx: Int[Tensor, " n"], rows: Float[Tensor, "n d_vocab"]) -> None:
-        """Store exact rows ``rows`` (uncentred ``W @ M``) at indices ``idx``."""
+    def step(self, idx: Int[Tensor, " n"] | slice) -> Float[Tensor, " n"]:
+        """Per-row factor from a stored value to the centred row (``radius / levels``)."""
+        if not self.normalised:
+            return torch.ones(len(self.radius[idx]), dtype=self.dtype)
+        return self.radius[idx] / self.levels
+
+    def fill(
+        self, idx: Int[Tensor, " n"], rows: Float[Tensor, "n d_vocab"], chunk: int = 64
+    ) -> None:
+        """Store exact rows ``rows`` (uncentred ``W @ M``) at indices ``idx``.
+
+        Works ``chunk`` rows at a time (a few MB, in cache) and writes a contiguous run of
+        indices as one slice. A file-backed store's rows go to a shared mapping, so any other
+        process sees them in the page cache before the metadata that marks them valid."""
         if len(idx) == 0:
             return
-        hi, lo = rows.max(-1).values, rows.min(-1).values
+        idx = idx.cpu()
+        lo, hi = torch.aminmax(rows, dim=-1)
         centre, radius = (hi + lo) / 2, (hi - lo) / 2
-        U = rows - centre[:, None]
-        if self.normalised:
-            U = U / radius.clamp_min(torch.finfo(self.dtype).tiny)[:, None]
-        self._tensor()[idx.cpu()] = U.to(self.storage).cpu()
+        target = self._tensor()
+        first = int(idx[0])
+        run = bool((idx == torch.arange(first, first + len(idx))).all())
+        div = radius.clamp_min(torch.finfo(self.dtype).tiny)[:, None] / self.levels
+        for i in range(0, len(idx), chunk):
+            U = rows[i : i + chunk] - centre[i : i + chunk, None]
+            if self.normalised:
+                U.div_(div[i : i + chunk]).clamp_(-self.levels, self.levels)
+            if self.storage == torch.int16:
+                U.round_()
+            if run:
+                target[first + i : first + i + len(U)].copy_(U)
+            else:
+                target[idx[i : i + chunk]] = U.to(self.storage).cpu()
         self.radius[idx], self.centre[idx] = radius.cpu(), centre.cpu()
         self.known[idx] = True
         if self._map is not None:
-            self._map.flush()
             self._save_meta()
+
+    def stored(self, idx: Int[Tensor, " n"] | slice) -> Tensor:
+        """Rows ``idx`` as stored (divided by their radius when rounded), in the storage dtype."""
+        return self._tensor()[idx if isinstance(idx, slice) else idx.cpu()]
 
     def get(self, idx: Int[Tensor, " n"] | slice) -> Float[Tensor, "n d_vocab"]:
         """Centred rows ``idx`` (all must be known) in the compute dtype."""
@@ -164,7 +198,7 @@ class RowStore:
         if not self.normalised:
             return rows.to(self.dtype)
         U = rows.to(self.dtype)
-        return U.mul_(self.radius[idx][:, None])
+        return U.mul_(self.step(idx)[:, None])
 
     # ------------------------------------------------------------------ metadata on disk
     def _meta(self) -> Path:

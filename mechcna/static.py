@@ -11,7 +11,7 @@ key, and an edit that is undone gives the old key back.
   times ``W_U``) and the static data of the range bound used by :mod:`mechcna.engine`.
 * :class:`~mechcna.rows.RowStore`: the rows of one layer's block, computed on demand
   (only the neurons the engine cannot certify from the first two cumulants need them),
-  stored at half precision for float32 models and, optionally, in a memory-mapped file.
+  stored in 16 bits for float32 models and, optionally, in a memory-mapped file.
 * :class:`BlockCache`: the in-memory cache, within a byte budget sized from the machine's
   free memory (:func:`default_budget`), with a scan-resistant eviction order.
 
@@ -45,12 +45,14 @@ from mechcna.projection import DirectionBlock, compute_dtype, direction_block
 from mechcna.rows import RowStore, default_disk_dir, open_row_store
 
 MIN_BUDGET = 256 * 2**20
-FORMAT = "mechcna-rows-1"
+FORMAT = "mechcna-rows-2"
 
 _HASHES = WeakIdKeyDictionary()
 
 
-def _tensor_state(t: Tensor) -> tuple:
+def tensor_state(t: Tensor) -> tuple:
+    """What identifies a tensor's current values cheaply: address, version counter, layout and
+    a 64-element probe (which catches writes through ``.data`` that bypass the counter)."""
     flat = t.detach().reshape(-1)
     step = max(1, flat.numel() // 64)
     probe = float(flat[::step].double().sum()) if flat.numel() else 0.0
@@ -59,7 +61,7 @@ def _tensor_state(t: Tensor) -> tuple:
 
 def tensor_hash(t: Tensor) -> str:
     """BLAKE2b hash of a tensor's shape, dtype and bytes (memoised per object and version)."""
-    state = _tensor_state(t)
+    state = tensor_state(t)
     memo = _HASHES.get(t)
     if memo is not None and memo[0] == state:
         return memo[1]
@@ -181,8 +183,8 @@ class BlockCache:
         budget: the most bytes of rows and blocks kept in memory (default
             :func:`default_budget`; 0 keeps nothing: rows are recomputed per call and memory
             stays bounded, "streaming").
-        half: store rows at half precision (float16, each row scaled by its radius) for
-            float32 models; float64 models always keep full precision.
+        half: store rows in 16 bits (fixed point, each row scaled by its radius, see
+            :mod:`mechcna.rows`) for float32 models; float64 models always keep full precision.
         disk: a directory for memory-mapped row files, ``False`` for none, ``None`` for the
             default (:func:`mechcna.rows.default_disk_dir`; off when ``MECHCNA_DISK_CACHE=0``).
     """
@@ -240,7 +242,7 @@ class BlockCache:
             return store
         self.misses += 1
         half = self.half and dtype == torch.float32
-        storage = torch.float16 if half else dtype
+        storage = torch.int16 if half else dtype
         store = open_row_store(key[-1], n_rows, d_vocab, storage, dtype, self.disk)
         self._admit(key, store, slot)
         return store
@@ -249,7 +251,7 @@ class BlockCache:
         """Whether all of ``store``'s rows fit (a file-backed store always does)."""
         if store.path is not None:
             return True
-        full = store.n_rows * store.d_vocab * torch.finfo(store.storage).bits // 8
+        full = store.n_rows * store.d_vocab * store.storage.itemsize
         return self.nbytes - store.memory_bytes + full <= self.budget
 
     def settle(self) -> None:

@@ -117,7 +117,7 @@ def test_budget_parsing_and_environment(monkeypatch):
 
 def test_sequential_scans_do_not_thrash():
     model = build("llama")
-    layer_bytes = model.cfg.d_mlp * model.cfg.d_vocab * 2  # float16 rows
+    layer_bytes = model.cfg.d_mlp * model.cfg.d_vocab * 2  # 16-bit rows
     cache = BlockCache(budget=int(2.5 * layer_bytes), disk=False)
     neuron_importance(model, PROMPTS[:1], cache=cache)
     assert cache.nbytes <= cache.budget
@@ -130,14 +130,13 @@ def test_sequential_scans_do_not_thrash():
 
 
 # ---------------------------------------------------------------------------- half precision
-def _rows(dtype, n_rows=60, d=12, V=300, seed=0, half=True, scale=1.0):
+def _rows(dtype, n_rows=60, d=12, V=300, seed=0, half=True, scale=1.0, storage=torch.int16):
     g = torch.Generator().manual_seed(seed)
     M = torch.randn(d, V, generator=g, dtype=torch.float64)
     W = torch.randn(n_rows, d, generator=g, dtype=torch.float64) * scale
     model_like = type("P", (), {})()
     del model_like
-    storage = torch.float16 if half else dtype
-    store = RowStore(n_rows, V, storage, dtype)
+    store = RowStore(n_rows, V, storage if half else dtype, dtype)
     from mechcna.static import Projector
 
     proj = Projector(M.to(dtype), "k")
@@ -154,10 +153,11 @@ def _exact(z, M, W, a, w):
     return out
 
 
+@pytest.mark.parametrize("storage", [torch.int16, torch.float16])
 @pytest.mark.parametrize("fill", [True, False])
-def test_half_precision_rows_stay_within_tol(fill):
-    """float32 compute with float16 rows: every score within tol of the exact value."""
-    rows, M, W = _rows(torch.float32)
+def test_half_precision_rows_stay_within_tol(fill, storage):
+    """float32 compute with 16-bit rows: every score within tol of the exact value."""
+    rows, M, W = _rows(torch.float32, storage=storage)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(3, M.shape[1], generator=g, dtype=torch.float64) * 2
     a = torch.randn(3, 2, W.shape[0], generator=g, dtype=torch.float64)
@@ -171,7 +171,24 @@ def test_half_precision_rows_stay_within_tol(fill):
         assert 0 < stats.exact < stats.scored
         assert float((got.double() - exact).abs().max()) <= tol + 2e-5
         assert bool(rows.store.known.all()) == fill  # without fill only needed rows are made
-    assert rows.store.normalised and rows.store.storage == torch.float16
+    assert rows.store.normalised and rows.store.storage == storage
+
+
+@pytest.mark.parametrize("storage", [torch.int16, torch.float16])
+def test_stored_rows_within_eta(storage):
+    """Every stored entry is within the store's eta of the exact centred row (the bound the
+    engine adds), for rows of very different scales and with constant rows."""
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(40, 3000, generator=g) * torch.logspace(-6, 3, 40)[:, None]
+    rows[3] = 2.5  # zero radius
+    store = RowStore(40, 3000, storage, torch.float32)
+    store.fill(torch.arange(15), rows[:15])  # a contiguous run is written as a slice
+    idx = torch.randperm(25, generator=g) + 15
+    store.fill(idx, rows[idx])
+    exact = rows.double() - (rows.double().amax(1) + rows.double().amin(1))[:, None] / 2
+    err = (store.get(torch.arange(40)).double() - exact).abs().amax(1)
+    assert bool((err <= store.eta(torch.arange(40)).double()).all())
+    assert float(err[3]) == 0.0
 
 
 @pytest.mark.parametrize("fill", [True, False])
@@ -258,9 +275,10 @@ def test_disk_cache_opt_out(monkeypatch, tmp_path):
     assert BlockCache(disk=False).disk is None
 
 
-def test_concurrent_writers_merge(tmp_path):
+@pytest.mark.parametrize("storage", [torch.int16, torch.float16])
+def test_concurrent_writers_merge(tmp_path, storage):
     V, n = 50, 40
-    stores = [RowStore(n, V, torch.float16, torch.float32, tmp_path / "k") for _ in range(2)]
+    stores = [RowStore(n, V, storage, torch.float32, tmp_path / "k") for _ in range(2)]
     rows = torch.randn(n, V)
 
     def write(store, part):
@@ -275,7 +293,7 @@ def test_concurrent_writers_merge(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    fresh = RowStore(n, V, torch.float16, torch.float32, tmp_path / "k")
+    fresh = RowStore(n, V, storage, torch.float32, tmp_path / "k")
     assert bool(fresh.known.all())
     centred = rows - (rows.max(1).values + rows.min(1).values)[:, None] / 2
     got = fresh.get(torch.arange(n))
