@@ -22,9 +22,11 @@ Run under the shared lock::
 """
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,13 @@ PROMPTS = [
     "3+5=",
     "The Eiffel Tower is in the city of",
 ]
+
+
+def scratch() -> str:
+    """A fresh disk-cache directory, deleted when the benchmark exits (up to 6 GB each)."""
+    path = tempfile.mkdtemp(prefix="mechcna-bench-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def many_prompts(n: int) -> list[str]:
@@ -97,7 +106,7 @@ def rss_child(mode: str, n: int) -> None:
     model = load_smollm2()
     cache = BlockCache(budget=0, disk=False) if mode == "streaming" else None
     if mode == "default":
-        cache = BlockCache(disk=tempfile.mkdtemp(prefix="mechcna-bench-"))
+        cache = BlockCache(disk=scratch())
     all_neurons(model, PROMPTS[:n], cache)
     all_neurons(model, PROMPTS[:n], cache)
     with open("/proc/self/status") as f:
@@ -144,7 +153,7 @@ def main() -> None:
           f"s/layer ({n_pos} positions); timed on layers {args.literal_layers}, scaled to the "
           f"{L} scored layers: {literal_s:.1f} s per prompt", flush=True)  # fmt: skip
 
-    disk = tempfile.mkdtemp(prefix="mechcna-bench-")
+    disk = scratch()
     cache = BlockCache(disk=disk)
     first_s, f1, a1 = all_neurons(model, [prompt], cache)
     print(f"first prompt, cold (default cache, empty disk dir): {first_s:.1f} s -> "
@@ -172,9 +181,9 @@ def main() -> None:
           flush=True)  # fmt: skip
 
     if args.amortised:
-        prompts = many_prompts(args.amortised)
-        cold = BlockCache(disk=tempfile.mkdtemp(prefix="mechcna-bench-"))
-        am_s, fa, _ = all_neurons(model, prompts, cold)
+        prompts = [prompt, *many_prompts(args.amortised - 1)]
+        cold = BlockCache(disk=scratch())
+        am_s, fa, aa = all_neurons(model, prompts, cold)
         lit_prompts = sum(
             L * (per_layer["ffn"] + per_layer["attn"] * len(model.to_tokens(p)[0]) / n_pos)
             for p in prompts
@@ -182,9 +191,15 @@ def main() -> None:
         print(f"{len(prompts)} prompts, cold cache included: {am_s:.1f} s; literal (scaled "
               f"by positions) {lit_prompts:.0f} s -> {lit_prompts / am_s:.1f}x",
               flush=True)  # fmt: skip
-        same = fa.scores[0] - f1.scores[0] if prompts[0] == prompt else None
-        if same is not None:
-            print(f"batched vs single prompt, max |diff| {float(same.abs().max()):.2e}")
+        print(f"  certified FFN {fa.stats.certified_fraction:.3f} attention "
+              f"{aa.stats.certified_fraction:.3f}", flush=True)  # fmt: skip
+        if prompts[0] == prompt:
+            same = float((fa.scores[0] - f1.scores[0]).abs().max())
+            lit_err = max(
+                float((fa.scores[0, l] - lit["ffn"][l]).abs().max()) for l in args.literal_layers
+            )
+            print(f"  prompt 0 in the batch: max |diff| vs single prompt {same:.2e}, vs literal "
+                  f"(FFN, timed layers) {lit_err:.2e}", flush=True)  # fmt: skip
 
     if args.check_all_ffn:
         t = time.perf_counter()
@@ -198,6 +213,7 @@ def main() -> None:
         print(f"top-100 FFN: {len(top_ref & top_fast)} of 100 shared; max |diff| "
               f"{float((f1.scores[0] - ref).abs().max()):.2e}", flush=True)  # fmt: skip
 
+    print(f"load at end {os.getloadavg()}", flush=True)
     if not args.skip_rss:
         for mode in ("default", "streaming"):
             out = subprocess.run(
