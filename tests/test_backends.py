@@ -282,3 +282,24 @@ def test_weight_edits_on_bridges_equal_hooks(checkpoint):
     with torch.no_grad():
         by_weights = apply_to_weights(processed, edit)(tokens)
     assert float((by_weights - by_hooks).abs().max()) <= TOL
+
+
+def test_gguf_file_on_bridge(tmp_path, monkeypatch):
+    """A (tiny, Q8_0) GGUF file loads as a bridge offline: equal to the transformers model,
+    with its dequantisation recorded."""
+    from mechcna import get_provenance
+    from tests.test_gguf import _tiny_llama, assert_matches_transformers, write_gguf
+
+    monkeypatch.setenv("MECHCNA_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "tiny").mkdir()
+    path = write_gguf(tmp_path / "tiny" / "tiny.Q8_0.gguf", _tiny_llama())
+    bridge = load_model(path, device="cpu", backend="bridge")
+    assert backend_of(bridge) == "bridge"
+    assert_matches_transformers(bridge, path)
+    source = get_provenance(bridge)
+    assert source is not None
+    assert (source.format, source.quantization, source.dequantized) == ("gguf", "Q8_0", True)
+    if hooked_available():  # the same record as the HookedTransformer's
+        hooked = get_provenance(load_model(path, device="cpu"))
+        assert hooked is not None
+        assert (hooked.sha256, hooked.tensor_types) == (source.sha256, source.tensor_types)
