@@ -136,15 +136,20 @@ def test_header_is_read_without_tensors(tiny_gguf):
     assert dict(header.tensor_types) == {"Q8_0": 15, "F32": 5}
 
 
-def test_tiny_gguf_matches_transformers_and_is_cached(tiny_gguf, cache):
+def assert_matches_transformers(model, path) -> None:
+    """``model`` gives the logits of the ``transformers`` model of the GGUF file ``path``."""
     hf = AutoModelForCausalLM.from_pretrained(
-        str(tiny_gguf.parent), gguf_file=tiny_gguf.name, dtype=torch.float32
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()
-    model = load_model(tiny_gguf.parent, device="cpu")  # the folder holding one file
     tokens = torch.randint(0, len(TOKENS), (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
     check_model(model)
+
+
+def test_tiny_gguf_matches_transformers_and_is_cached(tiny_gguf, cache):
+    model = load_model(tiny_gguf.parent, device="cpu")  # the folder holding one file
+    assert_matches_transformers(model, tiny_gguf)
     source = get_provenance(model)
     assert source is not None
     assert (source.format, source.quantization, source.dequantized) == ("gguf", "Q8_0", True)
