@@ -95,11 +95,28 @@ def literal_layer(model, tokens, layer: int, kind: str):
 LAYERS: list[int] | None = None
 
 
+class Clock:
+    """Wall and CPU (process) time of a block; on a shared, loaded machine the CPU time of a
+    one-thread run is the fairer measure (other jobs stretch the wall time unevenly)."""
+
+    def __enter__(self):
+        self.t, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t
+        self.cpu = time.process_time() - self.c
+
+    def ratio(self, base: "Clock") -> str:
+        return (f"wall {self.wall:.2f} s -> {base.wall / self.wall:.1f}x, "
+                f"cpu {self.cpu:.2f} s -> {base.cpu / self.cpu:.1f}x")  # fmt: skip
+
+
 def all_neurons(model, prompts, cache):
-    t = time.perf_counter()
-    f = neuron_importance(model, prompts, cache=cache, layers=LAYERS)
-    a = attention_neuron_importance(model, prompts, cache=cache, layers=LAYERS)
-    return time.perf_counter() - t, f, a
+    with Clock() as clock:
+        f = neuron_importance(model, prompts, cache=cache, layers=LAYERS)
+        a = attention_neuron_importance(model, prompts, cache=cache, layers=LAYERS)
+    return clock, f, a
 
 
 def rss_child(mode: str, n: int) -> None:
@@ -142,22 +159,29 @@ def main() -> None:
     # literal method on a subset of layers, scaled to all layers
     lit = {"ffn": {}, "attn": {}}
     lit_t = {"ffn": [], "attn": []}
+    lit_c = {"ffn": [], "attn": []}
     for kind in ("ffn", "attn"):
         for l in args.literal_layers:
-            t = time.perf_counter()
-            lit[kind][l] = literal_layer(model, tokens, l, kind)
-            lit_t[kind].append(time.perf_counter() - t)
+            with Clock() as c:
+                lit[kind][l] = literal_layer(model, tokens, l, kind)
+            lit_t[kind].append(c.wall)
+            lit_c[kind].append(c.cpu)
     per_layer = {k: sum(v) / len(v) for k, v in lit_t.items()}
-    literal_s = L * (per_layer["ffn"] + per_layer["attn"])
-    print(f"literal: FFN {per_layer['ffn']:.2f} s/layer, attention {per_layer['attn']:.2f} "
-          f"s/layer ({n_pos} positions); timed on layers {args.literal_layers}, scaled to the "
-          f"{L} scored layers: {literal_s:.1f} s per prompt", flush=True)  # fmt: skip
+    per_layer_cpu = {k: sum(v) / len(v) for k, v in lit_c.items()}
+    literal = Clock()
+    literal.wall = L * (per_layer["ffn"] + per_layer["attn"])
+    literal.cpu = L * (per_layer_cpu["ffn"] + per_layer_cpu["attn"])
+    print(f"literal: FFN {per_layer['ffn']:.2f} s/layer (cpu {per_layer_cpu['ffn']:.2f}), "
+          f"attention {per_layer['attn']:.2f} s/layer (cpu {per_layer_cpu['attn']:.2f}) "
+          f"({n_pos} positions); timed on layers {args.literal_layers}, scaled to the "
+          f"{L} scored layers: wall {literal.wall:.1f} s, cpu {literal.cpu:.1f} s per prompt",
+          flush=True)  # fmt: skip
 
     disk = scratch()
     cache = BlockCache(disk=disk)
-    first_s, f1, a1 = all_neurons(model, [prompt], cache)
-    print(f"first prompt, cold (default cache, empty disk dir): {first_s:.1f} s -> "
-          f"{literal_s / first_s:.1f}x; certified FFN {f1.stats.certified_fraction:.3f} "
+    first, f1, a1 = all_neurons(model, [prompt], cache)
+    print(f"first prompt, cold (default cache, empty disk dir): {first.ratio(literal)}; "
+          f"certified FFN {f1.stats.certified_fraction:.3f} "
           f"attention {a1.stats.certified_fraction:.3f}", flush=True)  # fmt: skip
     err = 0.0
     for l in args.literal_layers:
@@ -166,40 +190,48 @@ def main() -> None:
         err = max(err, float((att - lit["attn"][l]).abs().max()))
     print(f"max |fast - literal| on the timed layers (FFN and attention): {err:.2e}", flush=True)
 
-    second_s, _, _ = all_neurons(model, [second], cache)
-    print(f"second single prompt: {second_s:.2f} s -> {literal_s / second_s:.1f}x", flush=True)
+    second_c, _, _ = all_neurons(model, [second], cache)
+    print(f"second single prompt: {second_c.ratio(literal)}", flush=True)
     warm = BlockCache(disk=disk)
-    warm_s, _, _ = all_neurons(model, [PROMPTS[2]], warm)
-    print(f"new session, warm from disk: {warm_s:.2f} s -> {literal_s / warm_s:.1f}x", flush=True)
-
-    stream_s, fs, ats = all_neurons(model, [prompt], BlockCache(budget=0, disk=False))
-    diff = max(
-        float((fs.scores - f1.scores).abs().max()), float((ats.scores - a1.scores).abs().max())
-    )
-    print(f"first prompt, streaming (budget 0, no disk): {stream_s:.1f} s -> "
-          f"{literal_s / stream_s:.1f}x; max |streaming - default| {diff:.2e}",
-          flush=True)  # fmt: skip
+    warm_c, _, _ = all_neurons(model, [PROMPTS[2]], warm)
+    print(f"new session, warm from disk: {warm_c.ratio(literal)}", flush=True)
+    print(f"load {os.getloadavg()}", flush=True)
 
     if args.amortised:
         prompts = [prompt, *many_prompts(args.amortised - 1)]
         cold = BlockCache(disk=scratch())
-        am_s, fa, aa = all_neurons(model, prompts, cold)
-        lit_prompts = sum(
-            L * (per_layer["ffn"] + per_layer["attn"] * len(model.to_tokens(p)[0]) / n_pos)
+        am, fa, aa = all_neurons(model, prompts, cold)
+        scale = sum(
+            (per_layer["ffn"] + per_layer["attn"] * len(model.to_tokens(p)[0]) / n_pos)
+            / (per_layer["ffn"] + per_layer["attn"])
             for p in prompts
         )
-        print(f"{len(prompts)} prompts, cold cache included: {am_s:.1f} s; literal (scaled "
-              f"by positions) {lit_prompts:.0f} s -> {lit_prompts / am_s:.1f}x",
+        lit_many = Clock()
+        lit_many.wall, lit_many.cpu = literal.wall * scale, literal.cpu * scale
+        print(f"{len(prompts)} prompts, cold cache included: {am.ratio(lit_many)} (literal "
+              f"scaled by positions: wall {lit_many.wall:.0f} s, cpu {lit_many.cpu:.0f} s)",
               flush=True)  # fmt: skip
         print(f"  certified FFN {fa.stats.certified_fraction:.3f} attention "
               f"{aa.stats.certified_fraction:.3f}", flush=True)  # fmt: skip
-        if prompts[0] == prompt:
-            same = float((fa.scores[0] - f1.scores[0]).abs().max())
-            lit_err = max(
-                float((fa.scores[0, l] - lit["ffn"][l]).abs().max()) for l in args.literal_layers
-            )
-            print(f"  prompt 0 in the batch: max |diff| vs single prompt {same:.2e}, vs literal "
-                  f"(FFN, timed layers) {lit_err:.2e}", flush=True)  # fmt: skip
+        same = float((fa.scores[0] - f1.scores[0]).abs().max())
+        fast = torch.cat([fa.scores[0, l] for l in args.literal_layers])
+        ref = torch.cat([lit["ffn"][l] for l in args.literal_layers])
+        fast_att = torch.cat([aa.scores[0, l, :n_pos].flatten() for l in args.literal_layers])
+        ref_att = torch.cat([lit["attn"][l] for l in args.literal_layers])
+        fast, ref = torch.cat([fast, fast_att]), torch.cat([ref, ref_att])
+        shared = len(set(fast.topk(100).indices.tolist()) & set(ref.topk(100).indices.tolist()))
+        print(f"  prompt 0 in the batch: max |diff| vs single prompt {same:.2e}; vs literal on "
+              f"the timed layers (FFN and attention neurons) max |diff| "
+              f"{float((fast - ref).abs().max()):.2e}, top-100 shared {shared} of 100",
+              flush=True)  # fmt: skip
+        print(f"load {os.getloadavg()}", flush=True)
+
+    stream, fs, ats = all_neurons(model, [prompt], BlockCache(budget=0, disk=False))
+    diff = max(
+        float((fs.scores - f1.scores).abs().max()), float((ats.scores - a1.scores).abs().max())
+    )
+    print(f"first prompt, streaming (budget 0, no disk): {stream.ratio(literal)}; "
+          f"max |streaming - default| {diff:.2e}", flush=True)  # fmt: skip
 
     if args.check_all_ffn:
         t = time.perf_counter()
