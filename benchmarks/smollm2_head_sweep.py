@@ -67,13 +67,15 @@ def main() -> None:
     step = max(1, len(all_heads) // args.baseline_heads)
     timed = all_heads[::step][: args.baseline_heads]
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     sweep = head_sweep(model, prompts, targets, batch_size=args.batch_size,
                        heads_per_pass=args.heads_per_pass, progress=False)  # fmt: skip
-    fast_s = time.perf_counter() - t
-    t = time.perf_counter()
+    fast_s, fast_c = time.perf_counter() - t, time.process_time() - c
+    print(f"head_sweep: wall {fast_s:.1f} s, cpu {fast_c:.1f} s", flush=True)
+    t, c = time.perf_counter(), time.process_time()
     correct, logprob = baseline(model, batch.tokens, batch.positions, target, timed)
     base_s = (time.perf_counter() - t) * len(all_heads) / len(timed)
+    base_c = (time.process_time() - c) * len(all_heads) / len(timed)
     idx = [all_heads.index(x) for x in timed]
     same_acc = torch.equal(sweep.correct[idx].float().mean(1), correct.float().mean(1))
     same_pred = torch.equal(sweep.correct[idx], correct)
@@ -83,9 +85,11 @@ def main() -> None:
         f"{float(sweep.base_correct.float().mean()):.3f}, {len(all_heads)} heads"
     )
     print(
-        f"head_sweep: {fast_s:.1f} s; batched hooks: {base_s:.1f} s (timed on {len(timed)} "
-        f"heads, scaled to {len(all_heads)}) -> {base_s / fast_s:.2f}x"
+        f"head_sweep: wall {fast_s:.1f} s, cpu {fast_c:.1f} s; batched hooks: wall {base_s:.1f} "
+        f"s, cpu {base_c:.1f} s (timed on {len(timed)} heads, scaled to {len(all_heads)}) -> "
+        f"wall {base_s / fast_s:.2f}x, cpu {base_c / fast_c:.2f}x"
     )
+    print(f"load {os.getloadavg()}")
     print(f"identical accuracies {same_acc}, identical correctness {same_pred}, "
           f"max |d log p| {diff:.1e}")  # fmt: skip
 
