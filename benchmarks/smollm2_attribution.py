@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ def scratch() -> str:
     """A fresh disk-cache directory, deleted when the benchmark exits (up to 6 GB each)."""
     path = tempfile.mkdtemp(prefix="mechcna-bench-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` also cleans up
     return path
 
 
