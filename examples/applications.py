@@ -72,6 +72,9 @@ SETTINGS = {
         groups={"1-9": range(1, 10), "10-16": range(10, 17), "17-29": range(17, 30)},
     ),
 }  # fmt: skip
+# the same on 2-digit multiplication, which the shipped model half knows (0.60 held-out
+# accuracy), unlike negative differences, which it never saw in training
+SETTINGS["shipped-mul"] = SETTINGS["shipped"] | {"model": "shipped", "operations": ["*"]}
 
 
 def load(name: str):
@@ -117,10 +120,10 @@ def main(argv=None) -> int:
     walls: dict[str, float] = {}
     tables: dict[str, pd.DataFrame] = {}
     t0 = time.perf_counter()
-    model = load(args.model)
+    model = load(s.get("model", args.model))
     walls["load"] = time.perf_counter() - t0
     data_kw = dict(tokenizer=model, nonnegative_subtraction=False, templates=s["templates"])
-    ops = ["+", "-"]
+    ops = s.get("operations", ["+", "-"])
     train = mechcna.arithmetic_dataset(
         ops, 2, n_pairs=s["train_pairs"], split="train", seed=1, **data_kw
     )
@@ -207,7 +210,7 @@ def main(argv=None) -> int:
 
 def _bias(args, model, test, tables, results, walls) -> None:
     t0 = time.perf_counter()
-    if args.model == "shipped":
+    if args.model.startswith("shipped"):
         templates = occupations.TEMPLATES
         probs = arithmetic_problems(["+", "-"], 2, n_pairs=20, split="heldout", seed=5)
         neutral = [
