@@ -156,6 +156,7 @@ def main(argv=None) -> int:
         results["lora_settings"] = sweep.runs[0].settings
         emit("## Figure 2\noriginal accuracy", round(sweep.original_accuracy, 3))
         emit(md(fig2))
+        _save(out, tables, results, walls)  # kept if a later stage is cut short
     else:
         sweep = torch.load(out / "lora_sweep.pt", weights_only=False)
     best = max(sweep.runs, key=lambda r: r.accuracy_after)
@@ -181,6 +182,7 @@ def main(argv=None) -> int:
         emit(md(t9))
         emit("## Table 10 (% coefficient increase of the top-K CNA neurons)")
         emit(md(t10, index=True))
+        _save(out, tables, results, walls)  # kept if a later stage is cut short
     if "prune" in stages:
         t0 = time.perf_counter()
         lora_model = best.apply_to(model)
@@ -207,6 +209,7 @@ def main(argv=None) -> int:
             f"{100 * res.pruned_share:.1f}% of layers {res.layers}; {len(prune_ds)} CNA cases)"
         )
         emit(md(t11))
+        _save(out, tables, results, walls)  # kept if a later stage is cut short
         del lora_model
     if "bias" in stages:
         _bias(args, model, test, tables, results, walls)
@@ -261,9 +264,9 @@ def _bias(args, model, test, tables, results, walls) -> None:
     emit(md(gaps, index=True))
 
 
-def _finish(out, model, tables, results, walls, sweep) -> int:
-    """Merge this stage's numbers into ``results.json`` and rebuild the report from every
-    stage's CSVs (stages may run as separate processes)."""
+def _save(out, tables, results, walls) -> dict:
+    """Merge the numbers so far into ``results.json`` (stages may run as separate processes)
+    and write each table's CSV."""
     path = out / "results.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     merged = old | results
@@ -271,6 +274,12 @@ def _finish(out, model, tables, results, walls, sweep) -> int:
     path.write_text(json.dumps(merged, indent=1, default=str))
     for name, t in tables.items():
         t.to_csv(out / f"{name}.csv")
+    return merged
+
+
+def _finish(out, model, tables, results, walls, sweep) -> int:
+    """Save, then rebuild the report from every stage's CSVs."""
+    merged = _save(out, tables, results, walls)
     every = {
         name: pd.read_csv(out / f"{name}.csv", index_col=0)
         for name in CAPTIONS
