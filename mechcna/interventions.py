@@ -42,7 +42,13 @@ from mechcna import backend
 from mechcna._types import Tensor, Tokens
 from mechcna.architecture import Architecture
 from mechcna.backend import Model
-from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError, PositionError
+from mechcna.errors import (
+    EmptyInputError,
+    InvalidOptionError,
+    MechcnaError,
+    PositionError,
+    UnsupportedArchitectureError,
+)
 from mechcna.hooks import hook_name
 from mechcna.inputs import as_int, pair
 from mechcna.processing import VALUE_BIAS, require_unprocessed
@@ -528,8 +534,32 @@ def apply_to_weights(model: Model, *interventions: Intervention) -> Model:
 
     Zeroing a head zeroes its ``W_O`` slice; zeroing a neuron zeroes its ``W_out`` row; mean
     ablation and ``set`` move the constant into the output bias. The original is untouched.
+    On a TransformerBridge the edited copy is checked against the same edits by hooks on a
+    short probe (a processed Llama bridge's weight properties are copies its forward pass
+    does not read: refused with :class:`UnsupportedArchitectureError`).
     """
     edited = backend.copy_model(model)
     for iv in interventions:
         iv.write_weights(edited)
+    if backend.is_bridge(model):
+        _check_written(model, edited, interventions)
     return edited
+
+
+def _check_written(model: Model, edited: Model, interventions: Sequence[Intervention]) -> None:
+    """A bridge's weight properties need not be the tensors its forward pass uses (a
+    processed Llama bridge hands out copies): compare the edited copy with the same edits by
+    hooks on a short probe, and refuse rather than return a silently unedited model."""
+    probe = (torch.arange(8, device=model.cfg.device) % model.cfg.d_vocab)[None]
+    with torch.no_grad():
+        by_weights = edited(probe)
+        with intervene(model, *interventions):
+            by_hooks = model(probe)
+    if not torch.allclose(by_weights, by_hooks, rtol=1e-4, atol=1e-4):
+        diff = float((by_weights - by_hooks).abs().max())
+        raise UnsupportedArchitectureError(
+            f"weight edits do not reach this TransformerBridge's forward pass (its processed "
+            f"weights are copies; logits differ from the same edits by hooks by {diff:.3g}): "
+            "apply the interventions with hooks (mechcna.intervene), or load the model "
+            "unprocessed (processing=mechcna.NO_PROCESSING)"
+        )
