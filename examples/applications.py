@@ -67,7 +67,7 @@ SETTINGS = {
     "smollm2": dict(
         # template 3 only: SmolLM2's tokenizer merges "=-" (template 4, negative answers) into
         # one token, and template 3 is the shortest sentence (CPU time per step)
-        layers=[1, 9, 24], templates=[3], train_pairs=300, test_pairs=20, steps=40,
+        layers=[1, 9, 24], templates=[3], train_pairs=300, test_pairs=16, steps=30,
         lr=2e-3, rank=8, batch_size=16, cna_cases=4, prune_layers=list(range(16, 30)), prune_k=60,
         prune_pairs=2, prune_templates=[4],
         groups={"1-9": range(1, 10), "10-16": range(10, 17), "17-29": range(17, 30)},
