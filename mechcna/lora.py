@@ -237,9 +237,16 @@ class LoraResult:
 
 
 def _loss(model: Model, tokens: Tensor, pos: Tensor, target: Tensor) -> Tensor:
-    logits = model(tokens[:, : int(pos.max()) + 1])
+    """Mean cross-entropy of each row's target at its scored position (right-padded rows).
+
+    Only the scored positions go through the final norm and the unembedding (on SmolLM2 the
+    49,152-token unembedding of every position is a fifth of a training step); equal to the
+    cross-entropy of the full logits at those positions (``tests/test_lora.py``)."""
+    resid = model(tokens[:, : int(pos.max()) + 1], stop_at_layer=model.cfg.n_layers)
     rows = torch.arange(len(tokens), device=tokens.device)
-    return torch.nn.functional.cross_entropy(logits[rows, pos].float(), target)
+    logits = model.unembed(model.ln_final(resid[rows, pos][:, None]))[:, 0]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 -> fp32
+    return torch.nn.functional.cross_entropy(logits, target)
 
 
 def lora_finetune(

@@ -36,6 +36,11 @@ INVOCATIONS = [
     ("report", ["--model", "{tiny}", "--prompt", "3+5=", "--k", "5"]),
     ("demo", ["--pairs", "3"]),
     ("reproduce", ["--paper", "arithmetic", "--quick"]),
+    ("lora", ["--layers", "0", "1", "--train-pairs", "4", "--test-pairs", "2", "--steps", "2",
+              "--cna-cases", "2", "--ks", "5", "2"]),
+    ("prune", ["--prune-layers", "3", "--k", "2", "--cna-pairs", "1", "--cna-templates", "4",
+               "--train-pairs", "4", "--test-pairs", "2", "--steps", "2"]),
+    ("bias", ["--random", "1", "--cost-pairs", "2"]),
 ]  # fmt: skip
 
 
@@ -46,10 +51,10 @@ def test_every_subcommand_has_one_invocation_and_an_example():
     assert core
     tested = {name for name, _ in INVOCATIONS}
     # subcommands registered by other modules (reproduce, ...) are tested next to their code
-    from mechcna.cli import analyses, arithmetic, papers, runs
+    from mechcna.cli import analyses, applications, arithmetic, papers, runs
 
-    mine = {c.name for c in COMMANDS.values() if c.run.__module__ in
-            (analyses.__name__, arithmetic.__name__, runs.__name__, papers.__name__)}  # fmt: skip
+    modules = (analyses, applications, arithmetic, papers, runs)
+    mine = {c.name for c in COMMANDS.values() if c.run.__module__ in [m.__name__ for m in modules]}
     # train-arithmetic: tests/test_training.py::test_cli_train_arithmetic (a minute of training)
     assert mine == tested | {"train-arithmetic"}
     for cmd in COMMANDS.values():
@@ -69,6 +74,8 @@ def test_subcommand(name, args, tiny, tmp_path, capsys):
     page = (out / "index.html").read_text()
     assert_self_contained(page, n_figures=page.count('<div id="figure-'))
     assert list(out.glob("table-*.csv"))
+    if name in ("lora", "prune", "bias"):  # the applications also write every number as JSON
+        assert json.loads((out / "results.json").read_text())
 
 
 def test_errors_are_one_line_with_status_2(tmp_path, capsys):
@@ -83,6 +90,10 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert "LAYER.NEURON" in capsys.readouterr().err
     assert main(["attribute", "--model", str(tmp_path / "nowhere"), "--prompt", "1"]) == 2
     assert "nowhere" in capsys.readouterr().err
+    assert main(["bias", "--template", "A person works as a"]) == 2
+    assert "{g}" in capsys.readouterr().err
+    assert main(["prune", "--prune-layers", "9"]) == 2  # refused before any training
+    assert "layer" in capsys.readouterr().err
 
 
 def test_out_is_checked_before_any_computation(tmp_path, capsys, monkeypatch):

@@ -94,6 +94,21 @@ def _data(model):
     )
 
 
+def test_loss_at_scored_positions_equals_cross_entropy_of_full_logits(kind):
+    from mechcna.lora import _loss
+    from mechcna.prompts import prepare_prompts, single_token_ids
+
+    model = build(kind, dtype=torch.float64)
+    data = _data(model)
+    batch = prepare_prompts(model, data.prompts[:12])
+    target = single_token_ids(model, data.targets[:12])
+    with torch.no_grad():
+        logits = model(batch.tokens)[batch.batch_index, batch.positions]
+        ref = -logits.log_softmax(-1).gather(-1, target[:, None]).mean()
+        fast = _loss(model, batch.tokens, batch.positions, target)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-10)
+
+
 def test_training_lowers_the_loss_and_leaves_the_input_model_alone(kind):
     model = build(kind)
     data = _data(model)

@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mechcna.cli.arithmetic",
     "mechcna.cli.runs",
     "mechcna.cli.papers",
+    "mechcna.cli.applications",
 )
 
 
