@@ -27,12 +27,14 @@ from typing import Literal
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 
 from mechcna._types import Float, Tensor
 from mechcna.backend import Model
 from mechcna.comparative import NeuronComparison, ReferenceScale, compare_neurons
 from mechcna.errors import MechcnaError
-from mechcna.prompts import Prompts
+from mechcna.interventions import prompt_lengths
+from mechcna.prompts import Prompts, prepare_prompts
 
 Direction = Literal["lora_minus_original", "original_minus_lora"]
 
@@ -64,10 +66,22 @@ class LoraComparison:
         return self.comparison.top(k, prompt=prompt)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per (prompt, layer, neuron): CNA score and both coefficients."""
-        frame = self.comparison.to_frame()
-        frame["m_original"] = self.coefficient_original.flatten().tolist()
-        frame["m_lora"] = self.coefficient_lora.flatten().tolist()
+        """One row per (prompt, layer, neuron): CNA score, both models' importances
+        (``imp_original``, ``imp_lora``) and coefficients (``m_original``, ``m_lora``), named
+        by model whatever the direction (the CNA's own ``M``/``M'`` columns are renamed)."""
+        first, second = (
+            ("lora", "original")
+            if self.direction == "lora_minus_original"
+            else ("original", "lora")
+        )
+        frame = self.comparison.to_frame().rename(
+            columns={
+                "imp_original": f"imp_{first}",
+                "imp_other": f"imp_{second}",
+                "coefficient": f"m_{first}",
+                "coefficient_other": f"m_{second}",
+            }
+        )
         return frame
 
     def plot(self, prompt: int | None = None, k: int = 20) -> go.Figure:
@@ -88,7 +102,8 @@ def compare_lora(
     """CNA between ``original`` and ``lora_model`` on ``prompts`` (see the module docstring).
 
     Args:
-        targets: the target tokens (default: the first-named model's top-1).
+        targets: the target tokens (default: the original model's own top-1, used for both
+            models whichever the direction).
         direction: the sign convention.
         reference_scale: ``"own"`` (each model its own final-norm scale) or ``"original"``.
 
@@ -103,10 +118,21 @@ def compare_lora(
         raise MechcnaError(
             f"direction must be 'lora_minus_original' or 'original_minus_lora', not {direction!r}"
         )
+    if targets is None:  # the original model's own top-1, in either direction
+        targets = _top1(original, prompts)
     comp = compare_neurons(
         first, prompts, second, targets, reference_scale=reference_scale, progress=progress
     )
     return LoraComparison(comp, direction)
+
+
+def _top1(model: Model, prompts: Prompts) -> Tensor:
+    """Each prompt's greedy next token under ``model`` (at its last real token)."""
+    batch = prepare_prompts(model, prompts)
+    with torch.no_grad(), prompt_lengths(batch.lengths):
+        logits = model(batch.tokens)
+    rows = torch.arange(batch.tokens.shape[0], device=logits.device)
+    return logits[rows, batch.positions.to(logits.device)].argmax(-1)
 
 
 def coefficient_increase(

@@ -50,13 +50,38 @@ FORMAT = "mechcna-rows-2"
 _HASHES = WeakIdKeyDictionary()
 
 
+_PROBES: dict[tuple[int, str], Tensor] = {}
+
+
+def _probe_vector(n: int, device: torch.device) -> Tensor:
+    """A fixed pseudo-random vector of length ``n`` (float64), memoised per length."""
+    key = (n, str(device))
+    if key not in _PROBES:
+        gen = torch.Generator().manual_seed(n)
+        _PROBES[key] = torch.rand(n, generator=gen, dtype=torch.float64).add_(0.5).to(device)
+    return _PROBES[key]
+
+
+def checksum(t: Tensor) -> float:
+    """``u^T X v`` for ``X``, the tensor as a ``[shape[0], -1]`` matrix, and fixed random
+    ``u, v``: one pass over every entry, so any edit (also through ``.data``, which bypasses
+    the version counter, or a swap of two entries) changes it, barring an exact coincidence."""
+    x = t.detach()
+    if x.numel() == 0:
+        return 0.0
+    x = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
+    u = _probe_vector(x.shape[0], x.device)
+    v = _probe_vector(x.shape[1], x.device)
+    return float(u @ (x.double() @ v) if x.shape[1] < 4096 else u @ (x @ v.to(x.dtype)).double())
+
+
 def tensor_state(t: Tensor) -> tuple:
-    """What identifies a tensor's current values cheaply: address, version counter, layout and
-    a 64-element probe (which catches writes through ``.data`` that bypass the counter)."""
-    flat = t.detach().reshape(-1)
-    step = max(1, flat.numel() // 64)
-    probe = float(flat[::step].double().sum()) if flat.numel() else 0.0
-    return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, str(t.device), probe)
+    """What identifies a tensor's current values: address, version counter, layout and a
+    checksum over every entry (:func:`checksum`, which catches writes that bypass the
+    counter)."""
+    return (
+        t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, str(t.device), checksum(t)
+    )  # fmt: skip
 
 
 def tensor_hash(t: Tensor) -> str:
@@ -293,6 +318,11 @@ def model_cache(model: Model) -> BlockCache:
     return cache
 
 
+def _source(arch: Architecture, kind: str, layer: int) -> Tensor:
+    """The weight itself (the same object call after call, so its hash is memoised)."""
+    return arch.W_out(layer) if kind == "ffn" else arch.W_O(layer)
+
+
 def _vectors(arch: Architecture, kind: str, layer: int) -> Tensor:
     if kind == "ffn":
         return arch.W_out(layer).detach()
@@ -301,9 +331,9 @@ def _vectors(arch: Architecture, kind: str, layer: int) -> Tensor:
     )
 
 
-def _key(arch: Architecture, kind: str, layer: int, W: Tensor, extra: str) -> tuple:
-    digest = content_key(FORMAT, extra, kind, arch.final_norm, compute_dtype(arch.dtype), W,
-                         arch.W_U, arch.ln_final_w)  # fmt: skip
+def _key(arch: Architecture, kind: str, layer: int, extra: str) -> tuple:
+    digest = content_key(FORMAT, extra, kind, arch.final_norm, compute_dtype(arch.dtype),
+                         _source(arch, kind, layer), arch.W_U, arch.ln_final_w)  # fmt: skip
     return (kind, extra, layer, digest)
 
 
@@ -324,7 +354,7 @@ def layer_rows(model: Model, kind: str, layer: int, cache: BlockCache | None = N
     cache = model_cache(model) if cache is None else cache
     dtype = compute_dtype(arch.dtype)
     W = _vectors(arch, kind, layer)
-    key = _key(arch, kind, layer, W, "rows" + ("16" if cache.half else ""))
+    key = _key(arch, kind, layer, "rows" + ("16" if cache.half else ""))
     store = cache.rows(key, (kind, layer), W.shape[0], arch.d_vocab, dtype)
     return LayerRows(W.to(dtype), store, cache.projector(model), cache)
 
@@ -342,7 +372,7 @@ def attention_block(model: Model, layer: int, cache: BlockCache | None = None) -
 def _block(model: Model, kind: str, layer: int, cache: BlockCache | None):
     arch = Architecture(model)
     W = _vectors(arch, kind, layer)
-    key = _key(arch, kind, layer, W, "block")
+    key = _key(arch, kind, layer, "block")
     cache = model_cache(model) if cache is None else cache
     return cache.get(key, lambda: direction_block(model, W), slot=(kind + "-block", layer))
 

@@ -62,6 +62,25 @@ def test_lora_cna_sign_convention_and_coefficients(kind):
         compare_lora(model, lora, PROMPTS, TARGETS, direction="up")
 
 
+def test_lora_frame_names_models_and_default_targets_are_the_originals(kind):
+    model = build(kind, dtype=torch.float64)
+    lora = _perturbed_lora(model)
+    own = [int(model(model.to_tokens(p))[0, -1].argmax()) for p in PROMPTS]
+    for direction in ("lora_minus_original", "original_minus_lora"):
+        comp = compare_lora(model, lora, PROMPTS, direction=direction)
+        assert comp.comparison.target_ids.tolist() == own
+        frame = comp.to_frame()
+        assert {"imp_original", "imp_lora", "m_original", "m_lora"} <= set(frame.columns)
+        torch.testing.assert_close(
+            torch.tensor(frame["m_original"].to_numpy()),
+            comp.coefficient_original.flatten().double().cpu(),
+        )
+        torch.testing.assert_close(
+            torch.tensor(frame["m_lora"].to_numpy()),
+            comp.coefficient_lora.flatten().double().cpu(),
+        )
+
+
 def test_coefficient_increase_by_hand(kind):
     model = build(kind, dtype=torch.float64)
     comp = compare_lora(model, _perturbed_lora(model), PROMPTS, TARGETS)

@@ -75,6 +75,28 @@ def test_in_place_edit_data_assignment_and_undo(tmp_path):
     _check(model, cache)
 
 
+@pytest.mark.parametrize("where", ["W_U", "ln_final", "W_out", "W_O"])
+def test_single_entry_edits_through_data_are_never_stale(where):
+    """``.data`` writes bypass the version counter: one entry changed (or two swapped)
+    anywhere in a keyed weight still gives fresh rows."""
+    model = build("gpt2", dtype=torch.float64)
+    cache = BlockCache(disk=False)
+    _check(model, cache)
+    weight = {
+        "W_U": model.W_U,
+        "ln_final": model.ln_final.w,
+        "W_out": model.blocks[1].mlp.W_out,
+        "W_O": model.blocks[1].attn.W_O,
+    }[where]
+    flat = weight.data.view(-1)
+    target = int(neuron_importance(model, [PROMPTS[0]]).target_ids[0])
+    i = target if where == "W_U" else flat.numel() // 2 + 1  # off any sampling grid
+    flat[i] += 3.0
+    _check(model, cache)
+    flat[[0, i]] = flat[[i, 0]].clone()  # a swap keeps every sum
+    _check(model, cache)
+
+
 def test_load_state_dict_and_second_model_with_equal_shapes(tmp_path):
     a = build("llama", dtype=torch.float64, seed=0)
     b = build("llama", dtype=torch.float64, seed=1)
