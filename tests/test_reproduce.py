@@ -224,3 +224,32 @@ def test_command_end_to_end(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(mechcna.MechcnaError, match="not a folder"):
         main(["--model", "no/such-model", "--out", str(tmp_path / "file")])
+
+
+def test_stage_lock_is_held_during_each_stage_only(tmp_path):
+    import fcntl
+
+    from mechcna.reproduce.core import StageResult, run_stages
+
+    lock = tmp_path / "heavy.lock"
+    seen = []
+
+    def probe(name: str):
+        def thunk() -> StageResult:
+            with open(lock, "a") as f:  # a second open file: the stage's lock must block it
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    seen.append(False)
+                except BlockingIOError:
+                    seen.append(True)
+            return StageResult(name, name, "attribution", 0.0)
+
+        return name, thunk
+
+    out = run_stages([probe("a"), probe("b")], progress=False, lock=lock)
+    assert [s.name for s in out] == ["a", "b"] and seen == [True, True]
+    with open(lock, "a") as f:  # released after the run
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    seen.clear()
+    run_stages([probe("c")], progress=False)
+    assert seen == [False]

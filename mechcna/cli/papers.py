@@ -12,6 +12,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick", action="store_true", help="the smallest sizes (ReproduceSettings.quick)"
     )
+    p.add_argument(
+        "--lock",
+        default=None,
+        help="a file to flock during each stage, released between stages (shared machines)",
+    )
 
 
 @command(
@@ -25,7 +30,7 @@ def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.reproduce import reproduce
     from mechcna.reproduce.page import build_report, write_markdown
 
-    rep = reproduce(ctx.model, args.paper, quick=args.quick, progress=ctx.progress)
+    rep = reproduce(ctx.model, args.paper, quick=args.quick, progress=ctx.progress, lock=args.lock)
     report = build_report(rep, ctx.report("reproduce").provenance)
     if args.out:
         out = Path(args.out)

@@ -16,6 +16,7 @@ Example:
 """
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from mechcna.backend import Model
@@ -56,6 +57,7 @@ def reproduce(
     quick: bool = False,
     settings: ReproduceSettings | None = None,
     progress: bool = True,
+    lock: str | Path | None = None,
 ) -> Reproduction:
     """Run the papers' stages on ``model`` and collect tables, figures, claims and timings.
 
@@ -64,6 +66,8 @@ def reproduce(
         quick: use :meth:`ReproduceSettings.quick` (ignored when ``settings`` is given).
         settings: sizes and policies (default :meth:`ReproduceSettings.full`).
         progress: a progress bar over stages.
+        lock: a file to ``flock`` during each stage, released between stages (for machines
+            shared with other heavy jobs; stage wall times then exclude the waits).
 
     Raises:
         MechcnaError: an unknown ``paper``.
@@ -105,6 +109,6 @@ def reproduce(
             keep("cna", lambda: arith.cna_stage(model, get(*cases), get(*head), s)),
             keep("shallow", lambda: arith.shallow_stage(model, get("cna", "cases"), get(*head), s)),
         ]  # fmt: skip
-    results = run_stages(stages, progress)
+    results = run_stages(stages, progress, lock)
     settings_dict = {k: v for k, v in vars(s).items()}
     return Reproduction(str(model.cfg.model_name), settings_dict, tuple(results), machine(), now())

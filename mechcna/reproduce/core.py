@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
@@ -210,18 +211,39 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+@contextmanager
+def held(lock: str | Path | None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``lock`` (created if missing; ``None``: no lock)."""
+    if lock is None:
+        yield
+        return
+    import fcntl
+
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_stages(
-    stages: list[tuple[str, Callable[[], StageResult]]], progress: bool
+    stages: list[tuple[str, Callable[[], StageResult]]],
+    progress: bool,
+    lock: str | Path | None = None,
 ) -> list[StageResult]:
     """Run stage thunks in order under one progress bar (a later thunk may read earlier
-    results through the list it is given)."""
+    results through the list it is given). With ``lock``, each stage runs holding an exclusive
+    ``flock`` on that file and releases it before the next, so on a shared machine other heavy
+    jobs run between stages and each stage's wall time is measured alone."""
     from tqdm.auto import tqdm
 
     out: list[StageResult] = []
     bar = tqdm(stages, desc="reproduce", disable=not progress)
     for name, thunk in bar:
         bar.set_postfix_str(name)
-        out.append(thunk())
+        with held(lock):
+            out.append(thunk())
     return out
 
 
