@@ -105,7 +105,7 @@ def comparison_scores(
     position: int | None = None,
     paper_compat: bool = False,
     cache: BlockCache | None = None,
-    rank_chunk: int = 512,
+    rank_chunk: int = 128,
 ) -> ComparisonScores:
     """All eight method scores for every FFN neuron (METHODS 4.6).
 
@@ -156,7 +156,7 @@ def target_ranks(
     coef: Float[Tensor, "batch row"],
     offset: Float[Tensor, " d_vocab"],
     target: Int[Tensor, " batch"],
-    chunk: int = 512,
+    chunk: int = 128,
 ) -> Float[Tensor, "batch row"]:
     """Rank of ``target[b]`` among the logits ``coef[b, k] * U[k] + offset`` of every row ``k``
     (1 is the top token; tokens tied with the target do not count against it).
@@ -171,11 +171,7 @@ def target_ranks(
     if bool((offset == offset[0]).all()):
         for t in target.unique().tolist():
             mine = target == t
-            col = U[:, t]
-            above = torch.cat([(U[i : i + chunk] > col[i : i + chunk, None]).sum(-1)
-                               for i in range(0, U.shape[0], chunk)])  # fmt: skip
-            below = torch.cat([(U[i : i + chunk] < col[i : i + chunk, None]).sum(-1)
-                               for i in range(0, U.shape[0], chunk)])  # fmt: skip
+            above, below = _counts_around(U, U[:, t], chunk)
             c = coef[mine]
             counts = torch.where(c > 0, above.to(c.dtype), torch.where(c < 0, below.to(c.dtype), 0))
             rank[mine] = 1 + counts
@@ -186,6 +182,22 @@ def target_ranks(
         own = logits[rows, :, target]
         rank[:, i : i + chunk] = 1 + (logits > own[..., None]).sum(-1)
     return rank
+
+
+def _counts_around(
+    U: Float[Tensor, "row d_vocab"], col: Float[Tensor, " row"], chunk: int
+) -> tuple[Float[Tensor, " row"], Float[Tensor, " row"]]:
+    """Per row ``k``: how many entries of ``U[k]`` are above and below ``col[k]``, in one pass
+    (the sign of an exact difference: ``above - below`` and ``above + below`` are its sum and
+    its absolute sum)."""
+    acc = torch.float64 if U.shape[1] >= 2**24 else U.dtype  # sums of +-1 stay exact
+    above, below = torch.empty(len(U), dtype=acc), torch.empty(len(U), dtype=acc)
+    for i in range(0, len(U), chunk):
+        sign = (U[i : i + chunk] - col[i : i + chunk, None]).sign_()
+        net = sign.sum(-1, dtype=acc)
+        both = sign.abs_().sum(-1, dtype=acc)
+        above[i : i + chunk], below[i : i + chunk] = (both + net) / 2, (both - net) / 2
+    return above, below
 
 
 def evaluate_methods(

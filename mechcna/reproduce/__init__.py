@@ -29,6 +29,7 @@ from mechcna.reproduce.core import (
     ReproduceSettings,
     Reproduction,
     StageResult,
+    load_average,
     machine,
     now,
     run_stages,
@@ -75,6 +76,7 @@ def reproduce(
     if paper not in ("attribution", "arithmetic", "both"):
         raise MechcnaError(f"paper must be attribution, arithmetic or both, not {paper!r}")
     s = settings or (ReproduceSettings.quick() if quick else ReproduceSettings.full())
+    start_machine, start_date = machine(), now()
     done: dict[str, StageResult] = {}
 
     def get(name: str, key: str) -> Any:
@@ -111,4 +113,7 @@ def reproduce(
         ]  # fmt: skip
     results = run_stages(stages, progress, lock)
     settings_dict = {k: v for k, v in vars(s).items()}
-    return Reproduction(str(model.cfg.model_name), settings_dict, tuple(results), machine(), now())
+    return Reproduction(
+        str(model.cfg.model_name), settings_dict, tuple(results), start_machine, start_date,
+        load_end=load_average(),
+    )  # fmt: skip

@@ -150,12 +150,17 @@ def markdown_table(frame: pd.DataFrame, index: bool = False) -> str:
     return "\n".join(lines)
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (``"unknown"`` where the OS has none)."""
+    try:
+        return ", ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
+    except OSError:  # pragma: no cover - not on every platform
+        return "unknown"
+
+
 def machine() -> str:
     """A one-line description of this machine (CPU count, torch threads, load)."""
-    try:
-        load = ", ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
-    except OSError:  # pragma: no cover - not on every platform
-        load = "unknown"
+    load = load_average()
     cpus = __import__("os").cpu_count()
     return (
         f"{platform.machine()} {platform.processor() or platform.system()}, {cpus} CPUs, "
@@ -172,6 +177,9 @@ class Reproduction:
     stages: tuple[StageResult, ...]
     machine: str
     date: str
+    load_end: str = ""
+    command: str = ""
+    load_seconds: float | None = None
 
     @property
     def claims(self) -> tuple[Claim, ...]:
@@ -181,9 +189,11 @@ class Reproduction:
         return claims_frame(self.claims)
 
     def timings(self) -> pd.DataFrame:
-        """Wall time per stage (seconds) and the total."""
+        """Wall time per stage (seconds) and the total (with the model load when recorded)."""
         rows = [{"paper": s.paper, "stage": s.name, "seconds": s.seconds} for s in self.stages]
-        rows.append({"paper": "", "stage": "total", "seconds": sum(s.seconds for s in self.stages)})
+        if self.load_seconds is not None:
+            rows.insert(0, {"paper": "", "stage": "load model", "seconds": self.load_seconds})
+        rows.append({"paper": "", "stage": "total", "seconds": sum(r["seconds"] for r in rows)})
         return pd.DataFrame(rows)
 
     def stage(self, name: str) -> StageResult:
@@ -253,7 +263,10 @@ class ReproduceSettings:
 
     Attribution paper:
         knowledge_top_k: the filter's rank threshold (1: the answer is the top-1 token).
+        knowledge_per_type: written prompts per type run through the filter (``None``: all).
         prompts_per_type: knowledge prompts per type used for neuron-level attribution.
+        max_prompts: at most this many of those in all, taken in turn from each type
+            (``None``: no cap).
         method_prompts: prompts in the 8-method comparison (Table 2), taken in turn from each
             type (it scores every FFN neuron eight ways and ranks each in the vocabulary).
         method_k: neurons zeroed per prompt and method (10 in the paper).
@@ -280,7 +293,9 @@ class ReproduceSettings:
     """
 
     knowledge_top_k: int = 1
+    knowledge_per_type: int | None = None
     prompts_per_type: int = 8
+    max_prompts: int | None = None
     method_prompts: int = 6
     method_k: int = 10
     ffn_k: int = 100
@@ -307,9 +322,9 @@ class ReproduceSettings:
     def quick(cls) -> "ReproduceSettings":
         """The smallest sizes that still run every stage (zero-shot arithmetic prompts)."""
         return cls(
-            prompts_per_type=1, method_prompts=2, query_value_k=100, operations=("+", "-"),
-            digits=(1,), n_pairs=6, prompt_form="zero-shot", sweep_cases=24, cna_cases=4,
-            cna_ks=(50, 10),
+            knowledge_per_type=10, prompts_per_type=1, max_prompts=2, method_prompts=1,
+            query_value_k=100, operations=("+", "-"), digits=(1,), n_pairs=6,
+            prompt_form="zero-shot", sweep_cases=12, cna_cases=2, cna_ks=(50, 10),
         )  # fmt: skip
 
     @classmethod
