@@ -109,7 +109,8 @@ def reproduce(
             keep("arithmetic_data", lambda: arith.arithmetic_stage(model, s)),
             keep("heads", lambda: arith.head_stage(model, get(*cases), s)),
             keep("cna", lambda: arith.cna_stage(model, get(*cases), get(*head), s)),
-            keep("shallow", lambda: arith.shallow_stage(model, get("cna", "cases"), get(*head), s)),
+            keep("shallow", lambda: arith.shallow_stage(
+                model, get("cna", "cases"), get("heads", "shallow_head"), s)),
         ]  # fmt: skip
     results = run_stages(stages, progress, lock)
     settings_dict = {k: v for k, v in vars(s).items()}

@@ -294,8 +294,8 @@ class ReproduceSettings:
 
     knowledge_top_k: int = 1
     knowledge_per_type: int | None = None
-    prompts_per_type: int = 8
-    max_prompts: int | None = None
+    prompts_per_type: int = 4
+    max_prompts: int | None = 12
     method_prompts: int = 6
     method_k: int = 10
     ffn_k: int = 100
@@ -307,11 +307,11 @@ class ReproduceSettings:
     operations: tuple[str, ...] = ("+", "-", "*", "/")
     digits: tuple[int, ...] = (1, 2)
     templates: tuple[int, ...] = (4,)
-    n_pairs: int = 20
+    n_pairs: int = 10
     prompt_form: Literal["auto", "zero-shot", "few-shot"] = "auto"
-    shots: int = 3
-    sweep_cases: int | None = 200
-    cna_cases: int = 20
+    shots: int = 2
+    sweep_cases: int | None = 40
+    cna_cases: int = 6
     cna_ks: tuple[int, ...] = (100, 50, 30, 20, 10)
     zero_shot_top: int | None = None
     thresholds: tuple[int, ...] | None = None
@@ -329,5 +329,6 @@ class ReproduceSettings:
 
     @classmethod
     def full(cls) -> "ReproduceSettings":
-        """The default sizes (see docs/reproduce/ for measured wall times)."""
+        """The default sizes, chosen so that SmolLM2-135M runs in about 30 minutes on 2 cores
+        (docs/reproduce/smollm2-135m.md has the measured wall time per stage)."""
         return cls()
