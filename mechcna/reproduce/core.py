@@ -221,39 +221,59 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-@contextmanager
-def held(lock: str | Path | None) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the file ``lock`` (created if missing; ``None``: no lock)."""
-    if lock is None:
-        yield
-        return
-    import fcntl
+class StageLock:
+    """An exclusive ``flock`` on a file, taken before a stage and released between stages once
+    it has been held for ``hold`` seconds (``path=None``: no lock). On a shared machine other
+    heavy jobs then run between groups of stages, and every stage's wall time is measured
+    while holding the lock."""
 
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    def __init__(self, path: str | Path | None, hold: float = 480.0):
+        self.path, self.hold = path, hold
+        self._file: Any = None
+        self._since = 0.0
+
+    def acquire(self) -> None:
+        if self.path is None or self._file is not None:
+            return
+        import fcntl
+
+        self._file = open(self.path, "a")
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        self._since = time.perf_counter()
+
+    def release(self, force: bool = False) -> None:
+        if self._file is None or (not force and time.perf_counter() - self._since < self.hold):
+            return
+        import fcntl
+
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
 
 
 def run_stages(
     stages: list[tuple[str, Callable[[], StageResult]]],
     progress: bool,
     lock: str | Path | None = None,
+    hold: float = 480.0,
 ) -> list[StageResult]:
     """Run stage thunks in order under one progress bar (a later thunk may read earlier
-    results through the list it is given). With ``lock``, each stage runs holding an exclusive
-    ``flock`` on that file and releases it before the next, so on a shared machine other heavy
-    jobs run between stages and each stage's wall time is measured alone."""
+    results through the list it is given). With ``lock``, stages run holding an exclusive
+    ``flock`` on that file, released between stages once held for ``hold`` seconds
+    (:class:`StageLock`) and at the end."""
     from tqdm.auto import tqdm
 
     out: list[StageResult] = []
     bar = tqdm(stages, desc="reproduce", disable=not progress)
-    for name, thunk in bar:
-        bar.set_postfix_str(name)
-        with held(lock):
+    guard = StageLock(lock, hold)
+    try:
+        for name, thunk in bar:
+            bar.set_postfix_str(name)
+            guard.acquire()
             out.append(thunk())
+            guard.release()
+    finally:
+        guard.release(force=True)
     return out
 
 
