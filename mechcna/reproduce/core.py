@@ -330,7 +330,7 @@ class ReproduceSettings:
     n_pairs: int = 10
     prompt_form: Literal["auto", "zero-shot", "few-shot"] = "auto"
     shots: int = 2
-    sweep_cases: int | None = 40
+    sweep_cases: int | None = 16
     cna_cases: int = 6
     cna_ks: tuple[int, ...] = (100, 50, 30, 20, 10)
     zero_shot_top: int | None = None
