@@ -76,7 +76,7 @@ def reproduce(
     if paper not in ("attribution", "arithmetic", "both"):
         raise MechcnaError(f"paper must be attribution, arithmetic or both, not {paper!r}")
     s = settings or (ReproduceSettings.quick() if quick else ReproduceSettings.full())
-    start_machine, start_date = machine(), now()
+    stamp: dict[str, str] = {}  # machine and date when the first stage starts (after any lock)
     done: dict[str, StageResult] = {}
 
     def get(name: str, key: str) -> Any:
@@ -84,6 +84,8 @@ def reproduce(
 
     def keep(name: str, fn: Callable[[], StageResult]) -> tuple[str, Callable[[], StageResult]]:
         def thunk() -> StageResult:
+            stamp.setdefault("machine", machine())
+            stamp.setdefault("date", now())
             done[name] = fn()
             return done[name]
 
@@ -115,6 +117,7 @@ def reproduce(
     results = run_stages(stages, progress, lock)
     settings_dict = {k: v for k, v in vars(s).items()}
     return Reproduction(
-        str(model.cfg.model_name), settings_dict, tuple(results), start_machine, start_date,
+        str(model.cfg.model_name), settings_dict, tuple(results),
+        stamp.get("machine", machine()), stamp.get("date", now()),
         load_end=load_average(),
     )  # fmt: skip
