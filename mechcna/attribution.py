@@ -304,8 +304,11 @@ class NeuronImportance(Scores):
     def coefficients(self) -> Tensor:
         return self.extras["coefficient"]
 
-    def plot(self, prompt: int | None = None, k: int = 300) -> go.Figure:
-        return plotting.neuron_layer_counts(self, k, prompt, name="FFN")
+    def plot(
+        self, prompt: int | None = None, k: int = 300, model: Model | None = None
+    ) -> go.Figure:
+        """Layers of the top-``k`` neurons; with ``model``, hover shows their top tokens."""
+        return plotting.neuron_layer_counts(self, k, prompt, name="FFN", model=model)
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,7 @@ logger = logging.getLogger(__name__)
 
 #: GGUF ``general.architecture`` -> Hugging Face ``model_type``, for families mechcna converts.
 GGUF_ARCHITECTURES: dict[str, str] = {
-    "llama": "llama",
-    "mistral": "mistral",
+    "llama": "llama",  # llama.cpp writes Mistral models as "llama" too
     "qwen2": "qwen2",
     "gpt2": "gpt2",
     "gemma2": "gemma2",

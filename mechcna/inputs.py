@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mechcna.backend import Model
+from mechcna.backend import Model, is_bridge
 from mechcna.errors import (
     ComponentIndexError,
     DeviceError,
@@ -101,7 +101,10 @@ def check_prompt_list(prompts: Any) -> tuple[str, ...]:
 
 def _attached_hooks(model: Model) -> list[str]:
     names = []
-    for name, module in model.named_modules():
+    # A bridge hooks the Hugging Face modules it wraps itself (GPT-2's joint QKV split):
+    # only its hook points carry users' hooks.
+    modules = model.hook_dict.items() if is_bridge(model) else model.named_modules()
+    for name, module in modules:
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
             names.append(name or "<model>")
     return names

@@ -42,7 +42,13 @@ from mechcna import backend
 from mechcna._types import Tensor, Tokens
 from mechcna.architecture import Architecture
 from mechcna.backend import Model
-from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError, PositionError
+from mechcna.errors import (
+    EmptyInputError,
+    InvalidOptionError,
+    MechcnaError,
+    PositionError,
+    UnsupportedArchitectureError,
+)
 from mechcna.hooks import hook_name
 from mechcna.inputs import as_int, pair
 from mechcna.processing import VALUE_BIAS, require_unprocessed
@@ -90,6 +96,19 @@ def prompt_lengths(lengths: Tensor) -> Iterator[None]:
         _LENGTHS.reset(token)
 
 
+def row_lengths(n_rows: int, n_pos: int) -> Tensor:
+    """``[batch]`` real lengths of the running batch's prompts (``n_pos`` each when none were
+    announced with :func:`prompt_lengths`)."""
+    lengths = _LENGTHS.get()
+    if lengths is None:
+        return torch.full((n_rows,), n_pos, dtype=torch.long)
+    if len(lengths) != n_rows:
+        raise MechcnaError(
+            f"intervention hook saw {n_rows} rows but the batch has {len(lengths)} prompts"
+        )
+    return lengths
+
+
 def position_mask(positions: Sequence[int], n_rows: int, n_pos: int, device) -> Tensor:
     """``[batch, pos]`` True at each row's ``positions`` (relative to its real length).
 
@@ -97,13 +116,7 @@ def position_mask(positions: Sequence[int], n_rows: int, n_pos: int, device) -> 
         MechcnaError: a position outside some prompt's real tokens, or a batch that does not
             match the lengths announced with :func:`prompt_lengths`.
     """
-    lengths = _LENGTHS.get()
-    if lengths is None:
-        lengths = torch.full((n_rows,), n_pos, dtype=torch.long)
-    elif len(lengths) != n_rows:
-        raise MechcnaError(
-            f"intervention hook saw {n_rows} rows but the batch has {len(lengths)} prompts"
-        )
+    lengths = row_lengths(n_rows, n_pos)
     pos = torch.tensor(positions, dtype=torch.long)
     absolute = torch.where(pos[None] < 0, lengths[:, None] + pos[None], pos[None])
     bad = (absolute < 0) | (absolute >= lengths[:, None])
@@ -179,14 +192,22 @@ class HeadAblation:
         cls,
         model: Model,
         heads: Sequence[tuple[int, int]],
-        reference: Tokens,
+        reference: "Tokens | str | Sequence[str]",
         positions: Iterable[int] | None = None,
         attention_mask: Tensor | None = None,
     ) -> "HeadAblation":
         """Mean ablation: each head's ``z`` replaced by its mean over the reference tokens
-        (over prompts and positions; padding excluded when ``attention_mask`` is given)."""
+        (over prompts and positions). ``reference`` is token ids (padding excluded when
+        ``attention_mask`` is given) or prompt strings (right-padded; padding excluded)."""
         arch = Architecture(model)
         heads = [arch.check_head(l, h) for l, h in heads]
+        if not isinstance(reference, Tensor):
+            from mechcna.prompts import prepare_prompts
+
+            batch = prepare_prompts(model, reference)
+            reference = batch.tokens
+            n_pos = reference.shape[1]
+            attention_mask = torch.arange(n_pos)[None] < batch.lengths.cpu()[:, None]
         layers = sorted({l for l, _ in heads})
         names = [hook_name("z", l) for l in layers]
         with torch.no_grad():
@@ -398,15 +419,18 @@ class AttentionNeuronEdit:
 
     Args:
         neurons: ``(layer, source_pos, head, dim)`` tuples (source positions index the prompt).
-        position: the query position (negative allowed); one prompt at a time or a batch whose
-            prompts share that position.
+        position: the query position; negative counts from each prompt's last real token
+            (so ``-1`` is every prompt's last token in a right-padded batch). Negative source
+            positions count the same way. Repeated neurons are removed once.
     """
 
     neurons: Sequence[tuple[int, int, int, int]]
     position: int = -1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "neurons", tuple(tuple(int(x) for x in n) for n in self.neurons))
+        neurons = tuple(tuple(int(x) for x in n) for n in self.neurons)
+        # each neuron once: a repeat must not remove the same term twice
+        object.__setattr__(self, "neurons", tuple(dict.fromkeys(neurons)))
         if any(len(n) != 4 for n in self.neurons):
             raise MechcnaError("attention neurons are (layer, source_pos, head, dim) tuples")
 
@@ -432,17 +456,33 @@ class AttentionNeuronEdit:
                 return act
 
             def edit_z(z: Tensor, hook: HookPoint, store=store, idx=idx) -> Tensor:
-                n_pos = z.shape[1]
-                t = self.position % n_pos
+                # Per row of a right-padded batch, negative positions count from that
+                # prompt's own last real token (the lengths announced by prompt_lengths).
+                lengths = row_lengths(z.shape[0], z.shape[1]).to(z.device)
+                t = (
+                    self.position + lengths
+                    if self.position < 0
+                    else torch.full_like(lengths, self.position)
+                )  # [batch]
                 pos, head, dim = (idx[:, i].to(z.device) for i in range(3))
-                if (pos > t).any() or (pos < -n_pos).any():
-                    raise MechcnaError(f"a source position is after the query position {t}")
-                pos = pos % n_pos
+                src = torch.where(pos[None] < 0, lengths[:, None] + pos[None], pos[None])
+                if (t < 0).any() or (t >= lengths).any():
+                    raise PositionError(f"query position {self.position} is outside a prompt")
+                if (src < 0).any() or (src > t[:, None]).any():
+                    raise MechcnaError("a source position is after the query position")
                 kv = head // (arch.n_heads // store["v"].shape[2])
-                term = store["pattern"][:, head, t, pos] * store["v"][:, pos, kv, dim]
+                rows = torch.arange(z.shape[0], device=z.device)[:, None]
+                term = (
+                    store["pattern"][rows, head[None], t[:, None], src]
+                    * store["v"][rows, src, kv[None], dim[None]]
+                )  # [batch, neuron]
                 z = z.clone()
-                view = z[:, t].permute(1, 2, 0)  # head d_head batch, a view into z
-                view.index_put_((head, dim), -term.T, accumulate=True)
+                z.index_put_(
+                    (rows.expand_as(term), t[:, None].expand_as(term), head[None].expand_as(term),
+                     dim[None].expand_as(term)),
+                    -term,
+                    accumulate=True,
+                )  # fmt: skip
                 return z
 
             hooks += [
@@ -528,8 +568,32 @@ def apply_to_weights(model: Model, *interventions: Intervention) -> Model:
 
     Zeroing a head zeroes its ``W_O`` slice; zeroing a neuron zeroes its ``W_out`` row; mean
     ablation and ``set`` move the constant into the output bias. The original is untouched.
+    On a TransformerBridge the edited copy is checked against the same edits by hooks on a
+    short probe (a processed Llama bridge's weight properties are copies its forward pass
+    does not read: refused with :class:`UnsupportedArchitectureError`).
     """
     edited = backend.copy_model(model)
     for iv in interventions:
         iv.write_weights(edited)
+    if backend.is_bridge(model):
+        _check_written(model, edited, interventions)
     return edited
+
+
+def _check_written(model: Model, edited: Model, interventions: Sequence[Intervention]) -> None:
+    """A bridge's weight properties need not be the tensors its forward pass uses (a
+    processed Llama bridge hands out copies): compare the edited copy with the same edits by
+    hooks on a short probe, and refuse rather than return a silently unedited model."""
+    probe = (torch.arange(8, device=model.cfg.device) % model.cfg.d_vocab)[None]
+    with torch.no_grad():
+        by_weights = edited(probe)
+        with intervene(model, *interventions):
+            by_hooks = model(probe)
+    if not torch.allclose(by_weights, by_hooks, rtol=1e-4, atol=1e-4):
+        diff = float((by_weights - by_hooks).abs().max())
+        raise UnsupportedArchitectureError(
+            f"weight edits do not reach this TransformerBridge's forward pass (its processed "
+            f"weights are copies; logits differ from the same edits by hooks by {diff:.3g}): "
+            "apply the interventions with hooks (mechcna.intervene), or load the model "
+            "unprocessed (processing=mechcna.NO_PROCESSING)"
+        )

@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 
 from mechcna._types import Tensor
 from mechcna.architecture import Architecture
-from mechcna.backend import Model
-from mechcna.errors import MechcnaError
+from mechcna.backend import Model, is_bridge
+from mechcna.errors import MechcnaError, UnsupportedArchitectureError
 from mechcna.evaluation import evaluate_accuracy
 from mechcna.prompts import prepare_prompts, single_token_ids
 from mechcna.tasks.arithmetic import ArithmeticDataset
@@ -113,6 +113,11 @@ def _check_targets(targets: Iterable[str]) -> tuple[str, ...]:
 
 
 def _check_layers(model: Model, layers: int | Iterable[int]) -> tuple[int, ...]:
+    if is_bridge(model):
+        raise UnsupportedArchitectureError(
+            "LoRA is put on a HookedTransformer's own attention weights; a TransformerBridge "
+            "is not supported: load the model with backend='hooked' (TransformerLens 3.x)"
+        )
     arch = Architecture(model)
     items = (layers,) if isinstance(layers, int) else tuple(layers)
     if not items:

@@ -292,6 +292,11 @@ def _load_bridge(
     bos = _tokenizer_bos(model.tokenizer)
     if kind == "mechcna":  # what the checkpoint was trained with
         bos = (bool(model.cfg.default_prepend_bos), "checkpoint")
+    if kind == "gguf" and gguf is not None:  # record the dequantisation, as the hooked path does
+        from mechcna.gguf_models import file_key, read_gguf_header
+
+        record = _gguf_record(name, bos, read_gguf_header(gguf), file_key(gguf))
+        return _finish(model, done, prepend_bos, record, name)
     return _finish(model, done, prepend_bos, bos, name, cast(SourceFormat, kind))
 
 
@@ -356,7 +361,15 @@ def _load_gguf(
     bos = _tokenizer_bos(own)
     prepare_tokenizer(own, tl_cfg.model_name)
     model = build_model(tl_cfg, converted.state_dict, device, dtype, own, processing)
-    record = ModelProvenance(
+    record = _gguf_record(source, bos, header, converted.key)
+    return _finish(model, processing, prepend_bos, record, source)
+
+
+def _gguf_record(
+    source: str, bos: tuple[bool, BosPolicy], header: Any, key: str
+) -> "ModelProvenance":
+    """The provenance of weights dequantised from a GGUF file (``key``: its cache key)."""
+    return ModelProvenance(
         source=source,
         format="gguf",
         prepend_bos=bos[0],
@@ -364,9 +377,8 @@ def _load_gguf(
         quantization=header.file_type if header.quantized else None,
         tensor_types=header.tensor_types,
         gguf_architecture=header.architecture,
-        sha256=converted.key.split("-")[0],
+        sha256=key.split("-")[0],
     )
-    return _finish(model, processing, prepend_bos, record, source)
 
 
 def _from_config(

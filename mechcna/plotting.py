@@ -161,13 +161,38 @@ def neuron_layer_counts(
     k: int = 300,
     prompt: int | None = None,
     name: str = "FFN",
+    model: Any = None,
+    per_layer: int = 3,
 ) -> go.Figure:
-    """How many of the top-``k`` entries of a ``[prompt, layer, ...]`` result sit in each layer."""
+    """How many of the top-``k`` entries of a ``[prompt, layer, ...]`` result sit in each layer.
+
+    Hovering a layer names its ``per_layer`` best neurons among the top-``k`` with their
+    scores and, for FFN neurons when ``model`` is given, the tokens each one promotes.
+    """
     top = result.top(k, prompt=prompt)
     n_layers = result.scores.shape[1]
     counts = top["layer"].value_counts().reindex(range(n_layers), fill_value=0)
+    best = top.sort_values("score", ascending=False).groupby("layer").head(per_layer)
+    ffn = "neuron" in top.columns
+    tokens = neuron_top_tokens(model, list(best["label"]), k=6) if model is not None and ffn else {}
+    hover = []
+    for layer, count in enumerate(counts.tolist()):
+        lines = [f"layer {layer}: {count} of the top-{k} {name} neurons"]
+        rows = best[best["layer"] == layer]
+        for label, score in zip(rows["label"].tolist(), rows["score"].tolist(), strict=True):
+            lines.append(
+                f"{label}: {score:.4f}" + (f" ({tokens[label]})" if label in tokens else "")
+            )
+        hover.append("<br>".join(lines))
     fig = go.Figure(
-        go.Scatter(x=list(range(n_layers)), y=counts.tolist(), mode="lines+markers", name=name)
+        go.Scatter(
+            x=list(range(n_layers)),
+            y=counts.tolist(),
+            mode="lines+markers",
+            name=name,
+            hovertext=hover,
+            hovertemplate="%{hovertext}<extra></extra>",
+        )
     )
     fig.update_layout(
         title=_title(f"layers of the top-{k} {name} neurons", prompt, result.prompts),

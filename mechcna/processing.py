@@ -36,7 +36,8 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-from mechcna.backend import HookedTransformer, Model
+from mechcna import backend
+from mechcna.backend import Model, is_bridge, is_model
 from mechcna.errors import WeightProcessingError
 from mechcna.models import WeightProcessing, get_processing
 
@@ -49,7 +50,8 @@ VALUE_BIAS: tuple[Step, ...] = ("fold_value_biases",)
 
 _HOW = (
     "load it unprocessed: mechcna.load_model(name, processing=mechcna.NO_PROCESSING) or "
-    "HookedTransformer.from_pretrained_no_processing(name)"
+    "HookedTransformer.from_pretrained_no_processing(name) (a TransformerBridge: "
+    "bridge.enable_compatibility_mode(no_processing=True))"
 )
 
 
@@ -62,21 +64,44 @@ def _centred(w: torch.Tensor, dim: int = -1) -> bool:
     return bool(mean <= 1e-5 * w.abs().max())
 
 
+def _norm_weights_folded(norms: list) -> bool:
+    """Whether every norm present has a weight that is exactly all ones."""
+    weights = [backend.weight(n, "weight") for n in norms if n is not None]
+    present = [w for w in weights if w is not None]
+    return bool(present) and all(bool((w.detach() == 1).all()) for w in present)
+
+
 def infer_processing(model: Model) -> WeightProcessing:
     """The weight processing applied to ``model``, read from its modules and weights.
 
-    * ``fold_ln``: the block norms are ``LNPre``/``RMSPre`` (weights folded away);
-    * ``fold_value_biases``: every ``b_V`` is exactly zero while some ``b_O`` is not;
+    * ``fold_ln``: the block norms are ``LNPre``/``RMSPre`` (weights folded away); on a
+      TransformerBridge (whose norm modules stay), the bridge says its weights were processed
+      and every norm weight is exactly 1;
+    * ``fold_value_biases``: every ``b_V`` is exactly zero while some ``b_O`` is not, in a
+      model with query or key biases (one without attention biases has a zero ``b_V`` anyway,
+      and a weight edit such as mean ablation may set its ``b_O``);
     * ``center_writing_weights``: ``W_E``, every ``W_O`` and ``W_out`` have zero mean over
       ``d_model`` (TransformerLens centres only LayerNorm models);
     * ``center_unembed``: ``W_U`` has zero mean over the vocabulary.
     """
     norms = [getattr(b, name, None) for b in model.blocks for name in ("ln1", "ln2")]
     fold_ln = any(type(n).__name__ in ("LayerNormPre", "RMSNormPre") for n in norms)
-    b_V = [getattr(b.attn, "b_V", None) for b in model.blocks]
-    b_O = [getattr(b.attn, "b_O", None) for b in model.blocks]
-    value_zero = all(b is None or not bool(b.detach().any()) for b in b_V)
-    out_set = any(b is not None and bool(b.detach().any()) for b in b_O)
+    if is_bridge(model) and getattr(model, "_weights_processed", False):
+        # A processed bridge keeps its norm modules (and ``normalization_type``); folding
+        # leaves every norm weight exactly 1, which is what is read here.
+        fold_ln = fold_ln or _norm_weights_folded([*norms, getattr(model, "ln_final", None)])
+
+    def biases(name: str) -> list:
+        return [backend.weight(b.attn, name) for b in model.blocks]
+
+    def any_set(tensors: list) -> bool:
+        return any(t is not None and bool(t.detach().any()) for t in tensors)
+
+    value_zero = not any_set(biases("b_V"))
+    out_set = any_set(biases("b_O"))
+    # A model without attention biases (Llama) has a zero b_V by architecture, and b_O may be
+    # set by a weight edit (mean ablation): folding is only read off a model with q/k biases.
+    has_biases = any_set(biases("b_Q")) or any_set(biases("b_K"))
     writers = [model.W_E]
     for block in model.blocks:
         writers.append(block.attn.W_O)
@@ -86,7 +111,7 @@ def infer_processing(model: Model) -> WeightProcessing:
         fold_ln=fold_ln,
         center_writing_weights=all(_centred(w) for w in writers),
         center_unembed=_centred(model.W_U),
-        fold_value_biases=value_zero and out_set,
+        fold_value_biases=value_zero and out_set and has_biases,
     )
 
 
@@ -124,7 +149,7 @@ def refuses_processing(
         @functools.wraps(fn)
         def inner(*args: P.args, **kwargs: P.kwargs) -> R:
             model = args[0] if args else kwargs.get("model")
-            if isinstance(model, HookedTransformer):
+            if is_model(model):
                 require_unprocessed(model, f"{fn.__name__}()", chosen)
             return fn(*args, **kwargs)
 

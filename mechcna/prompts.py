@@ -13,6 +13,7 @@ Example:
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mechcna._types import Int, Tensor
@@ -157,7 +158,13 @@ def single_token_id(model: Model, target: str | int) -> int:
         TokenizationError: the string is not exactly one token, or the id is out of range.
     """
     d_vocab = model.cfg.d_vocab_out
-    if isinstance(target, int):
+    if isinstance(target, (bool, np.bool_)) or not isinstance(target, (str, int, np.integer)):
+        raise TokenizationError(
+            f"a target is a token string or an integer token id, not {target!r} "
+            f"({type(target).__name__})"
+        )
+    if isinstance(target, (int, np.integer)):
+        target = int(target)
         if not 0 <= target < d_vocab:
             raise TokenizationError(f"target id {target} outside the vocabulary of {d_vocab}")
         return target
@@ -193,8 +200,8 @@ def single_token_ids(
         if targets.dtype.is_floating_point or targets.ndim > 1:
             raise MechcnaError("target ids must be a 1-d integer tensor")
         targets = [int(t) for t in targets.reshape(-1)]
-    if isinstance(targets, (str, int)):
-        ids = [single_token_id(model, targets)] * (n or 1)
+    if isinstance(targets, (str, int, float, np.generic)):  # one target (checked there)
+        ids = [single_token_id(model, targets)] * (n or 1)  # type: ignore[arg-type]
     else:
         seen: dict[str | int, int] = {}
         ids = []

@@ -119,8 +119,11 @@ class QueryNeurons(Scores):
     sources: Tensor | None = None
     source_importance: Tensor | None = None
 
-    def plot(self, prompt: int | None = None, k: int = 300) -> go.Figure:
-        return plotting.neuron_layer_counts(self, k, prompt, name="query FFN")
+    def plot(
+        self, prompt: int | None = None, k: int = 300, model: Model | None = None
+    ) -> go.Figure:
+        """Layers of the top-``k`` query neurons; with ``model``, hover shows top tokens."""
+        return plotting.neuron_layer_counts(self, k, prompt, name="query FFN", model=model)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,12 @@ def _cases() -> list[Case]:
              lambda: mechcna.layer_importance(m(), PROMPTS).top(0), E.InvalidOptionError),
         Case("token id beyond the vocabulary", "layer_importance(model, torch.tensor([[1, 999]]))",
              lambda: mechcna.layer_importance(m(), torch.tensor([[1, 999]])), E.TokenIdError),
+        Case("target given as a bool", "neuron_importance(model, prompts, True)",
+             lambda: mechcna.neuron_importance(m(), PROMPTS, True),  # type: ignore[arg-type]
+             E.TokenizationError),
+        Case("target given as a float", "neuron_importance(model, prompts, 3.0)",
+             lambda: mechcna.neuron_importance(m(), PROMPTS, 3.0),  # type: ignore[arg-type]
+             E.TokenizationError),
         Case("non-string in a prompt list", 'layer_importance(model, ["12+7=", 3])',
              lambda: mechcna.layer_importance(m(), ["12+7=", 3]),  # type: ignore[list-item]
              E.PromptTypeError),

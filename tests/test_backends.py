@@ -9,11 +9,13 @@ with that file, written by the 3.x environment from the same checkpoints.
 """
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+import mechcna
 from mechcna import (
     HeadAblation,
     NeuronEdit,
@@ -26,7 +28,8 @@ from mechcna import (
 )
 from mechcna.backend import backend_of, hooked_available
 from mechcna.comparative import compare_neurons
-from mechcna.errors import UnsupportedArchitectureError
+from mechcna.errors import UnsupportedArchitectureError, UserHookWarning
+from mechcna.tasks.arithmetic import arithmetic_dataset
 from tests import reference
 from tests.helpers import PROMPTS, tokenizer
 
@@ -82,6 +85,32 @@ def _hook_count(model) -> int:
 
 def core_results(model) -> dict[str, torch.Tensor]:
     """Every core analysis on ``model``; each result as a tensor."""
+    return {**_core(model), **_further(model)}
+
+
+def _further(model) -> dict[str, torch.Tensor]:
+    """The other analyses: attribution at every level, query neurons and layers, transfer
+    through attention, the zero-shot search, accuracy."""
+    data = arithmetic_dataset("+", 1, templates=4, n_pairs=6, tokenizer=model)
+    transform = mechcna.transform_through_attention(model, (0, 3), [(1, None, 0)], PROMPTS[1])
+    return {
+        "layer_importance": mechcna.layer_importance(model, PROMPTS).scores,
+        "head_importance": mechcna.head_importance(model, PROMPTS, by_position=True).scores,
+        "attention_neuron_importance": mechcna.attention_neuron_importance(model, PROMPTS).scores,
+        "query_neurons": mechcna.query_neurons(model, PROMPTS, k=5).scores,
+        "ffn_query_layers": mechcna.ffn_query_layers(model, PROMPTS, k=5).scores,
+        "source_position_scores": mechcna.source_position_scores(
+            model, PROMPTS[1], 1, (1, 3)
+        ).scores,
+        "transform_through_attention": transform.hops,
+        "hidden_interpretable_neurons": mechcna.hidden_interpretable_neurons(
+            model, top=5
+        ).counts.double(),
+        "evaluate_accuracy_logprob": mechcna.evaluate_accuracy(model, data, progress=False).logprob,
+    }
+
+
+def _core(model) -> dict[str, torch.Tensor]:
     imp = neuron_importance(model, PROMPTS)
     cna = compare_neurons(model, PROMPTS, HeadAblation([(1, 0)]))
     sweep = head_sweep(model, PROMPTS, progress=False, heads_per_pass=3)
@@ -125,7 +154,9 @@ def test_bridge_core_suite(checkpoint):
     _, path = checkpoint
     model = load_model(path, device="cpu", backend="bridge")
     assert backend_of(model) == "bridge"
-    res = neuron_importance(model, PROMPTS)
+    with warnings.catch_warnings():  # the bridge's own hooks are not the user's
+        warnings.simplefilter("error", UserHookWarning)
+        res = neuron_importance(model, PROMPTS)
     for i, prompt in enumerate(PROMPTS):
         ref, w = reference.literal_ffn_scores(model, model.to_tokens(prompt)[0])
         assert int(res.target_ids[i]) == w
@@ -138,6 +169,10 @@ def test_bridge_core_suite(checkpoint):
     check_model(model)
     with pytest.raises(UnsupportedArchitectureError, match="resid_mid"):
         Patch("blocks.0.hook_resid_mid", torch.zeros(1, 1, 32)).fwd_hooks(model)
+    model.hook_dict["blocks.0.hook_resid_pre"].add_hook(lambda x, hook: x)
+    with pytest.warns(UserHookWarning, match="blocks.0.hook_resid_pre"):
+        neuron_importance(model, PROMPTS[:1])
+    model.reset_hooks()
 
 
 @pytest.mark.skipif(not hooked_available(), reason="TransformerLens 4: compared with GOLDEN")
@@ -171,9 +206,100 @@ def test_shipped_model_on_bridge():
     """The shipped mechcna checkpoint converts to an equivalent Hugging Face Llama model."""
     bridge = load_model("mechcna/arith-small", device="cpu", backend="bridge")
     check_model(bridge)
+    from mechcna.lora import attach_lora
+
+    with pytest.raises(UnsupportedArchitectureError, match="LoRA"):
+        attach_lora(bridge, [0])
     if hooked_available():
         hooked = load_model("mechcna/arith-small", device="cpu")
         tokens = hooked.to_tokens(["3+5=", "12+7="])
         with torch.no_grad():
             diff = (hooked(tokens).log_softmax(-1) - bridge(tokens).log_softmax(-1)).abs().max()
         assert float(diff) < TOL
+
+
+ALL_STEPS = mechcna.WeightProcessing(
+    fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
+)
+
+
+def test_processed_bridge_exact_or_refused(checkpoint):
+    """A bridge with processed weights: the invariant analyses equal the unprocessed bridge's
+    (and the unprocessed HookedTransformer's), the others refuse it, also when mechcna did
+    not load it (the processing is read from the bridge itself)."""
+    from tests.test_processing import REFUSED
+
+    _, path = checkpoint
+    plain = load_model(path, device="cpu", backend="bridge")
+    processed = load_model(path, device="cpu", backend="bridge", processing=ALL_STEPS)
+    assert mechcna.get_processing(processed).fold_ln
+    for fn in (neuron_importance, mechcna.layer_importance):
+        a, b = fn(plain, PROMPTS).scores, fn(processed, PROMPTS).scores
+        assert float((a - b).abs().max()) <= TOL, fn.__name__
+    for name in sorted(REFUSED):
+        REFUSED[name](plain)  # runs unprocessed
+        with pytest.raises(mechcna.WeightProcessingError, match="no_processing=True"):
+            REFUSED[name](processed)
+            pytest.fail(f"{name} did not refuse a processed bridge")
+    object.__delattr__(processed, "_mechcna_processing")
+    assert mechcna.get_processing(processed).fold_ln  # inferred from the bridge alone
+    with pytest.raises(mechcna.WeightProcessingError, match="fold_ln"):
+        mechcna.query_neurons(processed, PROMPTS, k=5)
+
+
+def test_weight_edits_on_bridges_equal_hooks(checkpoint):
+    """apply_to_weights on a bridge (GPT-2's cannot be deep-copied: it is re-wrapped) equals
+    the same edits by hooks, and leaves the original untouched."""
+    from mechcna import apply_to_weights
+
+    kind, path = checkpoint
+    model = load_model(path, device="cpu", backend="bridge")
+    tokens = model.to_tokens(PROMPTS[1])
+    edits = [NeuronEdit([(0, 1), (1, 3)]), HeadAblation([(1, 0)])]
+    if kind == "gpt2":  # mean ablation moves a constant into b_O: needs a bias
+        edits.append(HeadAblation.mean_over(model, [(0, 2)], model.to_tokens(PROMPTS[0])))
+    with torch.no_grad():
+        before = model(tokens)
+        edited = apply_to_weights(model, *edits)
+        assert backend_of(edited) == "bridge"
+        assert edited.cfg.default_prepend_bos == model.cfg.default_prepend_bos
+        by_weights = edited(tokens)
+        with intervene(model, *edits):
+            by_hooks = model(tokens)
+        assert float((by_weights - by_hooks).abs().max()) <= TOL
+        assert float((by_weights - before).abs().max()) > 1e-3  # the edits change something
+        torch.testing.assert_close(model(tokens), before, atol=0, rtol=0)
+    processed = load_model(path, device="cpu", backend="bridge", processing=ALL_STEPS)
+    edit = NeuronEdit([(0, 1), (1, 3)])
+    with torch.no_grad(), intervene(processed, edit):
+        by_hooks = processed(tokens)
+    if kind == "llama" and hooked_available():
+        # TL 3.9: a processed Llama bridge's weight properties are copies its forward pass
+        # does not read (TL 4.3 writes through): refused, never silently unedited
+        with pytest.raises(UnsupportedArchitectureError, match="do not reach"):
+            apply_to_weights(processed, edit)
+        return
+    with torch.no_grad():
+        by_weights = apply_to_weights(processed, edit)(tokens)
+    assert float((by_weights - by_hooks).abs().max()) <= TOL
+
+
+def test_gguf_file_on_bridge(tmp_path, monkeypatch):
+    """A (tiny, Q8_0) GGUF file loads as a bridge offline: equal to the transformers model,
+    with its dequantisation recorded."""
+    from mechcna import get_provenance
+    from tests.test_gguf import _tiny_llama, assert_matches_transformers, write_gguf
+
+    monkeypatch.setenv("MECHCNA_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "tiny").mkdir()
+    path = write_gguf(tmp_path / "tiny" / "tiny.Q8_0.gguf", _tiny_llama())
+    bridge = load_model(path, device="cpu", backend="bridge")
+    assert backend_of(bridge) == "bridge"
+    assert_matches_transformers(bridge, path)
+    source = get_provenance(bridge)
+    assert source is not None
+    assert (source.format, source.quantization, source.dequantized) == ("gguf", "Q8_0", True)
+    if hooked_available():  # the same record as the HookedTransformer's
+        hooked = get_provenance(load_model(path, device="cpu"))
+        assert hooked is not None
+        assert (hooked.sha256, hooked.tensor_types) == (source.sha256, source.tensor_types)

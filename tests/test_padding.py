@@ -11,7 +11,7 @@ import mechcna
 from mechcna import HeadAblation, NeuronEdit, Patch, evaluate_accuracy
 from mechcna.comparative import compare_neurons
 from mechcna.errors import MechcnaError
-from mechcna.interventions import KeepNeurons, NeuronMask
+from mechcna.interventions import AttentionNeuronEdit, KeepNeurons, NeuronMask
 from mechcna.tasks.arithmetic import arithmetic_dataset, default_tokenizer
 from tests.helpers import PROMPTS, gpt2_cfg, llama_cfg, randomize_biases_and_norms
 
@@ -19,6 +19,9 @@ IVS = {
     "head_last": lambda: [HeadAblation([(0, 1), (1, 2)], positions=[-1])],
     "neuron_last_two": lambda: [NeuronEdit([(0, 3), (1, 5)], "scale", 4.0, positions=[-2, -1])],
     "keep_first": lambda: [KeepNeurons([(1, 0)], layers=[1], positions=[0, -1])],
+    "attention_neurons_last": lambda: [
+        AttentionNeuronEdit([(1, 0, h, d) for h in range(4) for d in range(8)] + [(0, -1, 1, 2)])
+    ],
 }
 
 
@@ -109,3 +112,29 @@ def test_position_beyond_a_short_prompt_is_an_error(model64):
         mechcna.layer_importance(
             model64, PROMPTS, interventions=[HeadAblation([(0, 0)], positions=[-short - 1])]
         )
+
+
+def test_attention_neuron_edit_removes_a_repeated_neuron_once(model64):
+    neurons = [(1, 0, 2, 3), (0, 1, 1, 5)]
+    once = mechcna.layer_importance(model64, PROMPTS, interventions=[AttentionNeuronEdit(neurons)])
+    twice = mechcna.layer_importance(
+        model64, PROMPTS, interventions=[AttentionNeuronEdit(neurons + neurons[:1])]
+    )
+    torch.testing.assert_close(once.scores, twice.scores, atol=1e-12, rtol=0)
+
+
+def test_mean_over_prompt_strings_excludes_padding(model64):
+    """Mean ablation over prompt strings (right-padded) equals the mean over token ids with
+    the padding masked out, and over one unpadded prompt equals that prompt's own mean."""
+    heads = [(0, 1), (1, 2)]
+    by_strings = HeadAblation.mean_over(model64, heads, PROMPTS)
+    batch = mechcna.prompts.prepare_prompts(model64, PROMPTS)
+    mask = torch.arange(batch.tokens.shape[1])[None] < batch.lengths[:, None]
+    by_ids = HeadAblation.mean_over(model64, heads, batch.tokens, attention_mask=mask)
+    one = HeadAblation.mean_over(model64, heads, PROMPTS[:1])
+    alone = HeadAblation.mean_over(model64, heads, model64.to_tokens(PROMPTS[0]))
+    for head in heads:
+        assert by_strings.means is not None and by_ids.means is not None
+        torch.testing.assert_close(by_strings.means[head], by_ids.means[head], atol=1e-12, rtol=0)
+        assert one.means is not None and alone.means is not None
+        torch.testing.assert_close(one.means[head], alone.means[head], atol=1e-12, rtol=0)

@@ -47,6 +47,11 @@ def test_inferred_on_any_model(pair):
     assert get_processing(only_ln) == WeightProcessing(fold_ln=True)
     llama = build("llama", dtype=torch.float64)
     assert get_processing(_processed(llama)).fold_ln
+    # A bias-free model whose b_O a weight edit set (mean ablation) is not "folded".
+    ablated = mechcna.apply_to_weights(llama, HeadAblation.mean_over(llama, [(0, 1)], PROMPTS))
+    assert bool(ablated.blocks[0].attn.b_O.any())
+    assert get_processing(ablated) == NO_PROCESSING
+    mechcna.head_importance(ablated, PROMPTS)  # not refused
 
 
 def test_invariant_scores_are_exact_on_processed(pair):

@@ -118,3 +118,21 @@ def test_figures_use_integer_ticks_and_side_by_side_bars():
     bars = experiment_bars(table)
     coef = next(t for t in bars.data if t.name == "coef")
     assert coef.yaxis == "y2" and all(t.yaxis == "y" for t in bars.data if t.name != "coef")
+
+
+def test_neuron_count_hover_names_neurons_and_their_top_tokens():
+    from mechcna import neuron_importance, top_tokens
+
+    model = build("llama")
+    result = neuron_importance(model, ["3+5="])
+    top = result.top(12, prompt=0)
+    fig = result.plot(0, k=12, model=model)
+    hover = list(fig.data[0].hovertext)
+    assert len(hover) == model.cfg.n_layers
+    counts = top["layer"].value_counts()
+    for layer, text in enumerate(hover):
+        assert text.startswith(f"layer {layer}: {int(counts.get(layer, 0))} of the top-12")
+    best = top.iloc[0]
+    words = ", ".join(t for t, _ in top_tokens(model, (int(best.layer), int(best.neuron)), 6).top)
+    assert f"{best.label}: {best.score:.4f} ({words})" in hover[int(best.layer)]
+    assert "(" not in result.plot(0, k=12).data[0].hovertext[int(best.layer)]  # no model: no tokens

@@ -55,7 +55,8 @@ def attribute(args: argparse.Namespace, ctx: Context) -> Report:
             if level == "ffn":
                 frame = with_tokens(model, frame)
             report.table(frame, f"{level}, prompt {prompt!r}: top {args.top}", name=f"{level}-{i}")
-        report.figure(res.plot(0), f"{level} log-probability increase for {prompts[0]!r}")
+        fig = res.plot(0, model=model) if level == "ffn" else res.plot(0)
+        report.figure(fig, f"{level} log-probability increase for {prompts[0]!r}")
     return report
 
 

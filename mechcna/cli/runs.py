@@ -64,7 +64,9 @@ def report_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     report.table(
         frame, f"top FFN neurons of {prompts[0]!r} and the tokens they promote", name="ffn"
     )
-    report.figure(ffn.plot(0), "layers of the top-300 FFN neurons")
+    report.figure(
+        ffn.plot(0, model=model), "layers of the top-300 FFN neurons (hover: their top tokens)"
+    )
     att = attribution.attention_neuron_importance(model, prompts, targets)
     report.section("Attention value neurons")
     report.table(att.top(args.top, prompt=0), "top attention neurons", name="attention")
