@@ -36,6 +36,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from mechcna._types import Float, Int, Tensor
 from mechcna.architecture import Architecture
 from mechcna.attribution import Targets, _meta, capture
 from mechcna.backend import Model
@@ -104,7 +105,7 @@ def comparison_scores(
     position: int | None = None,
     paper_compat: bool = False,
     cache: BlockCache | None = None,
-    rank_chunk: int = 512,
+    rank_chunk: int = 128,
 ) -> ComparisonScores:
     """All eight method scores for every FFN neuron (METHODS 4.6).
 
@@ -120,7 +121,6 @@ def comparison_scores(
     offset = logit_offset(arch, paper_compat)
     alone_base = offset[None].expand(n, -1)
     alone_logprob = exact_rows_logprob(alone_base, cap.target)
-    rows = torch.arange(n)
     with torch.no_grad():
         for l in range(arch.n_layers):
             block = ffn_block(model, l, cache)
@@ -133,12 +133,7 @@ def comparison_scores(
             )
             base_lp = exact_rows_logprob(base, cap.target)[:, None]
             fc2_norm = arch.W_out(l).to(dtype).norm(dim=-1)
-            rank = torch.empty_like(m)
-            for i in range(0, arch.d_mlp, rank_chunk):
-                U = block.U[i : i + rank_chunk]  # [row, vocab], centred rows rank the same
-                logits = a[:, 0, i : i + rank_chunk, None] * U[None] + offset
-                own = logits[rows, :, cap.target]
-                rank[:, i : i + rank_chunk] = 1 + (logits > own[..., None]).sum(-1)
+            rank = target_ranks(block.U, a[:, 0], offset, cap.target, rank_chunk)
             values = {
                 "log_prob_increase": imp,
                 "log_prob": alone,
@@ -154,6 +149,55 @@ def comparison_scores(
     return ComparisonScores(
         scores=out, dims=("prompt", "method", "layer", "neuron"), **_meta(model, cap, paper_compat)
     )
+
+
+def target_ranks(
+    U: Float[Tensor, "row d_vocab"],
+    coef: Float[Tensor, "batch row"],
+    offset: Float[Tensor, " d_vocab"],
+    target: Int[Tensor, " batch"],
+    chunk: int = 128,
+) -> Float[Tensor, "batch row"]:
+    """Rank of ``target[b]`` among the logits ``coef[b, k] * U[k] + offset`` of every row ``k``
+    (1 is the top token; tokens tied with the target do not count against it).
+
+    With a constant ``offset`` (no unembedding bias, or the papers' GPT-2 code) a positive
+    coefficient only scales the row, so the rank is that of ``U[k, w]`` in ``U[k]``, a negative
+    one reverses the order and a zero one ties every token (rank 1): the counts are computed
+    once per distinct target and row, never per prompt, and no logit is formed. Otherwise the
+    logits are compared chunk by chunk.
+    """
+    rank = torch.ones_like(coef)
+    if bool((offset == offset[0]).all()):
+        for t in target.unique().tolist():
+            mine = target == t
+            above, below = _counts_around(U, U[:, t], chunk)
+            c = coef[mine]
+            counts = torch.where(c > 0, above.to(c.dtype), torch.where(c < 0, below.to(c.dtype), 0))
+            rank[mine] = 1 + counts
+        return rank
+    rows = torch.arange(len(target))
+    for i in range(0, U.shape[0], chunk):
+        logits = coef[:, i : i + chunk, None] * U[None, i : i + chunk] + offset
+        own = logits[rows, :, target]
+        rank[:, i : i + chunk] = 1 + (logits > own[..., None]).sum(-1)
+    return rank
+
+
+def _counts_around(
+    U: Float[Tensor, "row d_vocab"], col: Float[Tensor, " row"], chunk: int
+) -> tuple[Float[Tensor, " row"], Float[Tensor, " row"]]:
+    """Per row ``k``: how many entries of ``U[k]`` are above and below ``col[k]``, in one pass
+    (the sign of an exact difference: ``above - below`` and ``above + below`` are its sum and
+    its absolute sum)."""
+    acc = torch.float64 if U.shape[1] >= 2**24 else U.dtype  # sums of +-1 stay exact
+    above, below = torch.empty(len(U), dtype=acc), torch.empty(len(U), dtype=acc)
+    for i in range(0, len(U), chunk):
+        sign = (U[i : i + chunk] - col[i : i + chunk, None]).sign_()
+        net = sign.sum(-1, dtype=acc)
+        both = sign.abs_().sum(-1, dtype=acc)
+        above[i : i + chunk], below[i : i + chunk] = (both + net) / 2, (both - net) / 2
+    return above, below
 
 
 def evaluate_methods(

@@ -97,6 +97,14 @@ def test_head_and_cna_tables_equal_direct_calls(quick, shipped):
     pd.testing.assert_frame_equal(table1[direct.columns], direct)
     head = quick.stage("heads").data["head"]
     assert head == arith.top_head(sweep, ["+", "-"])
+    # Tables 7-8 run below the top head above layer 0 (the top head itself when it is there).
+    shallow = quick.stage("heads").data["shallow_head"]
+    assert shallow == arith.top_head(sweep, ["+", "-"], min_layer=1) and shallow[0] >= 1
+    if head[0] > 0:
+        assert shallow == head
+    summary = sweep.summary("operation in ['+', '-']").set_index("head")
+    better = summary[(summary["layer"] >= 1)]["delta_accuracy"]
+    assert summary.loc[f"{shallow[0]}_{shallow[1]}", "delta_accuracy"] == better.min()
     cna_cases = quick.stage("cna").data["cases"]
     cna = compare_neurons(shipped, cna_cases.prompts, HeadAblation([head]), cna_cases.targets)
     deep = range(head[0], shipped.cfg.n_layers)
@@ -224,3 +232,34 @@ def test_command_end_to_end(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(mechcna.MechcnaError, match="not a folder"):
         main(["--model", "no/such-model", "--out", str(tmp_path / "file")])
+
+
+def test_stage_lock_is_held_during_stages_and_released(tmp_path):
+    import fcntl
+
+    from mechcna.reproduce.core import StageResult, run_stages
+
+    lock = tmp_path / "heavy.lock"
+    seen = []
+
+    def probe(name: str):
+        def thunk() -> StageResult:
+            with open(lock, "a") as f:  # a second open file: the stage's lock must block it
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    seen.append(False)
+                except BlockingIOError:
+                    seen.append(True)
+            return StageResult(name, name, "attribution", 0.0)
+
+        return name, thunk
+
+    for hold in (0.0, 3600.0):  # released between stages / held across them
+        seen.clear()
+        out = run_stages([probe("a"), probe("b")], progress=False, lock=lock, hold=hold)
+        assert [s.name for s in out] == ["a", "b"] and seen == [True, True]
+        with open(lock, "a") as f:  # released after the run
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    seen.clear()
+    run_stages([probe("c")], progress=False)
+    assert seen == [False]

@@ -1,6 +1,8 @@
 """``mechcna reproduce``: both papers end to end (:mod:`mechcna.reproduce`)."""
 
 import argparse
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from mechcna.cli.base import Context, command
@@ -11,6 +13,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paper", choices=["attribution", "arithmetic", "both"], default="both")
     p.add_argument(
         "--quick", action="store_true", help="the smallest sizes (ReproduceSettings.quick)"
+    )
+    p.add_argument(
+        "--lock",
+        default=None,
+        help="a file to flock during each stage, released between stages (shared machines)",
     )
 
 
@@ -25,7 +32,14 @@ def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.reproduce import reproduce
     from mechcna.reproduce.page import build_report, write_markdown
 
-    rep = reproduce(ctx.model, args.paper, quick=args.quick, progress=ctx.progress)
+    start = time.perf_counter()
+    model = ctx.model
+    loaded = time.perf_counter() - start
+    rep = reproduce(model, args.paper, quick=args.quick, progress=ctx.progress, lock=args.lock)
+    flags = [f"--model {args.model}", f"--paper {args.paper}", f"--out {args.out}"]
+    flags += ["--quick"] * bool(args.quick) + [f"--lock {args.lock}"] * bool(args.lock)
+    command = " ".join(["mechcna reproduce", *flags])
+    rep = replace(rep, load_seconds=loaded, command=command)
     report = build_report(rep, ctx.report("reproduce").provenance)
     if args.out:
         out = Path(args.out)

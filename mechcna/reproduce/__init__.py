@@ -16,6 +16,7 @@ Example:
 """
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from mechcna.backend import Model
@@ -28,6 +29,7 @@ from mechcna.reproduce.core import (
     ReproduceSettings,
     Reproduction,
     StageResult,
+    load_average,
     machine,
     now,
     run_stages,
@@ -56,6 +58,7 @@ def reproduce(
     quick: bool = False,
     settings: ReproduceSettings | None = None,
     progress: bool = True,
+    lock: str | Path | None = None,
 ) -> Reproduction:
     """Run the papers' stages on ``model`` and collect tables, figures, claims and timings.
 
@@ -64,6 +67,8 @@ def reproduce(
         quick: use :meth:`ReproduceSettings.quick` (ignored when ``settings`` is given).
         settings: sizes and policies (default :meth:`ReproduceSettings.full`).
         progress: a progress bar over stages.
+        lock: a file to ``flock`` during each stage, released between stages (for machines
+            shared with other heavy jobs; stage wall times then exclude the waits).
 
     Raises:
         MechcnaError: an unknown ``paper``.
@@ -71,6 +76,7 @@ def reproduce(
     if paper not in ("attribution", "arithmetic", "both"):
         raise MechcnaError(f"paper must be attribution, arithmetic or both, not {paper!r}")
     s = settings or (ReproduceSettings.quick() if quick else ReproduceSettings.full())
+    stamp: dict[str, str] = {}  # machine and date when the first stage starts (after any lock)
     done: dict[str, StageResult] = {}
 
     def get(name: str, key: str) -> Any:
@@ -78,6 +84,8 @@ def reproduce(
 
     def keep(name: str, fn: Callable[[], StageResult]) -> tuple[str, Callable[[], StageResult]]:
         def thunk() -> StageResult:
+            stamp.setdefault("machine", machine())
+            stamp.setdefault("date", now())
             done[name] = fn()
             return done[name]
 
@@ -103,8 +111,13 @@ def reproduce(
             keep("arithmetic_data", lambda: arith.arithmetic_stage(model, s)),
             keep("heads", lambda: arith.head_stage(model, get(*cases), s)),
             keep("cna", lambda: arith.cna_stage(model, get(*cases), get(*head), s)),
-            keep("shallow", lambda: arith.shallow_stage(model, get("cna", "cases"), get(*head), s)),
+            keep("shallow", lambda: arith.shallow_stage(
+                model, get("cna", "cases"), get("heads", "shallow_head"), s)),
         ]  # fmt: skip
-    results = run_stages(stages, progress)
+    results = run_stages(stages, progress, lock)
     settings_dict = {k: v for k, v in vars(s).items()}
-    return Reproduction(str(model.cfg.model_name), settings_dict, tuple(results), machine(), now())
+    return Reproduction(
+        str(model.cfg.model_name), settings_dict, tuple(results),
+        stamp.get("machine", machine()), stamp.get("date", now()),
+        load_end=load_average(),
+    )  # fmt: skip

@@ -106,12 +106,13 @@ def arithmetic_stage(model: Model, settings: ReproduceSettings) -> StageResult:
 
 
 # --------------------------------------------------------------------------- 2. heads
-def top_head(sweep: HeadSweep, operations: list[str]) -> tuple[int, int]:
-    """The head whose ablation lowers accuracy most on ``operations`` (the paper's 17_22 is
-    the top head of addition and subtraction)."""
+def top_head(sweep: HeadSweep, operations: list[str], min_layer: int = 0) -> tuple[int, int]:
+    """The head (in layer ``min_layer`` or above) whose ablation lowers accuracy most on
+    ``operations`` (the paper's 17_22 is the top head of addition and subtraction)."""
     ops = [o for o in operations if o in set(sweep.labels["operation"])]
     cell = f"operation in {ops!r}" if ops else None
-    row = sweep.top(1, cell=cell).iloc[0]
+    ranked = sweep.top(len(sweep.heads), cell=cell)
+    row = ranked[ranked["layer"] >= min_layer].iloc[0]
     return int(row["layer"]), int(row["head_index"])
 
 
@@ -152,12 +153,16 @@ def head_stage(model: Model, data: ArithmeticDataset, settings: ReproduceSetting
         st.tables["tables24_27"] = t24
         st.figures["heatmap"] = sweep.plot(value="delta_accuracy")
         head = top_head(sweep, ["+", "-"])
-        st.data |= {"sweep": sweep, "head": head}
+        # Tables 7-8 need layers below the head: a top head in layer 0 has none.
+        shallow = head if head[0] > 0 or model.cfg.n_layers < 2 else top_head(sweep, ["+", "-"], 1)
+        st.data |= {"sweep": sweep, "head": head, "shallow_head": shallow}
         _head_claims(st, sweep, head, cases)
         st.notes.append(
             f"{len(cases)} cases (of {len(data)}) x {len(sweep.heads)} heads, each head's z "
             f"zeroed at every position. Top head on + and -: {head[0]}_{head[1]}."
-        )
+            + (f" Top head above layer 0 (used for Tables 7-8): {shallow[0]}_{shallow[1]}."
+               if shallow != head else "")
+        )  # fmt: skip
     return st.result()
 
 
@@ -362,7 +367,9 @@ def shallow_stage(
     head: tuple[int, int],
     settings: ReproduceSettings,
 ) -> StageResult:
-    """Operand tokens through attention (Table 7) and the zero-shot search (Table 8)."""
+    """Operand tokens through attention (Table 7) and the zero-shot search (Table 8) below
+    ``head`` (the reproduction passes the top head above layer 0, as Table 8 needs layers
+    below the head)."""
     layer = head[0]
     with stage("shallow", "Hidden-interpretable shallow neurons (Tables 7-8)", PAPER) as st:
         t7 = operand_tokens_table(model, layer)

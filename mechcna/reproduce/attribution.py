@@ -37,6 +37,7 @@ from mechcna.methods import comparison_scores, evaluate_methods
 from mechcna.prompts import prepare_prompts, single_token_id
 from mechcna.reproduce import paper
 from mechcna.reproduce.core import ReproduceSettings, StageResult, stage
+from mechcna.static import BlockCache
 from mechcna.tasks.arithmetic import arithmetic_dataset
 from mechcna.tasks.knowledge import (
     KnowledgeDataset,
@@ -68,7 +69,10 @@ def knowledge_stage(model: Model, settings: ReproduceSettings) -> StageResult:
     """The knowledge prompts, the paper's filter on this model, and the prompts kept for the
     neuron-level stages (``data["dataset"]``; at most ``prompts_per_type`` per type)."""
     with stage("knowledge", "Knowledge prompts and the paper's filter", PAPER) as st:
-        filt = filter_knowledge(model, knowledge_prompts(), top_k=settings.knowledge_top_k)
+        written = knowledge_prompts()
+        if settings.knowledge_per_type is not None:
+            written = written.head(settings.knowledge_per_type)
+        filt = filter_knowledge(model, written, top_k=settings.knowledge_top_k)
         table = filt.survivors()
         st.tables["survivors"] = table
         kept_rows = filt.frame.loc[filt.frame["kept"].to_numpy(dtype=bool)]
@@ -80,6 +84,11 @@ def knowledge_stage(model: Model, settings: ReproduceSettings) -> StageResult:
             "tokens and outranks the other answers of its type. The paper filtered TriviaQA to "
             "1,350 sentences (GPT-2) / 3,141 (Llama-7B); our prompts are written by the project."
         )
+        if settings.knowledge_per_type is not None:
+            st.notes.append(
+                f"Only the first {settings.knowledge_per_type} written prompts of each type were "
+                "run through the filter (knowledge_per_type)."
+            )
         kept = filt.kept
         if not len(kept) and settings.arithmetic_fallback:
             kept = _arithmetic_fallback(model, settings)
@@ -93,7 +102,10 @@ def knowledge_stage(model: Model, settings: ReproduceSettings) -> StageResult:
             st.tables["fallback_survivors"] = pd.DataFrame(
                 {"type": list(counts), "kept": list(counts.values())}
             )
-        st.data["dataset"] = kept.head(settings.prompts_per_type)
+        chosen = kept.head(settings.prompts_per_type)
+        if settings.max_prompts is not None:
+            chosen = chosen.round_robin(settings.max_prompts)
+        st.data["dataset"] = chosen
         st.data["method_dataset"] = kept.round_robin(settings.method_prompts)
     return st.result()
 
@@ -209,7 +221,9 @@ def method_stage(model: Model, data: KnowledgeDataset, settings: ReproduceSettin
     if not len(data):
         return _skip("methods", title, "no prompt survived the filter")
     with stage("methods", title, PAPER) as st:
-        scores = comparison_scores(model, data.prompts, data.answers)
+        # Full-precision blocks are used once here: stream them (no 9 GB cache on SmolLM2).
+        streaming = BlockCache(budget=0, disk=False)
+        scores = comparison_scores(model, data.prompts, data.answers, cache=streaming)
         table = evaluate_methods(
             model, data.prompts, data.answers, k=settings.method_k, scores=scores, progress=False
         )

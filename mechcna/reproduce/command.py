@@ -22,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--lock",
+        default=None,
+        help="a file to flock during each stage, released between stages (shared machines)",
+    )
     return p
 
 
@@ -29,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, run the stages, write the page; prints the claim table."""
     out = check_out_dir(args.out)  # fail on a bad folder before any work
     model = load_model(args.model, device=args.device)
-    rep = reproduce(model, args.paper, quick=args.quick, progress=not args.quiet)
+    rep = reproduce(model, args.paper, quick=args.quick, progress=not args.quiet, lock=args.lock)
     command = f"mechcna reproduce --model {args.model} --paper {args.paper}"
     prov = Provenance.from_model(model, command=command + (" --quick" if args.quick else ""))
     page = write_report(rep, out, prov)

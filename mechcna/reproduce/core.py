@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
@@ -149,12 +150,17 @@ def markdown_table(frame: pd.DataFrame, index: bool = False) -> str:
     return "\n".join(lines)
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (``"unknown"`` where the OS has none)."""
+    try:
+        return ", ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
+    except OSError:  # pragma: no cover - not on every platform
+        return "unknown"
+
+
 def machine() -> str:
     """A one-line description of this machine (CPU count, torch threads, load)."""
-    try:
-        load = ", ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
-    except OSError:  # pragma: no cover - not on every platform
-        load = "unknown"
+    load = load_average()
     cpus = __import__("os").cpu_count()
     return (
         f"{platform.machine()} {platform.processor() or platform.system()}, {cpus} CPUs, "
@@ -171,6 +177,9 @@ class Reproduction:
     stages: tuple[StageResult, ...]
     machine: str
     date: str
+    load_end: str = ""
+    command: str = ""
+    load_seconds: float | None = None
 
     @property
     def claims(self) -> tuple[Claim, ...]:
@@ -180,9 +189,11 @@ class Reproduction:
         return claims_frame(self.claims)
 
     def timings(self) -> pd.DataFrame:
-        """Wall time per stage (seconds) and the total."""
+        """Wall time per stage (seconds) and the total (with the model load when recorded)."""
         rows = [{"paper": s.paper, "stage": s.name, "seconds": s.seconds} for s in self.stages]
-        rows.append({"paper": "", "stage": "total", "seconds": sum(s.seconds for s in self.stages)})
+        if self.load_seconds is not None:
+            rows.insert(0, {"paper": "", "stage": "load model", "seconds": self.load_seconds})
+        rows.append({"paper": "", "stage": "total", "seconds": sum(r["seconds"] for r in rows)})
         return pd.DataFrame(rows)
 
     def stage(self, name: str) -> StageResult:
@@ -210,18 +221,59 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+class StageLock:
+    """An exclusive ``flock`` on a file, taken before a stage and released between stages once
+    it has been held for ``hold`` seconds (``path=None``: no lock). On a shared machine other
+    heavy jobs then run between groups of stages, and every stage's wall time is measured
+    while holding the lock."""
+
+    def __init__(self, path: str | Path | None, hold: float = 480.0):
+        self.path, self.hold = path, hold
+        self._file: Any = None
+        self._since = 0.0
+
+    def acquire(self) -> None:
+        if self.path is None or self._file is not None:
+            return
+        import fcntl
+
+        self._file = open(self.path, "a")
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        self._since = time.perf_counter()
+
+    def release(self, force: bool = False) -> None:
+        if self._file is None or (not force and time.perf_counter() - self._since < self.hold):
+            return
+        import fcntl
+
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
+
+
 def run_stages(
-    stages: list[tuple[str, Callable[[], StageResult]]], progress: bool
+    stages: list[tuple[str, Callable[[], StageResult]]],
+    progress: bool,
+    lock: str | Path | None = None,
+    hold: float = 480.0,
 ) -> list[StageResult]:
     """Run stage thunks in order under one progress bar (a later thunk may read earlier
-    results through the list it is given)."""
+    results through the list it is given). With ``lock``, stages run holding an exclusive
+    ``flock`` on that file, released between stages once held for ``hold`` seconds
+    (:class:`StageLock`) and at the end."""
     from tqdm.auto import tqdm
 
     out: list[StageResult] = []
     bar = tqdm(stages, desc="reproduce", disable=not progress)
-    for name, thunk in bar:
-        bar.set_postfix_str(name)
-        out.append(thunk())
+    guard = StageLock(lock, hold)
+    try:
+        for name, thunk in bar:
+            bar.set_postfix_str(name)
+            guard.acquire()
+            out.append(thunk())
+            guard.release()
+    finally:
+        guard.release(force=True)
     return out
 
 
@@ -231,7 +283,10 @@ class ReproduceSettings:
 
     Attribution paper:
         knowledge_top_k: the filter's rank threshold (1: the answer is the top-1 token).
+        knowledge_per_type: written prompts per type run through the filter (``None``: all).
         prompts_per_type: knowledge prompts per type used for neuron-level attribution.
+        max_prompts: at most this many of those in all, taken in turn from each type
+            (``None``: no cap).
         method_prompts: prompts in the 8-method comparison (Table 2), taken in turn from each
             type (it scores every FFN neuron eight ways and ranks each in the vocabulary).
         method_k: neurons zeroed per prompt and method (10 in the paper).
@@ -258,7 +313,9 @@ class ReproduceSettings:
     """
 
     knowledge_top_k: int = 1
-    prompts_per_type: int = 8
+    knowledge_per_type: int | None = None
+    prompts_per_type: int = 4
+    max_prompts: int | None = 12
     method_prompts: int = 6
     method_k: int = 10
     ffn_k: int = 100
@@ -270,11 +327,11 @@ class ReproduceSettings:
     operations: tuple[str, ...] = ("+", "-", "*", "/")
     digits: tuple[int, ...] = (1, 2)
     templates: tuple[int, ...] = (4,)
-    n_pairs: int = 20
+    n_pairs: int = 10
     prompt_form: Literal["auto", "zero-shot", "few-shot"] = "auto"
-    shots: int = 3
-    sweep_cases: int | None = 200
-    cna_cases: int = 20
+    shots: int = 2
+    sweep_cases: int | None = 16
+    cna_cases: int = 6
     cna_ks: tuple[int, ...] = (100, 50, 30, 20, 10)
     zero_shot_top: int | None = None
     thresholds: tuple[int, ...] | None = None
@@ -285,12 +342,13 @@ class ReproduceSettings:
     def quick(cls) -> "ReproduceSettings":
         """The smallest sizes that still run every stage (zero-shot arithmetic prompts)."""
         return cls(
-            prompts_per_type=1, method_prompts=2, query_value_k=100, operations=("+", "-"),
-            digits=(1,), n_pairs=6, prompt_form="zero-shot", sweep_cases=24, cna_cases=4,
-            cna_ks=(50, 10),
+            knowledge_per_type=10, prompts_per_type=1, max_prompts=2, method_prompts=1,
+            query_value_k=100, operations=("+", "-"), digits=(1,), n_pairs=6,
+            prompt_form="zero-shot", sweep_cases=12, cna_cases=2, cna_ks=(50, 10),
         )  # fmt: skip
 
     @classmethod
     def full(cls) -> "ReproduceSettings":
-        """The default sizes (see docs/reproduce/ for measured wall times)."""
+        """The default sizes, chosen so that SmolLM2-135M runs in about 30 minutes on 2 cores
+        (docs/reproduce/smollm2-135m.md has the measured wall time per stage)."""
         return cls()
