@@ -63,8 +63,8 @@ def _centred(w: torch.Tensor, dim: int = -1) -> bool:
     """Whether ``w``'s mean over ``dim`` is zero up to rounding (relative to its size).
 
     Memoised per tensor object and state (address, version counter, shape, dtype and a
-    checksum over every entry, as for the block cache's content keys): every analysis asks, and reading
-    ``W_U`` and every ``W_out`` again took about a second per call on SmolLM2."""
+    checksum over every entry, as for the block cache's content keys): every analysis asks,
+    and reading ``W_U`` and every ``W_out`` again took about a second per call on SmolLM2."""
     from mechcna.static import tensor_state
 
     state = (tensor_state(w), dim)
