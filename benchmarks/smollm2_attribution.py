@@ -126,8 +126,10 @@ def rss_child(mode: str, n: int) -> None:
     cache = BlockCache(budget=0, disk=False) if mode == "streaming" else None
     if mode == "default":
         cache = BlockCache(disk=scratch())
-    all_neurons(model, PROMPTS[:n], cache)
-    all_neurons(model, PROMPTS[:n], cache)
+    first, _, _ = all_neurons(model, PROMPTS[:n], cache)
+    again, _, _ = all_neurons(model, PROMPTS[:n], cache)
+    print(f"{n} prompts: wall {first.wall:.1f} s (cpu {first.cpu:.1f} s), again "
+          f"{again.wall:.1f} s (cpu {again.cpu:.1f} s); load {os.getloadavg()}")  # fmt: skip
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
     print(json.dumps({"mode": mode, "peak_rss_gb": hwm / 2**20}))
