@@ -26,7 +26,7 @@ from mechcna.tasks.knowledge import KnowledgeDataset, KnowledgePrompt
 from tests.helpers import PROMPTS, build
 
 STAGES = [
-    "knowledge", "value_neurons", "methods", "zeroing", "query", "walkthrough",
+    "knowledge", "methods", "value_neurons", "zeroing", "query", "walkthrough",
     "arithmetic_data", "heads", "cna", "shallow",
 ]  # fmt: skip
 
