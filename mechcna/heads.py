@@ -28,7 +28,13 @@ How it is fast (exact; equal to one deep copy per head, see ``tests/test_heads.p
   ``blocks.{l}.attn.hook_z`` ablates head ``h_c`` only in copy ``c``;
 * after the last block's attention only per-position maps remain, so its MLP, the final
   norm and the unembedding run at the scored positions only (in the clean pass too, so
-  ablated and unablated numbers go through the same arithmetic).
+  ablated and unablated numbers go through the same arithmetic);
+* prompts that share their first ``m`` tokens (a few-shot prefix, ``"3+"`` in ``"3+5="``
+  and ``"3+6="``) share those positions' computation: in a causal model a position depends
+  on its prefix only, so an ablated pass runs each distinct prefix once, keeps its keys and
+  values (TransformerLens's own key-value cache interface) and runs every prompt's remaining
+  positions against them. ``m`` is chosen per batch to minimise the positions computed
+  (``share_prefixes=False`` turns this off).
 
 Example:
     >>> sweep = head_sweep(model, ["3+5=", "12+7="], ["8", "1"])      # doctest: +SKIP
@@ -37,8 +43,8 @@ Example:
     >>> single_prompt_head_effects(model, "3+5=").top(10)             # doctest: +SKIP
 """
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, cast
 
 import einops
 import pandas as pd
@@ -273,17 +279,16 @@ def _mid_shortcut(model: Model) -> bool:
     return backend.standard_prenorm(model)
 
 
-def _ablated_from_mid(
+def _ablated_mid(
     model: Model,
     resid_mid: Float[Tensor, "batch pos d_model"],
     z: Float[Tensor, "batch pos head_index d_head"],
-    positions: Int[Tensor, " batch"],
     layer: int,
     heads: list[int],
     fill: Tensor | None,
-) -> Float[Tensor, "copy_batch d_vocab"]:
-    """:func:`_ablated_pass` starting from the clean ``resid_mid`` of ``layer``."""
-    k = len(heads)
+) -> Float[Tensor, "copy_batch pos d_model"]:
+    """The clean ``resid_mid`` of ``layer`` with head ``heads[c]``'s output replaced by
+    ``fill`` (zero by default) in copy ``c``: minus ``(z_h - fill) @ W_O[h]``."""
     idx = torch.tensor(heads, device=z.device)
     z_h = z[:, :, idx]  # batch pos copy d_head
     if fill is not None:
@@ -292,8 +297,31 @@ def _ablated_from_mid(
     delta = einops.einsum(
         z_h, W_O, "batch pos copy d_head, copy d_head d_model -> copy batch pos d_model"
     )
-    x = einops.repeat(resid_mid, "batch pos d_model -> copy batch pos d_model", copy=k) - delta
-    x = einops.rearrange(x, "copy batch pos d_model -> (copy batch) pos d_model")
+    x = resid_mid[None] - delta
+    return einops.rearrange(x, "copy batch pos d_model -> (copy batch) pos d_model")
+
+
+def _ablated_from_mid(
+    model: Model,
+    resid_mid: Float[Tensor, "batch pos d_model"],
+    z: Float[Tensor, "batch pos head_index d_head"],
+    positions: Int[Tensor, " batch"],
+    layer: int,
+    heads: list[int],
+    fill: Tensor | None,
+    plan: tuple[int, Tensor, Tensor] | None = None,
+) -> Float[Tensor, "copy_batch d_vocab"]:
+    """:func:`_ablated_pass` starting from the clean ``resid_mid`` of ``layer``; with a
+    :func:`_prefix_plan`, each distinct prefix runs once (:func:`_shared_prefix_logits`)."""
+    k = len(heads)
+    if plan is not None and layer < model.cfg.n_layers - 1:
+
+        def ablated(rows: Tensor, part: slice) -> Tensor:
+            x = _ablated_mid(model, resid_mid[rows, part], z[rows, part], layer, heads, fill)
+            return x + backend.mlp_sublayer(model, layer, x)
+
+        return _shared_prefix_logits(model, ablated, positions, layer, k, plan)
+    x = _ablated_mid(model, resid_mid, z, layer, heads, fill)
     pos = positions.repeat(k)
     last = layer == model.cfg.n_layers - 1
     if last:  # only per-position maps remain: keep the scored positions
@@ -304,6 +332,105 @@ def _ablated_from_mid(
             x = model.ln_final(x)
         return apply_softcap(model.unembed(x)[:, 0], model.cfg.output_logits_soft_cap)
     return _final_logits(model, x, pos, start_at_layer=layer + 1)
+
+
+class _PrefixKV:
+    """A layer's keys and values of shared prefixes, in the shape TransformerLens's attention
+    reads a key-value cache entry (``past_keys`` and ``append``).
+
+    Empty, the first ``append`` stores the prefix's keys and values; given them, it returns
+    them followed by the new positions' and stores nothing.
+    """
+
+    def __init__(self, keys: Tensor | None = None, values: Tensor | None = None) -> None:
+        self.frozen = keys is not None
+        self.past_keys = torch.empty(1, 0) if keys is None else keys
+        self.past_values = torch.empty(1, 0) if values is None else values
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.frozen:
+            self.past_keys, self.past_values, self.frozen = keys, values, True
+            return keys, values
+        return torch.cat([self.past_keys, keys], 1), torch.cat([self.past_values, values], 1)
+
+
+def _can_share_prefixes(model: Model) -> bool:
+    """Whether ablated passes may run shared prefixes once (see :func:`_prefix_plan`)."""
+    cfg = model.cfg
+    return (
+        not backend.is_bridge(model)
+        and backend.standard_prenorm(model)
+        and cfg.positional_embedding_type in ("standard", "rotary")
+        and not getattr(cfg, "use_logn_attn", False)
+    )
+
+
+def _prefix_plan(
+    tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, " batch"]
+) -> tuple[int, Tensor, Tensor] | None:
+    """The shared prefix length ``m`` that minimises the positions an ablated pass computes
+    (``distinct prefixes * m + prompts * (pos - m)``), with one representative row per
+    distinct prefix and each row's prefix index; ``None`` when sharing saves under a quarter.
+    The scored positions stay outside the prefix (``m <= min(positions)``).
+    """
+    n, T = tokens.shape
+    full = n * T
+    best: tuple[int, Tensor, Tensor] | None = None
+    best_cost = 0.75 * full
+    for m in range(1, int(positions.min()) + 1):
+        distinct, inverse = torch.unique(tokens[:, :m], dim=0, return_inverse=True)
+        cost = len(distinct) * m + n * (T - m)
+        if cost < best_cost:
+            first = torch.full((len(distinct),), n, dtype=torch.long, device=tokens.device)
+            rows = torch.arange(n, device=tokens.device)
+            first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+            best, best_cost = (m, first, inverse), cost
+    return best
+
+
+def _shared_prefix_logits(
+    model: Model,
+    ablated: Callable[[Tensor, slice], Tensor],
+    positions: Int[Tensor, " batch"],
+    layer: int,
+    k: int,
+    plan: tuple[int, Tensor, Tensor],
+) -> Float[Tensor, "copy_batch d_vocab"]:
+    """Final logits at the scored positions, running each distinct prefix of ``plan`` once.
+
+    ``ablated(rows, part)`` gives those rows' residuals at positions ``part`` after block
+    ``layer`` for each of the ``k`` copies. The prefixes go through blocks ``layer + 1 ...``
+    once per distinct prefix and copy, leaving each block's keys and values; every prompt's
+    later positions then run against its own prefix's keys and values.
+    """
+    m, first, inverse = plan
+    n_layers, device = model.cfg.n_layers, positions.device
+    blocks = range(layer + 1, n_layers)
+    kv = {i: _PrefixKV() for i in blocks}
+    x = ablated(first, slice(0, m))
+    for i in blocks:
+        x = model.blocks[i](x, past_kv_cache_entry=cast(Any, kv[i]))
+    g = len(first)
+    rows_all = torch.arange(len(positions), device=device)
+    pick = (torch.arange(k, device=device)[:, None] * g + inverse[None]).flatten()
+    past = {i: _PrefixKV(e.past_keys[pick], e.past_values[pick]) for i, e in kv.items()}
+    x = ablated(rows_all, slice(m, None))
+    pos = positions.repeat(k) - m
+    out_rows = torch.arange(len(pos), device=x.device)
+
+    def keep_scored(mid: Tensor, hook: HookPoint) -> Tensor:
+        return mid[out_rows, pos][:, None]
+
+    last_mid = hook_name("resid_mid", n_layers - 1)
+    for i in blocks:
+        hooks = [(last_mid, keep_scored)] if i == n_layers - 1 else []
+        with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
+            x = model.blocks[i](x, past_kv_cache_entry=cast(Any, past[i]))
+    if x.shape[1] != 1:  # no resid_mid hook point: read the scored positions after the block
+        x = x[out_rows, pos][:, None]
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    return apply_softcap(model.unembed(x)[:, 0], model.cfg.output_logits_soft_cap)
 
 
 def head_sweep(
@@ -318,6 +445,7 @@ def head_sweep(
     position: int | None = None,
     batch_size: int = 64,
     heads_per_pass: int = 8,
+    share_prefixes: bool = True,
     progress: bool = True,
 ) -> "HeadSweep":
     """Ablate each head in turn over a dataset; per-case correctness and target log-probs.
@@ -341,6 +469,9 @@ def head_sweep(
         heads_per_pass: heads of one layer ablated side by side in a pass (each in its own
             copy of the batch); a pass holds ``batch_size * heads_per_pass`` rows. The
             defaults (128 rows) suit a CPU; raise both on a GPU.
+        share_prefixes: run the leading tokens that prompts of a batch share once per
+            ablation (exact; see the module notes). Used on HookedTransformer models with
+            pre-norm blocks and standard or rotary positions; other models run in full.
         progress: show a progress bar.
 
     Returns:
@@ -405,6 +536,7 @@ def head_sweep(
         for i in range(0, len(hs), heads_per_pass)
     ]
     shortcut = _mid_shortcut(model)
+    share = share_prefixes and shortcut and _can_share_prefixes(model)
     kinds = ("resid_mid", "z") if shortcut else ("resid_pre",)
     names = {hook_name(kind, l) for l in by_layer for kind in kinds}
     bar = tqdm(total=len(batches) * len(chunks), desc="head sweep", disable=not progress)
@@ -430,11 +562,12 @@ def head_sweep(
             base_logprob[idx_cpu] = base[rows, tgt].cpu()
             base_prediction[idx_cpu] = base.argmax(-1).cpu()
             targets_out[idx_cpu] = tgt.cpu()
+            plan = _prefix_plan(tokens, pos) if share else None
             for layer, hs in chunks:
                 fill = None if means is None else torch.stack([means[(layer, h)] for h in hs])
                 if shortcut:
                     mid, z = cache[hook_name("resid_mid", layer)], cache[hook_name("z", layer)]
-                    lp = _ablated_from_mid(model, mid, z, pos, layer, hs, fill)
+                    lp = _ablated_from_mid(model, mid, z, pos, layer, hs, fill, plan)
                 else:
                     resid = cache[hook_name("resid_pre", layer)]
                     lp = _ablated_pass(model, resid, pos, layer, hs, fill)

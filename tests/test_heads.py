@@ -338,3 +338,54 @@ def test_resid_mid_shortcut_equals_full_layer_rerun(monkeypatch):
     full = heads_mod.head_sweep(model, prompts, targets, progress=False)
     torch.testing.assert_close(fast.logprob, full.logprob, atol=1e-10, rtol=0)
     assert torch.equal(fast.prediction, full.prediction)
+
+
+def test_shared_prefixes_equal_reference(kind, monkeypatch):
+    """Prompts sharing a few-shot prefix run it once per ablation; numbers are the deep copy's."""
+    import mechcna.heads as heads_mod
+
+    model = build(kind, dtype=torch.float64)
+    shots = "3+5=8\n12+7=19\n"
+    prompts = [shots + p for p in ("3+5=", "3+6=", "12+7=", "9-4=")] + ["3+5=8\n1+1=2\n4+4="]
+    plans = []
+    real_plan = heads_mod._prefix_plan
+
+    def spy(tokens, positions):
+        plan = real_plan(tokens, positions)
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(heads_mod, "_prefix_plan", spy)
+    heads = [(0, 1), (0, 3), (1, 2)]
+    means = {hd: torch.randn(model.cfg.d_head, dtype=torch.float64) for hd in heads}
+    for mode, make in [
+        ("zero", _Weights),
+        ("mean", lambda m, hd: intervene(m, HeadAblation([hd], "mean", means={hd: means[hd]}))),
+    ]:
+        reference = HeadAblation(heads, "mean", means=means) if mode == "mean" else None
+        sweep = heads_mod.head_sweep(
+            model, prompts, heads=heads, mode=mode, reference=reference, progress=False
+        )
+        ref_lp, ref_pred = _reference(model, prompts, sweep.targets.tolist(), heads, make)
+        torch.testing.assert_close(sweep.logprob, ref_lp, atol=1e-10, rtol=0)
+        assert torch.equal(sweep.prediction, ref_pred)
+    # the plan shares the longest common prefix of the two groups and was used
+    m, first, inverse = plans[0]
+    n_shared = len(model.to_tokens(shots)[0])
+    assert m >= n_shared and len(first) == 2
+    assert sorted(torch.bincount(inverse).tolist()) == [1, 4]
+    assert _no_hooks(model)
+
+
+def test_prefix_plan_minimises_positions():
+    from mechcna.heads import _prefix_plan
+
+    # four rows share 6 tokens, then differ; the scored positions are the last ones
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6, a, b] for a, b in [(7, 8), (7, 9), (8, 8), (9, 9)]])
+    m, first, inverse = _prefix_plan(tokens, torch.full((4,), 7))  # type: ignore[misc]
+    assert m == 6 and first.tolist() == [0] and inverse.tolist() == [0, 0, 0, 0]
+    # the scored position bounds the prefix
+    plan = _prefix_plan(tokens, torch.tensor([7, 7, 7, 5]))
+    assert plan is not None and plan[0] == 5
+    # nothing shared: no plan
+    assert _prefix_plan(torch.arange(12).reshape(3, 4), torch.full((3,), 3)) is None
