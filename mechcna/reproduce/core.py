@@ -354,7 +354,7 @@ class ReproduceSettings:
         return cls(
             knowledge_per_type=10, prompts_per_type=1, max_prompts=2, method_prompts=1,
             query_value_k=100, operations=("+", "-"), digits=(1,), n_pairs=6,
-            prompt_form="zero-shot", sweep_cases=12, cna_cases=2, cna_ks=(50, 10),
+            prompt_form="zero-shot", sweep_cases=8, cna_cases=2, cna_ks=(50, 10),
             zero_shot_readers=1,
         )  # fmt: skip
 
