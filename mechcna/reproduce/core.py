@@ -350,7 +350,9 @@ class ReproduceSettings:
 
     @classmethod
     def quick(cls) -> "ReproduceSettings":
-        """The smallest sizes that still run every stage (zero-shot arithmetic prompts)."""
+        """The smallest sizes that still run every stage (zero-shot arithmetic prompts), sized
+        for about 3 minutes of stage time on SmolLM2-135M on 2 cores
+        (docs/reproduce/smollm2-135m-quick.md)."""
         return cls(
             knowledge_per_type=10, prompts_per_type=1, max_prompts=2, method_prompts=1,
             query_value_k=100, operations=("+", "-"), digits=(1,), n_pairs=6,
@@ -360,6 +362,6 @@ class ReproduceSettings:
 
     @classmethod
     def full(cls) -> "ReproduceSettings":
-        """The default sizes, chosen so that SmolLM2-135M runs in about 30 minutes on 2 cores
-        (docs/reproduce/smollm2-135m.md has the measured wall time per stage)."""
+        """The default sizes: both papers on SmolLM2-135M in about 10 minutes of stage time on
+        2 cores (docs/reproduce/smollm2-135m.md has the measured wall time per stage)."""
         return cls()
