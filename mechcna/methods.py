@@ -40,14 +40,14 @@ from mechcna._types import Float, Int, Tensor
 from mechcna.architecture import Architecture
 from mechcna.attribution import Targets, _meta, capture
 from mechcna.backend import Model
-from mechcna.engine import exact_rows_logprob, logprob_increase
+from mechcna.engine import _exact_rows, exact_rows_logprob, increase_from_rows
 from mechcna.errors import MechcnaError
 from mechcna.interventions import NeuronEdit, intervene
 from mechcna.processing import refuses_processing
 from mechcna.projection import compute_dtype, linear_part, logit_offset
 from mechcna.prompts import Prompts, prepare_prompts
 from mechcna.results import Scores
-from mechcna.static import BlockCache, ffn_block
+from mechcna.static import BlockCache, layer_rows
 
 MethodName = Literal[
     "log_prob_increase",
@@ -105,9 +105,17 @@ def comparison_scores(
     position: int | None = None,
     paper_compat: bool = False,
     cache: BlockCache | None = None,
-    rank_chunk: int = 128,
+    chunk: int = 128,
 ) -> ComparisonScores:
     """All eight method scores for every FFN neuron (METHODS 4.6).
+
+    Each layer's exact vocabulary rows ``W_out @ M`` are formed once, ``chunk`` rows at a
+    time, and serve every prompt: ``log_prob`` (an exact log-softmax per prompt and row) and
+    ``rank`` (:func:`target_ranks`) are read from them, and they fill the layer's row store
+    in ``cache`` (default: the model's) when it can hold them, so that
+    ``log_prob_increase`` (:func:`mechcna.engine.increase_from_rows`, as
+    :func:`~mechcna.attribution.neuron_importance`) and any later attribution of the same
+    weights (the value-neuron stage of ``mechcna reproduce``) find them computed.
 
     Returns:
         :class:`ComparisonScores` with ``scores[prompt, method, layer, neuron]``.
@@ -119,21 +127,27 @@ def comparison_scores(
     n = len(cap.batch)
     out = torch.zeros(n, len(METHODS), arch.n_layers, arch.d_mlp, dtype=dtype)
     offset = logit_offset(arch, paper_compat)
-    alone_base = offset[None].expand(n, -1)
-    alone_logprob = exact_rows_logprob(alone_base, cap.target)
     with torch.no_grad():
         for l in range(arch.n_layers):
-            block = ffn_block(model, l, cache)
+            rows = layer_rows(model, "ffn", l, cache)
+            keep = rows.cache.can_hold(rows.store)
             m = cap.post[:, l].to(dtype)
-            a = (m / cap.scale[:, None])[:, None]
+            a = m / cap.scale[:, None]
+            alone, rank = torch.empty_like(a), torch.empty_like(a)
+            for i in range(0, arch.d_mlp, chunk):
+                idx = torch.arange(i, min(i + chunk, arch.d_mlp))
+                R = _exact_rows(rows, idx)  # [chunk, d_vocab], exact W_out @ M
+                if keep and not bool(rows.store.known[idx].all()):
+                    rows.store.fill(idx, R)
+                for b in range(n):  # log p(w | v): the vector alone, exactly
+                    logits = torch.addcmul(offset, a[b, idx, None], R)
+                    alone[b, idx] = exact_rows_logprob(logits, cap.target[b].expand(len(idx)))
+                rank[:, idx] = target_ranks(R, a[:, idx], offset, cap.target, chunk)
             base = linear_part(arch, cap.resid_mid[:, l]) / cap.scale[:, None] + offset
-            imp = logprob_increase(base, block, a, cap.target)[:, 0]
-            alone = (
-                logprob_increase(alone_base, block, a, cap.target)[:, 0] + alone_logprob[:, None]
-            )
+            imp = increase_from_rows(base, rows, a[:, None], cap.target, fill=keep)[:, 0]
+            rows.cache.settle()
             base_lp = exact_rows_logprob(base, cap.target)[:, None]
             fc2_norm = arch.W_out(l).to(dtype).norm(dim=-1)
-            rank = target_ranks(block.U, a[:, 0], offset, cap.target, rank_chunk)
             values = {
                 "log_prob_increase": imp,
                 "log_prob": alone,

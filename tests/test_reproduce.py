@@ -1,6 +1,8 @@
 """`reproduce --quick` end to end on the shipped model; each table equals a direct call of the
 library function it comes from (on the shipped model and on tiny random models)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,7 +28,7 @@ from mechcna.tasks.knowledge import KnowledgeDataset, KnowledgePrompt
 from tests.helpers import PROMPTS, build
 
 STAGES = [
-    "knowledge", "value_neurons", "methods", "zeroing", "query", "walkthrough",
+    "knowledge", "methods", "value_neurons", "zeroing", "query", "walkthrough",
     "arithmetic_data", "heads", "cna", "shallow",
 ]  # fmt: skip
 
@@ -263,3 +265,31 @@ def test_stage_lock_is_held_during_stages_and_released(tmp_path):
     seen.clear()
     run_stages([probe("c")], progress=False)
     assert seen == [False]
+
+
+def test_zero_shot_table_equals_direct_search_with_its_readers(quick, shipped):
+    """Table 8 of the quick run: the shallow neurons read through the head's layer alone
+    (quick: zero_shot_readers=1), equal to a direct search with those readers."""
+    from mechcna.evaluation import evaluate_accuracy
+    from mechcna.shallow import hidden_interpretable_neurons, mask_experiment
+
+    s = ReproduceSettings.quick()
+    layer = quick.stage("heads").data["shallow_head"][0]
+    cases = quick.stage("cna").data["cases"]
+    search = hidden_interpretable_neurons(
+        shipped, neuron_layers=range(layer), attention_layers=[layer], top=10,
+        thresholds=(2, 4, 6, 8),
+    )  # fmt: skip
+
+    def evaluate(m, interventions):
+        return evaluate_accuracy(m, cases, interventions, progress=False).accuracy
+
+    direct = mask_experiment(shipped, search, evaluate, seed=s.seed).to_frame()
+    ours = quick.stage("shallow").tables["table8"]
+    for col in ("n_neurons", "relative_decrease", "random_relative_decrease"):
+        assert ours[col].tolist() == pytest.approx(direct[col].tolist(), rel=1e-12, abs=1e-12)
+    assert f"attention layers [{layer}]" in " ".join(quick.stage("shallow").notes)
+    two = arith.zero_shot_table(shipped, cases, layer, replace(s, zero_shot_readers=2))[1]
+    assert list(two.attention_layers) == [layer - 1, layer]
+    with pytest.raises(mechcna.MechcnaError, match="zero_shot_readers"):
+        replace(s, zero_shot_readers=0)

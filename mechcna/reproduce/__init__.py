@@ -97,8 +97,9 @@ def reproduce(
     if paper in ("attribution", "both"):
         stages += [
             keep("knowledge", lambda: attr.knowledge_stage(model, s)),
-            keep("value_neurons", lambda: attr.value_neuron_stage(model, get(*data), s)),
+            # methods first: its exact FFN rows fill the cache the value-neuron stage reads
             keep("methods", lambda: attr.method_stage(model, get(*data[:1], "method_dataset"), s)),
+            keep("value_neurons", lambda: attr.value_neuron_stage(model, get(*data), s)),
             keep("zeroing", lambda: attr.intervention_stage(
                 model, get(*data), get(*ffn), get(*att), s)),
             keep("query", lambda: query.query_stage(model, get(*data), get(*ffn), get(*att), s)),

@@ -348,7 +348,8 @@ def zero_shot_table(
     big = model.cfg.d_vocab >= 1000
     top = settings.zero_shot_top or (50 if big else 10)
     thresholds = settings.thresholds or ((0, 1, 2, 3) if big else (2, 4, 6, 8))
-    readers = settings.zero_shot_layers or tuple(range(max(0, layer - 1), layer + 1))
+    n_read = settings.zero_shot_readers
+    readers = settings.zero_shot_layers or tuple(range(max(0, layer + 1 - n_read), layer + 1))
     search = hidden_interpretable_neurons(
         model, neuron_layers=range(layer), attention_layers=readers, top=top,
         thresholds=thresholds,

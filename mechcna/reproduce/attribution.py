@@ -5,9 +5,10 @@ paper's numbers beside ours, states the paper's claims with verdicts measured he
 returns a :class:`~mechcna.reproduce.core.StageResult` timed from start to end.
 
 1. :func:`knowledge_stage`: the six knowledge types and the paper's filter (survivors per type).
-2. :func:`value_neuron_stage`: FFN and attention value-neuron importance, layer histograms
+2. :func:`method_stage`: the 8-method comparison (Table 2); its exact FFN rows fill the row
+   cache the next stage reads.
+3. :func:`value_neuron_stage`: FFN and attention value-neuron importance, layer histograms
    (Figure 2) and attention vs FFN layer importance per type (Table 3).
-3. :func:`method_stage`: the 8-method comparison (Table 2).
 4. :func:`intervention_stage`: zero the top-100 FFN + top-200 attention value neurons per
    sentence vs as many random neurons, per type (Table 7 style).
 5. :func:`query_stage`: query layers per type (Figures 6-7) and query-only vs query-value
@@ -37,7 +38,6 @@ from mechcna.methods import comparison_scores, evaluate_methods
 from mechcna.prompts import prepare_prompts, single_token_id
 from mechcna.reproduce import paper
 from mechcna.reproduce.core import ReproduceSettings, StageResult, stage
-from mechcna.static import BlockCache
 from mechcna.tasks.arithmetic import arithmetic_dataset
 from mechcna.tasks.knowledge import (
     KnowledgeDataset,
@@ -221,9 +221,9 @@ def method_stage(model: Model, data: KnowledgeDataset, settings: ReproduceSettin
     if not len(data):
         return _skip("methods", title, "no prompt survived the filter")
     with stage("methods", title, PAPER) as st:
-        # Full-precision blocks are used once here: stream them (no 9 GB cache on SmolLM2).
-        streaming = BlockCache(budget=0, disk=False)
-        scores = comparison_scores(model, data.prompts, data.answers, cache=streaming)
+        # The exact rows formed here fill the model's row cache: the value-neuron stage
+        # (run after this one) then reads the FFN rows instead of recomputing them.
+        scores = comparison_scores(model, data.prompts, data.answers)
         table = evaluate_methods(
             model, data.prompts, data.answers, k=settings.method_k, scores=scores, progress=False
         )

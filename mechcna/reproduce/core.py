@@ -21,6 +21,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from mechcna.errors import MechcnaError
+
 Paper = Literal["attribution", "arithmetic"]
 PAPER_TITLES = {
     "attribution": "Neuron-Level Knowledge Attribution in Large Language Models (ATTR)",
@@ -307,8 +309,11 @@ class ReproduceSettings:
         cna_ks: the K of Tables 5 and 6.
         zero_shot_top, thresholds: tokens read and the M of Table 8 (``None``: the paper's
             50 and 0-3 when the vocabulary has at least 1,000 tokens, else 10 and 2-8).
-        zero_shot_layers: attention layers that transform shallow neurons (``None``: those
-            up to the top head's layer, as the paper's 0-16 for head 17_22).
+        zero_shot_layers: attention layers that transform shallow neurons (``None``: the
+            ``zero_shot_readers`` layers up to and including the head's layer; the paper used
+            all of 0-16 for head 17_22, each reader costs a vocabulary projection of every
+            shallow neuron).
+        zero_shot_readers: how many attention layers read the shallow neurons by default.
         seed: seed of every random draw.
     """
 
@@ -336,19 +341,27 @@ class ReproduceSettings:
     zero_shot_top: int | None = None
     thresholds: tuple[int, ...] | None = None
     zero_shot_layers: tuple[int, ...] | None = None
+    zero_shot_readers: int = 2
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.zero_shot_readers < 1:
+            raise MechcnaError(f"zero_shot_readers must be >= 1, got {self.zero_shot_readers}")
 
     @classmethod
     def quick(cls) -> "ReproduceSettings":
-        """The smallest sizes that still run every stage (zero-shot arithmetic prompts)."""
+        """The smallest sizes that still run every stage (zero-shot arithmetic prompts), sized
+        for about 3 minutes of stage time on SmolLM2-135M on 2 cores
+        (docs/reproduce/smollm2-135m-quick.md)."""
         return cls(
             knowledge_per_type=10, prompts_per_type=1, max_prompts=2, method_prompts=1,
             query_value_k=100, operations=("+", "-"), digits=(1,), n_pairs=6,
-            prompt_form="zero-shot", sweep_cases=12, cna_cases=2, cna_ks=(50, 10),
+            prompt_form="zero-shot", sweep_cases=8, cna_cases=2, cna_ks=(50, 10),
+            zero_shot_readers=1,
         )  # fmt: skip
 
     @classmethod
     def full(cls) -> "ReproduceSettings":
-        """The default sizes, chosen so that SmolLM2-135M runs in about 30 minutes on 2 cores
-        (docs/reproduce/smollm2-135m.md has the measured wall time per stage)."""
+        """The default sizes: both papers on SmolLM2-135M in about 10 minutes of stage time on
+        2 cores (docs/reproduce/smollm2-135m.md has the measured wall time per stage)."""
         return cls()
