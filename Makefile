@@ -29,6 +29,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pyright
+	$(VENV)/bin/lint-imports
 
 test: lint test-tl4
 	$(PY) -m pytest -q --nbmake tests notebooks

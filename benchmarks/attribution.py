@@ -27,7 +27,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mechcna import BlockCache, attention_neuron_importance, load_model, neuron_importance
-from mechcna.static import attention_block, ffn_block
+from mechcna.engine.blocks import attention_block, ffn_block
 from tests.reference import literal_attention_scores, literal_ffn_scores
 
 

@@ -30,8 +30,8 @@ from mechcna import (
     load_model,
     neuron_importance,
 )
-from mechcna.backend import hooked_available
-from mechcna.comparative import compare_neurons
+from mechcna.analyses.comparative import compare_neurons
+from mechcna.models.backend import hooked_available
 
 PROMPTS = ["The capital of France is", "1+1=2\n2+3=5\n3+4="]
 LAYERS = [27, 28, 29]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mechcna import load_model
-from mechcna.backend import hooked_available
+from mechcna.models.backend import hooked_available
 from tests.test_backends import build_checkpoint, core_results
 
 GOLDEN = Path("build/backend-golden.pt")

@@ -1,4 +1,5 @@
-"""Benchmark: peft's ``target_parameters`` LoRA vs mechcna's hand-written LoRA (mechcna.lora).
+"""Benchmark: peft's ``target_parameters`` LoRA vs mechcna's hand-written LoRA
+(mechcna.applications.lora).
 
 Run on demand (needs ``pip install "peft>=0.17"``; not a mechcna dependency):
 ``.venv/bin/python benchmarks/lora_peft.py``
@@ -9,7 +10,8 @@ On the shipped model (``mechcna/arith-small``), LoRA on layer 1's ``W_Q``, ``_W_
    forward pass. Records the error and the adapter shapes peft created.
 2. peft with a shim that passes TransformerLens's keyword-only ``query_input`` positionally:
    equality with the original at initialisation, and the time of forward+backward steps.
-3. mechcna.lora (``torch.nn.utils.parametrize``): the same checks, same batch, same steps.
+3. mechcna.applications.lora (``torch.nn.utils.parametrize``): the same checks, same batch, same
+steps.
 """
 
 import copy
@@ -23,8 +25,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mechcna import arithmetic_dataset, load_model
-from mechcna.lora import attach_lora
-from mechcna.prompts import prepare_prompts, single_token_ids
+from mechcna.applications.lora import attach_lora
+from mechcna.interventions.prompts import prepare_prompts, single_token_ids
 
 PARAMS = ["blocks.1.attn.W_Q", "blocks.1.attn._W_V", "blocks.1.attn.W_O"]
 

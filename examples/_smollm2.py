@@ -9,8 +9,9 @@ import torch
 from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mechcna.models import NO_PROCESSING, from_hf_model, hf_config_to_tl
-from mechcna.tokenizer import prepare_tokenizer
+from mechcna.models.loading import from_hf_model, hf_config_to_tl
+from mechcna.models.processing import NO_PROCESSING
+from mechcna.models.tokenizer import prepare_tokenizer
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

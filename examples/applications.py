@@ -6,7 +6,7 @@ Run (the numbers in docs/applications.md come from these commands; heavy, so und
     flock /tmp/mechcna-heavy.lock .venv/bin/python examples/applications.py --model smollm2
 
 Writes ``<out>/results.json``, one CSV per table and a self-contained HTML report
-(:mod:`mechcna.report`), and prints the tables as Markdown.
+(:mod:`mechcna.report.page`), and prints the tables as Markdown.
 """
 
 import argparse
@@ -22,14 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import mechcna
-from mechcna.bias import gender_bias_experiment
-from mechcna.lora import LoraSweep, lora_layer_sweep
-from mechcna.lora_analysis import (
+from mechcna.applications.bias import gender_bias_experiment
+from mechcna.applications.lora import LoraSweep, lora_layer_sweep
+from mechcna.applications.lora_analysis import (
     coefficient_increase_table,
     coefficient_table,
     compare_lora,
 )
-from mechcna.pruning import pruning_experiment
+from mechcna.applications.pruning import pruning_experiment
 from mechcna.tasks import occupations
 from mechcna.tasks.arithmetic import arithmetic_problems
 
@@ -239,7 +239,7 @@ def _bias(args, model, test, tables, results, walls) -> None:
         ]  # fmt: skip
         text = [p.text + p.separator + p.answer for p in probs] + neutral
     else:
-        from mechcna.bias import PAPER_TEMPLATES
+        from mechcna.applications.bias import PAPER_TEMPLATES
 
         templates, text = PAPER_TEMPLATES, ENGLISH
     res_b = gender_bias_experiment(
@@ -304,7 +304,7 @@ CAPTIONS = {
 
 
 def _report(model, out: Path, tables, results, sweep) -> None:
-    from mechcna.report import Provenance, Report
+    from mechcna.report.page import Provenance, Report
 
     report = Report(
         f"Applications of CNA on {results['model']}",

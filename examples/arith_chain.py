@@ -18,21 +18,17 @@ import sys
 import torch
 
 import mechcna
-from mechcna.comparative import (
+from mechcna.analyses.comparative import (
     cna_table,
     compare_neurons,
     lowest_neuron_table,
     mask_keep_table,
     value_key_products,
 )
-from mechcna.shallow import hidden_interpretable_neurons, mask_experiment
+from mechcna.analyses.key_scores import head_scores, source_position_scores
+from mechcna.analyses.shallow import hidden_interpretable_neurons, mask_experiment
+from mechcna.analyses.transfer import ffn_keys, transform_through_attention
 from mechcna.tasks.arithmetic import ArithmeticDataset
-from mechcna.transfer import (
-    ffn_keys,
-    head_scores,
-    source_position_scores,
-    transform_through_attention,
-)
 
 
 def md(frame) -> str:

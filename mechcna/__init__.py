@@ -5,8 +5,8 @@ Yu & Ananiadou (EMNLP 2024): log-probability-increase attribution of FFN and att
 neurons, query neurons, arithmetic heads, and Comparative Neuron Analysis.
 """
 
-from mechcna.architecture import Architecture
-from mechcna.attribution import (
+from mechcna._version import __version__ as __version__
+from mechcna.analyses.attribution import (
     AttentionNeuronImportance,
     HeadImportance,
     LayerImportance,
@@ -16,7 +16,46 @@ from mechcna.attribution import (
     layer_importance,
     neuron_importance,
 )
-from mechcna.check import CheckReport, check_model
+from mechcna.analyses.evaluation import AccuracyResult, evaluate_accuracy
+from mechcna.analyses.head_results import HeadEffects, HeadSweep
+from mechcna.analyses.heads import head_sweep, single_prompt_head_effects
+from mechcna.analyses.key_scores import (
+    KeyScores,
+    component_scores,
+    head_scores,
+    neuron_scores,
+    source_position_scores,
+)
+from mechcna.analyses.query import (
+    QueryLayers,
+    QueryNeurons,
+    attention_neuron_queries,
+    attention_query_layers,
+    ffn_query_layers,
+    query_neurons,
+)
+from mechcna.analyses.query_overlap import (
+    QueryValueOverlap,
+    query_neuron_tokens,
+    query_value_overlap,
+)
+from mechcna.analyses.shallow import (
+    MaskExperiment,
+    ZeroShotSearch,
+    concept_tokens,
+    hidden_interpretable_neurons,
+    mask_experiment,
+)
+from mechcna.analyses.transfer import (
+    AttentionTransform,
+    FFNKeys,
+    TokenComparison,
+    ffn_keys,
+    transform_through_attention,
+    vo_transform,
+)
+from mechcna.engine.blocks import BlockCache
+from mechcna.engine.projection import TopTokens, project_to_vocab, top_tokens
 from mechcna.errors import (
     MechcnaError,
     ModelCheckError,
@@ -26,11 +65,7 @@ from mechcna.errors import (
     UnsupportedArchitectureError,
     WeightProcessingError,
 )
-from mechcna.evaluation import AccuracyResult, evaluate_accuracy
-from mechcna.head_results import HeadEffects, HeadSweep
-from mechcna.heads import head_sweep, single_prompt_head_effects
-from mechcna.hooks import hook_name
-from mechcna.interventions import (
+from mechcna.interventions.edits import (
     AttentionNeuronEdit,
     HeadAblation,
     KeepNeurons,
@@ -39,7 +74,10 @@ from mechcna.interventions import (
     apply_to_weights,
     intervene,
 )
-from mechcna.models import (
+from mechcna.models.architecture import Architecture
+from mechcna.models.check import CheckReport, check_model
+from mechcna.models.hooks import hook_name
+from mechcna.models.loading import (
     NO_PROCESSING,
     ModelProvenance,
     WeightProcessing,
@@ -48,44 +86,9 @@ from mechcna.models import (
     load_model,
     save_checkpoint,
 )
-from mechcna.projection import TopTokens, project_to_vocab, top_tokens
-from mechcna.query import (
-    QueryLayers,
-    QueryNeurons,
-    QueryValueOverlap,
-    attention_neuron_queries,
-    attention_query_layers,
-    ffn_query_layers,
-    query_neuron_tokens,
-    query_neurons,
-    query_value_overlap,
-)
-from mechcna.shallow import (
-    MaskExperiment,
-    ZeroShotSearch,
-    concept_tokens,
-    hidden_interpretable_neurons,
-    mask_experiment,
-)
-from mechcna.static import BlockCache
+from mechcna.models.tokenizer import load_tokenizer, word_level_tokenizer
 from mechcna.tasks.arithmetic import ArithmeticCase, ArithmeticDataset, arithmetic_dataset
 from mechcna.tasks.knowledge import KnowledgeDataset, filter_knowledge, knowledge_prompts
-from mechcna.tokenizer import load_tokenizer, word_level_tokenizer
-from mechcna.transfer import (
-    AttentionTransform,
-    FFNKeys,
-    KeyScores,
-    TokenComparison,
-    component_scores,
-    ffn_keys,
-    head_scores,
-    neuron_scores,
-    source_position_scores,
-    transform_through_attention,
-    vo_transform,
-)
-
-__version__ = "0.1.0"
 
 __all__ = [
     "NO_PROCESSING",

@@ -3,7 +3,7 @@
 import torch
 
 from mechcna import load_model, word_level_tokenizer
-from mechcna.backend import HookedTransformer, HookedTransformerConfig
+from mechcna.models.backend import HookedTransformer, HookedTransformerConfig
 
 WORDS = (
     (

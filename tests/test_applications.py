@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mechcna import KeepNeurons, MechcnaError, arithmetic_dataset, intervene
-from mechcna.bias import (
+from mechcna.applications.bias import (
     bias_metric,
     bias_neurons,
     gender_bias_experiment,
@@ -15,14 +15,19 @@ from mechcna.bias import (
     profession_logprobs,
     text_logprob,
 )
-from mechcna.lora import attach_lora, merge_lora
-from mechcna.lora_analysis import (
+from mechcna.applications.lora import attach_lora, merge_lora
+from mechcna.applications.lora_analysis import (
     coefficient_increase,
     coefficient_increase_table,
     coefficient_table,
     compare_lora,
 )
-from mechcna.pruning import cna_keep_set, prune_model, pruning_experiment, random_keep_set
+from mechcna.applications.pruning import (
+    cna_keep_set,
+    prune_model,
+    pruning_experiment,
+    random_keep_set,
+)
 from tests.helpers import build
 from tests.test_lora import _one_thread  # noqa: F401  (autouse: one torch thread)
 

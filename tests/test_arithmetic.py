@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 import mechcna
 from mechcna.errors import MechcnaError, TokenizationError
+from mechcna.models.tokenizer import prepare_tokenizer
 from mechcna.tasks.arithmetic import (
     TEMPLATES,
     ArithmeticCase,
@@ -22,7 +23,6 @@ from mechcna.tasks.arithmetic import (
     expand_problem,
     operand_pairs,
 )
-from mechcna.tokenizer import prepare_tokenizer
 
 
 @cache

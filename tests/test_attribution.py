@@ -3,16 +3,15 @@ import pytest
 import torch
 
 from mechcna import TokenizationError
-from mechcna.attribution import (
-    attention_coefficients,
+from mechcna.analyses.attribution import (
     attention_neuron_importance,
-    capture,
     head_importance,
     layer_importance,
     neuron_importance,
 )
-from mechcna.projection import final_norm_state, project_to_vocab
-from mechcna.static import BlockCache, ffn_block
+from mechcna.analyses.capture import attention_coefficients, capture
+from mechcna.engine.blocks import BlockCache, ffn_block
+from mechcna.engine.projection import final_norm_state, project_to_vocab
 from tests import reference
 from tests.helpers import PROMPTS, build
 

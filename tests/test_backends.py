@@ -26,9 +26,9 @@ from mechcna import (
     load_model,
     neuron_importance,
 )
-from mechcna.backend import backend_of, hooked_available
-from mechcna.comparative import compare_neurons
+from mechcna.analyses.comparative import compare_neurons
 from mechcna.errors import UnsupportedArchitectureError, UserHookWarning
+from mechcna.models.backend import backend_of, hooked_available
 from mechcna.tasks.arithmetic import arithmetic_dataset
 from tests import reference
 from tests.helpers import PROMPTS, tokenizer
@@ -206,7 +206,7 @@ def test_shipped_model_on_bridge():
     """The shipped mechcna checkpoint converts to an equivalent Hugging Face Llama model."""
     bridge = load_model("mechcna/arith-small", device="cpu", backend="bridge")
     check_model(bridge)
-    from mechcna.lora import attach_lora
+    from mechcna.applications.lora import attach_lora
 
     with pytest.raises(UnsupportedArchitectureError, match="LoRA"):
         attach_lora(bridge, [0])

@@ -97,12 +97,12 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys):
 
 
 def test_out_is_checked_before_any_computation(tmp_path, capsys, monkeypatch):
-    import mechcna.models
+    import mechcna.models.loading
 
     def fail(*a, **k):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(mechcna.models, "load_model", fail)
+    monkeypatch.setattr(mechcna.models.loading, "load_model", fail)
     file = tmp_path / "file"
     file.write_text("")
     assert main(["demo", "--out", str(file)]) == 2

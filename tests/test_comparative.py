@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from mechcna import HeadAblation, MechcnaError, NeuronEdit, apply_to_weights, intervene
-from mechcna.attribution import neuron_importance
-from mechcna.comparative import (
+from mechcna.analyses.attribution import neuron_importance
+from mechcna.analyses.comparative import (
     cna_table,
     compare_inputs,
     compare_neurons,
@@ -12,7 +12,7 @@ from mechcna.comparative import (
     mask_keep_table,
     value_key_products,
 )
-from mechcna.interventions import NeuronMask
+from mechcna.interventions.edits import NeuronMask
 from tests.helpers import PROMPTS, build
 
 
@@ -147,7 +147,7 @@ def test_mask_keep_and_lowest_tables_match_manual(kind):
     assert table.loc["coef", "top3"] == pytest.approx(sum(coef) / len(coef))
     low = lowest_neuron_table(model, PROMPTS, res, ks=(3,))
     assert low.shape == (1, 1)
-    from mechcna.plotting import experiment_bars
+    from mechcna.analyses.plotting import experiment_bars
 
     fig = experiment_bars(table)
     assert isinstance(fig, go.Figure) and len(fig.data) == 4

@@ -11,9 +11,9 @@ import torch
 
 import mechcna
 from mechcna import HeadAblation, check_model
-from mechcna.comparative import compare_neurons, mask_keep_table
+from mechcna.analyses.comparative import compare_neurons, mask_keep_table
+from mechcna.engine.projection import project_to_vocab
 from mechcna.errors import NonFiniteError
-from mechcna.projection import project_to_vocab
 from tests.helpers import PROMPTS, build, gpt2_cfg, randomize_biases_and_norms
 
 

@@ -1,7 +1,7 @@
 import torch
 
-from mechcna.engine import EngineStats, logprob_increase
-from mechcna.projection import DirectionBlock
+from mechcna.engine.expansion import EngineStats, logprob_increase
+from mechcna.engine.projection import DirectionBlock
 
 
 def _block(U):

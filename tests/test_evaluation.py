@@ -6,8 +6,8 @@ import torch
 
 import mechcna
 from mechcna import HeadAblation, NeuronEdit, apply_to_weights, evaluate_accuracy
+from mechcna.analyses.evaluation import AccuracyResult
 from mechcna.errors import MechcnaError, TokenizationError
-from mechcna.evaluation import AccuracyResult
 from mechcna.tasks.arithmetic import arithmetic_dataset, default_tokenizer
 from tests.helpers import gpt2_cfg, llama_cfg, randomize_biases_and_norms
 from tests.test_arithmetic import gpt2_like_tokenizer

@@ -25,7 +25,7 @@ from mechcna import (
     load_model,
     neuron_importance,
 )
-from mechcna.hf_convert import hf_config_to_tl
+from mechcna.models.hf_convert import hf_config_to_tl
 from tests.reference import literal_ffn_scores
 
 V = 60

@@ -18,12 +18,12 @@ from mechcna import (
     check_model,
     get_processing,
     get_provenance,
-    gguf_models,
     load_model,
     save_checkpoint,
 )
-from mechcna.gguf_models import KnownModel, cache_dir, read_gguf_header
-from mechcna.report import Provenance
+from mechcna.models import gguf as gguf_models
+from mechcna.models.gguf import KnownModel, cache_dir, read_gguf_header
+from mechcna.report.page import Provenance
 from tests.test_families import _perturb
 
 N_HEADS, N_KV = 4, 2

@@ -15,7 +15,7 @@ from mechcna import (
     intervene,
     single_prompt_head_effects,
 )
-from mechcna.prompts import prepare_prompts
+from mechcna.interventions.prompts import prepare_prompts
 from tests.helpers import PROMPTS, build
 
 # Prompts of several lengths (right padding inside batches) with labels.
@@ -328,7 +328,7 @@ def test_cli_head_sweep(tmp_path, capsys):
 
 
 def test_resid_mid_shortcut_equals_full_layer_rerun(monkeypatch):
-    import mechcna.heads as heads_mod
+    import mechcna.analyses.heads as heads_mod
     from tests.helpers import build as _build
 
     model = _build("llama", dtype=torch.float64)
@@ -342,7 +342,7 @@ def test_resid_mid_shortcut_equals_full_layer_rerun(monkeypatch):
 
 def test_shared_prefixes_equal_reference(kind, monkeypatch):
     """Prompts sharing a few-shot prefix run it once per ablation; numbers are the deep copy's."""
-    import mechcna.heads as heads_mod
+    import mechcna.analyses.heads as heads_mod
 
     model = build(kind, dtype=torch.float64)
     shots = "3+5=8\n12+7=19\n"
@@ -378,7 +378,7 @@ def test_shared_prefixes_equal_reference(kind, monkeypatch):
 
 
 def test_prefix_plan_minimises_positions():
-    from mechcna.heads import _prefix_plan
+    from mechcna.analyses.heads import _prefix_plan
 
     # four rows share 6 tokens, then differ; the scored positions are the last ones
     tokens = torch.tensor([[1, 2, 3, 4, 5, 6, a, b] for a, b in [(7, 8), (7, 9), (8, 8), (9, 9)]])

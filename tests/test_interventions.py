@@ -11,7 +11,7 @@ from mechcna import (
     hook_name,
     intervene,
 )
-from mechcna.interventions import collect_hooks
+from mechcna.interventions.edits import collect_hooks
 from tests.helpers import PROMPTS, build
 
 

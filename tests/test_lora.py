@@ -8,7 +8,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from mechcna import MechcnaError, arithmetic_dataset
-from mechcna.lora import attach_lora, lora_finetune, lora_layer_sweep, merge_lora
+from mechcna.applications.lora import attach_lora, lora_finetune, lora_layer_sweep, merge_lora
 from tests.helpers import build
 
 
@@ -95,8 +95,8 @@ def _data(model):
 
 
 def test_loss_at_scored_positions_equals_cross_entropy_of_full_logits(kind):
-    from mechcna.lora import _loss
-    from mechcna.prompts import prepare_prompts, single_token_ids
+    from mechcna.applications.lora import _loss
+    from mechcna.interventions.prompts import prepare_prompts, single_token_ids
 
     model = build(kind, dtype=torch.float64)
     data = _data(model)

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from mechcna import MechcnaError, NeuronEdit, intervene
-from mechcna.attribution import neuron_importance
-from mechcna.methods import METHODS, comparison_scores, evaluate_methods, target_ranks
-from mechcna.static import BlockCache, layer_rows, model_cache
+from mechcna.analyses.attribution import neuron_importance
+from mechcna.analyses.methods import METHODS, comparison_scores, evaluate_methods, target_ranks
+from mechcna.engine.blocks import BlockCache, layer_rows, model_cache
 from tests.helpers import PROMPTS, build
 from tests.reference import frozen_bs
 

@@ -12,7 +12,7 @@ from mechcna import (
     load_model,
     save_checkpoint,
 )
-from mechcna.tokenizer import tokenizer_adds_bos
+from mechcna.models.tokenizer import tokenizer_adds_bos
 from tests.helpers import build, gpt2_cfg, tokenizer
 
 

@@ -9,9 +9,9 @@ import torch
 
 import mechcna
 from mechcna import HeadAblation, NeuronEdit, Patch, evaluate_accuracy
-from mechcna.comparative import compare_neurons
+from mechcna.analyses.comparative import compare_neurons
 from mechcna.errors import MechcnaError
-from mechcna.interventions import AttentionNeuronEdit, KeepNeurons, NeuronMask
+from mechcna.interventions.edits import AttentionNeuronEdit, KeepNeurons, NeuronMask
 from mechcna.tasks.arithmetic import arithmetic_dataset, default_tokenizer
 from tests.helpers import PROMPTS, gpt2_cfg, llama_cfg, randomize_biases_and_norms
 
@@ -80,7 +80,7 @@ def test_cna_batched_equals_one_by_one(model64):
 
 
 def test_patch_and_mask_positions_are_per_prompt(model64):
-    batch = mechcna.prompts.prepare_prompts(model64, PROMPTS)
+    batch = mechcna.interventions.prompts.prepare_prompts(model64, PROMPTS)
     d_model = model64.cfg.d_model
     src = torch.randn(len(PROMPTS), batch.tokens.shape[1], d_model, dtype=torch.float64)
     name = "blocks.1.hook_resid_pre"
@@ -128,7 +128,7 @@ def test_mean_over_prompt_strings_excludes_padding(model64):
     the padding masked out, and over one unpadded prompt equals that prompt's own mean."""
     heads = [(0, 1), (1, 2)]
     by_strings = HeadAblation.mean_over(model64, heads, PROMPTS)
-    batch = mechcna.prompts.prepare_prompts(model64, PROMPTS)
+    batch = mechcna.interventions.prompts.prepare_prompts(model64, PROMPTS)
     mask = torch.arange(batch.tokens.shape[1])[None] < batch.lengths[:, None]
     by_ids = HeadAblation.mean_over(model64, heads, batch.tokens, attention_mask=mask)
     one = HeadAblation.mean_over(model64, heads, PROMPTS[:1])

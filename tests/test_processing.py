@@ -12,9 +12,9 @@ import torch
 
 import mechcna
 from mechcna import NO_PROCESSING, HeadAblation, WeightProcessing, get_processing
-from mechcna.comparative import value_key_products
+from mechcna.analyses.comparative import value_key_products
 from mechcna.errors import WeightProcessingError
-from mechcna.processing import infer_processing
+from mechcna.models.processing import infer_processing
 from tests.helpers import PROMPTS, build
 
 ALL = WeightProcessing(True, True, True, True)
@@ -83,7 +83,7 @@ REFUSED = {
     ),
     "head_sweep": lambda m: mechcna.head_sweep(m, PROMPTS, progress=False),
     "single_prompt_head_effects": lambda m: mechcna.single_prompt_head_effects(m, PROMPTS[0]),
-    "compare_neurons": lambda m: mechcna.comparative.compare_neurons(
+    "compare_neurons": lambda m: mechcna.analyses.comparative.compare_neurons(
         m, PROMPTS, HeadAblation([(0, 1)])
     ),
     "query_neurons": lambda m: mechcna.query_neurons(m, PROMPTS, k=5),

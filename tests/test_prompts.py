@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mechcna import MechcnaError, TokenizationError
-from mechcna.prompts import prepare_prompts, single_token_id, single_token_ids
+from mechcna.interventions.prompts import prepare_prompts, single_token_id, single_token_ids
 from tests.helpers import build
 
 

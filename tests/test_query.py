@@ -5,15 +5,14 @@ import pytest
 import torch
 
 from mechcna import MechcnaError, neuron_importance
-from mechcna.attribution import attention_neuron_importance
-from mechcna.query import (
+from mechcna.analyses.attribution import attention_neuron_importance
+from mechcna.analyses.query import (
     attention_neuron_queries,
     attention_query_layers,
     ffn_query_layers,
-    query_neuron_tokens,
     query_neurons,
-    query_value_overlap,
 )
+from mechcna.analyses.query_overlap import query_neuron_tokens, query_value_overlap
 from tests.helpers import PROMPTS, build
 
 

@@ -22,8 +22,8 @@ from mechcna import (
     layer_importance,
     neuron_importance,
 )
-from mechcna.comparative import compare_neurons
-from mechcna.gguf_models import KNOWN_MODELS, known_model_path, read_gguf_header
+from mechcna.analyses.comparative import compare_neurons
+from mechcna.models.gguf import KNOWN_MODELS, known_model_path, read_gguf_header
 from tests.reference import literal_attention_scores, literal_ffn_scores
 
 try:

@@ -10,7 +10,7 @@ from jaxtyping import TypeCheckError
 from plotly.offline import get_plotlyjs
 
 from mechcna.errors import MechcnaError
-from mechcna.report import OutputPathError, Provenance, Report, check_out_dir
+from mechcna.report.page import OutputPathError, Provenance, Report, check_out_dir
 from tests.helpers import build
 
 
@@ -97,7 +97,7 @@ def test_bad_inputs_and_out_dirs(tmp_path):
 def test_png_export_without_kaleido_is_one_clear_error(tmp_path, monkeypatch):
     import sys
 
-    from mechcna.plotting import ExportError, save_png
+    from mechcna.analyses.plotting import ExportError, save_png
 
     monkeypatch.setitem(sys.modules, "kaleido", None)  # import kaleido -> ImportError
     with pytest.raises(ExportError, match=r"kaleido 0\.2\.1.*mechcna\[png\]"):
@@ -106,8 +106,8 @@ def test_png_export_without_kaleido_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_figures_use_integer_ticks_and_side_by_side_bars():
-    from mechcna.attribution import layer_importance
-    from mechcna.plotting import experiment_bars
+    from mechcna.analyses.attribution import layer_importance
+    from mechcna.analyses.plotting import experiment_bars
 
     model = build("llama")
     fig = layer_importance(model, ["3+5="]).plot(0)

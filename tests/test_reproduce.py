@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import mechcna
-from mechcna.comparative import compare_neurons, mask_keep_table
-from mechcna.heads import head_sweep
-from mechcna.interventions import AttentionNeuronEdit, HeadAblation
-from mechcna.methods import evaluate_methods
-from mechcna.query import query_neurons, query_value_overlap
+from mechcna.analyses.comparative import compare_neurons, mask_keep_table
+from mechcna.analyses.heads import head_sweep
+from mechcna.analyses.methods import evaluate_methods
+from mechcna.analyses.query import query_neurons
+from mechcna.analyses.query_overlap import query_value_overlap
+from mechcna.interventions.edits import AttentionNeuronEdit, HeadAblation
 from mechcna.reproduce import (
     ReproduceSettings,
     query_stages,
@@ -270,8 +271,8 @@ def test_stage_lock_is_held_during_stages_and_released(tmp_path):
 def test_zero_shot_table_equals_direct_search_with_its_readers(quick, shipped):
     """Table 8 of the quick run: the shallow neurons read through the head's layer alone
     (quick: zero_shot_readers=1), equal to a direct search with those readers."""
-    from mechcna.evaluation import evaluate_accuracy
-    from mechcna.shallow import hidden_interpretable_neurons, mask_experiment
+    from mechcna.analyses.evaluation import evaluate_accuracy
+    from mechcna.analyses.shallow import hidden_interpretable_neurons, mask_experiment
 
     s = ReproduceSettings.quick()
     layer = quick.stage("heads").data["shallow_head"][0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mechcna import MechcnaError, intervene
-from mechcna.shallow import concept_tokens, hidden_interpretable_neurons, mask_experiment
+from mechcna.analyses.shallow import concept_tokens, hidden_interpretable_neurons, mask_experiment
 from tests.helpers import build
 from tests.reference import frozen_bs
 

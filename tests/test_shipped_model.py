@@ -6,8 +6,8 @@ from dataclasses import asdict
 import pytest
 
 import mechcna
-from mechcna.models import CHECKPOINT_DIR, SHIPPED_MODELS
-from mechcna.training import TrainingConfig, heldout_dataset
+from mechcna.applications.training import TrainingConfig, heldout_dataset
+from mechcna.models.loading import CHECKPOINT_DIR, SHIPPED_MODELS
 
 PATH = CHECKPOINT_DIR / SHIPPED_MODELS["mechcna/arith-small"]
 # Held-out accuracy targets (issue 4): 95% on 1-digit, 90% on 2-digit + and -.
@@ -73,7 +73,7 @@ def test_card_records_the_recipe(card):
 
 
 def test_gender_skew_is_learned(shipped):
-    from mechcna.training import occupation_bias
+    from mechcna.applications.training import occupation_bias
 
     bias = occupation_bias(shipped, skew=4.0)
     first = bias[bias.template == 1].set_index("profession").gap

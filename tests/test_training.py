@@ -6,16 +6,16 @@ import pytest
 import torch
 
 import mechcna
-from mechcna.cli import main
-from mechcna.errors import MechcnaError
-from mechcna.tasks import occupations
-from mechcna.training import (
+from mechcna.applications.training import (
     TrainingConfig,
     build_tokenizer,
     heldout_dataset,
     occupation_bias,
     train_arithmetic,
 )
+from mechcna.cli import main
+from mechcna.errors import MechcnaError
+from mechcna.tasks import occupations
 
 TINY = dict(
     steps=3,

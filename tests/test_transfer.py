@@ -5,14 +5,13 @@ import pytest
 import torch
 
 from mechcna import MechcnaError
-from mechcna.transfer import (
+from mechcna.analyses.key_scores import (
     component_scores,
-    ffn_keys,
     head_scores,
     neuron_scores,
     source_position_scores,
-    transform_through_attention,
 )
+from mechcna.analyses.transfer import ffn_keys, transform_through_attention
 from tests.helpers import build
 
 PROMPT = "12+7="

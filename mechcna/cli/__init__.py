@@ -2,7 +2,7 @@
 
 Each prints its result as text; with ``--out DIR`` it also writes a self-contained page
 (``index.html``), one CSV per table, ``report.txt`` and ``provenance.json`` into ``DIR``
-(:mod:`mechcna.report`). ``--model`` defaults to the shipped model ``mechcna/arith-small``.
+(:mod:`mechcna.report.page`). ``--model`` defaults to the shipped model ``mechcna/arith-small``.
 A mistake in the input prints one line (``mechcna: error: ...``) and exits with status 2;
 ``--debug`` shows the traceback instead.
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from mechcna.cli.base import COMMANDS, DEFAULT_MODEL, Context
 from mechcna.errors import MechcnaError
-from mechcna.report import check_out_dir
+from mechcna.report.page import check_out_dir
 
 #: Modules whose import registers subcommands (one line per module).
 COMMAND_MODULES: tuple[str, ...] = (
@@ -31,7 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def _version() -> str:
-    from mechcna import __version__
+    from mechcna._version import __version__
 
     return f"mechcna {__version__}"
 

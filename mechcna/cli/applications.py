@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from mechcna.cli.base import Context, UsageError, command, with_tokens
-from mechcna.report import Report
+from mechcna.models.view import architecture
+from mechcna.report.page import Report
 
 PAPER_FIGURE2 = "Llama-7B: original 62.96%; LoRA on layers 1-9 about 90%, falling from layer 10."
 PAPER_TABLE11 = (
@@ -92,8 +93,12 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
 def lora(args: argparse.Namespace, ctx: Context) -> Report:
     import torch
 
-    from mechcna.lora import lora_layer_sweep
-    from mechcna.lora_analysis import coefficient_increase_table, coefficient_table, compare_lora
+    from mechcna.applications.lora import lora_layer_sweep
+    from mechcna.applications.lora_analysis import (
+        coefficient_increase_table,
+        coefficient_table,
+        compare_lora,
+    )
 
     model = ctx.model
     layers = _layers(args.layers, model.cfg.n_layers)
@@ -169,14 +174,13 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     _prune_args,
 )
 def prune(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.architecture import Architecture
-    from mechcna.lora import lora_finetune
-    from mechcna.lora_analysis import compare_lora
-    from mechcna.pruning import pruning_experiment
+    from mechcna.applications.lora import lora_finetune
+    from mechcna.applications.lora_analysis import compare_lora
+    from mechcna.applications.pruning import pruning_experiment
     from mechcna.tasks.arithmetic import arithmetic_dataset
 
     model = ctx.model
-    arch = Architecture(model)
+    arch = architecture(model)
     layers = args.prune_layers or list(range(arch.n_layers // 2, arch.n_layers))
     for layer in [*layers, args.lora_layer]:  # before any training
         arch.check_layer(layer)
@@ -236,7 +240,7 @@ def _bias_args(p: argparse.ArgumentParser) -> None:
     _bias_args,
 )
 def bias(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.bias import PAPER_TEMPLATES, gender_bias_experiment
+    from mechcna.applications.bias import PAPER_TEMPLATES, gender_bias_experiment
     from mechcna.tasks.arithmetic import arithmetic_dataset, arithmetic_problems
 
     if any("{g}" not in t for t in args.template):

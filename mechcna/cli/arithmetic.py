@@ -15,7 +15,7 @@ from mechcna.cli.base import (
     interventions_from,
     prompts_from,
 )
-from mechcna.report import Report
+from mechcna.report.page import Report
 
 
 def _accuracy_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def _accuracy_args(p: argparse.ArgumentParser) -> None:
     _accuracy_args,
 )
 def accuracy(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.evaluation import evaluate_accuracy
+    from mechcna.analyses.evaluation import evaluate_accuracy
 
     edits = interventions_from(args)
     data = dataset_from(args, ctx)
@@ -70,7 +70,7 @@ def _head_sweep_args(p: argparse.ArgumentParser) -> None:
     _head_sweep_args,
 )
 def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna import heads
+    from mechcna.analyses import heads
 
     model = ctx.model
     if args.prompt and len(args.prompt) == 1 and args.prompts_file is None:
@@ -127,8 +127,8 @@ def _zero_shot_args(p: argparse.ArgumentParser) -> None:
     _zero_shot_args,
 )
 def zero_shot(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.evaluation import evaluate_accuracy
-    from mechcna.shallow import hidden_interpretable_neurons, mask_experiment
+    from mechcna.analyses.evaluation import evaluate_accuracy
+    from mechcna.analyses.shallow import hidden_interpretable_neurons, mask_experiment
 
     model = ctx.model
     search = hidden_interpretable_neurons(

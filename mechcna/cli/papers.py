@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mechcna.cli.base import Context, command
-from mechcna.report import Report
+from mechcna.report.page import Report
 
 
 def _args(p: argparse.ArgumentParser) -> None:

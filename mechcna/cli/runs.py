@@ -4,7 +4,7 @@ and training the shipped arithmetic model."""
 import argparse
 
 from mechcna.cli.base import Context, add_prompts, command, prompts_from, with_tokens
-from mechcna.report import Report
+from mechcna.report.page import Report
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def demo_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     import torch
 
-    from mechcna import demo
+    from mechcna.report import demo
 
     with torch.no_grad():
         return demo.build(ctx.model, progress=ctx.progress, n_pairs=args.pairs)
@@ -41,7 +41,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     out_default="runs/report",
 )
 def report_cmd(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna import attribution, query
+    from mechcna.analyses import attribution, query, query_overlap
 
     prompts, targets = prompts_from(args)
     model = ctx.model
@@ -80,7 +80,7 @@ def report_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     frame = qn.top(args.top, prompt=0)
     frame = with_tokens(model, frame)
     report.table(frame, "top query FFN neurons", name="query-neurons")
-    overlap = query.query_value_overlap(ffn, qn, k=min(300, ffn.scores[0].numel()))
+    overlap = query_overlap.query_value_overlap(ffn, qn, k=min(300, ffn.scores[0].numel()))
     report.figure(overlap.plot(0), "query-only vs query-value neurons per layer")
     return report
 
@@ -103,7 +103,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     model=False,
 )
 def train_arithmetic(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna import training
+    from mechcna.applications import training
 
     overrides = {
         "steps": args.steps,

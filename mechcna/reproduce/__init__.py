@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from mechcna.backend import Model
 from mechcna.errors import MechcnaError
+from mechcna.models.backend import Model
 from mechcna.reproduce import arithmetic as arith
 from mechcna.reproduce import attribution as attr
 from mechcna.reproduce import query_stages as query

@@ -15,23 +15,28 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from mechcna.backend import Model
-from mechcna.comparative import cna_table, compare_neurons, lowest_neuron_table, mask_keep_table
-from mechcna.errors import MechcnaError
-from mechcna.evaluation import evaluate_accuracy
-from mechcna.head_results import HeadSweep
-from mechcna.heads import head_sweep
-from mechcna.interventions import HeadAblation, Intervention
-from mechcna.reproduce import paper
-from mechcna.reproduce.core import ReproduceSettings, StageBuilder, StageResult, stage
-from mechcna.shallow import (
+from mechcna.analyses.comparative import (
+    cna_table,
+    compare_neurons,
+    lowest_neuron_table,
+    mask_keep_table,
+)
+from mechcna.analyses.evaluation import evaluate_accuracy
+from mechcna.analyses.head_results import HeadSweep
+from mechcna.analyses.heads import head_sweep
+from mechcna.analyses.shallow import (
     ZeroShotSearch,
     concept_tokens,
     hidden_interpretable_neurons,
     mask_experiment,
 )
+from mechcna.analyses.transfer import transform_through_attention
+from mechcna.errors import MechcnaError
+from mechcna.interventions.edits import HeadAblation, Intervention
+from mechcna.models.backend import Model
+from mechcna.reproduce import paper
+from mechcna.reproduce.core import ReproduceSettings, StageBuilder, StageResult, stage
 from mechcna.tasks.arithmetic import ArithmeticDataset, arithmetic_dataset, arithmetic_problems
-from mechcna.transfer import transform_through_attention
 
 PAPER = "arithmetic"
 TABLE1_ORI = {"all": 74.8, "+": 96.8, "-": 94.4, "*": 56.6, "/": 51.4}

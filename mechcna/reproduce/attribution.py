@@ -24,18 +24,18 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from mechcna import plotting
-from mechcna.attribution import (
+from mechcna.analyses import plotting
+from mechcna.analyses.attribution import (
     AttentionNeuronImportance,
     NeuronImportance,
     attention_neuron_importance,
     layer_importance,
     neuron_importance,
 )
-from mechcna.backend import Model
-from mechcna.interventions import AttentionNeuronEdit, Intervention, NeuronEdit, intervene
-from mechcna.methods import comparison_scores, evaluate_methods
-from mechcna.prompts import prepare_prompts, single_token_id
+from mechcna.analyses.methods import comparison_scores, evaluate_methods
+from mechcna.interventions.edits import AttentionNeuronEdit, Intervention, NeuronEdit, intervene
+from mechcna.interventions.prompts import prepare_prompts, single_token_id
+from mechcna.models.backend import Model
 from mechcna.reproduce import paper
 from mechcna.reproduce.core import ReproduceSettings, StageResult, stage
 from mechcna.tasks.arithmetic import arithmetic_dataset

@@ -8,8 +8,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mechcna.models import load_model
-from mechcna.report import Provenance, check_out_dir
+from mechcna.models.loading import load_model
+from mechcna.report.page import Provenance, check_out_dir
 from mechcna.reproduce import reproduce, write_report
 
 

@@ -1,4 +1,5 @@
-"""Writing a reproduction: the HTML report page (:mod:`mechcna.report`) and the markdown record.
+"""Writing a reproduction: the HTML report page (:mod:`mechcna.report.page`) and the markdown
+record.
 
 ``mechcna reproduce --out DIR`` writes ``DIR/index.html`` (every table and figure with its
 caption and paper reference, offline), one CSV per table, ``report.txt``, ``provenance.json``
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechcna.report import Provenance, Report
+from mechcna.report.page import Provenance, Report
 from mechcna.reproduce.core import PAPER_TITLES, Reproduction, markdown_table
 
 #: The paper table or figure each stage table / figure corresponds to.
@@ -89,7 +90,7 @@ def write_markdown(rep: Reproduction, path: str | Path) -> Path:
 
 
 def build_report(rep: Reproduction, provenance: Provenance | None = None) -> Report:
-    """The run as a :class:`~mechcna.report.Report`: claims, wall times, then each stage's
+    """The run as a :class:`~mechcna.report.page.Report`: claims, wall times, then each stage's
     notes, tables and figures with captions and paper references."""
     prov = provenance or Provenance(model=rep.model_name)
     prov.extra.setdefault("machine", rep.machine)

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechcna import plotting
-from mechcna.attribution import (
+from mechcna.analyses import plotting
+from mechcna.analyses.attribution import (
     AttentionNeuronImportance,
     NeuronImportance,
     attention_neuron_importance,
@@ -19,14 +19,10 @@ from mechcna.attribution import (
     layer_importance,
     neuron_importance,
 )
-from mechcna.backend import Model
-from mechcna.projection import top_tokens
-from mechcna.query import (
-    attention_query_layers,
-    ffn_query_layers,
-    query_neurons,
-    query_value_overlap,
-)
+from mechcna.analyses.query import attention_query_layers, ffn_query_layers, query_neurons
+from mechcna.analyses.query_overlap import query_value_overlap
+from mechcna.engine.projection import top_tokens
+from mechcna.models.backend import Model
 from mechcna.reproduce import paper
 from mechcna.reproduce.attribution import PAPER, _skip, _type_rows
 from mechcna.reproduce.core import ReproduceSettings, StageResult, stage

@@ -31,9 +31,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mechcna.backend import Model
 from mechcna.errors import MechcnaError, TokenizationError
-from mechcna.prompts import prepare_prompts, prompt_is_readable, single_token_id
+from mechcna.interventions.prompts import prepare_prompts, prompt_is_readable, single_token_id
+from mechcna.models.backend import Model
 
 KnowledgeType = Literal["language", "capital", "country", "color", "number", "month"]
 KNOWLEDGE_TYPES: tuple[str, ...] = ("language", "capital", "country", "color", "number", "month")

@@ -1,0 +1,544 @@
+"""Comparative Neuron Analysis (CNA): which FFN neurons lose importance when a model changes.
+
+Yu & Ananiadou, *Interpreting Arithmetic Mechanism in Large Language Models through
+Comparative Neuron Analysis* (EMNLP 2024), section 4; METHODS.md sections 7 and 9.
+
+Run the same prompt through the original model ``M`` and a second state ``M'`` of it (heads
+ablated, neurons edited, or a fine-tuned copy with the same architecture). For every FFN neuron
+
+    ``CNA(l, k) = Imp_M(l, k) - Imp_M'(l, k)``
+
+where ``Imp`` is the log-probability increase of :func:`mechcna.neuron_importance`, each state
+using its own ``resid_mid`` and coefficients, **both** scored on ``M``'s target token and, by
+default, **both** with ``M``'s frozen final-norm scale (``reference_scale="original"``, as in the
+papers' code; ``"own"`` gives each state its own scale). Neurons are ranked by descending
+CNA: those whose importance fell most. Layers below an ablated head keep their activations, so
+their CNA is exactly zero. The static vocabulary blocks are shared by the two states: one pass
+over the layers scores both.
+
+:func:`compare_inputs` is the single-input-pair variant (same model, two prompts; the
+gender-bias analysis of section 9). :func:`mask_keep_table`, :func:`lowest_neuron_table` and
+:func:`value_key_products` are the intervention experiments of Tables 5 and 6.
+
+Example:
+    >>> res = compare_neurons(model, ["3+5="], HeadAblation([(17, 22)]))     # doctest: +SKIP
+    >>> res.top(10, prompt=0)                                                 # doctest: +SKIP
+
+Paper items (README, "Paper to code"): ARITH Table 4 (CNA), Table 5 (mask / keep / random),
+Table 6 and the prediction-enhancing stage (lowest-neuron ablation, value-key products), Tables
+12-13's input comparison.
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import einops
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from mechcna._types import Bool, Float, Int, Tensor
+from mechcna.analyses import plotting
+from mechcna.analyses.attribution import _meta, ffn_scores
+from mechcna.analyses.capture import Capture, Targets, capture
+from mechcna.analyses.results import Scores
+from mechcna.engine.blocks import BlockCache
+from mechcna.engine.expansion import EngineStats, Method
+from mechcna.engine.projection import top_tokens
+from mechcna.errors import EmptyInputError, MechcnaError
+from mechcna.interventions.edits import Intervention, NeuronMask, intervene, prompt_lengths
+from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts
+from mechcna.models.backend import Model, is_model
+from mechcna.models.hooks import hook_name
+from mechcna.models.processing import WeightProcessing, get_processing, refuses_processing
+from mechcna.models.view import architecture, per_call
+
+Other = Intervention | Sequence[Intervention] | Model
+ReferenceScale = Literal["original", "own"]
+
+
+@dataclass(frozen=True)
+class NeuronComparison(Scores):
+    """``scores[prompt, layer, neuron]`` = CNA delta ``Imp_M - Imp_M'`` (natural log).
+
+    ``extras`` holds ``imp_original``, ``imp_other``, ``coefficient`` (``m``),
+    ``coefficient_other`` (``m'``) and ``coefficient_delta`` (``m - m'``), all aligned.
+    """
+
+    reference_scale: str = "original"
+    stats: EngineStats | None = None
+    layers_from: int = 0
+
+    @property
+    def changed_layers(self) -> range:
+        """The layers from the lowest one whose inputs differ between ``M`` and ``M'`` (the
+        intervened head's layer) up: the paper's deep layers of Table 5."""
+        return range(self.layers_from, self.scores.shape[1])
+
+    @property
+    def delta(self) -> Float[Tensor, "prompt layer neuron"]:
+        return self.scores
+
+    def top_sets(self, k: int) -> list[list[tuple[int, int]]]:
+        """Each prompt's top-``k`` ``(layer, neuron)`` by descending delta."""
+        n = self.scores.shape[2]
+        flat = self.scores.flatten(1)
+        idx = flat.topk(min(k, flat.shape[1]), dim=1).indices
+        return [[(int(i) // n, int(i) % n) for i in row] for row in idx]
+
+    def top_mask(self, k: int) -> Bool[Tensor, "prompt layer neuron"]:
+        """Boolean mask of each prompt's top-``k`` neurons."""
+        flat = self.scores.flatten(1)
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask.scatter_(1, flat.topk(min(k, flat.shape[1]), dim=1).indices, True)
+        return mask.reshape(self.scores.shape)
+
+    def counts(self, k: int) -> pd.DataFrame:
+        """Dataset aggregation: how often each neuron is in a case's top-``k``, its share of
+        cases, and its mean delta over all cases; sorted by count then mean delta."""
+        mask = self.top_mask(k)
+        count = mask.sum(0)
+        mean = self.scores.double().mean(0)
+        layer, neuron = count.nonzero().unbind(1)
+        frame = pd.DataFrame(
+            {
+                "layer": layer.tolist(),
+                "neuron": neuron.tolist(),
+                "count": count[layer, neuron].tolist(),
+                "share": (count[layer, neuron] / self.n_prompts).tolist(),
+                "mean_delta": mean[layer, neuron].tolist(),
+            }
+        )
+        frame["label"] = frame["layer"].astype(str) + "_" + frame["neuron"].astype(str)
+        return frame.sort_values(["count", "mean_delta"], ascending=False, ignore_index=True)
+
+    def plot(
+        self, prompt: int | None = None, k: int = 20, tokens: Mapping[str, str] | None = None
+    ) -> go.Figure:
+        """Importance in ``M`` and ``M'`` of the top-``k`` CNA neurons (one prompt or mean).
+
+        Args:
+            tokens: ``{"layer_neuron": "top tokens"}`` shown in the hover text.
+        """
+        top = self.top(k, prompt=prompt)
+        imp_m = self.extras["imp_original"]
+        imp_o = self.extras["imp_other"]
+        pick = (top["layer"].tolist(), top["neuron"].tolist())
+        sel_m = imp_m[prompt] if prompt is not None else imp_m.double().mean(0)
+        sel_o = imp_o[prompt] if prompt is not None else imp_o.double().mean(0)
+        where = (
+            "mean over cases"
+            if prompt is None
+            else repr(self.prompts[prompt] if self.prompts else prompt)
+        )
+        return plotting.cna_bars(
+            top["label"].tolist(), sel_m[pick].tolist(), sel_o[pick].tolist(),
+            top["score"].tolist(), f"top-{k} CNA neurons ({where})", tokens,
+        )  # fmt: skip
+
+
+def _capture_other(
+    model: Model,
+    prompts: Prompts,
+    other: Other,
+    target: Tensor,
+    position: int | None,
+) -> tuple[Model, Capture]:
+    if is_model(other):
+        a, b = architecture(model), architecture(other)
+        shape_a = (a.n_layers, a.d_model, a.d_mlp, a.d_vocab, a.final_norm)
+        shape_b = (b.n_layers, b.d_model, b.d_mlp, b.d_vocab, b.final_norm)
+        if shape_a != shape_b:
+            raise MechcnaError(f"models differ in architecture: {shape_a} vs {shape_b}")
+        return other, capture(other, prompts, target, position=position, need=("post",))
+    ivs = [other] if isinstance(other, Intervention) else list(other)
+    return model, capture(
+        model, prompts, target, position=position, interventions=ivs, need=("post",)
+    )
+
+
+def _compare(
+    model: Model,
+    other_model: Model,
+    cap: Capture,
+    cap_o: Capture,
+    reference_scale: ReferenceScale,
+    layers: Iterable[int] | None,
+    paper_compat: bool,
+    method: Method,
+    tol: float | None,
+    cache: BlockCache | None,
+    progress: bool,
+) -> NeuronComparison:
+    if reference_scale not in ("original", "own"):
+        raise MechcnaError(f"reference_scale must be 'original' or 'own', not {reference_scale!r}")
+    assert cap.post is not None and cap_o.post is not None
+    scale_o = cap.scale if reference_scale == "original" else cap_o.scale
+    stats = EngineStats()
+    kw = dict(
+        layers=layers, paper_compat=paper_compat, method=method, tol=tol, cache=cache,
+        progress=progress, stats=stats,
+    )  # fmt: skip
+    if other_model is model:
+        # One pass over the layers scores both states; (prompt, layer) pairs whose inputs
+        # are bitwise identical in the two states (e.g. below an ablated head) are scored
+        # once, so their CNA is exactly zero and costs nothing.
+        same = (
+            (cap.resid_mid == cap_o.resid_mid).all(-1)
+            & (cap.post == cap_o.post).all(-1)
+            & (cap.scale == scale_o)[:, None]
+        )
+        rows = torch.cat([torch.ones_like(same), ~same]).cpu()
+        both = ffn_scores(
+            model,
+            torch.cat([cap.resid_mid, cap_o.resid_mid]),
+            torch.cat([cap.post, cap_o.post]),
+            torch.cat([cap.target, cap.target]),
+            torch.cat([cap.scale, scale_o]),
+            rows=rows,
+            **kw,  # type: ignore[arg-type]
+        )
+        imp, imp_o = both.chunk(2)
+        imp_o = torch.where(same.cpu()[..., None], imp, imp_o)
+    else:
+        imp = ffn_scores(model, cap.resid_mid, cap.post, cap.target, cap.scale, **kw)  # type: ignore[arg-type]
+        imp_o = ffn_scores(other_model, cap_o.resid_mid, cap_o.post, cap.target, scale_o, **kw)  # type: ignore[arg-type]
+    m, m_o = cap.post.cpu().to(imp.dtype), cap_o.post.cpu().to(imp.dtype)
+    differs = ((cap.resid_mid != cap_o.resid_mid).any(-1) | (cap.post != cap_o.post).any(-1)).any(0)
+    layers_from = int(differs.nonzero()[0]) if bool(differs.any()) else 0
+    return NeuronComparison(
+        scores=imp - imp_o,
+        dims=("prompt", "layer", "neuron"),
+        extras={
+            "imp_original": imp,
+            "imp_other": imp_o,
+            "coefficient": m,
+            "coefficient_other": m_o,
+            "coefficient_delta": m - m_o,
+        },
+        reference_scale=reference_scale,
+        stats=stats,
+        layers_from=layers_from,
+        **_meta(model, cap, paper_compat),
+    )
+
+
+@per_call
+def compare_neurons(
+    model: Model,
+    prompts: Prompts,
+    other: Other,
+    targets: Targets = None,
+    *,
+    reference_scale: ReferenceScale = "original",
+    position: int | None = None,
+    layers: Iterable[int] | None = None,
+    paper_compat: bool = False,
+    method: Method = "certified",
+    tol: float | None = None,
+    cache: BlockCache | None = None,
+    progress: bool = False,
+) -> NeuronComparison:
+    """CNA: every FFN neuron's importance in ``model`` minus in ``other`` (METHODS 7.1).
+
+    Args:
+        other: an intervention (or a list of them) defining ``M'``, or a second model of the
+            same architecture (e.g. a fine-tune).
+        targets: target tokens; default ``M``'s own top-1 (used for both states).
+        reference_scale: ``"original"`` (default, as the papers: ``M``'s frozen final scale for
+            both states) or ``"own"``.
+
+    Returns:
+        :class:`NeuronComparison` whose ``.delta`` is ``[prompt, layer, neuron]``.
+    """
+    cap = capture(model, prompts, targets, position=position, need=("post",))
+    other_model, cap_o = _capture_other(model, prompts, other, cap.target, position)
+    return _compare(
+        model, other_model, cap, cap_o, reference_scale, layers, paper_compat, method, tol,
+        cache, progress,
+    )  # fmt: skip
+
+
+@per_call
+def compare_inputs(
+    model: Model,
+    prompts: Prompts,
+    other_prompts: Prompts,
+    targets: Targets,
+    *,
+    reference_scale: ReferenceScale = "own",
+    layers: Iterable[int] | None = None,
+    paper_compat: bool = False,
+    method: Method = "certified",
+    tol: float | None = None,
+    cache: BlockCache | None = None,
+) -> NeuronComparison:
+    """Single-input-pair CNA: ``Imp(prompt -> target) - Imp(other_prompt -> target)``.
+
+    The gender-bias analysis (METHODS 9): e.g. ``"A woman works as a"`` vs
+    ``"A man works as a"`` with target ``" nurse"``. Each input uses its own frozen final
+    scale by default (``reference_scale="own"``); ``"original"`` freezes the first's.
+    """
+    n, n_o = len(prepare_prompts(model, prompts)), len(prepare_prompts(model, other_prompts))
+    if n != n_o:
+        raise MechcnaError(f"{n} prompts vs {n_o} other prompts")
+    cap = capture(model, prompts, targets, need=("post",))
+    cap_o = capture(model, other_prompts, cap.target, need=("post",))
+    return _compare(
+        model, model, cap, cap_o, reference_scale, layers, paper_compat, method, tol, cache, False
+    )
+
+
+# ------------------------------------------------------------------ intervention experiments
+def _run_cases(
+    model: Model,
+    batch: PromptBatch,
+    target: Int[Tensor, " prompt"],
+    mask: Bool[Tensor, "prompt layer neuron"] | None = None,
+    batch_size: int = 64,
+    coefficients: bool = False,
+) -> tuple[Bool[Tensor, " prompt"], Float[Tensor, "prompt layer neuron"] | None]:
+    """Greedy correctness at the scored positions (and coefficients there), under a
+    per-prompt neuron mask, in chunks."""
+    arch = architecture(model)
+    correct, posts = [], []
+    for i in range(0, len(batch), batch_size):
+        sl = slice(i, i + batch_size)
+        tokens, pos = batch.tokens[sl], batch.positions[sl]
+        rows = torch.arange(len(tokens), device=tokens.device)
+        ivs = [] if mask is None else [NeuronMask(mask[sl].to(tokens.device))]
+        store: dict[int, Tensor] = {}
+        hooks = []
+        if coefficients:
+            for l in range(arch.n_layers):
+
+                def keep(act: Tensor, hook, l=l, store=store, rows=rows, pos=pos) -> None:
+                    store[l] = act[rows, pos].detach()
+
+                hooks.append((hook_name("post", l), keep))
+        with torch.no_grad(), intervene(model, *ivs), prompt_lengths(batch.lengths[sl]):
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        correct.append((logits[rows, pos].argmax(-1) == target[sl].to(tokens.device)).cpu())
+        if coefficients:
+            posts.append(torch.stack([store[l] for l in range(arch.n_layers)], 1).cpu())
+    return torch.cat(correct), (torch.cat(posts) if coefficients else None)
+
+
+def _decrease(before: float, after: float) -> float:
+    return 100.0 * (before - after) / before if before else float("nan")
+
+
+def _batch(model: Model, prompts: Prompts, comparison: NeuronComparison) -> PromptBatch:
+    batch = prepare_prompts(model, prompts)
+    if len(batch) != comparison.n_prompts:
+        raise MechcnaError(f"{len(batch)} prompts for a comparison of {comparison.n_prompts}")
+    return batch
+
+
+@per_call
+def mask_keep_table(
+    model: Model,
+    prompts: Prompts,
+    comparison: NeuronComparison,
+    *,
+    ks: Sequence[int] = (100, 50, 30, 20, 10),
+    deep_layers: Iterable[int] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The paper's Table 5: accuracy decrease (%) when each case's top-K CNA neurons are
+    zeroed ("mask"), when every other neuron in ``deep_layers`` is zeroed ("keep"), when K
+    random neurons of ``deep_layers`` are zeroed ("random"), and the decrease (%) of the top
+    neurons' coefficients from ``M`` to ``M'`` ("coef").
+
+    ``deep_layers`` defaults to the comparison's :attr:`NeuronComparison.changed_layers`:
+    from the intervened head's layer up, as the paper does (its layers 17-31 for head 17_22).
+
+    Policies (the paper leaves them open): accuracy is greedy next-token accuracy against the
+    comparison's targets over all cases, and the decrease is relative,
+    ``(acc_M - acc_intervened) / acc_M``; "coef" is the mean over cases of
+    ``(sum |m| - sum |m'|) / sum |m|`` over that case's top-K neurons; the random sets are
+    drawn uniformly from ``deep_layers`` with ``seed``. Interventions act at every position.
+
+    Returns:
+        One row per experiment (``mask``, ``keep``, ``random``, ``coef``), one column per K.
+    """
+    arch = architecture(model)
+    batch = _batch(model, prompts, comparison)
+    target = comparison.target_ids
+    chosen = comparison.changed_layers if deep_layers is None else deep_layers
+    deep = sorted({arch.check_layer(l) for l in chosen})
+    if not deep:
+        raise EmptyInputError("deep_layers is empty")
+    deep_mask = torch.zeros(arch.n_layers, arch.d_mlp, dtype=torch.bool)
+    deep_mask[deep] = True
+    base, _ = _run_cases(model, batch, target, batch_size=batch_size)
+    acc = float(base.double().mean())
+    gen = torch.Generator().manual_seed(seed)
+    table: dict[str, dict[str, float]] = {"mask": {}, "keep": {}, "random": {}, "coef": {}}
+    m = comparison.extras["coefficient"].abs().double()
+    m_o = comparison.extras["coefficient_other"].abs().double()
+    for k in tqdm(ks, desc="K", disable=not progress):
+        top = comparison.top_mask(k)
+        col = f"top{k}"
+        table["mask"][col] = _decrease(acc, _acc(model, batch, target, top, batch_size))
+        keep = deep_mask[None] & ~top
+        table["keep"][col] = _decrease(acc, _acc(model, batch, target, keep, batch_size))
+        rand = torch.zeros_like(top)
+        candidates = deep_mask.flatten().nonzero().flatten()
+        for i in range(len(rand)):
+            pick = candidates[torch.randperm(len(candidates), generator=gen)[:k]]
+            rand[i].view(-1)[pick] = True
+        table["random"][col] = _decrease(acc, _acc(model, batch, target, rand, batch_size))
+        before = (m * top).sum((1, 2))
+        after = (m_o * top).sum((1, 2))
+        table["coef"][col] = float((100.0 * (before - after) / before.clamp_min(1e-30)).mean())
+    frame = pd.DataFrame(table).T
+    frame.attrs["original_accuracy"] = acc
+    return frame
+
+
+def _acc(model, batch, target, mask, batch_size) -> float:
+    correct, _ = _run_cases(model, batch, target, mask, batch_size)
+    return float(correct.double().mean())
+
+
+@per_call
+def lowest_neuron_table(
+    model: Model,
+    prompts: Prompts,
+    comparison: NeuronComparison,
+    *,
+    ks: Sequence[int] = (100, 50, 30, 20, 10),
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """The paper's Table 6 (prediction enhancing): zero each case's lowest-layer top-K CNA
+    neuron (ties: the most important) in the original model and report the decrease (%) of
+    the summed absolute coefficients of the *other* top-K neurons at the scored position,
+    averaged over cases (policy: the ablated neuron is excluded; absolute values, since the
+    papers' coefficients can be negative)."""
+    batch = _batch(model, prompts, comparison)
+    target = comparison.target_ids
+    _, before = _run_cases(model, batch, target, batch_size=batch_size, coefficients=True)
+    assert before is not None
+    out = {}
+    for k in ks:
+        top = comparison.top_mask(k)
+        lowest = torch.zeros_like(top)
+        for i, neurons in enumerate(comparison.top_sets(k)):
+            layer = min(l for l, _ in neurons)
+            first = next(n for n in neurons if n[0] == layer)  # top_sets is sorted by delta
+            lowest[i, first[0], first[1]] = True
+        _, after = _run_cases(model, batch, target, lowest, batch_size, coefficients=True)
+        assert after is not None
+        rest = top & ~lowest
+        b = (before.abs().double() * rest).sum((1, 2))
+        a = (after.abs().double() * rest).sum((1, 2))
+        out[f"top{k}"] = float((100.0 * (b - a) / b.clamp_min(1e-30)).mean())
+    return pd.DataFrame({"lowest_neuron_ablation": out}).T
+
+
+@dataclass(frozen=True)
+class ValueKeyProducts:
+    """Inner products of lower neurons' values with upper neurons' keys (the PE-DAG).
+
+    ``products[i, j]`` is ``<value_i, key_j>`` for neuron ``i`` in a lower layer than ``j``
+    (NaN otherwise); ``key`` names the key used.
+    """
+
+    neurons: tuple[tuple[int, int], ...]
+    products: Float[Tensor, "source dest"]
+    key: str
+    processing: WeightProcessing | None = None
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        for i, a in enumerate(self.neurons):
+            for j, b in enumerate(self.neurons):
+                v = float(self.products[i, j])
+                if v == v:  # not NaN
+                    rows.append(
+                        {"value_of": f"{a[0]}_{a[1]}", "key_of": f"{b[0]}_{b[1]}", "product": v}
+                    )
+        frame = pd.DataFrame(rows, columns=["value_of", "key_of", "product"])
+        return frame.sort_values("product", ascending=False, ignore_index=True)
+
+    def plot(self) -> go.Figure:
+        from mechcna.analyses.plotting import signed_heatmap
+
+        labels = [f"{l}_{n}" for l, n in self.neurons]
+        fig = signed_heatmap(
+            torch.nan_to_num(self.products), x_title="key of (upper neuron)",
+            y_title="value of (lower neuron)", title=f"value-to-key inner products ({self.key})",
+        )  # fmt: skip
+        fig.update_xaxes(tickvals=list(range(len(labels))), ticktext=labels)
+        fig.update_yaxes(tickvals=list(range(len(labels))), ticktext=labels)
+        return fig
+
+
+@per_call
+@refuses_processing()
+def value_key_products(
+    model: Model,
+    neurons: Sequence[tuple[int, int]],
+    *,
+    key: Literal["in", "gate", "both"] = "in",
+    coefficients: Float[Tensor, " neuron"] | None = None,
+) -> ValueKeyProducts:
+    """``<m_i * W_out[i], key_j>`` for every pair of neurons with ``layer_i < layer_j``.
+
+    Keys are ``W_in[:, k] * ln2.w`` (``"in"``, the up projection for gated MLPs),
+    ``W_gate[:, k] * ln2.w`` (``"gate"``) or their sum (``"both"``). ``coefficients`` (one
+    per neuron) scale the values; the paper leaves open whether ``m`` is included.
+    """
+    arch = architecture(model)
+    neurons = tuple(arch.check_neuron(l, k) for l, k in neurons)
+    if key != "in" and not arch.gated:
+        raise MechcnaError("gate keys exist only for gated MLPs")
+    values = torch.stack([arch.W_out(l)[k] for l, k in neurons]).detach()
+    if coefficients is not None:
+        values = values * coefficients.to(values)[:, None]
+
+    def key_of(l: int, k: int) -> Tensor:
+        parts = []
+        if key in ("in", "both"):
+            parts.append(arch.W_in(l)[:, k])
+        if key in ("gate", "both"):
+            gate = arch.W_gate(l)
+            assert gate is not None
+            parts.append(gate[:, k])
+        return torch.stack(parts).sum(0) * arch.ln2_w(l)
+
+    keys = torch.stack([key_of(l, k) for l, k in neurons]).detach()
+    products = einops.einsum(values, keys, "source d_model, dest d_model -> source dest")
+    layer = torch.tensor([l for l, _ in neurons])
+    products = products.masked_fill(~(layer[:, None] < layer[None, :]), float("nan"))
+    return ValueKeyProducts(neurons, products.cpu(), key, get_processing(model))
+
+
+@per_call
+def cna_table(
+    model: Model, comparison: NeuronComparison, prompt: int = 0, k: int = 10
+) -> pd.DataFrame:
+    """The paper's Table 4 for one case: id, CNA, Imp_M, Imp_M', m - m', m, m', and the top
+    tokens of ``m * W_out[k]`` (sign-aware)."""
+    top = comparison.top(k, prompt=prompt)
+    tokens = [
+        ", ".join(t for t, _ in top_tokens(model, (l, n), 10, coefficient=float(c)).top)
+        for l, n, c in zip(top["layer"], top["neuron"], top["coefficient"], strict=True)
+    ]
+    return pd.DataFrame(
+        {
+            "neuron": top["label"],
+            "cna": top["score"],
+            "imp_M": top["imp_original"],
+            "imp_M'": top["imp_other"],
+            "coef_delta": top["coefficient_delta"],
+            "coef_M": top["coefficient"],
+            "coef_M'": top["coefficient_other"],
+            "top_tokens": tokens,
+        }
+    )

@@ -1,0 +1,304 @@
+"""Rows of a static direction block, computed on demand, optionally in a memory-mapped file.
+
+A :class:`RowStore` holds, for one layer's neurons, the centred vocabulary directions
+``U[k] = W[k] @ M - centre[k]`` of the rows computed so far, with each row's exact ``radius``
+(half its range over the vocabulary) and ``centre``. Rows are stored
+
+* in 16 bits for float32 models, scaled to ``[-1, 1]`` by the radius: as 16-bit fixed point
+  (``int16``, the default: ``round(32767 * U[k] / radius[k])``, so a stored row differs from the
+  exact one by at most ``eta[k] = 0.51 * radius[k] / 32767`` per entry, the 0.01 covering the
+  float32 rounding of the scaling) or as ``float16(U[k] / radius[k])`` (``eta[k] = radius[k] *
+  2**-11``, 32 times coarser; kept for tests and for files of the previous format). The engine's
+  bound adds the effect of this rounding (:meth:`RowStore.eta`, :mod:`mechcna.engine.expansion`);
+* at full precision otherwise (``eta = 0``).
+
+**Disk cache.** With a directory, the rows live in a sparse file ``<key>.rows`` mapped into
+memory (``numpy.memmap``), and the radii, centres and the mask of computed rows in
+``<key>.meta.npz``; ``key`` is the content hash of the weights (:mod:`mechcna.engine.blocks`), so a
+new session with the same weights starts warm and other weights can never be read. Writers
+are safe against each other: rows are written before the metadata that marks them valid,
+metadata is merged under an exclusive ``flock`` and replaced atomically (``os.replace``), and
+two writers of the same row write the same values. The directory is bounded: after a new
+file is created, the least recently used files are deleted until the total allocated size is
+at most ``MECHCNA_DISK_CACHE_BYTES`` (default 16 GiB).
+
+Location: ``MECHCNA_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/mechcna/blocks`` (default
+``~/.cache/mechcna/blocks``). ``MECHCNA_DISK_CACHE=0`` turns the disk cache off.
+"""
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mechcna._types import Bool, Float, Int, Tensor
+from mechcna.errors import MechcnaError
+
+DEFAULT_DISK_BYTES = 16 * 2**30
+
+
+def parse_bytes(text: str) -> int:
+    """``"4G"``, ``"512M"``, ``"1000000"`` -> bytes."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if mult > 1 else text) * mult)
+    except ValueError as err:
+        raise MechcnaError(f"not a byte size: {text!r} (use e.g. 4G, 512M)") from err
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """The largest error of rounding a value in ``[-1, 1]`` to ``dtype`` (round to nearest):
+    half the machine epsilon (subnormals have a smaller absolute error)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def default_disk_dir() -> Path | None:
+    """The default directory of the disk cache, or ``None`` when it is turned off."""
+    if os.environ.get("MECHCNA_DISK_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    env = os.environ.get("MECHCNA_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mechcna" / "blocks"
+
+
+def disk_limit() -> int:
+    env = os.environ.get("MECHCNA_DISK_CACHE_BYTES")
+    return parse_bytes(env) if env else DEFAULT_DISK_BYTES
+
+
+_NP = {torch.int16: np.int16, torch.float16: np.float16, torch.float32: np.float32,
+       torch.float64: np.float64}  # fmt: skip
+#: stored value per unit of ``U / radius`` for the rounded storage formats
+LEVELS = {torch.int16: 32767.0, torch.float16: 1.0}
+
+
+class RowStore:
+    """Computed rows of one layer's block (see the module docstring)."""
+
+    def __init__(
+        self,
+        n_rows: int,
+        d_vocab: int,
+        storage: torch.dtype,
+        dtype: torch.dtype,
+        path: Path | None = None,
+    ):
+        self.n_rows, self.d_vocab = n_rows, d_vocab
+        self.storage, self.dtype = storage, dtype
+        self.normalised = storage != dtype
+        self.levels = LEVELS[storage] if self.normalised else 1.0
+        self.path = path
+        self.known: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
+        self.radius: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=dtype)
+        self.centre: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=dtype)
+        self._U: Tensor | None = None
+        self._map: np.memmap | None = None
+        # exact rows (compute dtype, memory only) of neurons that needed the exact sum, kept
+        # when rows are stored rounded so that the next prompt need not recompute them
+        self._exact: Tensor | None = None
+        self.exact_known: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
+        if path is not None:
+            self._open_file()
+
+    # ------------------------------------------------------------------ storage
+    def _open_file(self) -> None:
+        assert self.path is not None
+        rows = self.path.with_suffix(".rows")
+        size = self.n_rows * self.d_vocab * self.storage.itemsize
+        fresh = not rows.exists()
+        if fresh or rows.stat().st_size != size:
+            with open(rows, "ab") as f:  # a sparse file: untouched rows take no disk
+                f.truncate(size)
+        self._map = np.memmap(rows, dtype=_NP[self.storage], mode="r+",
+                              shape=(self.n_rows, self.d_vocab))  # fmt: skip
+        self._U = torch.from_numpy(self._map)
+        self._load_meta()
+        if fresh:
+            prune(self.path.parent, keep=self.path)
+
+    def _tensor(self) -> Tensor:
+        if self._U is None:  # lazily allocated: pages are touched only for computed rows
+            self._U = torch.empty(self.n_rows, self.d_vocab, dtype=self.storage)
+        return self._U
+
+    @property
+    def memory_bytes(self) -> int:
+        """Anonymous memory held (0 for a file-backed store: its pages are page cache)."""
+        exact = int(self.exact_known.sum()) * self.d_vocab * self.dtype.itemsize
+        if self._map is not None:
+            return exact
+        return exact + int(self.known.sum()) * self.d_vocab * self.storage.itemsize
+
+    def release(self) -> None:
+        self._U, self._map, self._exact = None, None, None
+        self.known = torch.zeros_like(self.known)
+        self.exact_known = torch.zeros_like(self.exact_known)
+
+    def put_exact(self, idx: Int[Tensor, " n"], rows: Float[Tensor, "n d_vocab"]) -> None:
+        """Keep exact rows (only for a store whose rows are rounded)."""
+        if not self.normalised or len(idx) == 0:
+            return
+        if self._exact is None:
+            self._exact = torch.empty(self.n_rows, self.d_vocab, dtype=self.dtype)
+        self._exact[idx.cpu()] = rows.cpu()
+        self.exact_known[idx.cpu()] = True
+
+    def get_exact(self, idx: Int[Tensor, " n"]) -> Float[Tensor, "n d_vocab"]:
+        assert self._exact is not None
+        return self._exact[idx.cpu()]
+
+    # ------------------------------------------------------------------ rows
+    def eta(self, idx: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
+        """Per-entry bound on ``|stored row - exact row|`` for rows ``idx``."""
+        if not self.normalised:
+            return torch.zeros(len(idx), dtype=self.dtype)
+        if self.storage == torch.int16:
+            return self.radius[idx] * (0.51 / self.levels)
+        return self.radius[idx] * unit_roundoff(self.storage)
+
+    def step(self, idx: Int[Tensor, " n"] | slice) -> Float[Tensor, " n"]:
+        """Per-row factor from a stored value to the centred row (``radius / levels``)."""
+        if not self.normalised:
+            return torch.ones(len(self.radius[idx]), dtype=self.dtype)
+        return self.radius[idx] / self.levels
+
+    def fill(
+        self, idx: Int[Tensor, " n"], rows: Float[Tensor, "n d_vocab"], chunk: int = 64
+    ) -> None:
+        """Store exact rows ``rows`` (uncentred ``W @ M``) at indices ``idx``.
+
+        Works ``chunk`` rows at a time (a few MB, in cache) and writes a contiguous run of
+        indices as one slice. A file-backed store's rows go to a shared mapping, so any other
+        process sees them in the page cache before the metadata that marks them valid."""
+        if len(idx) == 0:
+            return
+        idx = idx.cpu()
+        lo, hi = torch.aminmax(rows, dim=-1)
+        centre, radius = (hi + lo) / 2, (hi - lo) / 2
+        target = self._tensor()
+        first = int(idx[0])
+        run = bool((idx == torch.arange(first, first + len(idx))).all())
+        div = radius.clamp_min(torch.finfo(self.dtype).tiny)[:, None] / self.levels
+        for i in range(0, len(idx), chunk):
+            U = rows[i : i + chunk] - centre[i : i + chunk, None]
+            if self.normalised:
+                U.div_(div[i : i + chunk]).clamp_(-self.levels, self.levels)
+            if self.storage == torch.int16:
+                U.round_()
+            if run:
+                target[first + i : first + i + len(U)].copy_(U)
+            else:
+                target[idx[i : i + chunk]] = U.to(self.storage).cpu()
+        self.radius[idx], self.centre[idx] = radius.cpu(), centre.cpu()
+        self.known[idx] = True
+        if self._map is not None:
+            self._save_meta()
+
+    def stored(self, idx: Int[Tensor, " n"] | slice) -> Tensor:
+        """Rows ``idx`` as stored (divided by their radius when rounded), in the storage dtype."""
+        return self._tensor()[idx if isinstance(idx, slice) else idx.cpu()]
+
+    def get(self, idx: Int[Tensor, " n"] | slice) -> Float[Tensor, "n d_vocab"]:
+        """Centred rows ``idx`` (all must be known) in the compute dtype."""
+        rows = self._tensor()[idx if isinstance(idx, slice) else idx.cpu()]
+        if not self.normalised:
+            return rows.to(self.dtype)
+        U = rows.to(self.dtype)
+        return U.mul_(self.step(idx)[:, None])
+
+    # ------------------------------------------------------------------ metadata on disk
+    def _meta(self) -> Path:
+        assert self.path is not None
+        return self.path.with_suffix(".meta.npz")
+
+    @contextlib.contextmanager
+    def _locked(self):
+        assert self.path is not None
+        with open(self.path.with_suffix(".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read_meta(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        try:
+            with np.load(self._meta()) as z:
+                known = torch.from_numpy(z["known"].copy())
+                radius = torch.from_numpy(z["radius"].copy()).to(self.dtype)
+                centre = torch.from_numpy(z["centre"].copy()).to(self.dtype)
+        except (OSError, KeyError, ValueError):
+            return None
+        if known.shape != self.known.shape:
+            return None
+        return known, radius, centre
+
+    def _load_meta(self) -> None:
+        with self._locked():
+            meta = self._read_meta()
+        if meta is not None:
+            self.known, self.radius, self.centre = meta
+            os.utime(self._meta())
+
+    def _save_meta(self) -> None:
+        with self._locked():
+            meta = self._read_meta()
+            if meta is not None:  # keep rows another writer added
+                known, radius, centre = meta
+                new = known & ~self.known
+                self.radius[new], self.centre[new] = radius[new], centre[new]
+                self.known |= known
+            fd, tmp = tempfile.mkstemp(dir=self._meta().parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, known=self.known.numpy(), radius=self.radius.double().numpy(),
+                         centre=self.centre.double().numpy())  # fmt: skip
+            os.replace(tmp, self._meta())
+
+
+def open_row_store(
+    key: str,
+    n_rows: int,
+    d_vocab: int,
+    storage: torch.dtype,
+    dtype: torch.dtype,
+    directory: Path | None,
+) -> RowStore:
+    """A :class:`RowStore`, file-backed under ``directory`` when one is given and usable."""
+    if directory is not None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            return RowStore(n_rows, d_vocab, storage, dtype, directory / key)
+        except OSError:
+            pass  # an unusable directory: fall back to memory
+    return RowStore(n_rows, d_vocab, storage, dtype)
+
+
+def prune(directory: Path, keep: Path | None = None, limit: int | None = None) -> None:
+    """Delete the least recently used row files until the directory is within ``limit``."""
+    limit = disk_limit() if limit is None else limit
+    entries = []
+    for meta in directory.glob("*.rows"):
+        try:
+            st = meta.stat()
+        except OSError:
+            continue
+        side = meta.with_suffix(".meta.npz")
+        used = side.stat().st_mtime if side.exists() else st.st_mtime
+        entries.append((used, st.st_blocks * 512, meta))
+    total = sum(e[1] for e in entries)
+    for _, size, rows in sorted(entries):
+        if total <= limit:
+            break
+        if keep is not None and rows.with_suffix("") == keep.with_suffix(""):
+            continue
+        for suffix in (".rows", ".meta.npz", ".lock"):
+            with contextlib.suppress(OSError):
+                rows.with_suffix(suffix).unlink()
+        total -= size

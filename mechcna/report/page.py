@@ -1,0 +1,381 @@
+"""One self-contained HTML page per run: sections, captioned figures and tables, provenance.
+
+A :class:`Report` collects prose, plotly figures and pandas tables in order, then
+:meth:`Report.write` puts into one folder
+
+* ``index.html``: every figure inline, plotly.js embedded once, no external URL (readable
+  offline, from a USB stick, years later);
+* one CSV per table (``table-01-<slug>.csv``, numbered in page order);
+* ``report.txt``: the same run as plain text (what the demo prints);
+* ``provenance.json``: model, weight processing, dequantisation, BOS policy, versions, date,
+  wall time.
+
+Every figure and table carries a caption saying what it shows and, where there is one, the
+paper table or figure it corresponds to (``paper_ref="ARITH Table 5"``).
+
+Example:
+    >>> import pandas as pd, plotly.graph_objects as go, tempfile
+    >>> report = Report("demo", Provenance(model="toy"))
+    >>> report.section("Accuracy", "Held-out accuracy per cell.")
+    >>> report.table(pd.DataFrame({"cell": ["+"], "accuracy": [1.0]}), "accuracy per cell",
+    ...              paper_ref="ARITH Table 1")
+    >>> report.figure(go.Figure(go.Bar(x=[0, 1], y=[1, 2])), "a bar chart")
+    >>> path = report.write(tempfile.mkdtemp())
+    >>> sorted(p.name for p in path.parent.iterdir())  # doctest: +NORMALIZE_WHITESPACE
+    ['index.html', 'provenance.json', 'report.txt', 'table-01-accuracy-per-cell.csv']
+"""
+
+import datetime as _dt
+import html
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
+
+from mechcna.errors import MechcnaError
+
+_VERSION_PACKAGES = ("mechcna", "torch", "transformer-lens", "transformers", "plotly")
+
+
+class OutputPathError(MechcnaError):
+    """An output folder cannot be created or written."""
+
+
+def check_out_dir(path: str | Path) -> Path:
+    """Create ``path`` (and parents) if needed and check that it is a writable folder.
+
+    Call it before any computation so a bad ``--out`` fails in milliseconds, not after minutes.
+
+    Raises:
+        OutputPathError: ``path`` is a file, or cannot be created or written.
+    """
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"output path {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"cannot create output folder {out}: {err.strerror}") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputPathError(f"output folder {out} is not writable")
+    return out
+
+
+def package_versions() -> dict[str, str]:
+    """Python and the versions of the packages a result depends on."""
+    versions = {"python": platform.python_version()}
+    for name in _VERSION_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a run used, shown at the top of the page and saved as ``provenance.json``.
+
+    Attributes:
+        model: the model's name (``cfg.model_name`` or what was passed to ``load_model``).
+        weight_processing: the TransformerLens weight processing applied, in words.
+        dequantisation: how quantised weights were expanded (``"none"`` for float weights).
+        bos: the BOS policy (``"prepended"`` / ``"not prepended"``).
+        versions: package versions (see :func:`package_versions`).
+        date: UTC time the run started (ISO 8601).
+        wall_time_s: seconds the run took; filled in by :meth:`Report.write` if ``None``.
+        extra: anything else worth recording (seed, number of cases, command line).
+    """
+
+    model: str
+    weight_processing: str = "none"
+    dequantisation: str = "none"
+    bos: str = "unknown"
+    versions: dict[str, str] = field(default_factory=package_versions)
+    date: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
+    wall_time_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_model(cls, model: Any, **extra: Any) -> "Provenance":
+        """Read name, weight processing, dequantisation and BOS policy off a loaded model.
+
+        ``model`` is a :class:`~transformer_lens.HookedTransformer` loaded by
+        :func:`mechcna.load_model`; ``extra`` goes to :attr:`extra`.
+        """
+        from mechcna.models.loading import get_provenance
+        from mechcna.models.processing import get_processing
+
+        processing = get_processing(model)
+        if processing is None:
+            words = "unknown (not loaded by mechcna.load_model)"
+        else:
+            done = [k for k, v in asdict(processing).items() if v]
+            words = ", ".join(done) if done else "none (raw weights, as the papers)"
+        source = get_provenance(model)
+        bos = "prepended" if model.cfg.default_prepend_bos else "not prepended"
+        dequant = "none (float weights)"
+        if source is not None:
+            bos += f" (policy: {source.bos_policy})"
+            if source.quantization is not None:
+                dequant = f"dequantised from {source.quantization} ({source.format})"
+            extra = {"source": source.describe(), **extra}
+        return cls(
+            model=str(model.cfg.model_name),
+            weight_processing=words,
+            dequantisation=str(dequant),
+            bos=bos,
+            extra=extra,
+        )
+
+    def rows(self) -> list[tuple[str, str]]:
+        """``(field, value)`` pairs in display order."""
+        wall = "-" if self.wall_time_s is None else f"{self.wall_time_s:.1f} s"
+        rows = [
+            ("model", self.model),
+            ("weight processing", self.weight_processing),
+            ("dequantisation", self.dequantisation),
+            ("BOS", self.bos),
+            ("date (UTC)", self.date),
+            ("wall time", wall),
+            ("versions", ", ".join(f"{k} {v}" for k, v in self.versions.items())),
+        ]
+        return rows + [(str(k), str(v)) for k, v in self.extra.items()]
+
+
+@dataclass(frozen=True)
+class _Block:
+    kind: str  # "section", "text", "figure", "table", "pre"
+    payload: Any
+    caption: str = ""
+    paper_ref: str | None = None
+    name: str = ""
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "table"
+
+
+class Report:
+    """Builds one self-contained HTML page; blocks appear in the order they are added.
+
+    Args:
+        title: the page title (``<h1>``).
+        provenance: what the run used; a model name is enough (``Provenance(model=...)``).
+        intro: a paragraph under the title.
+    """
+
+    def __init__(self, title: str, provenance: Provenance | None = None, intro: str = "") -> None:
+        self.title = title
+        self.provenance = provenance
+        self._blocks: list[_Block] = []
+        self._start = time.perf_counter()
+        if intro:
+            self.text(intro)
+
+    # ----------------------------------------------------------------------------- building
+    def section(self, title: str, text: str = "") -> None:
+        """Start a new section (``<h2>``), optionally with a first paragraph."""
+        self._blocks.append(_Block("section", title))
+        if text:
+            self.text(text)
+
+    def text(self, text: str) -> None:
+        """A paragraph of prose (plain text; blank lines separate paragraphs)."""
+        self._blocks.append(_Block("text", text))
+
+    def preformatted(self, text: str, caption: str = "") -> None:
+        """Fixed-width text (a printed table, a log), kept as is."""
+        self._blocks.append(_Block("pre", text, caption))
+
+    def figure(
+        self, fig: go.Figure, caption: str, paper_ref: str | None = None, name: str = ""
+    ) -> None:
+        """A plotly figure, inline, with a caption naming what it shows and its paper source."""
+        if not isinstance(fig, go.Figure):
+            raise MechcnaError(f"Report.figure takes a plotly Figure, not {type(fig).__name__}")
+        self._blocks.append(_Block("figure", fig, caption, paper_ref, name))
+
+    def table(
+        self,
+        frame: pd.DataFrame,
+        caption: str,
+        paper_ref: str | None = None,
+        name: str = "",
+        index: bool = False,
+    ) -> None:
+        """A pandas table: shown on the page and saved as its own CSV.
+
+        Args:
+            frame: the table.
+            caption: what it shows.
+            paper_ref: the paper table it corresponds to (``"ARITH Table 5"``).
+            name: the CSV's name stem (default: from the caption).
+            index: keep the frame's index as columns (for tables indexed by setting).
+        """
+        if not isinstance(frame, pd.DataFrame):
+            raise MechcnaError(f"Report.table takes a DataFrame, not {type(frame).__name__}")
+        frame = frame.reset_index() if index else frame
+        self._blocks.append(_Block("table", frame, caption, paper_ref, name or _slug(caption)))
+
+    # ----------------------------------------------------------------------------- reading
+    @property
+    def figures(self) -> list[go.Figure]:
+        return [b.payload for b in self._blocks if b.kind == "figure"]
+
+    @property
+    def tables(self) -> list[pd.DataFrame]:
+        return [b.payload for b in self._blocks if b.kind == "table"]
+
+    def finished_provenance(self) -> Provenance | None:
+        """The provenance with the wall time filled in (seconds since the report began)."""
+        prov = self.provenance
+        if prov is not None and prov.wall_time_s is None:
+            prov = replace(prov, wall_time_s=time.perf_counter() - self._start)
+        return prov
+
+    def to_text(self) -> str:
+        """The run as plain text: headings, prose, tables and captions (no figures)."""
+        out = [f"# {self.title}"]
+        for block in self._blocks:
+            if block.kind == "section":
+                out.append(f"\n== {block.payload}")
+            elif block.kind == "text":
+                out.append(str(block.payload))
+            elif block.kind == "pre":
+                out.append(str(block.payload).rstrip("\n"))
+            elif block.kind == "table":
+                out.append(f"{_label(block)}:")
+                out.append(block.payload.to_string(index=False))
+        return "\n".join(out) + "\n"
+
+    # ----------------------------------------------------------------------------- writing
+    def to_html(self) -> str:
+        """The whole page as one string (plotly.js inlined once)."""
+        prov = self.finished_provenance()
+        body: list[str] = [f"<h1>{_esc(self.title)}</h1>"]
+        if prov is not None:
+            rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in prov.rows())
+            body.append(f'<table class="provenance"><caption>Provenance</caption>{rows}</table>')
+        n_fig = n_tab = 0
+        for block in self._blocks:
+            if block.kind == "section":
+                body.append(f"<h2>{_esc(block.payload)}</h2>")
+            elif block.kind == "text":
+                paras = [p for p in str(block.payload).split("\n\n") if p.strip()]
+                body.extend(f"<p>{_esc(p)}</p>" for p in paras)
+            elif block.kind == "pre":
+                cap = f"<figcaption>{_esc(block.caption)}</figcaption>" if block.caption else ""
+                body.append(f"<figure><pre>{_esc(block.payload)}</pre>{cap}</figure>")
+            elif block.kind == "figure":
+                n_fig += 1
+                body.append(_figure_html(block, n_fig))
+            elif block.kind == "table":
+                n_tab += 1
+                table = block.payload.to_html(index=False, border=0, float_format=_fmt)
+                body.append(
+                    f'<figure class="table">{_caption(block, f"Table {n_tab}")}{table}</figure>'
+                )
+        return _PAGE.format(
+            title=_esc(self.title), css=_CSS, plotlyjs=get_plotlyjs(), body="\n".join(body)
+        )
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write ``index.html``, one CSV per table, ``report.txt`` and ``provenance.json``.
+
+        Returns:
+            the path of ``index.html``.
+        """
+        out = check_out_dir(out_dir)
+        prov = self.finished_provenance()
+        n_tab = 0
+        for block in self._blocks:
+            if block.kind == "table":
+                n_tab += 1
+                block.payload.to_csv(out / f"table-{n_tab:02d}-{block.name}.csv", index=False)
+        (out / "report.txt").write_text(self.to_text(), encoding="utf-8")
+        if prov is not None:
+            (out / "provenance.json").write_text(
+                json.dumps(asdict(prov), indent=2, default=str) + "\n", encoding="utf-8"
+            )
+        page = out / "index.html"
+        page.write_text(self.to_html(), encoding="utf-8")
+        return page
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(x: Any) -> str:  # numpy floats too
+    return f"{x:.4g}"
+
+
+def _label(block: _Block) -> str:
+    ref = f" [paper: {block.paper_ref}]" if block.paper_ref else ""
+    return f"{block.caption}{ref}"
+
+
+def _caption(block: _Block, number: str) -> str:
+    ref = f' <span class="paper">Paper: {_esc(block.paper_ref)}.</span>' if block.paper_ref else ""
+    return f"<figcaption><b>{number}.</b> {_esc(block.caption)}{ref}</figcaption>"
+
+
+def _figure_html(block: _Block, number: int) -> str:
+    """A div and the script that draws the figure into it; JSON made safe inside <script>."""
+    div = f"figure-{number}"
+    spec = str(pio.to_json(block.payload, validate=True, remove_uids=True))
+    spec = spec.replace("</", "<\\/").replace("<!--", "<\\!--")
+    script = (
+        f"(function(){{var f={spec};"
+        f'Plotly.newPlot("{div}",f.data,f.layout||{{}},'
+        f"{{responsive:true,displaylogo:false}});}})();"
+    )
+    caption = _caption(block, f"Figure {number}")
+    return (
+        f'<figure class="plot"><div id="{div}" class="plotly-figure"></div>'
+        f"<script>{script}</script>{caption}</figure>"
+    )
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #444;padding-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #bbb}
+figure{margin:1.2em 0}figcaption{font-size:.92em;color:#333;margin:.4em 0}
+.paper{color:#7a3b00;font-style:italic}
+table{border-collapse:collapse;font-size:.9em;margin:.4em 0}
+th,td{border:1px solid #ccc;padding:.2em .6em;text-align:right}
+th{background:#f2f2f2}table.provenance th,table.provenance td{text-align:left}
+table.provenance caption{text-align:left;font-weight:bold;padding:.3em 0}
+pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.85em}
+.plotly-figure{width:100%;min-height:420px}
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>{css}</style>
+<script>{plotlyjs}</script>
+</head>
+<body>
+{body}
+</body>
+</html>
+"""
