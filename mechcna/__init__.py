@@ -77,15 +77,8 @@ from mechcna.interventions.edits import (
 from mechcna.models.architecture import Architecture
 from mechcna.models.check import CheckReport, check_model
 from mechcna.models.hooks import hook_name
-from mechcna.models.loading import (
-    NO_PROCESSING,
-    ModelProvenance,
-    WeightProcessing,
-    get_processing,
-    get_provenance,
-    load_model,
-    save_checkpoint,
-)
+from mechcna.models.loading import ModelProvenance, get_provenance, load_model, save_checkpoint
+from mechcna.models.processing import NO_PROCESSING, WeightProcessing, get_processing
 from mechcna.models.tokenizer import load_tokenizer, word_level_tokenizer
 from mechcna.tasks.arithmetic import ArithmeticCase, ArithmeticDataset, arithmetic_dataset
 from mechcna.tasks.knowledge import KnowledgeDataset, filter_knowledge, knowledge_prompts

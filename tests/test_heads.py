@@ -378,7 +378,7 @@ def test_shared_prefixes_equal_reference(kind, monkeypatch):
 
 
 def test_prefix_plan_minimises_positions():
-    from mechcna.analyses.heads import _prefix_plan
+    from mechcna.analyses.head_passes import _prefix_plan
 
     # four rows share 6 tokens, then differ; the scored positions are the last ones
     tokens = torch.tensor([[1, 2, 3, 4, 5, 6, a, b] for a, b in [(7, 8), (7, 9), (8, 8), (9, 9)]])

@@ -17,11 +17,10 @@ from mechcna.engine.blocks import (
     ffn_block,
     layer_rows,
     make_projector,
-    parse_bytes,
 )
 from mechcna.engine.expansion import EngineStats, increase_from_rows
 from mechcna.engine.projection import linear_part
-from mechcna.engine.rows import RowStore, prune
+from mechcna.engine.rows import RowStore, parse_bytes, prune
 from mechcna.errors import MechcnaError
 from mechcna.models.architecture import Architecture
 from mechcna.models.fingerprint import tensor_hash

