@@ -47,13 +47,6 @@ def _args(p: argparse.ArgumentParser) -> None:
     )
 
 
-@command(
-    "reproduce",
-    "both papers' tables and claims, the papers' numbers beside ours, with verdicts",
-    "mechcna reproduce --model smollm2-135m --paper arithmetic --quick --out runs/reproduce",
-    _args,
-    out_default="runs/reproduce",
-)
 def _settings(args: argparse.Namespace) -> "ReproduceSettings":
     from mechcna.reproduce import ReproduceSettings
 
@@ -64,6 +57,13 @@ def _settings(args: argparse.Namespace) -> "ReproduceSettings":
     return s
 
 
+@command(
+    "reproduce",
+    "both papers' tables and claims, the papers' numbers beside ours, with verdicts",
+    "mechcna reproduce --model smollm2-135m --paper arithmetic --quick --out runs/reproduce",
+    _args,
+    out_default="runs/reproduce",
+)
 def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.reproduce import expected_times, reproduce
     from mechcna.reproduce.page import build_report, write_markdown

@@ -243,11 +243,8 @@ def method_stage(model: Model, data: KnowledgeDataset, settings: ReproduceSettin
         # (run after this one) then reads the FFN rows instead of recomputing them.
         scores = comparison_scores(model, data.prompts, data.answers)
         per_prompt = method_effects(model, data, settings.method_k, scores)
-        table = (
-            per_prompt.groupby("method", sort=False)[["mrr", "prob", "log_prob"]]
-            .mean()
-            .reset_index()
-        )
+        means = per_prompt.groupby("method", sort=False)[["mrr", "prob", "log_prob"]].mean()
+        table = pd.DataFrame(means).reset_index()
         for label, numbers in paper.METHOD_TABLE.items():
             table[f"{label} mrr"] = [numbers[m][0] for m in table["method"]]
             table[f"{label} prob %"] = [numbers[m][1] for m in table["method"]]
