@@ -262,3 +262,16 @@ def test_presets_and_expected_times(shipped):
     assert big > times["expected seconds"].iloc[-1]
     with pytest.raises(mechcna.MechcnaError, match="preset"):
         ReproduceSettings.named("huge")
+
+
+def test_table7_neuron_rows(shipped):
+    """Table 7's neuron rows: not interpretable directly (at most one concept), their count
+    through the best reader equal to the search's."""
+    s = ReproduceSettings.quick()
+    search = arith._search(shipped, 2, s)[0]
+    rows = arith.hidden_neuron_rows(shipped, search)
+    assert len(rows) > 0 and (rows["concepts direct"] <= 1).all()
+    for _, r in rows.iterrows():
+        l, j = map(int, r["neuron"].split("_"))
+        assert r["concepts through attention"] == int(search.counts[l, j])
+        assert r["attention layer"] == int(search.best_layer[l, j])

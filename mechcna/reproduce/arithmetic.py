@@ -29,6 +29,7 @@ from mechcna.evaluation import evaluate_accuracy
 from mechcna.head_results import HeadSweep
 from mechcna.heads import head_sweep
 from mechcna.interventions import HeadAblation, Intervention
+from mechcna.projection import top_tokens
 from mechcna.prompts import prepare_prompts
 from mechcna.reproduce import claim_tests as ct
 from mechcna.reproduce import paper, stats
@@ -557,6 +558,42 @@ def zero_shot_table(
     return table, search, per_case
 
 
+def hidden_neuron_rows(model: Model, search: ZeroShotSearch, k: int = 5) -> pd.DataFrame:
+    """Table 7's neuron rows: the searched shallow neurons with the most concepts after their
+    best attention layer whose direct projection (no attention) is not interpretable (at most
+    one concept among its top-10 tokens), with both token lists."""
+    concept_ids = set(search.concept_ids)
+    ranked = search.top_neurons(max(50, k))
+    rows = []
+    for _, r in ranked.iterrows():
+        l, j, reader = int(r["layer"]), int(r["neuron"]), int(r["best_attention_layer"])
+        if reader < 0:
+            continue
+        direct = top_tokens(model, (l, j), 10).top
+        n_direct = sum(model.to_single_token(t) in concept_ids for t, _ in direct)
+        if n_direct > 1:
+            continue
+        comp = transform_through_attention(model, (l, j), path=[(reader, None, None)]).tokens(10)
+        moved = comp.tokens[1].top
+        rows.append({
+            "neuron": f"{l}_{j}", "attention layer": reader,
+            "concepts direct": n_direct,
+            "concepts through attention": sum(
+                model.to_single_token(t) in concept_ids for t, _ in moved),
+            "direct top-10": ", ".join(t for t, _ in direct),
+            "through attention top-10": ", ".join(t for t, _ in moved),
+        })  # fmt: skip
+        if len(rows) == k:
+            break
+    table = pd.DataFrame(rows)
+    if len(table):
+        table[f"{paper.LLAMA} (Table 7 neuron rows)"] = [
+            "shallow neurons uninterpretable directly, number concepts through layer 15" if i == 0
+            else "" for i in range(len(table))
+        ]  # fmt: skip
+    return table
+
+
 def shallow_stage(
     model: Model,
     cases: ArithmeticDataset,
@@ -574,6 +611,7 @@ def shallow_stage(
         if layer > 0 and len(cases):
             t8, search, per_case = zero_shot_table(model, cases, layer, settings)
             st.tables["table8"] = t8
+            st.tables["table7_neurons"] = hidden_neuron_rows(model, search)
             st.figures["zero_shot"] = search.plot()
             st.data["zero_shot"] = per_case
             pool = len(search.neuron_layers) * int(model.cfg.d_mlp or 0)

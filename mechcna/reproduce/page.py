@@ -37,7 +37,8 @@ PAPER_REFS: dict[tuple[str, str], str] = {
     ("cna", "table4"): "ARITH Table 4",
     ("cna", "table5"): "ARITH Table 5",
     ("cna", "table6"): "ARITH Table 6",
-    ("shallow", "table7"): "ARITH Table 7",
+    ("shallow", "table7"): "ARITH Table 7 (operand rows)",
+    ("shallow", "table7_neurons"): "ARITH Table 7 (neuron rows)",
     ("shallow", "table8"): "ARITH Table 8",
 }
 
