@@ -74,7 +74,7 @@ def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     settings = _settings(args)
     sys.stderr.write(
         "expected stage times (s, rough, 2-core CPU):\n"
-        + expected_times(model, settings, args.paper).round(0).to_string(index=False)
+        + expected_times(model, settings, args.paper).round(1).to_string(index=False)
         + "\n"
     )
     resume = args.out if (args.resume or settings.preset == "paper") and args.out else None

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         settings = replace(settings, knowledge_top_k=args.filter_top_k)
     sys.stdout.write(
         "expected stage times (s, rough, 2-core CPU):\n"
-        + expected_times(model, settings, args.paper).round(0).to_string(index=False)
+        + expected_times(model, settings, args.paper).round(1).to_string(index=False)
         + "\n"
     )
     resume = out if args.resume or settings.preset == "paper" else None

@@ -45,7 +45,9 @@ def _params(model: Model) -> float:
 def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both") -> pd.DataFrame:
     """A rough wall time (seconds) per stage on a 2-core CPU for ``model`` and ``settings``
     (sizes that depend on the model's answers, e.g. filter survivors, are guessed: 40% of
-    the written prompts survive, the top head is at 60% depth, 80% of CNA cases are right)."""
+    the written prompts survive, the top head is at 60% depth, 80% of CNA cases are right).
+    Meant for models of SmolLM2's size and up: on tiny models Python overhead dominates and the
+    estimate is far too low."""
     from mechcna.tasks.arithmetic import arithmetic_dataset
     from mechcna.tasks.knowledge import knowledge_prompts
 
