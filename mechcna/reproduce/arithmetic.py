@@ -565,8 +565,9 @@ def hidden_neuron_rows(model: Model, search: ZeroShotSearch, k: int = 5) -> pd.D
     concept_ids = set(search.concept_ids)
     ranked = search.top_neurons(max(50, k))
     rows = []
-    for _, r in ranked.iterrows():
-        l, j, reader = int(r["layer"]), int(r["neuron"]), int(r["best_attention_layer"])
+    cols = zip(ranked["layer"].tolist(), ranked["neuron"].tolist(),
+               ranked["best_attention_layer"].tolist(), strict=True)  # fmt: skip
+    for l, j, reader in cols:
         if reader < 0:
             continue
         direct = top_tokens(model, (l, j), 10).top
