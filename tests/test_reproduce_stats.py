@@ -275,3 +275,20 @@ def test_table7_neuron_rows(shipped):
         l, j = map(int, r["neuron"].split("_"))
         assert r["concepts through attention"] == int(search.counts[l, j])
         assert r["attention layer"] == int(search.best_layer[l, j])
+
+
+def test_operand_claim_is_tested_after_attention_without_the_operand():
+    """Fault 3: with tied embeddings the old 'after > before' test could never pass (the
+    operand's own top tokens are 10 of 10 numerals); the claim tests the count after the
+    reader, without the operand's own token, so a reader that yields number words holds."""
+    from mechcna.reproduce.core import StageBuilder
+
+    s = ReproduceSettings.quick()
+    tied = {0: {d: (9, 3) for d in "0123456789"}, 1: {d: (9, 0) for d in "0123456789"}}
+    st = StageBuilder("shallow", "t", "arithmetic")
+    arith._operand_claim(st, 2, tied, s)  # reader: two layers below the head = layer 0
+    assert st.claims[0].test is not None and st.claims[0].verdict == "holds"
+    assert all(a <= b for c in tied.values() for b, a in c.values())  # old test: fails
+    st = StageBuilder("shallow", "t", "arithmetic")
+    arith._operand_claim(st, 3, tied, s)  # reader layer 1: nothing after
+    assert st.claims[0].verdict == "does not hold"
