@@ -249,11 +249,12 @@ def test_quick_run_reports_every_k_and_the_papers_filter(shipped, tmp_path):
 
 def test_presets_and_expected_times(shipped):
     quick, standard, paper = (ReproduceSettings.named(n) for n in ("quick", "standard", "paper"))
-    assert standard.sweep_cases is None and standard.cna_cases is None
+    assert standard.sweep_cases is not None and standard.sweep_cases >= 400
+    assert standard.cna_cases is None
     assert standard.cna_split == "all" and standard.zero_shot_readers is None
     data = mechcna.arithmetic_dataset(standard.operations, standard.digits, standard.templates,
                                       standard.n_pairs, split="heldout")  # fmt: skip
-    assert len(data) >= 400  # the sweep is split into two halves of at least 200
+    assert len(data) >= standard.sweep_cases  # two halves of at least 200 cases
     assert paper.max_prompts is None and 3 in paper.digits
     times = expected_times(shipped, quick)
     assert times["stage"].tolist()[-1] == "total" and len(times) == 11

@@ -408,16 +408,17 @@ class ReproduceSettings:
 
     @classmethod
     def standard(cls) -> "ReproduceSettings":
-        """Sized by power, at most about an hour of stage time for SmolLM2-135M on 2 cores:
-        every knowledge prompt run through the paper's filter (gold answer in the top 10), 40
-        of the survivors for the neuron-level stages and 24 for the method comparison, all 428
-        held-out zero-shot arithmetic cases (+, -, *, /; 1 and 2 digits; 100 pairs per cell
-        where the split has them) in the head sweep, split into a selection and an evaluation
-        half, every correct 1-digit + and - case for CNA, and the shallow
-        neurons read through every attention layer up to the head's."""
+        """Sized by power, at most about an hour of stage time for SmolLM2-135M on 2 cores (by
+        :func:`mechcna.reproduce.plan.expected_times`): every written knowledge prompt through
+        the paper's filter (gold answer in the top 10), 40 of the survivors for the
+        neuron-level stages and 24 for the method comparison, 420 zero-shot held-out
+        arithmetic cases (+, -, *, /; 1 and 2 digits; drawn at random from up to 100 pairs per
+        cell) in the head sweep, split into a selection and an evaluation half, every correct
+        1-digit + and - case (all pairs) for CNA, and the shallow neurons read through every
+        attention layer up to the head's."""
         return cls(
             prompts_per_type=None, max_prompts=40, method_prompts=24, n_pairs=100,
-            prompt_form="zero-shot", sweep_cases=None, cna_cases=None, cna_split="all",
+            prompt_form="zero-shot", sweep_cases=420, cna_cases=None, cna_split="all",
             zero_shot_readers=None, preset="standard",
         )  # fmt: skip
 
