@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -157,6 +158,30 @@ def test_attribution_llama_float64(cluster, llama, llama_path, name, options):
         )
     if name == "neuron_importance":  # attention neurons are also scored at padding
         assert got.stats.scored == want.stats.scored
+
+
+# ---------------------------------------------------------------------------- command line
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("head-sweep", ["--operations", "+", "--digits", "1", "--pairs", "3"]),
+        ("attribute", ["--prompt", "3+5=", "--prompt", "12+7=", "--level", "all"]),
+    ],
+)
+def test_cli_on_ray_writes_the_single_process_tables(cluster, tmp_path, name, args):
+    from mechcna.cli import main
+
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert main([name, *args, "--quiet", "--out", str(local)]) == 0
+    assert main([name, *args, "--ray", "--workers", "2", "--quiet", "--out", str(remote)]) == 0
+    tables = sorted(p.name for p in local.glob("table-*.csv"))
+    assert tables and tables == sorted(p.name for p in remote.glob("table-*.csv"))
+    for t in tables:  # float32, prompts batched differently: the same rows, scores to 1e-4
+        a, b = pd.read_csv(local / t), pd.read_csv(remote / t)
+        assert list(a.columns) == list(b.columns) and a.shape == b.shape, t
+        numeric = [c for c in a.columns if a[c].dtype.kind == "f"]
+        pd.testing.assert_frame_equal(a.drop(columns=numeric), b.drop(columns=numeric))
+        pd.testing.assert_frame_equal(a[numeric], b[numeric], rtol=0, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- failures
