@@ -38,6 +38,7 @@ Example:
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields, replace
 from typing import Any, Literal
@@ -56,6 +57,11 @@ ModelSource = Any  # a name or path (str or os.PathLike); checked by _check_sour
 # ------------------------------------------------------------------------------- the cluster
 _REMOTE: dict[str, Any] = {}
 _MODELS: dict[str, Any] = {}  # worker side: replicas by (source, load arguments)
+#: Timings of the latest :func:`run_shards` call in this process: ``tasks``, ``wall_s`` (first
+#: submission to last result), ``task_s`` (the shards' own run time on the workers, model
+#: loading excluded, summed), ``workers``. For benchmarks: ``wall_s * workers - task_s`` is
+#: what scheduling, transfers and loading cost.
+LAST_RUN: dict[str, float] = {}
 
 
 def _ray() -> Any:
@@ -120,7 +126,10 @@ def _run_shard(
     """A task: ``fn(model, **kwargs)`` on this worker's replica, with ``threads`` torch
     threads."""
     torch.set_num_threads(threads)
-    return fn(worker_model(source, load), **kwargs)
+    model = worker_model(source, load)
+    start = time.perf_counter()
+    out = fn(model, **kwargs)
+    return out, time.perf_counter() - start
 
 
 def _remote(ray: Any) -> Any:
@@ -186,6 +195,7 @@ def run_shards(
     pending: dict[Any, int] = {}
     queue = list(range(len(shards)))
     bar = tqdm(total=sum(weights), desc=desc, disable=not progress)
+    start, task_s = time.perf_counter(), 0.0
     try:
         while queue or pending:
             while queue and len(pending) < workers:
@@ -195,12 +205,16 @@ def run_shards(
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 i = pending.pop(ref)
-                results[i] = ray.get(ref)
+                results[i], seconds = ray.get(ref)
+                task_s += seconds
                 bar.update(weights[i])
     finally:
         bar.close()
         for ref in pending:
             ray.cancel(ref, force=True)
+    LAST_RUN.clear()
+    LAST_RUN.update(tasks=len(shards), wall_s=time.perf_counter() - start, task_s=task_s,
+                    workers=min(workers, len(shards)))  # fmt: skip
     return results
 
 
@@ -609,6 +623,7 @@ layer_importance = _make("layer_importance")
 head_importance = _make("head_importance")
 
 __all__ = [
+    "LAST_RUN",
     "attention_neuron_importance",
     "connect",
     "head_importance",
