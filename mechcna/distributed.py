@@ -9,7 +9,8 @@ only when used):
   :func:`mechcna.head_sweep` on the worker, and the shards' per-head per-case results are
   concatenated back into one :class:`~mechcna.HeadSweep`.
 * :func:`neuron_importance`, :func:`attention_neuron_importance`, :func:`layer_importance`,
-  :func:`head_importance`: sharded by prompts and concatenated along the prompt axis.
+  :func:`head_importance`, the method comparison (:func:`comparison_scores`) and dataset CNA
+  (:func:`compare_neurons`): sharded by prompts and concatenated along the prompt axis.
 
 Each worker holds its own model replica, loaded **on the worker** by name or path with
 :func:`mechcna.load_model` (``load=`` gives its keyword arguments: ``dtype``, ``device``,
@@ -536,6 +537,7 @@ def head_sweep(
 # ------------------------------------------------------------------------------ attribution
 def _attribute(
     name: str,
+    fn: Callable[..., Any],
     model: ModelSource,
     prompts: Any,
     targets: Any,
@@ -570,7 +572,7 @@ def _attribute(
         for g in groups
     ]
     parts = run_shards(
-        source, getattr(mechcna, name), jobs, load=load, weights=[len(g) for g in groups],
+        source, fn, jobs, load=load, weights=[len(g) for g in groups],
         workers=workers, address=address, threads=threads, gpus=gpus, max_retries=max_retries,
         progress=progress, desc=f"{name} (prompts)",
     )  # fmt: skip
@@ -588,7 +590,9 @@ _RUN_DOC = """
     """
 
 
-def _make(name: str) -> Callable[..., Any]:
+def _make(name: str, fn: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    task: Callable[..., Any] = fn if fn is not None else getattr(mechcna, name)
+
     def run(
         model: ModelSource,
         prompts: Any,
@@ -607,7 +611,7 @@ def _make(name: str) -> Callable[..., Any]:
         if "cache" in options:
             raise MechcnaError("a BlockCache stays in its process: each worker keeps its own")
         return _attribute(
-            name, model, prompts, targets, shards=shards, load=load, workers=workers,
+            name, task, model, prompts, targets, shards=shards, load=load, workers=workers,
             address=address, threads=threads, gpus=gpus, max_retries=max_retries,
             progress=progress, options=options,
         )  # fmt: skip
@@ -617,6 +621,58 @@ def _make(name: str) -> Callable[..., Any]:
     return run
 
 
+def _compare_shard(
+    model: Any,
+    prompts: Any,
+    targets: Any = None,
+    *,
+    other: Any,
+    other_load: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> Any:
+    """Worker side of :func:`compare_neurons`: ``other`` is interventions, or the name or path
+    of the second model, loaded here like the first."""
+    from mechcna.comparative import compare_neurons as cna
+
+    if isinstance(other, (str, os.PathLike)):
+        other = worker_model(other, other_load)
+    return cna(model, prompts, other, targets, **options)
+
+
+def _comparison(model: Any, prompts: Any, targets: Any = None, **options: Any) -> Any:
+    from mechcna.methods import comparison_scores
+
+    return comparison_scores(model, prompts, targets, **options)
+
+
+def compare_neurons(
+    model: ModelSource,
+    prompts: Any,
+    other: Any,
+    targets: Any = None,
+    *,
+    other_load: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Dataset CNA (:func:`mechcna.comparative.compare_neurons`) on a Ray cluster.
+
+    ``other`` is an intervention or a list of them (e.g. a :class:`~mechcna.HeadAblation`),
+    or the name or path of a second model of the same architecture, loaded on each worker with
+    ``other_load`` (default: ``load``). The other keyword arguments are those of the
+    attribution functions of this module (``shards``, ``load``, ``workers``, ...) and of
+    ``compare_neurons``. Returns the merged :class:`~mechcna.comparative.NeuronComparison`.
+    """
+    if other is not None and not isinstance(other, (str, os.PathLike)) and hasattr(other, "cfg"):
+        _check_source(other)  # a model object: refused with the message for models
+    load = kwargs.get("load")
+    return _compare_run(
+        model, prompts, targets, other=other, other_load=other_load or load, **kwargs
+    )
+
+
+_compare_run = _make("compare_neurons", _compare_shard)
+#: Distributed :func:`mechcna.methods.comparison_scores` (the eight-method comparison).
+comparison_scores = _make("comparison_scores", _comparison)
 neuron_importance = _make("neuron_importance")
 attention_neuron_importance = _make("attention_neuron_importance")
 layer_importance = _make("layer_importance")
@@ -625,6 +681,8 @@ head_importance = _make("head_importance")
 __all__ = [
     "LAST_RUN",
     "attention_neuron_importance",
+    "compare_neurons",
+    "comparison_scores",
     "connect",
     "head_importance",
     "head_sweep",

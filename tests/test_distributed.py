@@ -160,6 +160,37 @@ def test_attribution_llama_float64(cluster, llama, llama_path, name, options):
         assert got.stats.scored == want.stats.scored
 
 
+def test_comparison_scores_llama_float64(cluster, llama, llama_path):
+    from mechcna.methods import comparison_scores
+
+    prompts = [*PROMPTS, "7-4="]
+    want = comparison_scores(llama, prompts)
+    got = distributed.comparison_scores(llama_path, prompts, load=F64, shards=2, progress=False)
+    assert got.methods == want.methods
+    assert_same_scores(got, want, atol=1e-10)
+
+
+def test_dataset_cna_with_an_intervention_and_with_a_second_model(cluster, llama, llama_path,
+                                                                  tmp_path):  # fmt: skip
+    from mechcna.comparative import compare_neurons
+
+    prompts = [*PROMPTS, "7-4="]
+    ablation = mechcna.HeadAblation([(0, 1), (1, 2)])
+    want = compare_neurons(llama, prompts, ablation)
+    got = distributed.compare_neurons(llama_path, prompts, ablation, load=F64, shards=3,
+                                      progress=False)  # fmt: skip
+    assert_same_scores(got, want, atol=1e-12)
+    assert got.layers_from == want.layers_from and got.stats.scored == want.stats.scored
+    other = build("llama", dtype=torch.float64, seed=5)
+    other_path = str(mechcna.save_checkpoint(other, tmp_path / "other"))
+    want = compare_neurons(llama, prompts, mechcna.load_model(other_path, **F64))
+    got = distributed.compare_neurons(llama_path, prompts, other_path, load=F64, shards=2,
+                                      progress=False)  # fmt: skip
+    assert_same_scores(got, want, atol=1e-12)
+    with pytest.raises(mechcna.MechcnaError, match="name or path"):
+        distributed.compare_neurons(llama_path, prompts, other, load=F64)
+
+
 # ---------------------------------------------------------------------------- command line
 @pytest.mark.parametrize(
     ("name", "args"),
