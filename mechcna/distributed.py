@@ -97,9 +97,10 @@ def connect(address: str | None = None, num_cpus: int | None = None, **init: Any
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, **init}
-    if address is None:
+    kwargs: dict[str, Any] = {"log_to_driver": False, **init}
+    if address is None:  # a new local cluster (a running one is joined as it is)
         kwargs.setdefault("num_cpus", num_cpus)
+        kwargs.setdefault("include_dashboard", False)
     ray.init(address=address, **kwargs)
     return ray
 
