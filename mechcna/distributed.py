@@ -99,6 +99,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, **init: Any
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"log_to_driver": False, **init}
     if address is None:  # a new local cluster (a running one is joined as it is)
+        address = "local"  # not one found in /tmp/ray (ray.init's default)
         kwargs.setdefault("num_cpus", num_cpus)
         kwargs.setdefault("include_dashboard", False)
     ray.init(address=address, **kwargs)
