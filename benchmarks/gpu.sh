@@ -82,7 +82,8 @@ else
         PYTHON=$VENV/bin/python
         timeout $(($(left) / 2)) "$PYTHON" -m pip install -q torch >>"$LOG" 2>&1 || say "pip install torch failed"
     fi
-    PIP=("$PYTHON" -m pip install --constraint "$OUT/.constraints")
+    # fail fast where the index cannot be reached (pip's default retries take minutes)
+    PIP=("$PYTHON" -m pip install --retries 1 --timeout 15 --constraint "$OUT/.constraints")
     # MECHCNA_WHEELS: a folder of wheels to install from as well (or only, with --no-index
     # in PIP_NO_INDEX=1), for a machine that cannot reach the index
     [ -n "${MECHCNA_WHEELS:-}" ] && PIP+=(--find-links "$MECHCNA_WHEELS")
