@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 import mechcna  # noqa: E402
-from mechcna.static import BlockCache  # noqa: E402
+from mechcna.engine.blocks import BlockCache  # noqa: E402
 
 RESULTS: dict[str, Any] = {"steps": {}}
 OUT = Path(".")
@@ -232,7 +232,7 @@ def smollm2_attribution(model: Any, dry_run: bool) -> dict:
 
 @step("smollm2_head_sweep")
 def smollm2_head_sweep(model: Any, dry_run: bool) -> dict:
-    from mechcna.prompts import prepare_prompts, single_token_ids
+    from mechcna.interventions.prompts import prepare_prompts, single_token_ids
 
     data = mechcna.arithmetic_dataset("+", 1, templates=1, n_pairs=None, tokenizer=model)
     prompts, targets = list(data.prompts)[:64], list(data.targets)[:64]
@@ -268,7 +268,7 @@ def smollm2_head_sweep(model: Any, dry_run: bool) -> dict:
 
 # ------------------------------------------------------------------------------ (b) 7B shape
 def llama7b(dry_run: bool) -> Any:
-    from mechcna.backend import HookedTransformerConfig
+    from mechcna.models.backend import HookedTransformerConfig
 
     if dry_run:
         shape = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=172, d_vocab=512)

@@ -236,12 +236,12 @@ def _pad_to(t: Tensor, dims: tuple[str, ...], sizes: Mapping[str, int]) -> Tenso
 
 
 def merge_scores(parts: Sequence[Any]) -> Any:
-    """Concatenate prompt-sharded :class:`~mechcna.results.Scores` results (same class, same
+    """Concatenate prompt-sharded :class:`~mechcna.analyses.results.Scores` results (same class, same
     model) along the prompt axis into one result of that class.
 
     Score tensors and per-prompt extras are concatenated; ``pos`` axes (attention neurons,
     by-position heads) are zero-padded to the longest shard (positions past a prompt's scored
-    position score 0); :class:`~mechcna.engine.EngineStats` counters are summed.
+    position score 0); :class:`~mechcna.engine.expansion.EngineStats` counters are summed.
     """
     if not parts:
         raise MechcnaError("nothing to merge")
@@ -375,7 +375,7 @@ def _describe(
 ) -> dict[str, Any]:
     """Worker side: the heads a sweep ablates and each case's scored position, as
     :func:`mechcna.head_sweep` computes them (so that shards follow its batches)."""
-    from mechcna.heads import _check_heads, _tokenize  # the sweep's own input handling
+    from mechcna.analyses.heads import _check_heads, _tokenize  # the sweep's own input handling
 
     batch = _tokenize(model, prompts, position)
     return {"heads": _check_heads(model, heads), "positions": batch.positions.cpu().tolist()}
@@ -386,7 +386,7 @@ def _sweep_means(
 ) -> dict[Head, Tensor]:
     """Worker side: each head's mean ``z`` over ``reference`` exactly as the single-process
     sweep computes it (on the CPU, to travel)."""
-    from mechcna.heads import _head_means, _tokenize
+    from mechcna.analyses.heads import _head_means, _tokenize
 
     means = _head_means(model, heads, _tokenize(model, reference, position), batch_size)
     return {hd: m.cpu() for hd, m in means.items()}
@@ -634,7 +634,7 @@ def _compare_shard(
 ) -> Any:
     """Worker side of :func:`compare_neurons`: ``other`` is interventions, or the name or path
     of the second model, loaded here like the first."""
-    from mechcna.comparative import compare_neurons as cna
+    from mechcna.analyses.comparative import compare_neurons as cna
 
     if isinstance(other, (str, os.PathLike)):
         other = worker_model(other, other_load)
@@ -642,7 +642,7 @@ def _compare_shard(
 
 
 def _comparison(model: Any, prompts: Any, targets: Any = None, **options: Any) -> Any:
-    from mechcna.methods import comparison_scores
+    from mechcna.analyses.methods import comparison_scores
 
     return comparison_scores(model, prompts, targets, **options)
 
@@ -656,13 +656,13 @@ def compare_neurons(
     other_load: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
-    """Dataset CNA (:func:`mechcna.comparative.compare_neurons`) on a Ray cluster.
+    """Dataset CNA (:func:`mechcna.analyses.comparative.compare_neurons`) on a Ray cluster.
 
     ``other`` is an intervention or a list of them (e.g. a :class:`~mechcna.HeadAblation`),
     or the name or path of a second model of the same architecture, loaded on each worker with
     ``other_load`` (default: ``load``). The other keyword arguments are those of the
     attribution functions of this module (``shards``, ``load``, ``workers``, ...) and of
-    ``compare_neurons``. Returns the merged :class:`~mechcna.comparative.NeuronComparison`.
+    ``compare_neurons``. Returns the merged :class:`~mechcna.analyses.comparative.NeuronComparison`.
     """
     if other is not None and not isinstance(other, (str, os.PathLike)) and hasattr(other, "cfg"):
         _check_source(other)  # a model object: refused with the message for models
@@ -673,7 +673,7 @@ def compare_neurons(
 
 
 _compare_run = _make("compare_neurons", _compare_shard)
-#: Distributed :func:`mechcna.methods.comparison_scores` (the eight-method comparison).
+#: Distributed :func:`mechcna.analyses.methods.comparison_scores` (the eight-method comparison).
 comparison_scores = _make("comparison_scores", _comparison)
 neuron_importance = _make("neuron_importance")
 attention_neuron_importance = _make("attention_neuron_importance")

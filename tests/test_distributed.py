@@ -161,7 +161,7 @@ def test_attribution_llama_float64(cluster, llama, llama_path, name, options):
 
 
 def test_comparison_scores_llama_float64(cluster, llama, llama_path):
-    from mechcna.methods import comparison_scores
+    from mechcna.analyses.methods import comparison_scores
 
     prompts = [*PROMPTS, "7-4="]
     want = comparison_scores(llama, prompts)
@@ -172,7 +172,7 @@ def test_comparison_scores_llama_float64(cluster, llama, llama_path):
 
 def test_dataset_cna_with_an_intervention_and_with_a_second_model(cluster, llama, llama_path,
                                                                   tmp_path):  # fmt: skip
-    from mechcna.comparative import compare_neurons
+    from mechcna.analyses.comparative import compare_neurons
 
     prompts = [*PROMPTS, "7-4="]
     ablation = mechcna.HeadAblation([(0, 1), (1, 2)])

@@ -15,7 +15,7 @@ from mechcna.cli.base import (
     ray_options,
     with_tokens,
 )
-from mechcna.report import Report
+from mechcna.report.page import Report
 
 LEVELS = ("layers", "heads", "ffn", "attention")
 
@@ -39,8 +39,7 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
     _attribute_args,
 )
 def attribute(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna import attribution
-
+    from mechcna.analyses import attribution
     prompts, targets = prompts_from(args)
     model = ctx.model
     report = ctx.report("Log-probability-increase attribution", paper_compat=args.paper_compat)
@@ -86,9 +85,9 @@ def _cna_args(p: argparse.ArgumentParser) -> None:
     _cna_args,
 )
 def cna(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.comparative import cna_table, compare_neurons, mask_keep_table
-    from mechcna.interventions import HeadAblation
-    from mechcna.plotting import experiment_bars, neuron_top_tokens
+    from mechcna.analyses.comparative import cna_table, compare_neurons, mask_keep_table
+    from mechcna.interventions.edits import HeadAblation
+    from mechcna.analyses.plotting import experiment_bars, neuron_top_tokens
 
     if bool(args.head) == bool(args.second_model):
         raise UsageError("cna needs either --head (repeatable) or --second-model")
@@ -98,7 +97,7 @@ def cna(args: argparse.Namespace, ctx: Context) -> Report:
         heads = [pair(h, "LAYER.HEAD") for h in args.head]
         other, what = HeadAblation(heads), "ablating head " + ", ".join(args.head)
     else:
-        from mechcna.models import load_model
+        from mechcna.models.loading import load_model
 
         other, what = load_model(args.second_model), f"model {args.second_model}"
     res = compare_neurons(model, prompts, other, targets, progress=ctx.progress)
@@ -139,8 +138,8 @@ def _compare_inputs_args(p: argparse.ArgumentParser) -> None:
     _compare_inputs_args,
 )
 def compare_inputs_cmd(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.comparative import compare_inputs
-    from mechcna.plotting import neuron_top_tokens
+    from mechcna.analyses.comparative import compare_inputs
+    from mechcna.analyses.plotting import neuron_top_tokens
 
     targets = args.target * len(args.prompt) if len(args.target) == 1 else args.target
     res = compare_inputs(ctx.model, args.prompt, args.other_prompt, targets)
@@ -173,7 +172,7 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     _query_args,
 )
 def query_neurons_cmd(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.query import query_neurons
+    from mechcna.analyses.query import query_neurons
 
     prompts, targets = prompts_from(args)
     res = query_neurons(ctx.model, prompts, targets, k=args.k, progress=ctx.progress)
@@ -198,7 +197,7 @@ def _query_layers_args(p: argparse.ArgumentParser) -> None:
     _query_layers_args,
 )
 def query_layers_cmd(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.query import attention_query_layers, ffn_query_layers
+    from mechcna.analyses.query import attention_query_layers, ffn_query_layers
 
     prompts, targets = prompts_from(args)
     fn = ffn_query_layers if args.kind == "ffn" else attention_query_layers
@@ -242,7 +241,7 @@ def _step(text: str) -> tuple[int, int | None, int | None]:
     _transfer_args,
 )
 def transfer(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.transfer import transform_through_attention
+    from mechcna.analyses.transfer import transform_through_attention
 
     source = pair(args.neuron, "LAYER.NEURON") if args.neuron else args.token
     path = [_step(s) for s in args.step]
@@ -266,7 +265,7 @@ def _methods_args(p: argparse.ArgumentParser) -> None:
     _methods_args,
 )
 def methods(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.methods import comparison_scores, evaluate_methods
+    from mechcna.analyses.methods import comparison_scores, evaluate_methods
 
     prompts, targets = prompts_from(args)
     scores = comparison_scores(ctx.model, prompts, targets)
@@ -296,7 +295,7 @@ def _top_tokens_args(p: argparse.ArgumentParser) -> None:
     _top_tokens_args,
 )
 def top_tokens_cmd(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.projection import top_tokens
+    from mechcna.engine.projection import top_tokens
 
     report = ctx.report("Top tokens of FFN value vectors")
     for text in args.neuron:
@@ -316,7 +315,7 @@ def top_tokens_cmd(args: argparse.Namespace, ctx: Context) -> Report:
 def check_model_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     import pandas as pd
 
-    from mechcna.check import check_model
+    from mechcna.models.check import check_model
 
     res = check_model(ctx.model)
     report = ctx.report("Residual self-check")

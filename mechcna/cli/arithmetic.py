@@ -17,7 +17,7 @@ from mechcna.cli.base import (
     prompts_from,
     ray_options,
 )
-from mechcna.report import Report
+from mechcna.report.page import Report
 
 
 def _accuracy_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def _accuracy_args(p: argparse.ArgumentParser) -> None:
     _accuracy_args,
 )
 def accuracy(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.evaluation import evaluate_accuracy
+    from mechcna.analyses.evaluation import evaluate_accuracy
 
     edits = interventions_from(args)
     data = dataset_from(args, ctx)
@@ -73,8 +73,7 @@ def _head_sweep_args(p: argparse.ArgumentParser) -> None:
     _head_sweep_args,
 )
 def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna import heads
-
+    from mechcna.analyses import heads
     model = ctx.model
     ray = ray_options(args)
 
@@ -139,8 +138,8 @@ def _zero_shot_args(p: argparse.ArgumentParser) -> None:
     _zero_shot_args,
 )
 def zero_shot(args: argparse.Namespace, ctx: Context) -> Report:
-    from mechcna.evaluation import evaluate_accuracy
-    from mechcna.shallow import hidden_interpretable_neurons, mask_experiment
+    from mechcna.analyses.evaluation import evaluate_accuracy
+    from mechcna.analyses.shallow import hidden_interpretable_neurons, mask_experiment
 
     model = ctx.model
     search = hidden_interpretable_neurons(

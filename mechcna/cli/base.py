@@ -27,9 +27,9 @@ from typing import Any
 
 import pandas as pd
 
-from mechcna.backend import Model
+from mechcna.models.backend import Model
 from mechcna.errors import MechcnaError
-from mechcna.report import Provenance, Report
+from mechcna.report.page import Provenance, Report
 
 DEFAULT_MODEL = "mechcna/arith-small"
 
@@ -95,7 +95,7 @@ class Context:
     @property
     def model(self) -> Model:
         if self._model is None:
-            from mechcna.models import load_model
+            from mechcna.models.loading import load_model
 
             with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints on load
                 self._model = load_model(self.args.model)
@@ -194,7 +194,7 @@ def add_interventions(p: argparse.ArgumentParser) -> None:
 
 
 def interventions_from(args: argparse.Namespace) -> list[Any]:
-    from mechcna.interventions import HeadAblation, NeuronEdit
+    from mechcna.interventions.edits import HeadAblation, NeuronEdit
 
     out: list[Any] = []
     if args.ablate_head:
@@ -206,7 +206,7 @@ def interventions_from(args: argparse.Namespace) -> list[Any]:
 
 def with_tokens(model: Model, frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` (with ``layer`` and ``neuron`` columns) plus each FFN neuron's top tokens."""
-    from mechcna.plotting import neuron_top_tokens
+    from mechcna.analyses.plotting import neuron_top_tokens
 
     labels = [f"{l}_{n}" for l, n in zip(frame["layer"], frame["neuron"], strict=True)]
     tokens = neuron_top_tokens(model, labels)
