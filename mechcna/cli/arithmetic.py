@@ -10,10 +10,12 @@ from mechcna.cli.base import (
     add_dataset,
     add_interventions,
     add_prompts,
+    add_ray,
     command,
     dataset_from,
     interventions_from,
     prompts_from,
+    ray_options,
 )
 from mechcna.report.page import Report
 
@@ -60,6 +62,7 @@ def _head_sweep_args(p: argparse.ArgumentParser) -> None:
     add_dataset(p)
     p.add_argument("--mode", choices=["zero", "mean"], default="zero")
     p.add_argument("--top", type=int, default=10, help="heads to list")
+    add_ray(p)
 
 
 @command(
@@ -73,6 +76,15 @@ def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.analyses import heads
 
     model = ctx.model
+    ray = ray_options(args)
+
+    def sweep_fn(model, *a, **kw):
+        if ray is None:
+            return heads.head_sweep(model, *a, **kw)
+        from mechcna import distributed  # the workers load args.model themselves
+
+        return distributed.head_sweep(args.model, *a, **{**kw, **ray})
+
     if args.prompt and len(args.prompt) == 1 and args.prompts_file is None:
         target = args.target[0] if args.target else None
         reference = args.prompt if args.mode == "mean" else None
@@ -92,11 +104,11 @@ def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> Report:
         prompts, targets = prompts_from(args)
         if targets is None:
             raise UsageError("a head sweep over several prompts needs their targets")
-        sweep = heads.head_sweep(model, prompts, targets, mode=args.mode, progress=ctx.progress)
+        sweep = sweep_fn(model, prompts, targets, mode=args.mode, progress=ctx.progress)
         by = None
     else:
         data = dataset_from(args, ctx)
-        sweep = heads.head_sweep(model, data, mode=args.mode, progress=ctx.progress)
+        sweep = sweep_fn(model, data, mode=args.mode, progress=ctx.progress)
         by = "operation"
     accuracy = float(sweep.base_correct.double().mean())
     report = ctx.report("Arithmetic heads: every head ablated", n_cases=sweep.n_cases)
