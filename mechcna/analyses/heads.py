@@ -81,6 +81,7 @@ from mechcna.interventions.prompts import (
     prepare_prompts,
     single_token_ids,
 )
+from mechcna.models.architecture import refuses_post_norms
 from mechcna.models.backend import Model
 from mechcna.models.check import refuse_non_finite
 from mechcna.models.hooks import hook_name
@@ -209,6 +210,7 @@ def _head_means(
 
 
 @per_call
+@refuses_post_norms
 def head_sweep(
     model: Model,
     data: Any,
@@ -383,6 +385,7 @@ def head_sweep(
 
 # --------------------------------------------------------------------- single prompt
 @per_call
+@refuses_post_norms
 def single_prompt_head_effects(
     model: Model,
     prompt: str | Int[Tensor, " pos"],
