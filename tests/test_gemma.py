@@ -225,13 +225,29 @@ def test_unhandled_analyses_refuse_gemma_clearly(gemma):
     """Analyses not yet checked against sandwich norms refuse before any work, naming what."""
     calls = {
         "query_neurons": lambda: query_neurons(gemma, PROMPTS[0], k=2),
-        "head_sweep": lambda: head_sweep(gemma, [PROMPTS[0]]),
         "ffn_keys": lambda: ffn_keys(gemma, 0, 0),
         "neuron_scores": lambda: key_neuron_scores(gemma, PROMPTS[0], (1, 0), layer=0, position=0),
     }
     for name, call in calls.items():
         with pytest.raises(UnsupportedArchitectureError, match=rf"{name}\(\).*post-attention"):
             call()
+
+
+def test_head_sweep_equals_a_deep_copy_with_the_head_zeroed(gemma):
+    """Head ablation on sandwich norms reruns the layer (the post-norm scale changes with the
+    ablated head): the sweep equals the real model with that head's W_O zeroed."""
+    import copy
+
+    sweep = head_sweep(gemma, PROMPTS, heads=[(1, 2), (2, 0)])
+    for row, (layer, head) in enumerate(sweep.heads):
+        edited = copy.deepcopy(gemma)
+        with torch.no_grad():
+            edited.blocks[layer].attn.W_O[head] = 0.0
+        for i, prompt in enumerate(PROMPTS):
+            with torch.no_grad():
+                lp = edited(prompt)[0, -1].log_softmax(-1)
+            want = lp[int(sweep.targets[i])]
+            torch.testing.assert_close(sweep.logprob[row, i], want, atol=1e-9, rtol=0)
 
 
 def test_soft_cap_alone_is_refused_where_the_expansion_is_used_directly():

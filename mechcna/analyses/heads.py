@@ -81,7 +81,6 @@ from mechcna.interventions.prompts import (
     prepare_prompts,
     single_token_ids,
 )
-from mechcna.models.architecture import refuses_post_norms
 from mechcna.models.backend import Model
 from mechcna.models.check import refuse_non_finite
 from mechcna.models.hooks import hook_name
@@ -210,7 +209,6 @@ def _head_means(
 
 
 @per_call
-@refuses_post_norms
 def head_sweep(
     model: Model,
     data: Any,
@@ -385,7 +383,6 @@ def head_sweep(
 
 # --------------------------------------------------------------------- single prompt
 @per_call
-@refuses_post_norms
 def single_prompt_head_effects(
     model: Model,
     prompt: str | Int[Tensor, " pos"],
