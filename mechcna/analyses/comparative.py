@@ -50,6 +50,7 @@ from mechcna.engine.projection import top_tokens
 from mechcna.errors import EmptyInputError, MechcnaError
 from mechcna.interventions.edits import Intervention, NeuronMask, intervene, prompt_lengths
 from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts
+from mechcna.models.architecture import refuses_post_norms
 from mechcna.models.backend import Model, is_model
 from mechcna.models.hooks import hook_name
 from mechcna.models.processing import WeightProcessing, get_processing, refuses_processing
@@ -481,6 +482,7 @@ class ValueKeyProducts:
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def value_key_products(
     model: Model,
     neurons: Sequence[tuple[int, int]],

@@ -49,6 +49,7 @@ from mechcna.engine.projection import compute_dtype, linear_part, logit_offset
 from mechcna.errors import MechcnaError
 from mechcna.interventions.edits import NeuronEdit, intervene
 from mechcna.interventions.prompts import Prompts, prepare_prompts
+from mechcna.models.architecture import refuses_soft_cap
 from mechcna.models.backend import Model
 from mechcna.models.processing import refuses_processing
 from mechcna.models.view import architecture, per_call
@@ -102,6 +103,7 @@ class ComparisonScores(Scores):
 
 @per_call
 @refuses_processing()
+@refuses_soft_cap
 def comparison_scores(
     model: Model,
     prompts: Prompts,

@@ -100,6 +100,9 @@ class ModelProvenance:
         tensor_types: ``(type, count)`` of the GGUF file's tensors.
         gguf_architecture: the GGUF file's ``general.architecture``.
         sha256: the first 32 hex digits of the GGUF file's SHA-256.
+        licence: the weights' licence, for a real model known by name (``"Apache-2.0"``;
+            Gemma's terms for ``"gemma-3-270m"``).
+        upstream: the release the weights come from, for a real model known by name.
     """
 
     source: str
@@ -110,6 +113,8 @@ class ModelProvenance:
     tensor_types: tuple[tuple[str, int], ...] = ()
     gguf_architecture: str | None = None
     sha256: str | None = None
+    licence: str | None = None
+    upstream: str | None = None
 
     @property
     def dequantized(self) -> bool:
@@ -338,6 +343,9 @@ def _gguf_record(
     source: str, bos: tuple[bool, BosPolicy], header: Any, key: str
 ) -> "ModelProvenance":
     """The provenance of weights dequantised from a GGUF file (``key``: its cache key)."""
+    from mechcna.models.gguf import KNOWN_MODELS
+
+    known = KNOWN_MODELS.get(source)
     return ModelProvenance(
         source=source,
         format="gguf",
@@ -347,6 +355,8 @@ def _gguf_record(
         tensor_types=header.tensor_types,
         gguf_architecture=header.architecture,
         sha256=key.split("-")[0],
+        licence=known.licence if known else None,
+        upstream=known.upstream if known else None,
     )
 
 
