@@ -40,7 +40,7 @@ from mechcna._types import Float, Int, Tensor
 from mechcna.architecture import Architecture
 from mechcna.attribution import Targets, _meta, capture
 from mechcna.backend import Model
-from mechcna.engine import _exact_rows, exact_rows_logprob, increase_from_rows
+from mechcna.engine import _exact_rows64, exact_rows_logprob, increase_from_rows
 from mechcna.errors import MechcnaError
 from mechcna.interventions import NeuronEdit, intervene
 from mechcna.processing import refuses_processing
@@ -136,9 +136,10 @@ def comparison_scores(
             alone, rank = torch.empty_like(a), torch.empty_like(a)
             for i in range(0, arch.d_mlp, chunk):
                 idx = torch.arange(i, min(i + chunk, arch.d_mlp))
-                R = _exact_rows(rows, idx)  # [chunk, d_vocab], exact W_out @ M
+                R64 = _exact_rows64(rows, idx)  # [chunk, d_vocab], exact W_out @ M (float64)
+                R = R64.to(dtype)
                 if keep and not bool(rows.store.known[idx].all()):
-                    rows.store.fill(idx, R)
+                    rows.store.fill(idx, R64)
                 for b in range(n):  # log p(w | v): the vector alone, exactly
                     logits = torch.addcmul(offset, a[b, idx, None], R)
                     alone[b, idx] = exact_rows_logprob(logits, cap.target[b].expand(len(idx)))

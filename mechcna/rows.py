@@ -81,12 +81,13 @@ class RowStore:
         self.levels = LEVELS[storage] if self.normalised else 1.0
         self.path = path
         self.known: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
-        self.radius: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=dtype)
-        self.centre: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=dtype)
+        # radii and centres in float64: the stored rows are scaled with them
+        self.radius: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.float64)
+        self.centre: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.float64)
         self._U: Tensor | None = None
         self._map: np.memmap | None = None
-        # exact rows (compute dtype, memory only) of neurons that needed the exact sum, kept
-        # when rows are stored rounded so that the next prompt need not recompute them
+        # exact rows (float64, memory only) of neurons that needed the exact sum, kept when
+        # rows are stored rounded so that the next prompt need not recompute them
         self._exact: Tensor | None = None
         self.exact_known: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
         if path is not None:
@@ -116,7 +117,7 @@ class RowStore:
     @property
     def memory_bytes(self) -> int:
         """Anonymous memory held (0 for a file-backed store: its pages are page cache)."""
-        exact = int(self.exact_known.sum()) * self.d_vocab * self.dtype.itemsize
+        exact = int(self.exact_known.sum()) * self.d_vocab * 8
         if self._map is not None:
             return exact
         return exact + int(self.known.sum()) * self.d_vocab * self.storage.itemsize
@@ -126,12 +127,18 @@ class RowStore:
         self.known = torch.zeros_like(self.known)
         self.exact_known = torch.zeros_like(self.exact_known)
 
+    @property
+    def rounded(self) -> bool:
+        """Whether stored rows differ from the exact (float64) rows by more than float64
+        rounding: every storage but float64."""
+        return self.storage != torch.float64
+
     def put_exact(self, idx: Int[Tensor, " n"], rows: Float[Tensor, "n d_vocab"]) -> None:
-        """Keep exact rows (only for a store whose rows are rounded)."""
-        if not self.normalised or len(idx) == 0:
+        """Keep exact float64 rows (only for a store whose rows are rounded)."""
+        if not self.rounded or len(idx) == 0:
             return
         if self._exact is None:
-            self._exact = torch.empty(self.n_rows, self.d_vocab, dtype=self.dtype)
+            self._exact = torch.empty(self.n_rows, self.d_vocab, dtype=torch.float64)
         self._exact[idx.cpu()] = rows.cpu()
         self.exact_known[idx.cpu()] = True
 
@@ -141,19 +148,19 @@ class RowStore:
 
     # ------------------------------------------------------------------ rows
     def eta(self, idx: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
-        """Per-entry bound on ``|stored row - exact row|`` for rows ``idx``."""
-        if not self.normalised:
-            return torch.zeros(len(idx), dtype=self.dtype)
+        """Per-entry bound on ``|stored row - row given to fill|`` for rows ``idx`` (float64;
+        rows are centred and scaled in float64, so only the storage rounding counts)."""
         if self.storage == torch.int16:
             return self.radius[idx] * (0.51 / self.levels)
         from mechcna.static import unit_roundoff
 
-        return self.radius[idx] * unit_roundoff(self.storage)
+        return self.radius[idx] * (unit_roundoff(self.storage) * 1.01)
 
     def step(self, idx: Int[Tensor, " n"] | slice) -> Float[Tensor, " n"]:
-        """Per-row factor from a stored value to the centred row (``radius / levels``)."""
+        """Per-row factor (float64) from a stored value to the centred row
+        (``radius / levels``)."""
         if not self.normalised:
-            return torch.ones(len(self.radius[idx]), dtype=self.dtype)
+            return torch.ones(len(self.radius[idx]), dtype=torch.float64)
         return self.radius[idx] / self.levels
 
     def fill(
@@ -161,18 +168,20 @@ class RowStore:
     ) -> None:
         """Store exact rows ``rows`` (uncentred ``W @ M``) at indices ``idx``.
 
-        Works ``chunk`` rows at a time (a few MB, in cache) and writes a contiguous run of
-        indices as one slice. A file-backed store's rows go to a shared mapping, so any other
-        process sees them in the page cache before the metadata that marks them valid."""
+        Rows are centred and scaled in float64 (whatever their dtype), ``chunk`` rows at a
+        time (a few MB, in cache); a contiguous run of indices is written as one slice. A
+        file-backed store's rows go to a shared mapping, flushed to the file before the
+        metadata that marks them valid is written."""
         if len(idx) == 0:
             return
         idx = idx.cpu()
+        rows = rows.to(torch.float64)
         lo, hi = torch.aminmax(rows, dim=-1)
         centre, radius = (hi + lo) / 2, (hi - lo) / 2
         target = self._tensor()
         first = int(idx[0])
         run = bool((idx == torch.arange(first, first + len(idx))).all())
-        div = radius.clamp_min(torch.finfo(self.dtype).tiny)[:, None] / self.levels
+        div = radius.clamp_min(torch.finfo(torch.float64).tiny)[:, None] / self.levels
         for i in range(0, len(idx), chunk):
             U = rows[i : i + chunk] - centre[i : i + chunk, None]
             if self.normalised:
@@ -197,8 +206,8 @@ class RowStore:
         rows = self._tensor()[idx if isinstance(idx, slice) else idx.cpu()]
         if not self.normalised:
             return rows.to(self.dtype)
-        U = rows.to(self.dtype)
-        return U.mul_(self.step(idx)[:, None])
+        U = rows.to(torch.float64).mul_(self.step(idx)[:, None])
+        return U.to(self.dtype)
 
     # ------------------------------------------------------------------ metadata on disk
     def _meta(self) -> Path:
@@ -219,8 +228,8 @@ class RowStore:
         try:
             with np.load(self._meta()) as z:
                 known = torch.from_numpy(z["known"].copy())
-                radius = torch.from_numpy(z["radius"].copy()).to(self.dtype)
-                centre = torch.from_numpy(z["centre"].copy()).to(self.dtype)
+                radius = torch.from_numpy(z["radius"].copy()).to(torch.float64)
+                centre = torch.from_numpy(z["centre"].copy()).to(torch.float64)
         except (OSError, KeyError, ValueError):
             return None
         if known.shape != self.known.shape:
