@@ -394,11 +394,13 @@ def increase_from_rows(
     if method == "exact":
         fail = coef != 0
     else:
+        store.verify()  # rows read from disk for the first time are checked first
         if fill and not bool(store.known.all()):
             missing = (~store.known).nonzero().flatten()
             for i in range(0, len(missing), 128):  # 50 MB of float64 rows: stays in cache
                 store.fill(missing[i : i + 128], _exact_rows64(rows, missing[i : i + 128]))
         k2 = dk2 = None
+        store.verify()  # rows another process added meanwhile
         if bool(store.known.all()):
             sel = torch.arange(n_rows)
         else:
@@ -428,6 +430,7 @@ def increase_from_rows(
         stats.exact += idx.shape[0]
     if len(idx):
         uniq, inverse = torch.unique(idx[:, 2], return_inverse=True)
+        store.verify()
         if not store.rounded and bool(store.known[uniq].all()):
             U = store.get(uniq)  # float64 rows as computed (centred: a shift per row)
         else:

@@ -28,8 +28,11 @@ Location: ``MECHCNA_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/mechcna/blocks`` 
 
 import contextlib
 import fcntl
+import logging
 import os
 import tempfile
+import weakref
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,8 @@ import torch
 from mechcna._types import Bool, Float, Int, Tensor
 
 DEFAULT_DISK_BYTES = 16 * 2**30
+
+logger = logging.getLogger(__name__)
 
 
 def default_disk_dir() -> Path | None:
@@ -90,19 +95,55 @@ class RowStore:
         # rows are stored rounded so that the next prompt need not recompute them
         self._exact: Tensor | None = None
         self.exact_known: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
+        # file-backed stores: a CRC-32 per row (in the metadata) and the rows whose content
+        # this process has checked against it (or written itself)
+        self.sums = np.zeros(n_rows, dtype=np.int64)
+        self.verified: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
+        self.rebuilt = 0  # rows found damaged on disk and recomputed
+        self._in_use = None
         if path is not None:
             self._open_file()
 
     # ------------------------------------------------------------------ storage
     def _open_file(self) -> None:
+        """Open (or create) the row file and hold a shared ``flock`` on it while the store
+        is in use: :func:`prune` never deletes a locked file. A file of the wrong size is
+        never resized to fit: it and its metadata are deleted and the store starts empty."""
         assert self.path is not None
         rows = self.path.with_suffix(".rows")
         size = self.n_rows * self.d_vocab * self.storage.itemsize
-        fresh = not rows.exists()
-        if fresh or rows.stat().st_size != size:
-            with open(rows, "ab") as f:  # a sparse file: untouched rows take no disk
-                f.truncate(size)
-        self._map = np.memmap(rows, dtype=_NP[self.storage], mode="r+",
+        for _ in range(100):
+            with self._locked():  # creation and size checks are atomic between processes
+                fresh = False
+                try:
+                    actual = rows.stat().st_size
+                except FileNotFoundError:
+                    actual = None
+                if actual is not None and actual != size:
+                    logger.warning("discarding the damaged row cache %s: %d bytes, expected %d",
+                                   rows, actual, size)  # fmt: skip
+                    for suffix in (".rows", ".meta.npz"):
+                        with contextlib.suppress(FileNotFoundError):
+                            rows.with_suffix(suffix).unlink()
+                    actual = None
+                if actual is None:
+                    with open(rows, "xb") as new:  # a sparse file: untouched rows take no disk
+                        new.truncate(size)
+                    fresh = True
+                f = open(rows, "r+b")
+            fcntl.flock(f, fcntl.LOCK_SH)  # waits only while a prune is deleting the file
+            try:
+                same = os.fstat(f.fileno()).st_ino == os.stat(rows).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()  # deleted (pruned) between open and lock: open the new file
+        else:  # pragma: no cover - a directory under constant deletion
+            raise OSError(f"could not open {rows}")
+        self._in_use = f
+        weakref.finalize(self, f.close)
+        self._map = np.memmap(f, dtype=_NP[self.storage], mode="r+",
                               shape=(self.n_rows, self.d_vocab))  # fmt: skip
         self._U = torch.from_numpy(self._map)
         self._load_meta()
@@ -126,6 +167,31 @@ class RowStore:
         self._U, self._map, self._exact = None, None, None
         self.known = torch.zeros_like(self.known)
         self.exact_known = torch.zeros_like(self.exact_known)
+        self.verified = torch.zeros_like(self.verified)
+        if self._in_use is not None:  # the file may now be pruned
+            self._in_use.close()
+            self._in_use = None
+
+    def _crc(self, i: int) -> int:
+        assert self._map is not None
+        return zlib.crc32(memoryview(self._map[i]).cast("B"))
+
+    def verify(self) -> int:
+        """Check every computed row not yet checked in this process against its CRC-32
+        in the metadata; damaged rows are marked missing (so they are recomputed), with a
+        warning. Returns the number of damaged rows. A no-op for a store in memory."""
+        if self._map is None:
+            return 0
+        todo = (self.known & ~self.verified).nonzero().flatten().tolist()
+        bad = [i for i in todo if self._crc(i) != int(self.sums[i])]
+        self.verified[todo] = True
+        if bad:
+            logger.warning("%d rows of %s do not match their checksums; recomputing them",
+                           len(bad), self.path)  # fmt: skip
+            self.known[bad] = False
+            self.verified[bad] = False
+            self.rebuilt += len(bad)
+        return len(bad)
 
     @property
     def rounded(self) -> bool:
@@ -195,6 +261,10 @@ class RowStore:
         self.radius[idx], self.centre[idx] = radius.cpu(), centre.cpu()
         self.known[idx] = True
         if self._map is not None:
+            for i in idx.tolist():
+                self.sums[i] = self._crc(i)
+            self.verified[idx] = True
+            self._map.flush()  # the rows reach the file before the metadata names them
             self._save_meta()
 
     def stored(self, idx: Int[Tensor, " n"] | slice) -> Tensor:
@@ -224,37 +294,54 @@ class RowStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _read_meta(self) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _ident(self) -> str:
+        assert self.path is not None
+        return f"{self.path.name}|{self.n_rows}|{self.d_vocab}|{self.storage}"
+
+    def _read_meta(self) -> tuple[Tensor, Tensor, Tensor, np.ndarray] | None:
+        """The metadata on disk, or ``None`` when there is none or it is unreadable or
+        belongs to another store (e.g. a file copied or swapped in)."""
         try:
             with np.load(self._meta()) as z:
+                ident = str(z["ident"])
                 known = torch.from_numpy(z["known"].copy())
                 radius = torch.from_numpy(z["radius"].copy()).to(torch.float64)
                 centre = torch.from_numpy(z["centre"].copy()).to(torch.float64)
-        except (OSError, KeyError, ValueError):
+                sums = z["sums"].astype(np.int64)
+        except FileNotFoundError:
             return None
-        if known.shape != self.known.shape:
+        except (OSError, KeyError, ValueError, EOFError) as err:
+            logger.warning("ignoring unreadable row metadata %s (%s)", self._meta(), err)
             return None
-        return known, radius, centre
+        if ident != self._ident() or known.shape != self.known.shape or sums.shape != known.shape:
+            logger.warning("ignoring row metadata %s: it belongs to another store", self._meta())
+            return None
+        return known, radius, centre, sums
 
     def _load_meta(self) -> None:
         with self._locked():
             meta = self._read_meta()
         if meta is not None:
-            self.known, self.radius, self.centre = meta
+            self.known, self.radius, self.centre, self.sums = meta
+            self.verified = torch.zeros_like(self.known)
             os.utime(self._meta())
 
     def _save_meta(self) -> None:
         with self._locked():
             meta = self._read_meta()
-            if meta is not None:  # keep rows another writer added
-                known, radius, centre = meta
+            if meta is not None:  # keep rows another writer added (checked when first read)
+                known, radius, centre, sums = meta
                 new = known & ~self.known
                 self.radius[new], self.centre[new] = radius[new], centre[new]
+                self.sums[new.numpy()] = sums[new.numpy()]
                 self.known |= known
             fd, tmp = tempfile.mkstemp(dir=self._meta().parent, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, known=self.known.numpy(), radius=self.radius.double().numpy(),
-                         centre=self.centre.double().numpy())  # fmt: skip
+                         centre=self.centre.double().numpy(), sums=self.sums,
+                         ident=np.array(self._ident()))  # fmt: skip
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self._meta())
 
 
@@ -277,7 +364,11 @@ def open_row_store(
 
 
 def prune(directory: Path, keep: Path | None = None, limit: int | None = None) -> None:
-    """Delete the least recently used row files until the directory is within ``limit``."""
+    """Delete the least recently used row files until the directory is within ``limit``.
+
+    A store in use (by this or any other process) holds a shared ``flock`` on its row file
+    and is never deleted: a file is deleted only under an exclusive lock taken without
+    waiting."""
     limit = disk_limit() if limit is None else limit
     entries = []
     for meta in directory.glob("*.rows"):
@@ -294,7 +385,16 @@ def prune(directory: Path, keep: Path | None = None, limit: int | None = None) -
             break
         if keep is not None and rows.with_suffix("") == keep.with_suffix(""):
             continue
-        for suffix in (".rows", ".meta.npz", ".lock"):
-            with contextlib.suppress(OSError):
-                rows.with_suffix(suffix).unlink()
+        try:
+            f = open(rows, "rb")
+        except OSError:
+            continue
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # in use
+            for suffix in (".rows", ".meta.npz"):
+                with contextlib.suppress(OSError):
+                    rows.with_suffix(suffix).unlink()
         total -= size

@@ -287,6 +287,11 @@ def test_disk_cache_starts_warm_and_is_bounded(tmp_path):
     with torch.no_grad():
         other.blocks[0].mlp.W_out.add_(1.0)
     assert not layer_rows(other, "ffn", 0, again).store.known.any()  # new content, new file
+    n_files = len(list(tmp_path.glob("*.rows")))
+    prune(tmp_path, limit=0)  # stores in use are never deleted
+    assert len(list(tmp_path.glob("*.rows"))) == n_files
+    first.clear()
+    again.clear()
     prune(tmp_path, limit=0)  # only the empty (sparse, zero-block) file may stay
     assert all(f.stat().st_blocks == 0 for f in tmp_path.glob("*.rows"))
     assert len(list(tmp_path.glob("*.rows"))) <= 1
