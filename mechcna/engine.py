@@ -27,15 +27,17 @@ and the denominator at least ``e^{t m_0}`` (Jensen). Hence
     ``|R3| <= |a|^3 r k2 e^{|a| r} / 6``,
     ``|R4| <= a^4 min(r^4 / 96, r^2 k2 e^{|a| r} / 24)``.
 
-**Stored rows in 16 bits.** When a row is known only as ``y = u + e`` with
-``|e_j| <= eta`` (16-bit storage, :mod:`mechcna.rows`), the cumulants of ``y`` are used for
+**Stored rows.** When a row is known only as ``y = u + e`` with ``|e_j| <= eta`` (16-bit or
+float32 storage, :mod:`mechcna.rows`; ``eta`` also covers the float64 computation of the row,
+:func:`_row_eta`), the cumulants of ``y`` are used for
 ``k2`` and ``k3`` and the bound adds their error: with centred ``c = u - E u``,
 ``f = e - E e`` (``|f| <= 2 eta``) and ``S = sd(y) + 2 eta >= sd(u)``:
 ``|Var y - Var u| <= 4 eta sd(y) + 12 eta^2`` and
 ``|k3(y) - k3(u)| <= 3 E[c^2 |f|] + 3 E[|c| f^2] + E|f|^3 <= 6 eta S^2 + 12 eta^2 S + 8 eta^3``.
 ``k1`` and the target's entry never use stored rows: ``u_w - k1 = w . (M_target - M p)`` is
 computed from the neuron's residual-space vector ``w`` and the projector ``M``
-(:class:`mechcna.static.Projector`). The bound then also uses ``k2 <= S^2``.
+(:class:`mechcna.static.Projector`). The bound then also uses ``k2 <= S^2`` and the range
+``r <= 2 (radius + eta)``.
 
 **Rows only where needed** (:func:`increase_from_rows` when the layer's rows are not all
 stored and the cache cannot hold them, e.g. streaming): ``k1`` as above and ``k2 = w C w``
@@ -45,10 +47,38 @@ prompt and layer) are exact without the row; ``r`` is bounded from above by
 ``tol`` need their rows; they then get the third-order value with the ``R4`` bound, or the
 exact sum.
 
+**Floating point** (issue 20). The remainder bounds need an upper bound on the *true*
+``k2``, and the expansion's value is only as good as the computed ``k2``, ``k3`` and
+``u_w - k1``; formed naively (``E[y^2] - E[y]^2`` in the compute dtype) the variance of a
+confident distribution rounds to 0, the bounds vanish and a wrong first-order value is
+certified. So everything after the inputs (base logits ``z``, coefficients, ``W`` and ``M``)
+is evaluated in float64, and the rounding is bounded and added to the certificate:
+
+* ``p = exp(z - log_norm)`` normalised to sum 1 (a common factor is a shift of ``z``);
+  each ``p_j`` has relative error at most ``u (|z_j - log_norm| + 2)``, folded into
+  ``g = 1.01 (V + 1100) u``, ``u = 2^-53`` (tokens over 1000 nats below the top are 0 in any
+  format);
+* raw moments ``m_n = p . y^n`` of stored rows (int16 levels and float32 values, whose powers
+  are exact in float64) are within ``g p . |y|^n <= g R^(n-2) m2`` (``|y| <= R``), so
+  ``|dk2| <= 6 g m2`` and ``|dk3| <= 16 g R m2`` (:func:`_moment_errors`); ``k2 + dk2`` is used
+  in the remainders and ``a^2 dk2 / 2 + |a|^3 dk3 / 6`` is added to the bound;
+* ``u_w - k1 = w . x`` with ``x = sum_j q_j (M_w - M_j) = s M_w - M q``, ``q`` = ``p`` with the
+  target's entry zeroed and ``s = sum q``: its rounding is at most
+  ``g_d |x|.|w| + 2 g s |w|.max_j|M_j|``, proportional to the mass off the target, where
+  ``1 - p_w`` computed directly would cancel; ``|a|`` times it is added to the bound;
+* ``M`` is used minus its vocabulary mean (a constant per row, which changes no
+  log-probability): each row's centre is then at most its radius, and a large vocabulary-common
+  part of ``M`` neither cancels in ``x`` nor costs float32/16-bit rows their low bits;
+* the streaming ``k2 = w C w`` carries ``(g + 2 g_d) |w|^2 tr C + |w|^2 |g max|M||^2``;
+* ``4 u`` times the magnitudes of the expansion's terms covers their evaluation.
+
 **Exact fallback.** Every (prompt, neuron) whose bound exceeds ``tol`` is recomputed with
-the full log-sum-exp on the exact row (recomputed from ``w`` when stored rows are rounded),
-in fused chunks. So every returned score is within ``tol`` of the exact value (plus
-floating-point rounding). ``method="exact"`` evaluates everything exactly.
+the full log-sum-exp in float64 on the exact float64 row (kept per store, or recomputed from
+``w``), in fused chunks. So every returned score is within ``tol`` of the exact value on the
+engine's inputs, apart from the final rounding of the float64 result to the compute dtype
+(and float64 rounding of a log-sum-exp, about ``u`` times the largest logit).
+``method="exact"`` evaluates everything exactly. ``tests/test_engine_properties.py`` checks
+this against float64 literals on drawn confident and unconfident models.
 
 Example:
     >>> imp = logprob_increase(z, block, a, target)        # doctest: +SKIP

@@ -6,21 +6,32 @@ A :class:`RowStore` holds, for one layer's neurons, the centred vocabulary direc
 
 * in 16 bits for float32 models, scaled to ``[-1, 1]`` by the radius: as 16-bit fixed point
   (``int16``, the default: ``round(32767 * U[k] / radius[k])``, so a stored row differs from the
-  exact one by at most ``eta[k] = 0.51 * radius[k] / 32767`` per entry, the 0.01 covering the
-  float32 rounding of the scaling) or as ``float16(U[k] / radius[k])`` (``eta[k] = radius[k] *
-  2**-11``, 32 times coarser; kept for tests and for files of the previous format). The engine's
-  bound adds the effect of this rounding (:meth:`RowStore.eta`, :mod:`mechcna.engine`);
-* at full precision otherwise (``eta = 0``).
+  exact one by at most ``eta[k] = 0.51 * radius[k] / 32767`` per entry; rows are centred and
+  scaled in float64) or as ``float16(U[k] / radius[k])`` (``eta[k] = radius[k] * 2**-11``, 32
+  times coarser; kept for tests). The engine's bound adds the effect of this rounding
+  (:meth:`RowStore.eta`, :mod:`mechcna.engine`);
+* in the compute dtype otherwise: float32 rows (``BlockCache(half=False)``) are rounded
+  (``eta = 1.01 * 2**-24 * radius``, :attr:`RowStore.rounded`); float64 rows are exact up to
+  float64 rounding. Radii and centres are float64.
 
 **Disk cache.** With a directory, the rows live in a sparse file ``<key>.rows`` mapped into
 memory (``numpy.memmap``), and the radii, centres and the mask of computed rows in
 ``<key>.meta.npz``; ``key`` is the content hash of the weights (:mod:`mechcna.static`), so a
 new session with the same weights starts warm and other weights can never be read. Writers
-are safe against each other: rows are written before the metadata that marks them valid,
-metadata is merged under an exclusive ``flock`` and replaced atomically (``os.replace``), and
-two writers of the same row write the same values. The directory is bounded: after a new
-file is created, the least recently used files are deleted until the total allocated size is
-at most ``MECHCNA_DISK_CACHE_BYTES`` (default 16 GiB).
+are safe against each other: rows are written and flushed to the file before the metadata
+that marks them valid, metadata is merged under an exclusive ``flock`` and replaced
+atomically (``os.replace``), and two writers of the same row write the same values.
+
+The cache is never trusted blindly (issue 20): the metadata names its store and holds a
+CRC-32 per row, checked when the row is first read in a process (:meth:`RowStore.verify`; a
+damaged row is recomputed, with a warning); a row file of the wrong size is deleted with its
+metadata and rebuilt, never truncated or extended to fit.
+
+The directory is bounded: after a new file is created, the least recently used files are
+deleted until the total allocated size is at most ``MECHCNA_DISK_CACHE_BYTES`` (default
+16 GiB). A store in use holds a shared ``flock`` on its row file until released, and
+:func:`prune` deletes only files it can lock exclusively without waiting, so a store that any
+process has open is never deleted.
 
 Location: ``MECHCNA_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/mechcna/blocks`` (default
 ``~/.cache/mechcna/blocks``). ``MECHCNA_DISK_CACHE=0`` turns the disk cache off.
