@@ -88,7 +88,9 @@ def test_damaged_cache_is_rebuilt(tmp_path, caplog, dtype, damage):
         got = neuron_importance(model, PROMPTS, cache=again).scores
     assert any(r.name == "mechcna.rows" for r in caplog.records)  # the damage is reported
     torch.testing.assert_close(got, want, atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=0)
-    expected = model.cfg.d_mlp * model.cfg.d_vocab * (2 if dtype == torch.float32 else 8)
+    d_mlp, d_vocab = model.cfg.d_mlp, model.cfg.d_vocab
+    assert d_mlp is not None
+    expected = d_mlp * d_vocab * (2 if dtype == torch.float32 else 8)
     assert all(f.stat().st_size == expected for f in tmp_path.glob("*.rows"))
     again.clear()
 
