@@ -1,7 +1,7 @@
 """The fused, certified evaluator of log-probability increases (METHODS.md sections 4 and 10).
 
 For a base residual with frozen-scale logits ``z`` (one row per prompt) and a neuron whose
-projected direction is the row ``u`` of a :class:`~mechcna.projection.DirectionBlock`, adding
+projected direction is the row ``u`` of a :class:`~mechcna.engine.projection.DirectionBlock`, adding
 the neuron's contribution with coefficient ``a = c / s`` changes the target's log-probability by
 
     ``Imp = a * u_w - K(a)``,   ``K(a) = log sum_j p_j exp(a * u_j)``,   ``p = softmax(z)``.
@@ -28,7 +28,7 @@ and the denominator at least ``e^{t m_0}`` (Jensen). Hence
     ``|R4| <= a^4 min(r^4 / 96, r^2 k2 e^{|a| r} / 24)``.
 
 **Stored rows.** When a row is known only as ``y = u + e`` with ``|e_j| <= eta`` (16-bit or
-float32 storage, :mod:`mechcna.rows`; ``eta`` also covers the float64 computation of the row,
+float32 storage, :mod:`mechcna.engine.rows`; ``eta`` also covers the float64 computation of the row,
 :func:`_row_eta`), the cumulants of ``y`` are used for
 ``k2`` and ``k3`` and the bound adds their error: with centred ``c = u - E u``,
 ``f = e - E e`` (``|f| <= 2 eta``) and ``S = sd(y) + 2 eta >= sd(u)``:
@@ -36,14 +36,14 @@ float32 storage, :mod:`mechcna.rows`; ``eta`` also covers the float64 computatio
 ``|k3(y) - k3(u)| <= 3 E[c^2 |f|] + 3 E[|c| f^2] + E|f|^3 <= 6 eta S^2 + 12 eta^2 S + 8 eta^3``.
 ``k1`` and the target's entry never use stored rows: ``u_w - k1 = w . (M_target - M p)`` is
 computed from the neuron's residual-space vector ``w`` and the projector ``M``
-(:class:`mechcna.static.Projector`). The bound then also uses ``k2 <= S^2`` and the range
+(:class:`mechcna.engine.blocks.Projector`). The bound then also uses ``k2 <= S^2`` and the range
 ``r <= 2 (radius + eta)``.
 
 **Rows only where needed** (:func:`increase_from_rows` when the layer's rows are not all
 stored and the cache cannot hold them, e.g. streaming): ``k1`` as above and ``k2 = w C w``
 with ``C = sum_j p_j (M_j - M p)(M_j - M p)^T`` (a ``d_model x d_model`` covariance per
 prompt and layer) are exact without the row; ``r`` is bounded from above by
-:meth:`mechcna.static.Projector.range_bound`. Only neurons whose ``R3`` bound exceeds
+:meth:`mechcna.engine.blocks.Projector.range_bound`. Only neurons whose ``R3`` bound exceeds
 ``tol`` need their rows; they then get the third-order value with the ``R4`` bound, or the
 exact sum.
 
@@ -91,11 +91,11 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from mechcna._types import Float, Int, Tensor
-from mechcna.projection import DirectionBlock
+from mechcna.engine.projection import DirectionBlock
 
 if TYPE_CHECKING:
-    from mechcna.rows import RowStore
-    from mechcna.static import LayerRows
+    from mechcna.engine.rows import RowStore
+    from mechcna.engine.blocks import LayerRows
 
 Method = Literal["certified", "exact"]
 

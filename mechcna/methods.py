@@ -37,17 +37,17 @@ import torch
 from tqdm.auto import tqdm
 
 from mechcna._types import Float, Int, Tensor
-from mechcna.architecture import Architecture
-from mechcna.attribution import Targets, _meta, capture
-from mechcna.backend import Model
-from mechcna.engine import _exact_rows64, exact_rows_logprob, increase_from_rows
+from mechcna.models.architecture import Architecture
+from mechcna.analyses.attribution import Targets, _meta, capture
+from mechcna.models.backend import Model
+from mechcna.engine.expansion import _exact_rows64, exact_rows_logprob, increase_from_rows
 from mechcna.errors import MechcnaError
-from mechcna.interventions import NeuronEdit, intervene
-from mechcna.processing import refuses_processing
-from mechcna.projection import compute_dtype, linear_part, logit_offset
-from mechcna.prompts import Prompts, prepare_prompts
-from mechcna.results import Scores
-from mechcna.static import BlockCache, layer_rows
+from mechcna.interventions.edits import NeuronEdit, intervene
+from mechcna.models.processing import refuses_processing
+from mechcna.engine.projection import compute_dtype, linear_part, logit_offset
+from mechcna.interventions.prompts import Prompts, prepare_prompts
+from mechcna.analyses.results import Scores
+from mechcna.engine.blocks import BlockCache, layer_rows
 
 MethodName = Literal[
     "log_prob_increase",
@@ -113,8 +113,8 @@ def comparison_scores(
     time, and serve every prompt: ``log_prob`` (an exact log-softmax per prompt and row) and
     ``rank`` (:func:`target_ranks`) are read from them, and they fill the layer's row store
     in ``cache`` (default: the model's) when it can hold them, so that
-    ``log_prob_increase`` (:func:`mechcna.engine.increase_from_rows`, as
-    :func:`~mechcna.attribution.neuron_importance`) and any later attribution of the same
+    ``log_prob_increase`` (:func:`mechcna.engine.expansion.increase_from_rows`, as
+    :func:`~mechcna.analyses.attribution.neuron_importance`) and any later attribution of the same
     weights (the value-neuron stage of ``mechcna reproduce``) find them computed.
 
     Returns:

@@ -9,14 +9,14 @@ A :class:`RowStore` holds, for one layer's neurons, the centred vocabulary direc
   exact one by at most ``eta[k] = 0.51 * radius[k] / 32767`` per entry; rows are centred and
   scaled in float64) or as ``float16(U[k] / radius[k])`` (``eta[k] = radius[k] * 2**-11``, 32
   times coarser; kept for tests). The engine's bound adds the effect of this rounding
-  (:meth:`RowStore.eta`, :mod:`mechcna.engine`);
+  (:meth:`RowStore.eta`, :mod:`mechcna.engine.expansion`);
 * in the compute dtype otherwise: float32 rows (``BlockCache(half=False)``) are rounded
   (``eta = 1.01 * 2**-24 * radius``, :attr:`RowStore.rounded`); float64 rows are exact up to
   float64 rounding. Radii and centres are float64.
 
 **Disk cache.** With a directory, the rows live in a sparse file ``<key>.rows`` mapped into
 memory (``numpy.memmap``), and the radii, centres and the mask of computed rows in
-``<key>.meta.npz``; ``key`` is the content hash of the weights (:mod:`mechcna.static`), so a
+``<key>.meta.npz``; ``key`` is the content hash of the weights (:mod:`mechcna.engine.blocks`), so a
 new session with the same weights starts warm and other weights can never be read. Writers
 are safe against each other: rows are written and flushed to the file before the metadata
 that marks them valid, metadata is merged under an exclusive ``flock`` and replaced
@@ -68,7 +68,7 @@ def default_disk_dir() -> Path | None:
 
 
 def disk_limit() -> int:
-    from mechcna.static import parse_bytes
+    from mechcna.engine.blocks import parse_bytes
 
     env = os.environ.get("MECHCNA_DISK_CACHE_BYTES")
     return parse_bytes(env) if env else DEFAULT_DISK_BYTES
@@ -229,7 +229,7 @@ class RowStore:
         rows are centred and scaled in float64, so only the storage rounding counts)."""
         if self.storage == torch.int16:
             return self.radius[idx] * (0.51 / self.levels)
-        from mechcna.static import unit_roundoff
+        from mechcna.engine.blocks import unit_roundoff
 
         return self.radius[idx] * (unit_roundoff(self.storage) * 1.01)
 

@@ -1,15 +1,15 @@
 """Static vocabulary directions of FFN value vectors and ``W_O`` rows, cached per model.
 
 A neuron's projection is ``(coefficient / scale) * U[row]`` where ``U`` depends only on the
-weights (:class:`~mechcna.projection.DirectionBlock`). This module keeps what depends only on
+weights (:class:`~mechcna.engine.projection.DirectionBlock`). This module keeps what depends only on
 the weights, keyed by the weights' **content** (a BLAKE2b hash of their bytes, memoised per
 tensor object and version), so a cached result can never be stale: an in-place edit, a
 replaced ``Parameter``, ``load_state_dict`` or another model with equal shapes all give a new
 key, and an edit that is undone gives the old key back.
 
 * :class:`Projector`: the map ``M`` (``[d_model, d_vocab]``, the final norm's linear part
-  times ``W_U``) and the static data of the range bound used by :mod:`mechcna.engine`.
-* :class:`~mechcna.rows.RowStore`: the rows of one layer's block, computed on demand
+  times ``W_U``) and the static data of the range bound used by :mod:`mechcna.engine.expansion`.
+* :class:`~mechcna.engine.rows.RowStore`: the rows of one layer's block, computed on demand
   (only the neurons the engine cannot certify from the first two cumulants need them),
   stored in 16 bits for float32 models and, optionally, in a memory-mapped file.
 * :class:`BlockCache`: the in-memory cache, within a byte budget sized from the machine's
@@ -23,7 +23,7 @@ Cache policy (``docs/benchmarks.md`` has the measured effect):
   then the **most** recently used entry. A sequential layer scan with a budget smaller than
   the model then keeps its first layers and reuses them on every call, where least-recently-
   used order would evict each block just before it is needed again.
-* **Disk**: see :mod:`mechcna.rows` (on by default under the user cache directory;
+* **Disk**: see :mod:`mechcna.engine.rows` (on by default under the user cache directory;
   ``MECHCNA_DISK_CACHE=0`` or ``BlockCache(disk=False)`` turns it off).
 """
 
@@ -38,11 +38,11 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from mechcna._types import Float, Tensor
-from mechcna.architecture import Architecture
-from mechcna.backend import Model
+from mechcna.models.architecture import Architecture
+from mechcna.models.backend import Model
 from mechcna.errors import MechcnaError
-from mechcna.projection import DirectionBlock, compute_dtype, direction_block
-from mechcna.rows import RowStore, default_disk_dir, open_row_store
+from mechcna.engine.projection import DirectionBlock, compute_dtype, direction_block
+from mechcna.engine.rows import RowStore, default_disk_dir, open_row_store
 
 MIN_BUDGET = 256 * 2**20
 FORMAT = "mechcna-rows-3"
@@ -223,9 +223,9 @@ class BlockCache:
             :func:`default_budget`; 0 keeps nothing: rows are recomputed per call and memory
             stays bounded, "streaming").
         half: store rows in 16 bits (fixed point, each row scaled by its radius, see
-            :mod:`mechcna.rows`) for float32 models; float64 models always keep full precision.
+            :mod:`mechcna.engine.rows`) for float32 models; float64 models always keep full precision.
         disk: a directory for memory-mapped row files, ``False`` for none, ``None`` for the
-            default (:func:`mechcna.rows.default_disk_dir`; off when ``MECHCNA_DISK_CACHE=0``).
+            default (:func:`mechcna.engine.rows.default_disk_dir`; off when ``MECHCNA_DISK_CACHE=0``).
     """
 
     def __init__(

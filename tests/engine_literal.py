@@ -6,8 +6,8 @@ from the same inputs the engine sees (activations of the model's own forward pas
 
 import torch
 
-from mechcna.rows import RowStore
-from mechcna.static import BlockCache, LayerRows, Projector
+from mechcna.engine.rows import RowStore
+from mechcna.engine.blocks import BlockCache, LayerRows, Projector
 
 U64 = torch.finfo(torch.float64).eps / 2
 U32 = torch.finfo(torch.float32).eps / 2

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from mechcna import neuron_importance
-from mechcna.rows import RowStore, prune
-from mechcna.static import BlockCache
+from mechcna.engine.rows import RowStore, prune
+from mechcna.engine.blocks import BlockCache
 from tests.helpers import PROMPTS, build
 
 
@@ -84,9 +84,9 @@ def test_damaged_cache_is_rebuilt(tmp_path, caplog, dtype, damage):
     assert len(files) == model.cfg.n_layers
     damage(files)
     again = BlockCache(disk=tmp_path)  # a new session on the damaged directory
-    with caplog.at_level(logging.WARNING, logger="mechcna.rows"):
+    with caplog.at_level(logging.WARNING, logger="mechcna.engine.rows"):
         got = neuron_importance(model, PROMPTS, cache=again).scores
-    assert any(r.name == "mechcna.rows" for r in caplog.records)  # the damage is reported
+    assert any(r.name == "mechcna.engine.rows" for r in caplog.records)  # the damage is reported
     torch.testing.assert_close(got, want, atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=0)
     d_mlp, d_vocab = model.cfg.d_mlp, model.cfg.d_vocab
     assert d_mlp is not None

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mechcna import neuron_importance
-from mechcna.engine import default_tol, increase_from_rows
-from mechcna.static import BlockCache
+from mechcna.engine.expansion import default_tol, increase_from_rows
+from mechcna.engine.blocks import BlockCache
 from tests.engine_literal import U32, U64, engine_literal, layer_rows, literal64_ffn
 from tests.helpers import PROMPTS, build
 

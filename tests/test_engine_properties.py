@@ -6,7 +6,7 @@ scales up to several hundred), large coefficients, near-tie targets, large vocab
 offsets, LayerNorm and RMSNorm, float64 models, float32 models with full-precision rows and
 with int16 rows. Every score must be within the stated tolerance of a float64 literal:
 
-* engine level (:func:`~mechcna.engine.increase_from_rows` on given inputs):
+* engine level (:func:`~mechcna.engine.expansion.increase_from_rows` on given inputs):
   ``tol + 2 u |literal| + 64 u64 big`` (``u`` the unit roundoff of the returned dtype,
   ``big`` the largest absolute logit involved): the certificate plus the final rounding;
 * end to end (:func:`mechcna.neuron_importance`): ``tol + 64 u big``, where ``u big`` is the
@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mechcna import neuron_importance
-from mechcna.engine import default_tol, increase_from_rows
-from mechcna.static import BlockCache
+from mechcna.engine.expansion import default_tol, increase_from_rows
+from mechcna.engine.blocks import BlockCache
 from tests.engine_literal import U32, U64, engine_literal, layer_rows, literal64_ffn
 from tests.helpers import PROMPTS, build
 

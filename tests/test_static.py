@@ -9,13 +9,13 @@ import threading
 import pytest
 import torch
 
-from mechcna.architecture import Architecture
-from mechcna.attribution import attention_neuron_importance, neuron_importance
-from mechcna.engine import EngineStats, increase_from_rows
+from mechcna.models.architecture import Architecture
+from mechcna.analyses.attribution import attention_neuron_importance, neuron_importance
+from mechcna.engine.expansion import EngineStats, increase_from_rows
 from mechcna.errors import MechcnaError
-from mechcna.projection import linear_part
-from mechcna.rows import RowStore, prune
-from mechcna.static import (
+from mechcna.engine.projection import linear_part
+from mechcna.engine.rows import RowStore, prune
+from mechcna.engine.blocks import (
     BlockCache,
     LayerRows,
     default_budget,
@@ -163,7 +163,7 @@ def _rows(dtype, n_rows=60, d=12, V=300, seed=0, half=True, scale=1.0, storage=t
     model_like = type("P", (), {})()
     del model_like
     store = RowStore(n_rows, V, storage if half else dtype, dtype)
-    from mechcna.static import Projector
+    from mechcna.engine.blocks import Projector
 
     proj = Projector(M.to(dtype), "k")
     return LayerRows(W.to(dtype), store, proj, BlockCache(disk=False)), M, W
