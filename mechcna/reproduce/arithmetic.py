@@ -22,6 +22,7 @@ from mechcna.analyses.comparative import (
     _run_cases,
     cna_table,
     compare_neurons,
+    lowest_neuron_decreases,
     mask_keep_table,
 )
 from mechcna.analyses.evaluation import evaluate_accuracy
@@ -320,26 +321,10 @@ def lowest_neuron_per_case(
     model: Model, cases: ArithmeticDataset, cna: NeuronComparison, ks: list[int]
 ) -> dict[int, np.ndarray]:
     """Per K and case: the coefficient decrease (%) of the other top-K neurons when the case's
-    lowest-layer top-K neuron is zeroed (the per-case numbers whose mean is
-    :func:`mechcna.analyses.comparative.lowest_neuron_table`)."""
-    batch = prepare_prompts(model, cases.prompts)
-    _, before = _run_cases(model, batch, cna.target_ids, coefficients=True)
-    assert before is not None
-    out = {}
-    for k in ks:
-        top = cna.top_mask(k)
-        lowest = torch.zeros_like(top)
-        for i, neurons in enumerate(cna.top_sets(k)):
-            layer = min(l for l, _ in neurons)
-            first = next(n for n in neurons if n[0] == layer)
-            lowest[i, first[0], first[1]] = True
-        _, after = _run_cases(model, batch, cna.target_ids, lowest, coefficients=True)
-        assert after is not None
-        rest = top & ~lowest
-        b = (before.abs().double() * rest).sum((1, 2))
-        a = (after.abs().double() * rest).sum((1, 2))
-        out[k] = (100.0 * (b - a) / b.clamp_min(1e-30)).numpy()
-    return out
+    lowest-layer top-K neuron is zeroed
+    (:func:`mechcna.analyses.comparative.lowest_neuron_decreases`)."""
+    per_case = lowest_neuron_decreases(model, cases.prompts, cna, ks=ks)
+    return {k: v.numpy() for k, v in per_case.items()}
 
 
 def _cna_claims(
