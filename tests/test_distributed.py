@@ -89,14 +89,21 @@ def assert_same_scores(got, want, atol: float) -> None:
 
 # ---------------------------------------------------------------------------- head sweep
 def test_head_sweep_shipped_model_equals_single_process(cluster, shipped, dataset):
-    want = mechcna.head_sweep(shipped, dataset, batch_size=8, heads_per_pass=2, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs (threads=1): the same reduction order
+    try:
+        want = mechcna.head_sweep(shipped, dataset, batch_size=8, heads_per_pass=2, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     got = distributed.head_sweep(
         SHIPPED, dataset, load=CPU, batch_size=8, heads_per_pass=2, case_shards=3,
         head_shards=2, progress=False,
     )  # fmt: skip
     assert_same_sweep(got, want, atol=1e-5)
-    # shards follow the single process's batches and passes: the numbers are the same ones
+    # shards follow the single process's batches and passes: with the same thread count the
+    # numbers are the same ones
     assert torch.equal(got.logprob, want.logprob)
+    assert torch.equal(got.prediction, want.prediction)
 
 
 def test_head_sweep_llama_mean_mode_and_head_order(cluster, llama, llama_path):
