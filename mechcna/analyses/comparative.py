@@ -44,9 +44,9 @@ from mechcna.analyses import plotting
 from mechcna.analyses.attribution import _meta, ffn_scores
 from mechcna.analyses.capture import Capture, Targets, capture
 from mechcna.analyses.results import Scores
+from mechcna.analyses.tokens import neuron_tokens
 from mechcna.engine.blocks import BlockCache
 from mechcna.engine.expansion import EngineStats, Method
-from mechcna.engine.projection import top_tokens
 from mechcna.errors import EmptyInputError, MechcnaError
 from mechcna.interventions.edits import Intervention, NeuronMask, intervene, prompt_lengths
 from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts
@@ -526,10 +526,8 @@ def cna_table(
     """The paper's Table 4 for one case: id, CNA, Imp_M, Imp_M', m - m', m, m', and the top
     tokens of ``m * W_out[k]`` (sign-aware)."""
     top = comparison.top(k, prompt=prompt)
-    tokens = [
-        ", ".join(t for t, _ in top_tokens(model, (l, n), 10, coefficient=float(c)).top)
-        for l, n, c in zip(top["layer"], top["neuron"], top["coefficient"], strict=True)
-    ]
+    by_label = neuron_tokens(model, top["label"], top["coefficient"])
+    tokens = [by_label[label] for label in top["label"]]
     return pd.DataFrame(
         {
             "neuron": top["label"],

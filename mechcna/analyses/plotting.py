@@ -170,7 +170,15 @@ def neuron_layer_counts(
     counts = top["layer"].value_counts().reindex(range(n_layers), fill_value=0)
     best = top.sort_values("score", ascending=False).groupby("layer").head(per_layer)
     ffn = "neuron" in top.columns
-    tokens = neuron_top_tokens(model, list(best["label"]), k=6) if model is not None and ffn else {}
+    tokens = {}
+    if model is not None and ffn:
+        from mechcna.analyses.tokens import coefficients_at
+
+        coef = result.extras.get("coefficient")
+        labels = list(best["label"])
+        tokens = neuron_top_tokens(
+            model, labels, None if coef is None else coefficients_at(coef, labels, prompt)
+        )
     hover = []
     for layer, count in enumerate(counts.tolist()):
         lines = [f"layer {layer}: {count} of the top-{k} {name} neurons"]
@@ -326,17 +334,14 @@ def experiment_bars(
     return fig
 
 
-def neuron_top_tokens(model: Any, labels: Sequence[str], k: int = 8) -> dict[str, str]:
-    """``{"layer_neuron": "tok, tok, ..."}``: the tokens each FFN neuron's value vector
-    promotes most (for hover text and tables)."""
-    from mechcna.engine.projection import top_tokens
+def neuron_top_tokens(
+    model: Any, labels: Sequence[str], coefficients: Sequence[float] | None = None
+) -> dict[str, str]:
+    """``{"layer_neuron": "tok, tok, ..."}``: the tokens each FFN neuron promotes, sign-aware
+    (see :func:`mechcna.analyses.tokens.neuron_tokens`, which this calls)."""
+    from mechcna.analyses.tokens import neuron_tokens
 
-    out = {}
-    for label in labels:
-        layer, _, index = str(label).partition("_")
-        tt = top_tokens(model, (int(layer), int(index)), k)
-        out[str(label)] = ", ".join(t for t, _ in tt.top)
-    return out
+    return neuron_tokens(model, labels, coefficients)
 
 
 def neuron_hover(labels: Sequence[str], tokens: Mapping[str, str] | None) -> list[str]:

@@ -77,7 +77,8 @@ def _cna_args(p: argparse.ArgumentParser) -> None:
 )
 def cna(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.analyses.comparative import cna_table, compare_neurons, mask_keep_table
-    from mechcna.analyses.plotting import experiment_bars, neuron_top_tokens
+    from mechcna.analyses.plotting import experiment_bars
+    from mechcna.analyses.tokens import result_tokens
     from mechcna.interventions.edits import HeadAblation
 
     if bool(args.head) == bool(args.second_model):
@@ -103,7 +104,7 @@ def cna(args: argparse.Namespace, ctx: Context) -> Report:
         )
     if len(prompts) > 1:
         report.table(res.counts(args.top).head(args.top), "neurons most often in a top list")
-    tokens = neuron_top_tokens(model, res.top(15)["label"].tolist())
+    tokens = result_tokens(model, res, res.top(15)["label"].tolist())
     report.figure(
         res.plot(k=15, tokens=tokens), f"importance in M and M' of the top CNA neurons ({what})"
     )
@@ -130,7 +131,7 @@ def _compare_inputs_args(p: argparse.ArgumentParser) -> None:
 )
 def compare_inputs_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.analyses.comparative import compare_inputs
-    from mechcna.analyses.plotting import neuron_top_tokens
+    from mechcna.analyses.tokens import result_tokens
 
     targets = args.target * len(args.prompt) if len(args.target) == 1 else args.target
     res = compare_inputs(ctx.model, args.prompt, args.other_prompt, targets)
@@ -144,7 +145,7 @@ def compare_inputs_cmd(args: argparse.Namespace, ctx: Context) -> Report:
             paper_ref="ARITH Table 12",
             name=f"pair-{i}",
         )
-    tokens = neuron_top_tokens(ctx.model, res.top(15, prompt=0)["label"].tolist())
+    tokens = result_tokens(ctx.model, res, res.top(15, prompt=0)["label"].tolist(), 0)
     caption = f"importance after {args.prompt[0]!r} (M) and {args.other_prompt[0]!r} (M')"
     report.figure(res.plot(prompt=0, k=15, tokens=tokens), caption)
     return report
@@ -170,7 +171,7 @@ def query_neurons_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     report = ctx.report("Query neurons")
     for i, prompt in enumerate(prompts):
         frame = res.top(args.top, prompt=i)
-        frame = with_tokens(ctx.model, frame)
+        frame = with_tokens(ctx.model, frame, prompt=prompt)
         report.table(frame, f"top query FFN neurons of {prompt!r}", "ATTR notebooks 5.3")
     report.figure(res.plot(0), f"layers of the top query FFN neurons of {prompts[0]!r}")
     return report

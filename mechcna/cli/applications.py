@@ -269,7 +269,9 @@ def bias(args: argparse.Namespace, ctx: Context) -> Report:
     )
     neurons = res.neurons.to_frame().assign(neuron=[n for _, n in res.neurons.neurons])
     report.table(
-        with_tokens(model, neurons), "the zeroed neurons (neuron = index in its layer)",
+        with_tokens(model, neurons),
+        "the zeroed neurons (neuron = index in its layer; tokens: what each value vector "
+        "promotes, as the neurons are pooled over prompts)",
         "ARITH Table 12", name="table12",
     )  # fmt: skip
     report.section(

@@ -204,10 +204,9 @@ def interventions_from(args: argparse.Namespace) -> list[Any]:
     return out
 
 
-def with_tokens(model: Model, frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` (with ``layer`` and ``neuron`` columns) plus each FFN neuron's top tokens."""
-    from mechcna.analyses.plotting import neuron_top_tokens
+def with_tokens(model: Model, frame: pd.DataFrame, prompt: str | None = None) -> pd.DataFrame:
+    """``frame`` (with ``layer`` and ``neuron`` columns) plus the tokens each FFN neuron
+    promotes on ``prompt``, sign-aware (:func:`mechcna.analyses.tokens.frame_tokens`)."""
+    from mechcna.analyses.tokens import frame_tokens
 
-    labels = [f"{l}_{n}" for l, n in zip(frame["layer"], frame["neuron"], strict=True)]
-    tokens = neuron_top_tokens(model, labels)
-    return frame.assign(top_tokens=[tokens[label] for label in labels])
+    return frame_tokens(model, frame, prompt=prompt)

@@ -78,7 +78,7 @@ def report_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     report.figure(qa.plot(0), f"which components activate the top-{args.k} attention neurons")
     qn = query.query_neurons(model, prompts, targets, k=args.k, attention=att)
     frame = qn.top(args.top, prompt=0)
-    frame = with_tokens(model, frame)
+    frame = with_tokens(model, frame, prompt=prompts[0])
     report.table(frame, "top query FFN neurons", name="query-neurons")
     overlap = query_overlap.query_value_overlap(ffn, qn, k=min(300, ffn.scores[0].numel()))
     report.figure(overlap.plot(0), "query-only vs query-value neurons per layer")

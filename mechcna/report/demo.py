@@ -23,7 +23,8 @@ from mechcna.analyses.attribution import layer_importance, neuron_importance
 from mechcna.analyses.comparative import cna_table, compare_inputs, compare_neurons, mask_keep_table
 from mechcna.analyses.evaluation import evaluate_accuracy
 from mechcna.analyses.heads import head_sweep
-from mechcna.analyses.plotting import experiment_bars, neuron_top_tokens
+from mechcna.analyses.plotting import experiment_bars
+from mechcna.analyses.tokens import frame_tokens, result_tokens
 from mechcna.errors import MechcnaError
 from mechcna.interventions.edits import HeadAblation
 from mechcna.models.backend import Model, is_model
@@ -176,7 +177,7 @@ def build(model: Model | str | None = None, progress: bool = True, n_pairs: int 
     )
     top15 = cna.top(15)["label"].tolist()
     report.figure(
-        cna.plot(k=15, tokens=neuron_top_tokens(model, top15)),
+        cna.plot(k=15, tokens=result_tokens(model, cna, top15)),
         "importance in M and M' of the 15 neurons whose importance fell most (mean over cases)",
         paper_ref="ARITH Table 4",
     )
@@ -219,10 +220,11 @@ def _gender(model: Model, report: Report) -> None:
         "neurons whose importance differs most between the two.",
     )
     report.table(
-        pair.top(8, prompt=0), "neurons most important for 'nurse' after 'woman' vs 'man'",
+        frame_tokens(model, pair.top(8, prompt=0)),
+        "neurons most important for 'nurse' after 'woman' vs 'man'",
         paper_ref="ARITH Table 12", name="gender",
     )  # fmt: skip
-    tokens = neuron_top_tokens(model, pair.top(15, prompt=0)["label"].tolist())
+    tokens = result_tokens(model, pair, pair.top(15, prompt=0)["label"].tolist(), 0)
     report.figure(
         pair.plot(prompt=0, k=15, tokens=tokens), "importance after 'woman' (M) and 'man' (M')"
     )
