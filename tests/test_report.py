@@ -94,6 +94,38 @@ def test_bad_inputs_and_out_dirs(tmp_path):
     assert check_out_dir(tmp_path / "a" / "b").is_dir()
 
 
+def test_a_non_empty_folder_is_refused_and_overwrite_clears_only_mechcna_files(tmp_path):
+    def page(n_tables: int) -> Report:
+        report = Report("x", Provenance(model="toy"))
+        for i in range(n_tables):
+            report.table(pd.DataFrame({"a": [i]}), f"table {i}")
+        report.attach("results.json", "{}")
+        return report
+
+    out = tmp_path / "out"
+    page(3).write(out)
+    assert (out / "table-03-table-2.csv").exists() and (out / "results.json").exists()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match=r"not empty.*overwrite"):
+        page(1).write(out)
+    with pytest.raises(OutputPathError, match="not empty"):
+        check_out_dir(out)
+    assert (out / "table-03-table-2.csv").exists()  # nothing deleted by a refusal
+    page(1).write(out, overwrite=True)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        ".mechcna-files", "index.html", "notes.txt", "provenance.json", "report.txt",
+        "results.json", "table-01-table-0.csv",
+    ]  # fmt: skip
+    # a folder written before the manifest existed: mechcna's file names are cleared
+    (out / ".mechcna-files").unlink()
+    (out / "table-07-old.csv").write_text("a\n1\n")
+    check_out_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    with pytest.raises(MechcnaError, match="file name"):
+        page(0).attach("../x", "")
+
+
 def test_png_export_without_kaleido_is_one_clear_error(tmp_path, monkeypatch):
     import sys
 
@@ -133,6 +165,8 @@ def test_neuron_count_hover_names_neurons_and_their_top_tokens():
     for layer, text in enumerate(hover):
         assert text.startswith(f"layer {layer}: {int(counts.get(layer, 0))} of the top-12")
     best = top.iloc[0]
-    words = ", ".join(t for t, _ in top_tokens(model, (int(best.layer), int(best.neuron)), 6).top)
+    # sign-aware: the tokens of coefficient * value vector, as on every other page
+    neuron, m = (int(best.layer), int(best.neuron)), float(best.coefficient)
+    words = ", ".join(t for t, _ in top_tokens(model, neuron, 10, coefficient=m).top)
     assert f"{best.label}: {best.score:.4f} ({words})" in hover[int(best.layer)]
     assert "(" not in result.plot(0, k=12).data[0].hovertext[int(best.layer)]  # no model: no tokens

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="folder for index.html, CSVs, report.txt, provenance.json"
             + (f" (default: {cmd.out_default})" if cmd.out_default else " (default: none)"),
         )
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="write into a non-empty --out folder, deleting what mechcna wrote there before",
+        )
         p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
         p.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
@@ -98,10 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     cmd = COMMANDS[args.command]
-    out = check_out_dir(args.out) if args.out else None  # before any computation
+    # before any computation: a bad or non-empty folder fails in milliseconds
+    out = check_out_dir(args.out, args.overwrite) if args.out else None
     report = cmd.run(args, Context(args, argv))
     sys.stdout.write(report.to_text())
     if out is not None:
-        page = report.write(out)
+        page = report.write(out, overwrite=args.overwrite)
         sys.stdout.write(f"\nwrote {page} (+ CSV per table, report.txt, provenance.json)\n")
     return 0

@@ -41,12 +41,14 @@ def run(
     progress: bool = True,
     out_dir: str | Path = "runs/demo",
     n_pairs: int = 40,
+    overwrite: bool = False,
 ) -> str:
-    """Run the demo, write its page into ``out_dir`` and return its text."""
-    out = check_out_dir(out_dir)
+    """Run the demo, write its page into ``out_dir`` (which must be empty unless
+    ``overwrite``, see :meth:`~mechcna.report.page.Report.write`) and return its text."""
+    out = check_out_dir(out_dir, overwrite)
     with torch.no_grad():
         report = build(model_name, progress=progress, n_pairs=n_pairs)
-    page = report.write(out)
+    page = report.write(out, overwrite=overwrite)
     return report.to_text() + f"\nreport: {page}\n"
 
 
