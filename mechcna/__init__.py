@@ -16,6 +16,13 @@ from mechcna.analyses.attribution import (
     layer_importance,
     neuron_importance,
 )
+from mechcna.analyses.comparative import (
+    NeuronComparison,
+    cna_table,
+    compare_inputs,
+    compare_neurons,
+    mask_keep_table,
+)
 from mechcna.analyses.evaluation import AccuracyResult, evaluate_accuracy
 from mechcna.analyses.head_results import HeadEffects, HeadSweep
 from mechcna.analyses.heads import head_sweep, single_prompt_head_effects
@@ -46,6 +53,7 @@ from mechcna.analyses.shallow import (
     hidden_interpretable_neurons,
     mask_experiment,
 )
+from mechcna.analyses.tokens import neuron_tokens
 from mechcna.analyses.transfer import (
     AttentionTransform,
     FFNKeys,
@@ -108,6 +116,7 @@ __all__ = [
     "ModelCheckError",
     "ModelNotFoundError",
     "ModelProvenance",
+    "NeuronComparison",
     "NeuronEdit",
     "NeuronImportance",
     "NonFiniteError",
@@ -128,6 +137,9 @@ __all__ = [
     "attention_neuron_queries",
     "attention_query_layers",
     "check_model",
+    "cna_table",
+    "compare_inputs",
+    "compare_neurons",
     "component_scores",
     "concept_tokens",
     "evaluate_accuracy",
@@ -147,8 +159,10 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "mask_experiment",
+    "mask_keep_table",
     "neuron_importance",
     "neuron_scores",
+    "neuron_tokens",
     "project_to_vocab",
     "query_neuron_tokens",
     "query_neurons",

@@ -14,7 +14,7 @@ import torch
 
 from mechcna._types import Float, Int, Tensor
 from mechcna.errors import MechcnaError, NonFiniteError
-from mechcna.models.inputs import positive_int
+from mechcna.models.inputs import index_in, positive_int
 from mechcna.models.loading import ModelProvenance
 from mechcna.models.processing import WeightProcessing
 
@@ -99,9 +99,7 @@ class Scores:
     def select(self, prompt: int | None = None, aggregate: Aggregate = "mean") -> Tensor:
         """Scores of one prompt, or aggregated over prompts (axes after ``prompt`` kept)."""
         if prompt is not None:
-            if not -self.n_prompts <= prompt < self.n_prompts:
-                raise MechcnaError(f"prompt {prompt} out of range ({self.n_prompts} prompts)")
-            return self.scores[prompt]
+            return self.scores[index_in(prompt, self.n_prompts, "prompt")]
         s = self.scores.double()
         if aggregate == "mean":
             return s.mean(0)

@@ -101,8 +101,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+#: Options that count something: each must be at least 1.
+_COUNTS = (
+    "pairs", "threads", "top", "k", "ks", "rank", "train_pairs", "test_pairs", "cost_pairs",
+    "eval_pairs", "cna_pairs", "cna_templates", "tokens", "batch_size",
+)  # fmt: skip
+#: Options that are thresholds or counts that may be 0.
+_NON_NEGATIVE = ("thresholds", "threshold", "random", "steps", "cna_cases")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse counts below 1 and negative thresholds before anything runs."""
+    for names, low in ((_COUNTS, 1), (_NON_NEGATIVE, 0)):
+        for name in names:
+            value = getattr(args, name, None)
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, int | float) and not v >= low:
+                    option = "--" + name.replace("_", "-")
+                    rule = "a positive integer" if low else "at least 0"
+                    raise MechcnaError(f"{option} must be {rule}, not {v}")
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     cmd = COMMANDS[args.command]
+    _check_numbers(args)
     # before any computation: a bad or non-empty folder fails in milliseconds
     out = check_out_dir(args.out, args.overwrite) if args.out else None
     report = cmd.run(args, Context(args, argv))

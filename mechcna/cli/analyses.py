@@ -83,15 +83,20 @@ def cna(args: argparse.Namespace, ctx: Context) -> Report:
 
     if bool(args.head) == bool(args.second_model):
         raise UsageError("cna needs either --head (repeatable) or --second-model")
+    if args.second_model is not None and args.second_model == args.model:
+        raise UsageError("--second-model is --model: M' would be M and every CNA score 0")
     prompts, targets = prompts_from(args)
     model = ctx.model
+    n_neurons = model.cfg.n_layers * int(model.cfg.d_mlp or 0)
+    if args.mask_keep and max(args.ks) > n_neurons:
+        raise UsageError(f"--ks {max(args.ks)} is more than the model's {n_neurons} FFN neurons")
     if args.head:
         heads = [pair(h, "LAYER.HEAD") for h in args.head]
         other, what = HeadAblation(heads), "ablating head " + ", ".join(args.head)
     else:
         from mechcna.models.loading import load_model
 
-        other, what = load_model(args.second_model), f"model {args.second_model}"
+        other, what = load_model(str(args.second_model)), f"model {args.second_model}"
     res = compare_neurons(model, prompts, other, targets, progress=ctx.progress)
     report = ctx.report(f"CNA against {what}")
     report.section("Top CNA neurons", f"Targets {list(res.targets)}.")

@@ -139,6 +139,8 @@ def prompts_from(args: argparse.Namespace) -> tuple[list[str], list[str] | None]
         except OSError as err:
             raise UsageError(f"cannot read --prompts-file {args.prompts_file}: {err}") from err
         rows = [line.split("\t") for line in lines if line.strip()]
+        if not rows:
+            raise UsageError(f"--prompts-file {args.prompts_file} has no prompts (it is empty)")
         prompts += [r[0] for r in rows]
         file_targets = [r[1] for r in rows if len(r) > 1]
         if file_targets and len(file_targets) != len(rows):

@@ -62,6 +62,7 @@ import torch
 
 from mechcna._types import Float, Int, Tensor
 from mechcna.engine.projection import DirectionBlock
+from mechcna.models.inputs import tolerance
 
 if TYPE_CHECKING:
     from mechcna.engine.blocks import LayerRows
@@ -136,7 +137,7 @@ def logprob_increase(
         ``[batch, extra, row]`` log-probability increases (natural log).
     """
     dtype = base_logits.dtype
-    tol = default_tol(dtype) if tol is None else tol
+    tol = default_tol(dtype) if tol is None else tolerance(tol)
     U = block.U
     log_norm = torch.logsumexp(base_logits, -1)
     u_target = U[:, target].T  # [batch, row]
@@ -259,7 +260,7 @@ def increase_from_rows(
     Returns:
         ``[batch, extra, row]`` log-probability increases (natural log).
     """
-    tol = default_tol(base_logits.dtype) if tol is None else tol
+    tol = default_tol(base_logits.dtype) if tol is None else tolerance(tol)
     M, W, store = rows.projector.M, rows.W, rows.store
     n_rows = W.shape[0]
     log_norm = torch.logsumexp(base_logits, -1)

@@ -26,6 +26,7 @@ Example:
     >>> edited = apply_to_weights(model, HeadAblation([(1, 0)]))              # doctest: +SKIP
 """
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -274,13 +275,13 @@ class NeuronEdit:
     Args:
         neurons: ``(layer, neuron)`` pairs.
         op: ``"zero"``, ``"scale"`` (multiply by ``value``) or ``"set"`` (to ``value``).
-        value: the factor or the value.
+        value: the factor or the value (required by "scale" and "set").
         positions: positions to edit (default: all).
     """
 
     neurons: Sequence[tuple[int, int]]
     op: Literal["zero", "scale", "set"] = "zero"
-    value: float = 0.0
+    value: float | None = None
     positions: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
@@ -288,6 +289,16 @@ class NeuronEdit:
         object.__setattr__(self, "positions", _positions(self.positions))
         if self.op not in ("zero", "scale", "set"):
             raise InvalidOptionError(f"op must be 'zero', 'scale' or 'set', not {self.op!r}")
+        if self.op != "zero" and self.value is None:
+            raise InvalidOptionError(f"NeuronEdit(op={self.op!r}) needs a value (value=...)")
+        if self.op == "zero" and self.value not in (None, 0, 0.0):
+            raise InvalidOptionError("op='zero' takes no value: use op='scale' or op='set'")
+        if self.value is not None and not math.isfinite(float(self.value)):
+            raise InvalidOptionError(f"NeuronEdit value must be finite, not {self.value!r}")
+
+    @property
+    def _value(self) -> float:
+        return 0.0 if self.value is None else float(self.value)
 
     def _by_layer(self, model: Model) -> dict[int, Tensor]:
         arch = architecture(model)
@@ -301,8 +312,8 @@ class NeuronEdit:
         if self.op == "zero":
             return torch.zeros_like
         if self.op == "scale":
-            return lambda sub: sub * self.value
-        return lambda sub: torch.full_like(sub, self.value)
+            return lambda sub: sub * self._value
+        return lambda sub: torch.full_like(sub, self._value)
 
     def fwd_hooks(self, model: Model) -> FwdHooks:
         fn = self._fn()
@@ -321,8 +332,8 @@ class NeuronEdit:
             for layer, idx in self._by_layer(model).items():
                 mlp = model.blocks[layer].mlp
                 if self.op == "set":
-                    backend.live_bias(mlp, "b_out").add_(self.value * mlp.W_out[idx].sum(0))
-                factor = self.value if self.op == "scale" else 0.0
+                    backend.live_bias(mlp, "b_out").add_(self._value * mlp.W_out[idx].sum(0))
+                factor = self._value if self.op == "scale" else 0.0
                 mlp.W_out[idx] = mlp.W_out[idx] * factor
 
 

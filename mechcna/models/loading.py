@@ -43,7 +43,12 @@ from typing import Any, Literal, cast
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mechcna.errors import ModelNotFoundError, UnsupportedArchitectureError
+from mechcna.errors import (
+    InvalidOptionError,
+    MissingWeightsError,
+    ModelNotFoundError,
+    UnsupportedArchitectureError,
+)
 from mechcna.models.backend import (
     Backend,
     HookedTransformer,
@@ -189,6 +194,16 @@ def load_model(
     """
     from mechcna.models.gguf import KNOWN_MODELS, find_gguf, known_model_path
 
+    if not isinstance(source, str | Path | HookedTransformerConfig) or source == "":
+        raise ModelNotFoundError(
+            "load_model needs a model name, a checkpoint folder, a .gguf file or a "
+            f"HookedTransformerConfig, not {source!r}"
+        )
+    if not isinstance(processing, WeightProcessing):
+        raise InvalidOptionError(
+            f"processing must be a WeightProcessing (e.g. WeightProcessing(fold_ln=True)), "
+            f"not {processing!r}"
+        )
     device = check_device(device or default_device())
     dtype = check_dtype(dtype)
     if check_backend(backend) == "bridge":
@@ -404,7 +419,7 @@ def _fail_fast_offline(name: str) -> None:
     try:
         repo = get_official_model_name(name)
     except ValueError:
-        return  # not a TransformerLens name: from_pretrained reports it at once
+        raise ModelNotFoundError(_unknown_model_message(name)) from None
     if isinstance(try_to_load_from_cache(repo, "config.json"), str):
         return  # in the local cache
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -418,6 +433,24 @@ def _fail_fast_offline(name: str) -> None:
         f"{name!r} ({repo}) is not in the Hugging Face cache and the hub cannot be reached "
         f"(offline). Models that load offline: {', '.join(_known_names())}; or a local Hugging "
         "Face checkpoint directory or .gguf file"
+    )
+
+
+def _unknown_model_message(name: str) -> str:
+    """One short line: the close matches among every name mechcna can load, and the models
+    that load offline (not TransformerLens's whole list of names)."""
+    import difflib
+
+    from transformer_lens import loading_from_pretrained as tl
+
+    names = [*_known_names(), *tl.OFFICIAL_MODEL_NAMES]
+    names += [a for aliases in tl.MODEL_ALIASES.values() for a in aliases]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    return (
+        f"unknown model {name!r}: not a TransformerLens model name, a known model, a local "
+        f"directory or a .gguf file; {hint}models that load offline: "
+        f"{', '.join(_known_names())}"
     )
 
 
@@ -517,6 +550,7 @@ def _from_mechcna_checkpoint(
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
 ) -> tuple[Model, WeightProcessing, ModelProvenance]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     meta = json.loads((path / CHECKPOINT_FILE).read_text())
@@ -530,8 +564,21 @@ def _from_mechcna_checkpoint(
     )
     if tokenizer is None and (path / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(path, name=path.name)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise MissingWeightsError(
+            f"mechcna checkpoint {path} has {CHECKPOINT_FILE} but no {WEIGHTS_FILE}; copy the "
+            "whole folder (save_checkpoint writes both)"
+        )
+    try:
+        loaded = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ModelNotFoundError(
+            f"cannot read {weights} ({type(err).__name__}: {err}); the file is truncated or "
+            "damaged: copy it again"
+        ) from err
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    state = {k: v.to(dtype) for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    state = {k: v.to(dtype) for k, v in loaded.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad_missing = [
         k for k in missing if not k.endswith(("IGNORE", "mask", "rotary_sin", "rotary_cos"))
