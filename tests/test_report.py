@@ -6,6 +6,7 @@ import re
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+import torch
 from jaxtyping import TypeCheckError
 from plotly.offline import get_plotlyjs
 
@@ -170,3 +171,35 @@ def test_neuron_count_hover_names_neurons_and_their_top_tokens():
     words = ", ".join(t for t, _ in top_tokens(model, neuron, 10, coefficient=m).top)
     assert f"{best.label}: {best.score:.4f} ({words})" in hover[int(best.layer)]
     assert "(" not in result.plot(0, k=12).data[0].hovertext[int(best.layer)]  # no model: no tokens
+
+
+def test_provenance_records_a_command_that_runs_and_describes_user_built_models(tmp_path):
+    import shlex
+
+    from transformer_lens import HookedTransformer
+
+    import mechcna
+    from mechcna.cli import main
+    from mechcna.report import demo
+    from tests.helpers import gpt2_cfg
+
+    # the command line as typed, shell-quoted: splitting it gives back the arguments
+    argv = ["top-tokens", "--neuron", "3.266", "--k", "3", "--quiet", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    prov = json.loads((tmp_path / "a" / "provenance.json").read_text())
+    assert shlex.split(prov["extra"]["command"]) == ["mechcna", *argv]
+    # the demo's default command names the model as it loads, not cfg.model_name
+    shipped = mechcna.load_model("mechcna/arith-small", device="cpu")
+    assert shipped.cfg.model_name != "mechcna/arith-small"
+    command = shlex.split(
+        demo.build(shipped, progress=False, n_pairs=1).provenance.extra["command"]
+    )
+    assert command[:2] == ["mechcna", "demo"]
+    reloaded = mechcna.load_model(command[command.index("--model") + 1], device="cpu")
+    assert torch.equal(reloaded.W_U, shipped.W_U)
+    # a model the user built without load_model is described, not None
+    user = HookedTransformer(gpt2_cfg())
+    source = mechcna.get_provenance(user)
+    assert source.format == "user-built" and source.source == user.cfg.model_name
+    assert source.describe().startswith(f"{user.cfg.model_name} (user-built")
+    assert "user-built" in Provenance.from_model(user).extra["source"]

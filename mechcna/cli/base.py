@@ -20,6 +20,7 @@ use of ``ctx.model``, prints the returned report's text and writes its page into
 import argparse
 import contextlib
 import io
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,9 +102,14 @@ class Context:
                 self._model = load_model(self.args.model)
         return self._model
 
+    @property
+    def command_line(self) -> str:
+        """The command as typed (shell-quoted, so it can be pasted back)."""
+        return shlex.join(["mechcna", *self.argv])
+
     def report(self, title: str, intro: str = "", **extra: Any) -> Report:
         """A report titled ``title`` with the model's provenance and the command line."""
-        line = " ".join(["mechcna", *self.argv])
+        line = self.command_line
         if getattr(self.args, "model", None) is not None:
             prov = Provenance.from_model(self.model, command=line, **extra)
         else:

@@ -24,7 +24,9 @@ def demo_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.report import demo
 
     with torch.no_grad():
-        return demo.build(ctx.model, progress=ctx.progress, n_pairs=args.pairs)
+        return demo.build(
+            ctx.model, progress=ctx.progress, n_pairs=args.pairs, command=ctx.command_line
+        )
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:

@@ -81,9 +81,15 @@ _CFG_FIELDS = (
 ).split()
 
 
-SourceFormat = Literal["config", "transformer_lens", "huggingface", "gguf", "mechcna"]
+SourceFormat = Literal["config", "transformer_lens", "huggingface", "gguf", "mechcna", "user-built"]
 BosPolicy = Literal[
-    "argument", "tokenizer", "checkpoint", "no tokenizer", "architecture", "changed after loading"
+    "argument",
+    "tokenizer",
+    "checkpoint",
+    "no tokenizer",
+    "architecture",
+    "changed after loading",
+    "model config",
 ]
 
 
@@ -94,12 +100,14 @@ class ModelProvenance:
     Attributes:
         source: what :func:`load_model` was given (a name or path; ``"config"``).
         format: ``"config"`` (random init), ``"transformer_lens"`` (a pretrained name),
-            ``"huggingface"`` (a local checkpoint), ``"gguf"`` or ``"mechcna"`` (a checkpoint).
+            ``"huggingface"`` (a local checkpoint), ``"gguf"``, ``"mechcna"`` (a checkpoint) or
+            ``"user-built"`` (not loaded by :func:`load_model`; ``source`` is its model name).
         prepend_bos: whether string prompts get a BOS token.
         bos_policy: why: ``"tokenizer"`` (what the Hugging Face tokenizer does), ``"argument"``
             (``prepend_bos=``), ``"checkpoint"`` (what a mechcna model was trained with),
             ``"no tokenizer"``, ``"architecture"`` (tokenizer unavailable: none for GPT-2 and
-            GPT-NeoX, BOS otherwise) or ``"changed after loading"``.
+            GPT-NeoX, BOS otherwise), ``"changed after loading"`` or ``"model config"`` (a
+            user-built model's ``cfg.default_prepend_bos``).
         quantization: the GGUF quantisation the weights were dequantised from (``"Q4_1"``);
             ``None`` when they were never quantised.
         tensor_types: ``(type, count)`` of the GGUF file's tensors.
@@ -133,15 +141,19 @@ class ModelProvenance:
 _PROVENANCE_ATTR = "_mechcna_provenance"
 
 
-def get_provenance(model: Model) -> ModelProvenance | None:
-    """The :class:`ModelProvenance` recorded by :func:`load_model` (``None`` if unknown).
+def get_provenance(model: Model) -> ModelProvenance:
+    """The :class:`ModelProvenance` recorded by :func:`load_model`.
 
+    A model built without :func:`load_model` (e.g. ``HookedTransformer(cfg)`` or
+    ``HookedTransformer.from_pretrained(...)``) is described as ``format="user-built"`` with
+    its ``cfg.model_name`` and the BOS setting of its config (``bos_policy="model config"``).
     ``prepend_bos`` is read from the model now, so a later change of
     ``model.cfg.default_prepend_bos`` shows as ``bos_policy="changed after loading"``.
     """
     record = getattr(model, _PROVENANCE_ATTR, None)
     if record is None:
-        return None
+        bos = bool(model.cfg.default_prepend_bos)
+        return ModelProvenance(str(model.cfg.model_name), "user-built", bos, "model config")
     now = bool(model.cfg.default_prepend_bos)
     if now != record.prepend_bos:
         return replace(record, prepend_bos=now, bos_policy="changed after loading")

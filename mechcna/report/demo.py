@@ -14,6 +14,7 @@ CSV per table and ``report.txt`` (the text :func:`run` returns and the CLI print
 """
 
 import math
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +30,7 @@ from mechcna.errors import MechcnaError
 from mechcna.interventions.edits import HeadAblation
 from mechcna.models.backend import Model, is_model
 from mechcna.models.check import check_model
-from mechcna.models.loading import SHIPPED_MODELS, load_model
+from mechcna.models.loading import SHIPPED_MODELS, get_provenance, load_model
 from mechcna.report.page import Provenance, Report, check_out_dir
 from mechcna.tasks.arithmetic import ArithmeticDataset, arithmetic_dataset
 
@@ -52,15 +53,31 @@ def run(
     return report.to_text() + f"\nreport: {page}\n"
 
 
-def build(model: Model | str | None = None, progress: bool = True, n_pairs: int = 40) -> Report:
-    """The demo's :class:`~mechcna.report.page.Report` (nothing written) on a model or its name."""
+def build(
+    model: Model | str | None = None,
+    progress: bool = True,
+    n_pairs: int = 40,
+    command: str | None = None,
+) -> Report:
+    """The demo's :class:`~mechcna.report.page.Report` (nothing written) on a model or its name.
+
+    ``command`` is recorded in the provenance as typed (the CLI passes its command line);
+    by default, the ``mechcna demo`` line that reruns it with the name the model was loaded by.
+    """
     if not is_model(model):
         model = load_model(model or DEFAULT_MODEL, device="cpu")
     name = str(model.cfg.model_name)
     cfg = model.cfg
+    if command is None:
+        source = get_provenance(model)
+        command = (
+            shlex.join(["mechcna", "demo", "--model", source.source, "--pairs", str(n_pairs)])
+            if source.format != "user-built"
+            else f"mechcna.report.demo.build(<user-built model {name!r}>, n_pairs={n_pairs})"
+        )
     report = Report(
         f"mechcna demo: the arithmetic pipeline on {name}",
-        Provenance.from_model(model, n_pairs=n_pairs, command=f"mechcna demo --model {name}"),
+        Provenance.from_model(model, n_pairs=n_pairs, command=command),
         intro=(
             "The methods of Yu & Ananiadou (EMNLP 2024) on one model, offline: held-out "
             "accuracy, the arithmetic-head sweep, log-probability-increase attribution and "
