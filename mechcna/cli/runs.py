@@ -2,6 +2,7 @@
 and training the shipped arithmetic model."""
 
 import argparse
+from pathlib import Path
 
 from mechcna.cli.base import Context, add_prompts, command, prompts_from, with_tokens
 from mechcna.report.page import Report
@@ -118,7 +119,11 @@ def train_arithmetic(args: argparse.Namespace, ctx: Context) -> Report:
     config = training.TrainingConfig(
         seed=args.seed, **{k: v for k, v in overrides.items() if v is not None}
     )
+    out = Path(args.out).expanduser() if args.out else None
+    before = {p.name for p in out.iterdir()} if out is not None and out.is_dir() else set()
     result = training.train_arithmetic(config, out=args.out, progress=ctx.progress)
     report = ctx.report("Training the arithmetic model", seed=args.seed)
+    if out is not None:  # the checkpoint and card, listed in the folder's manifest
+        report.adopt({p.name for p in out.iterdir()} - before)
     report.table(result.to_frame(), "held-out accuracy per cell after training")
     return report

@@ -33,6 +33,7 @@ import os
 import platform
 import re
 import time
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -70,13 +71,16 @@ def written_files(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if p.is_file() and _KNOWN_OUTPUTS.fullmatch(p.name))
 
 
-def check_out_dir(path: str | Path, overwrite: bool = False) -> Path:
+def check_out_dir(path: str | Path, overwrite: bool = False, keep: Collection[str] = ()) -> Path:
     """Create ``path`` (and parents) if needed and check that it is an empty, writable folder.
 
     Call it before any computation so a bad ``--out`` fails in milliseconds, not after minutes.
     A folder that is not empty is refused (old and new results would mix) unless
     ``overwrite``, which deletes the files mechcna wrote there (:func:`written_files`) and
     keeps everything else.
+
+    ``keep`` names files this run already wrote there (e.g. a trained checkpoint): they
+    neither count as content nor are deleted.
 
     Raises:
         OutputPathError: ``path`` is a file, is not empty (without ``overwrite``), or cannot be
@@ -85,14 +89,15 @@ def check_out_dir(path: str | Path, overwrite: bool = False) -> Path:
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name not in keep for p in out.iterdir()):
         if not overwrite:
             raise OutputPathError(
                 f"output folder {out} is not empty; choose a new folder or pass --overwrite "
                 "(overwrite=True) to replace what mechcna wrote there"
             )
         for file in written_files(out):
-            file.unlink()
+            if file.name not in keep:
+                file.unlink()
         (out / MANIFEST).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +220,7 @@ class Report:
         self.provenance = provenance
         self._blocks: list[_Block] = []
         self._files: dict[str, str] = {}
+        self._adopted: set[str] = set()
         self._start = time.perf_counter()
         if intro:
             self.text(intro)
@@ -332,6 +338,11 @@ class Report:
             raise MechcnaError(f"an attached file needs a plain file name, not {name!r}")
         self._files[name] = text
 
+    def adopt(self, names: Iterable[str]) -> None:
+        """Files this run already wrote into the output folder (e.g. a trained checkpoint):
+        :meth:`write` accepts them there and lists them in the manifest."""
+        self._adopted.update(names)
+
     def write(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write ``index.html``, one CSV per table, ``report.txt``, ``provenance.json`` and the
         attached files, and list them in the folder's manifest (``.mechcna-files``).
@@ -347,7 +358,7 @@ class Report:
         Raises:
             OutputPathError: the folder is not empty and ``overwrite`` is false.
         """
-        out = check_out_dir(out_dir, overwrite)
+        out = check_out_dir(out_dir, overwrite, keep=self._adopted)
         prov = self.finished_provenance()
         files: dict[str, str] = {}
         n_tab = 0
@@ -360,7 +371,8 @@ class Report:
             files["provenance.json"] = json.dumps(asdict(prov), indent=2, default=str) + "\n"
         files.update(self._files)
         files["index.html"] = self.to_html()
-        (out / MANIFEST).write_text("\n".join(files) + "\n", encoding="utf-8")
+        names = [*sorted(self._adopted - set(files)), *files]
+        (out / MANIFEST).write_text("\n".join(names) + "\n", encoding="utf-8")
         for name, text in files.items():
             (out / name).write_text(text, encoding="utf-8")
         return out / "index.html"
