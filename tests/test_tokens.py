@@ -79,3 +79,24 @@ def test_every_cli_page_shows_the_same_tokens(shipped, tmp_path, capsys):
             assert tokens == want, (name, layer, neuron)
             seen.setdefault(f"{layer}_{neuron}", set()).add(name)
     assert {"attribute", "cna"} <= seen[LABEL]
+
+
+def test_layer_tables_name_components_and_input_comparisons_name_inputs():
+    from tests.helpers import PROMPTS, build
+
+    model = build("gpt2", dtype=torch.float64)
+    layers = mechcna.layer_importance(model, PROMPTS)
+    top = layers.top(4, prompt=0)
+    assert set(top["component"]) <= {"attention", "FFN"}
+    for layer, component, score, label in zip(
+        top["layer"], top["component"], top["score"], top["label"], strict=True
+    ):
+        code = ("attention", "FFN").index(component)
+        assert score == pytest.approx(float(layers.scores[0, layer, code]))
+        assert label == f"{layer}_{component}"
+    assert set(layers.to_frame()["component"]) == {"attention", "FFN"}
+    pair = compare_inputs(model, PROMPTS[:1], PROMPTS[1:2], None)
+    fig = pair.plot(prompt=0, k=5, names=("'a'", "'b'"))
+    assert [t.name for t in fig.data] == [
+        "importance in 'a'", "importance in 'b'", "CNA delta ('a' - 'b')",
+    ]  # fmt: skip

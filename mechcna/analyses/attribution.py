@@ -104,10 +104,13 @@ def _layers(arch: Architecture, layers: Iterable[int] | None) -> list[int]:
 # ---------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class LayerImportance(Scores):
-    """``scores[prompt, layer, component]``, component 0 = attention, 1 = FFN.
+    """``scores[prompt, layer, component]``, component 0 = attention, 1 = FFN (tables name
+    them: ``.top()`` and ``.to_frame()`` show ``attention`` / ``FFN``, labels ``23_FFN``).
 
     ``extras["final_logprob"]`` and ``extras["embedding_logprob"]`` hold the telescoping ends.
     """
+
+    category_names: ClassVar[dict[str, tuple[str, ...]]] = {"component": ("attention", "FFN")}
 
     final_logprob: Tensor | None = None
     embedding_logprob: Tensor | None = None

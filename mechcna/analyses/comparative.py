@@ -116,12 +116,18 @@ class NeuronComparison(Scores):
         return frame.sort_values(["count", "mean_delta"], ascending=False, ignore_index=True)
 
     def plot(
-        self, prompt: int | None = None, k: int = 20, tokens: Mapping[str, str] | None = None
+        self,
+        prompt: int | None = None,
+        k: int = 20,
+        tokens: Mapping[str, str] | None = None,
+        names: tuple[str, str] = ("M", "M'"),
     ) -> go.Figure:
         """Importance in ``M`` and ``M'`` of the top-``k`` CNA neurons (one prompt or mean).
 
         Args:
             tokens: ``{"layer_neuron": "top tokens"}`` shown in the hover text.
+            names: what the two states are called in the legend (e.g. the two inputs of
+                :func:`compare_inputs`: ``("'woman'", "'man'")``).
         """
         top = self.top(k, prompt=prompt)
         imp_m = self.extras["imp_original"]
@@ -136,7 +142,7 @@ class NeuronComparison(Scores):
         )
         return plotting.cna_bars(
             top["label"].tolist(), sel_m[pick].tolist(), sel_o[pick].tolist(),
-            top["score"].tolist(), f"top-{k} CNA neurons ({where})", tokens,
+            top["score"].tolist(), f"top-{k} CNA neurons ({where})", tokens, names,
         )  # fmt: skip
 
 

@@ -364,16 +364,19 @@ def cna_bars(
     delta: Sequence[float],
     title: str,
     tokens: Mapping[str, str] | None = None,
+    names: tuple[str, str] = ("M", "M'"),
 ) -> go.Figure:
     """Importance in ``M`` and ``M'`` side by side per neuron, with the CNA delta as markers
-    (all three in nats on one axis); hover names the neuron and its top tokens."""
+    (all three in nats on one axis); hover names the neuron and its top tokens. ``names``
+    names the two states (e.g. the two inputs of :func:`mechcna.compare_inputs`)."""
     hover = neuron_hover(labels, tokens)
     fig = go.Figure()
-    for name, y in (("importance in M", imp_m), ("importance in M'", imp_other)):
+    for name, y in ((f"importance in {names[0]}", imp_m), (f"importance in {names[1]}", imp_other)):
         template = "%{hovertext}<br>" + name + ": %{y:.4f}<extra></extra>"
         fig.add_bar(x=list(labels), y=list(y), name=name, hovertext=hover, hovertemplate=template)
     fig.add_scatter(
-        x=list(labels), y=list(delta), mode="markers", name="CNA delta (M - M')",
+        x=list(labels), y=list(delta), mode="markers",
+        name=f"CNA delta ({names[0]} - {names[1]})",
         marker={"symbol": "diamond", "size": 9, "color": "black"}, hovertext=hover,
         hovertemplate="%{hovertext}<br>delta: %{y:.4f}<extra></extra>",
     )  # fmt: skip

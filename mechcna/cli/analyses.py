@@ -151,8 +151,9 @@ def compare_inputs_cmd(args: argparse.Namespace, ctx: Context) -> Report:
             name=f"pair-{i}",
         )
     tokens = result_tokens(ctx.model, res, res.top(15, prompt=0)["label"].tolist(), 0)
-    caption = f"importance after {args.prompt[0]!r} (M) and {args.other_prompt[0]!r} (M')"
-    report.figure(res.plot(prompt=0, k=15, tokens=tokens), caption)
+    names = (repr(args.prompt[0]), repr(args.other_prompt[0]))
+    caption = f"importance after {names[0]} and after {names[1]}, and their difference"
+    report.figure(res.plot(prompt=0, k=15, tokens=tokens, names=names), caption)
     return report
 
 

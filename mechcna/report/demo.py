@@ -245,5 +245,6 @@ def _gender(model: Model, report: Report) -> None:
     )  # fmt: skip
     tokens = result_tokens(model, pair, pair.top(15, prompt=0)["label"].tolist(), 0)
     report.figure(
-        pair.plot(prompt=0, k=15, tokens=tokens), "importance after 'woman' (M) and 'man' (M')"
+        pair.plot(prompt=0, k=15, tokens=tokens, names=("'woman'", "'man'")),
+        "importance after 'woman' and after 'man', and their difference",
     )
