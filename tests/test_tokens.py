@@ -1,5 +1,7 @@
 """A neuron's top tokens are the same on every page: sign-aware, one function (issue 23)."""
 
+from typing import Any
+
 import pandas as pd
 import pytest
 import torch
@@ -47,8 +49,9 @@ def test_negative_coefficient_lists_the_promoted_not_the_suppressed_tokens(shipp
     )
     # no coefficient column: read at the prompt
     bare = pd.DataFrame({"layer": [3], "neuron": [266]})
-    assert frame_tokens(shipped, bare, prompt=PROMPT)["top_tokens"][0] == want
-    hover = neuron_layer_counts(res, k=20, prompt=0, model=shipped).data[0].hovertext[3]
+    assert frame_tokens(shipped, bare, prompt=PROMPT)["top_tokens"].tolist() == [want]
+    counts: Any = neuron_layer_counts(res, k=20, prompt=0, model=shipped)
+    hover = counts.data[0].hovertext[3]
     assert f"{LABEL}: " in hover and want in hover
     cna = compare_neurons(shipped, [PROMPT], HeadAblation([(2, 0)]))
     table = cna_table(shipped, cna, prompt=0, k=20).set_index("neuron")
@@ -96,7 +99,7 @@ def test_layer_tables_name_components_and_input_comparisons_name_inputs():
         assert label == f"{layer}_{component}"
     assert set(layers.to_frame()["component"]) == {"attention", "FFN"}
     pair = compare_inputs(model, PROMPTS[:1], PROMPTS[1:2], None)
-    fig = pair.plot(prompt=0, k=5, names=("'a'", "'b'"))
+    fig: Any = pair.plot(prompt=0, k=5, names=("'a'", "'b'"))
     assert [t.name for t in fig.data] == [
         "importance in 'a'", "importance in 'b'", "CNA delta ('a' - 'b')",
     ]  # fmt: skip
