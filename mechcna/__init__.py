@@ -16,6 +16,13 @@ from mechcna.analyses.attribution import (
     layer_importance,
     neuron_importance,
 )
+from mechcna.analyses.comparative import (
+    NeuronComparison,
+    cna_table,
+    compare_inputs,
+    compare_neurons,
+    mask_keep_table,
+)
 from mechcna.analyses.evaluation import AccuracyResult, evaluate_accuracy
 from mechcna.analyses.head_results import HeadEffects, HeadSweep
 from mechcna.analyses.heads import head_sweep, single_prompt_head_effects
@@ -46,6 +53,7 @@ from mechcna.analyses.shallow import (
     hidden_interpretable_neurons,
     mask_experiment,
 )
+from mechcna.analyses.tokens import neuron_tokens
 from mechcna.analyses.transfer import (
     AttentionTransform,
     FFNKeys,
@@ -77,8 +85,9 @@ from mechcna.interventions.edits import (
 from mechcna.models.architecture import Architecture
 from mechcna.models.check import CheckReport, check_model
 from mechcna.models.hooks import hook_name
-from mechcna.models.loading import ModelProvenance, get_provenance, load_model, save_checkpoint
+from mechcna.models.loading import load_model, save_checkpoint
 from mechcna.models.processing import NO_PROCESSING, WeightProcessing, get_processing
+from mechcna.models.provenance import ModelProvenance, get_provenance
 from mechcna.models.tokenizer import load_tokenizer, word_level_tokenizer
 from mechcna.tasks.arithmetic import ArithmeticCase, ArithmeticDataset, arithmetic_dataset
 from mechcna.tasks.knowledge import KnowledgeDataset, filter_knowledge, knowledge_prompts
@@ -108,6 +117,7 @@ __all__ = [
     "ModelCheckError",
     "ModelNotFoundError",
     "ModelProvenance",
+    "NeuronComparison",
     "NeuronEdit",
     "NeuronImportance",
     "NonFiniteError",
@@ -128,6 +138,9 @@ __all__ = [
     "attention_neuron_queries",
     "attention_query_layers",
     "check_model",
+    "cna_table",
+    "compare_inputs",
+    "compare_neurons",
     "component_scores",
     "concept_tokens",
     "evaluate_accuracy",
@@ -147,8 +160,10 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "mask_experiment",
+    "mask_keep_table",
     "neuron_importance",
     "neuron_scores",
+    "neuron_tokens",
     "project_to_vocab",
     "query_neuron_tokens",
     "query_neurons",

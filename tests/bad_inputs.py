@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ class Case:
 _MODELS: dict[str, object] = {}
 
 
-def model():
+def model() -> Any:
     if "m" not in _MODELS:
         _MODELS["m"] = build("gpt2", dtype=torch.float64)
     return _MODELS["m"]
@@ -69,6 +70,62 @@ def _user_hook() -> object:
 def _empty_dataset() -> object:
     ds = mechcna.arithmetic_dataset(n_pairs=1, digits=[1], operations=["+"]).filter(digits=3)
     return mechcna.evaluate_accuracy(model(), ds, progress=False)  # type: ignore[arg-type]
+
+
+def _cna() -> Any:
+    return mechcna.compare_neurons(model(), PROMPTS, mechcna.HeadAblation([(0, 0)]))  # type: ignore[arg-type]
+
+
+def _checkpoint(damage: str) -> object:
+    """A mechcna checkpoint folder whose weights are missing or truncated, loaded by the CLI."""
+    from mechcna import save_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(save_checkpoint(build("llama"), Path(d) / "ckpt"))
+        weights = folder / "model.safetensors"
+        if damage == "missing":
+            weights.unlink()
+        else:
+            weights.write_bytes(weights.read_bytes()[:1000])
+        return cli(["attribute", "--model", str(folder), "--prompt", "3+5=", "--quiet"])()
+
+
+def _empty_prompts_file() -> object:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "prompts.txt"
+        path.write_text("\n")
+        return cli(["attribute", "--prompts-file", str(path), "--quiet"])()
+
+
+class CliError(E.MechcnaError):
+    """What a CLI run that printed one clear ``mechcna: error:`` line is recorded as."""
+
+
+def cli(argv: list[str]) -> Callable[[], object]:
+    """Run ``mechcna ARGV`` in-process: it must exit with status 2 and print exactly one short
+    ``mechcna: error: ...`` line (no traceback, no usage text), recorded as :class:`CliError`."""
+
+    def run() -> object:
+        import contextlib
+        import io
+
+        from mechcna.cli import main
+
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                code = main(argv)
+            except SystemExit as exit_:  # argparse
+                code = exit_.code
+        text = err.getvalue()
+        lines = text.strip().splitlines()
+        if code == 2 and len(lines) == 1 and lines[0].startswith("mechcna: error: "):
+            if len(lines[0]) <= 400:
+                raise CliError(lines[0].removeprefix("mechcna: error: "))
+        shown = text if len(text) < 300 else f"{text[:300]}... ({len(text)} characters)"
+        raise RuntimeError(f"exit status {code}, {len(lines)} lines on stderr: {shown}")
+
+    return run
 
 
 def _cases() -> list[Case]:
@@ -139,6 +196,65 @@ def _cases() -> list[Case]:
              E.WeightProcessingError),
         Case("user hook attached", "layer_importance(model_with_a_hook, prompts)", _user_hook,
              E.UserHookWarning),
+        # issue 23: silent nonsense and raw Python errors
+        Case("no interventions for M'", "compare_neurons(model, prompts, [])",
+             lambda: mechcna.compare_neurons(m(), PROMPTS, []), E.EmptyInputError),
+        Case("M' given as a string", 'compare_neurons(model, prompts, "head 0.0")',
+             lambda: mechcna.compare_neurons(m(), PROMPTS, "head 0.0"),  # type: ignore[arg-type]
+             E.InvalidOptionError),
+        Case("M' is M", "compare_neurons(model, prompts, model)",
+             lambda: mechcna.compare_neurons(m(), PROMPTS, m()), E.InvalidOptionError),  # type: ignore[arg-type]
+        Case("scale without a value", 'NeuronEdit([(0, 1)], op="scale")',
+             lambda: mechcna.NeuronEdit([(0, 1)], op="scale"), E.InvalidOptionError),
+        Case("tolerance NaN", 'neuron_importance(model, prompts, tol=float("nan"))',
+             lambda: mechcna.neuron_importance(m(), PROMPTS, tol=float("nan")),
+             E.InvalidOptionError),
+        Case("negative tolerance", "neuron_importance(model, prompts, tol=-1.0)",
+             lambda: mechcna.neuron_importance(m(), PROMPTS, tol=-1.0), E.InvalidOptionError),
+        Case("negative prompt index", "layer_importance(model, prompts).top(prompt=-1)",
+             lambda: mechcna.layer_importance(m(), PROMPTS).top(prompt=-1),
+             E.ComponentIndexError),
+        Case("neuron given as a string", 'top_tokens(model, "3.266")',
+             lambda: mechcna.top_tokens(m(), "3.266"),  # type: ignore[arg-type]
+             E.InvalidOptionError),
+        Case("processing given as text", 'load_model("mechcna/arith-small", processing="fold")',
+             lambda: mechcna.load_model("mechcna/arith-small", processing="fold"),  # type: ignore[arg-type]
+             E.InvalidOptionError),
+        Case("no model", "load_model(None)",
+             lambda: mechcna.load_model(None), E.ModelNotFoundError),  # type: ignore[arg-type]
+        Case("negative zero-shot threshold", "hidden_interpretable_neurons(model, thresholds=[-1])",
+             lambda: mechcna.hidden_interpretable_neurons(m(), thresholds=[-1]),
+             E.InvalidOptionError),
+        Case("K beyond the neurons", "mask_keep_table(model, prompts, cna, ks=[10**6])",
+             lambda: mechcna.mask_keep_table(m(), PROMPTS, _cna(), ks=[10**6]),
+             E.InvalidOptionError),
+        Case("CLI: K = 0", "mechcna cna --prompt 3+5= --head 0.0 --mask-keep --ks 0",
+             cli(["cna", "--prompt", "3+5=", "--head", "0.0", "--mask-keep", "--ks", "0"]),
+             CliError),
+        Case("CLI: K beyond the neurons",
+             "mechcna cna --prompt 3+5= --head 0.0 --mask-keep --ks 99999",
+             cli(["cna", "--prompt", "3+5=", "--head", "0.0", "--mask-keep", "--ks", "99999"]),
+             CliError),
+        Case("CLI: M' is M", "mechcna cna --prompt 3+5= --second-model mechcna/arith-small",
+             cli(["cna", "--prompt", "3+5=", "--second-model", "mechcna/arith-small"]), CliError),
+        Case("CLI: cases options with --prompt", "mechcna head-sweep --prompt 3+5= --operations +",
+             cli(["head-sweep", "--prompt", "3+5=", "--operations", "+"]), CliError),
+        Case("CLI: negative zero-shot threshold", "mechcna zero-shot --thresholds -1",
+             cli(["zero-shot", "--thresholds", "-1"]), CliError),
+        Case("CLI: LoRA rank 0", "mechcna lora --rank 0",
+             cli(["lora", "--rank", "0"]), CliError),
+        Case("CLI: negative pairs", "mechcna accuracy --pairs -3",
+             cli(["accuracy", "--pairs", "-3"]), CliError),
+        Case("CLI: zero threads", "mechcna train-arithmetic --threads 0",
+             cli(["train-arithmetic", "--threads", "0"]), CliError),
+        Case("CLI: checkpoint without model.safetensors", "mechcna attribute --model <checkpoint>",
+             lambda: _checkpoint("missing"), CliError),
+        Case("CLI: truncated model.safetensors", "mechcna attribute --model <checkpoint>",
+             lambda: _checkpoint("truncated"), CliError),
+        Case("CLI: unknown model name", "mechcna attribute --model gpt3-small --prompt 1",
+             cli(["attribute", "--model", "gpt3-small", "--prompt", "1"]), CliError),
+        Case("CLI: empty prompts file", "mechcna attribute --prompts-file empty.txt",
+             _empty_prompts_file, CliError),
     ]  # fmt: skip
 
 
@@ -162,6 +278,7 @@ def outcome(case: Case) -> tuple[bool, str]:
 
 def _cell(text: str) -> str:
     text = re.sub(r"\S*/no-weights", "<dir>/no-weights", " ".join(text.split()))
+    text = re.sub(r"/\S*/(ckpt|prompts\.txt)", r"<dir>/\1", text)
     return text.replace("|", "\\|")
 
 

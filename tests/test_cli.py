@@ -109,6 +109,30 @@ def test_out_is_checked_before_any_computation(tmp_path, capsys, monkeypatch):
     assert "not a folder" in capsys.readouterr().err
 
 
+def test_a_non_empty_out_is_refused_before_computing_unless_overwrite(
+    tmp_path, capsys, monkeypatch
+):
+    import mechcna.models.loading
+
+    out = tmp_path / "out"
+    argv = ["top-tokens", "--neuron", "3.266", "--neuron", "3.149", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    assert len(list(out.glob("table-*.csv"))) == 2
+    load = mechcna.models.loading.load_model
+
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(mechcna.models.loading, "load_model", fail)
+    capsys.readouterr()
+    assert main(argv[:3] + argv[5:]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not empty" in err and "--overwrite" in err
+    monkeypatch.setattr(mechcna.models.loading, "load_model", load)
+    assert main(argv[:3] + argv[5:] + ["--overwrite"]) == 0
+    assert [p.name for p in out.glob("table-*.csv")] == ["table-01-3-266.csv"]
+
+
 def test_version_and_help(capsys):
     from mechcna import __version__
 

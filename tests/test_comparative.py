@@ -1,3 +1,5 @@
+import copy
+
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -12,16 +14,21 @@ from mechcna.analyses.comparative import (
     mask_keep_table,
     value_key_products,
 )
+from mechcna.errors import EmptyInputError, InvalidOptionError
 from mechcna.interventions.edits import NeuronMask
 from tests.helpers import PROMPTS, build
 
 
 def test_self_comparison_is_exactly_zero(kind):
     model = build(kind, dtype=torch.float64)
-    for other in ([], model):
-        res = compare_neurons(model, PROMPTS, other)
-        assert torch.all(res.delta == 0)
-        assert torch.all(res.extras["coefficient_delta"] == 0)
+    res = compare_neurons(model, PROMPTS, copy.deepcopy(model))  # an identical second model
+    assert torch.all(res.delta == 0)
+    assert torch.all(res.extras["coefficient_delta"] == 0)
+    # M' = M by construction is refused: a table of zeros would mean nothing (issue 23)
+    with pytest.raises(EmptyInputError, match="no interventions"):
+        compare_neurons(model, PROMPTS, [])
+    with pytest.raises(InvalidOptionError, match="M itself"):
+        compare_neurons(model, PROMPTS, model)
 
 
 def test_last_layer_head_ablation_leaves_lower_layers_zero(kind):

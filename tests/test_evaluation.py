@@ -111,3 +111,19 @@ def test_bad_input(small_dataset):
         evaluate_accuracy(model, bad, progress=False)
     with pytest.raises(mechcna.errors.EmptyInputError, match="no cases"):
         evaluate_accuracy(model, small_dataset.filter(digits=3), progress=False)
+
+
+def test_plot_is_in_percent_and_names_interventions_briefly(small_dataset):
+    from mechcna.analyses.evaluation import describe_intervention
+
+    model = _model("llama")
+    heads = [(layer, head) for layer in range(2) for head in range(2)]
+    res = evaluate_accuracy(model, small_dataset, [HeadAblation(heads)], progress=False)
+    fig = res.plot()
+    assert fig.layout.yaxis.range == (0, 100)
+    assert list(fig.data[0].y) == pytest.approx(list(100 * res.to_frame()["accuracy"]))
+    title = fig.layout.title.text
+    assert f"{100 * res.accuracy:.1f}%" in title
+    assert "HeadAblation(zero: 0.0, 0.1, 1.0, 1.1)" in title and "positions" not in title
+    assert max(len(line) for line in title.split("<br>")) < 100
+    assert describe_intervention(NeuronEdit([(0, i) for i in range(9)])).endswith("(+5 more))")

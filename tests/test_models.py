@@ -170,8 +170,11 @@ def test_missing_directory_is_clear(tmp_path):
 
 
 def test_unknown_pretrained_name_is_clear():
-    with pytest.raises(ModelNotFoundError, match="could not load"):
+    with pytest.raises(ModelNotFoundError, match="unknown model") as err:
         load_model("not-a-real-model-name-xyz", device="cpu")
+    assert len(str(err.value)) < 300 and "load offline: mechcna/arith-small" in str(err.value)
+    with pytest.raises(ModelNotFoundError, match="did you mean 'gpt2-small'"):
+        load_model("gpt3-small", device="cpu")
 
 
 def test_unsupported_hf_family(tmp_path):

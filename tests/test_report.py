@@ -6,6 +6,7 @@ import re
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+import torch
 from jaxtyping import TypeCheckError
 from plotly.offline import get_plotlyjs
 
@@ -94,6 +95,38 @@ def test_bad_inputs_and_out_dirs(tmp_path):
     assert check_out_dir(tmp_path / "a" / "b").is_dir()
 
 
+def test_a_non_empty_folder_is_refused_and_overwrite_clears_only_mechcna_files(tmp_path):
+    def page(n_tables: int) -> Report:
+        report = Report("x", Provenance(model="toy"))
+        for i in range(n_tables):
+            report.table(pd.DataFrame({"a": [i]}), f"table {i}")
+        report.attach("results.json", "{}")
+        return report
+
+    out = tmp_path / "out"
+    page(3).write(out)
+    assert (out / "table-03-table-2.csv").exists() and (out / "results.json").exists()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match=r"not empty.*overwrite"):
+        page(1).write(out)
+    with pytest.raises(OutputPathError, match="not empty"):
+        check_out_dir(out)
+    assert (out / "table-03-table-2.csv").exists()  # nothing deleted by a refusal
+    page(1).write(out, overwrite=True)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        ".mechcna-files", "index.html", "notes.txt", "provenance.json", "report.txt",
+        "results.json", "table-01-table-0.csv",
+    ]  # fmt: skip
+    # a folder written before the manifest existed: mechcna's file names are cleared
+    (out / ".mechcna-files").unlink()
+    (out / "table-07-old.csv").write_text("a\n1\n")
+    check_out_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    with pytest.raises(MechcnaError, match="file name"):
+        page(0).attach("../x", "")
+
+
 def test_png_export_without_kaleido_is_one_clear_error(tmp_path, monkeypatch):
     import sys
 
@@ -133,6 +166,40 @@ def test_neuron_count_hover_names_neurons_and_their_top_tokens():
     for layer, text in enumerate(hover):
         assert text.startswith(f"layer {layer}: {int(counts.get(layer, 0))} of the top-12")
     best = top.iloc[0]
-    words = ", ".join(t for t, _ in top_tokens(model, (int(best.layer), int(best.neuron)), 6).top)
+    # sign-aware: the tokens of coefficient * value vector, as on every other page
+    neuron, m = (int(best.layer), int(best.neuron)), float(best.coefficient)
+    words = ", ".join(t for t, _ in top_tokens(model, neuron, 10, coefficient=m).top)
     assert f"{best.label}: {best.score:.4f} ({words})" in hover[int(best.layer)]
     assert "(" not in result.plot(0, k=12).data[0].hovertext[int(best.layer)]  # no model: no tokens
+
+
+def test_provenance_records_a_command_that_runs_and_describes_user_built_models(tmp_path):
+    import shlex
+
+    from transformer_lens import HookedTransformer
+
+    import mechcna
+    from mechcna.cli import main
+    from mechcna.report import demo
+    from tests.helpers import gpt2_cfg
+
+    # the command line as typed, shell-quoted: splitting it gives back the arguments
+    argv = ["top-tokens", "--neuron", "3.266", "--k", "3", "--quiet", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    prov = json.loads((tmp_path / "a" / "provenance.json").read_text())
+    assert shlex.split(prov["extra"]["command"]) == ["mechcna", *argv]
+    # the demo's default command names the model as it loads, not cfg.model_name
+    shipped = mechcna.load_model("mechcna/arith-small", device="cpu")
+    assert shipped.cfg.model_name != "mechcna/arith-small"
+    command = shlex.split(
+        demo.build(shipped, progress=False, n_pairs=1).provenance.extra["command"]
+    )
+    assert command[:2] == ["mechcna", "demo"]
+    reloaded = mechcna.load_model(command[command.index("--model") + 1], device="cpu")
+    assert torch.equal(reloaded.W_U, shipped.W_U)
+    # a model the user built without load_model is described, not None
+    user = HookedTransformer(gpt2_cfg())
+    source = mechcna.get_provenance(user)
+    assert source.format == "user-built" and source.source == user.cfg.model_name
+    assert source.describe().startswith(f"{user.cfg.model_name} (user-built")
+    assert "user-built" in Provenance.from_model(user).extra["source"]

@@ -63,8 +63,8 @@ from mechcna.interventions.prompts import Prompts
 from mechcna.models.architecture import Architecture
 from mechcna.models.backend import Model
 from mechcna.models.inputs import choice
-from mechcna.models.loading import get_provenance
 from mechcna.models.processing import VALUE_BIAS, get_processing, refuses_processing
+from mechcna.models.provenance import get_provenance
 from mechcna.models.view import architecture, per_call
 
 
@@ -110,10 +110,13 @@ def _layers(arch: Architecture, layers: Iterable[int] | None) -> list[int]:
 # ---------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class LayerImportance(Scores):
-    """``scores[prompt, layer, component]``, component 0 = attention, 1 = FFN.
+    """``scores[prompt, layer, component]``, component 0 = attention, 1 = FFN (tables name
+    them: ``.top()`` and ``.to_frame()`` show ``attention`` / ``FFN``, labels ``23_FFN``).
 
     ``extras["final_logprob"]`` and ``extras["embedding_logprob"]`` hold the telescoping ends.
     """
+
+    category_names: ClassVar[dict[str, tuple[str, ...]]] = {"component": ("attention", "FFN")}
 
     final_logprob: Tensor | None = None
     embedding_logprob: Tensor | None = None

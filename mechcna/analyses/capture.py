@@ -25,7 +25,8 @@ from transformer_lens.hook_points import HookPoint
 from mechcna._types import Float, Int, Tensor
 from mechcna.engine.projection import compute_dtype
 from mechcna.errors import MechcnaError, NonFiniteError
-from mechcna.interventions.edits import Intervention, intervene, prompt_lengths
+from mechcna.interventions.edits import Intervention, intervene
+from mechcna.interventions.positions import prompt_lengths
 from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts, single_token_ids
 from mechcna.models.backend import Model
 from mechcna.models.check import first_non_finite

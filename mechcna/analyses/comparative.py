@@ -31,7 +31,7 @@ Table 6 and the prediction-enhancing stage (lowest-neuron ablation, value-key pr
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import einops
 import pandas as pd
@@ -44,15 +44,17 @@ from mechcna.analyses import plotting
 from mechcna.analyses.attribution import _meta, ffn_scores
 from mechcna.analyses.capture import Capture, Targets, capture
 from mechcna.analyses.results import Scores
+from mechcna.analyses.tokens import neuron_tokens
 from mechcna.engine.blocks import BlockCache
 from mechcna.engine.expansion import EngineStats, Method
-from mechcna.engine.projection import top_tokens
-from mechcna.errors import EmptyInputError, MechcnaError
-from mechcna.interventions.edits import Intervention, NeuronMask, intervene, prompt_lengths
+from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError
+from mechcna.interventions.edits import Intervention, NeuronMask, intervene
+from mechcna.interventions.positions import prompt_lengths
 from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts
 from mechcna.models.architecture import refuses_post_norms
 from mechcna.models.backend import Model, is_model
 from mechcna.models.hooks import hook_name
+from mechcna.models.inputs import positive_int
 from mechcna.models.processing import WeightProcessing, get_processing, refuses_processing
 from mechcna.models.view import architecture, per_call
 
@@ -116,12 +118,18 @@ class NeuronComparison(Scores):
         return frame.sort_values(["count", "mean_delta"], ascending=False, ignore_index=True)
 
     def plot(
-        self, prompt: int | None = None, k: int = 20, tokens: Mapping[str, str] | None = None
+        self,
+        prompt: int | None = None,
+        k: int = 20,
+        tokens: Mapping[str, str] | None = None,
+        names: tuple[str, str] = ("M", "M'"),
     ) -> go.Figure:
         """Importance in ``M`` and ``M'`` of the top-``k`` CNA neurons (one prompt or mean).
 
         Args:
             tokens: ``{"layer_neuron": "top tokens"}`` shown in the hover text.
+            names: what the two states are called in the legend (e.g. the two inputs of
+                :func:`compare_inputs`: ``("'woman'", "'man'")``).
         """
         top = self.top(k, prompt=prompt)
         imp_m = self.extras["imp_original"]
@@ -136,8 +144,24 @@ class NeuronComparison(Scores):
         )
         return plotting.cna_bars(
             top["label"].tolist(), sel_m[pick].tolist(), sel_o[pick].tolist(),
-            top["score"].tolist(), f"top-{k} CNA neurons ({where})", tokens,
+            top["score"].tolist(), f"top-{k} CNA neurons ({where})", tokens, names,
         )  # fmt: skip
+
+
+def _check_other(model: Model, other: object) -> None:
+    """Refuse an ``M'`` that is no ``M'``: a string, no interventions, or ``M`` itself."""
+    if isinstance(other, str | bytes):
+        raise InvalidOptionError(
+            f"M' is an intervention (e.g. HeadAblation([(0, 0)])), a list of them or a second "
+            f"model, not the string {other!r}"
+        )
+    if other is model:
+        raise InvalidOptionError("M' is M itself: every CNA score would be 0")
+    if not is_model(other) and not isinstance(other, Intervention):
+        if not isinstance(other, Iterable):
+            raise InvalidOptionError(f"M' must be an intervention or a model, not {other!r}")
+        if not list(cast(Iterable[object], other)):
+            raise EmptyInputError("no interventions: M' would equal M and every score be 0")
 
 
 def _capture_other(
@@ -254,6 +278,7 @@ def compare_neurons(
     Returns:
         :class:`NeuronComparison` whose ``.delta`` is ``[prompt, layer, neuron]``.
     """
+    _check_other(model, other)
     cap = capture(model, prompts, targets, position=position, need=("post",))
     other_model, cap_o = _capture_other(model, prompts, other, cap.target, position)
     return _compare(
@@ -374,6 +399,11 @@ def mask_keep_table(
     deep = sorted({arch.check_layer(l) for l in chosen})
     if not deep:
         raise EmptyInputError("deep_layers is empty")
+    for k in ks:
+        if positive_int(k, "K") > len(deep) * arch.d_mlp:
+            raise InvalidOptionError(
+                f"K = {k} is more than the {len(deep) * arch.d_mlp} FFN neurons of the deep layers"
+            )
     deep_mask = torch.zeros(arch.n_layers, arch.d_mlp, dtype=torch.bool)
     deep_mask[deep] = True
     base, _ = _run_cases(model, batch, target, batch_size=batch_size)
@@ -546,10 +576,8 @@ def cna_table(
     """The paper's Table 4 for one case: id, CNA, Imp_M, Imp_M', m - m', m, m', and the top
     tokens of ``m * W_out[k]`` (sign-aware)."""
     top = comparison.top(k, prompt=prompt)
-    tokens = [
-        ", ".join(t for t, _ in top_tokens(model, (l, n), 10, coefficient=float(c)).top)
-        for l, n, c in zip(top["layer"], top["neuron"], top["coefficient"], strict=True)
-    ]
+    by_label = neuron_tokens(model, top["label"], top["coefficient"])
+    tokens = [by_label[label] for label in top["label"]]
     return pd.DataFrame(
         {
             "neuron": top["label"],

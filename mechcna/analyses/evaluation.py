@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from mechcna._types import Float, Tensor
 from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError
-from mechcna.interventions.edits import Intervention, intervene, prompt_lengths
+from mechcna.interventions.edits import Intervention, intervene
+from mechcna.interventions.positions import prompt_lengths
 from mechcna.interventions.prompts import prepare_prompts, single_token_ids
 from mechcna.models.backend import Model
 from mechcna.models.check import refuse_non_finite
@@ -109,22 +110,43 @@ class AccuracyResult:
         fig = go.Figure(
             go.Bar(
                 x=labels,
-                y=table["accuracy"],
+                y=100 * table["accuracy"],
                 customdata=table[["n", "mean_logprob"]].to_numpy(),
-                hovertemplate="%{x}<br>accuracy %{y:.3f}<br>n %{customdata[0]}"
+                hovertemplate="%{x}<br>accuracy %{y:.1f}%<br>n %{customdata[0]}"
                 "<br>mean log p %{customdata[1]:.3f}<extra></extra>",
             )
         )
-        title = f"greedy accuracy per cell (overall {self.accuracy:.3f}, {len(self.correct)} cases"
+        title = f"greedy accuracy per cell (overall {100 * self.accuracy:.1f}%, "
+        title += f"{len(self.correct)} cases"
         title += f", {self.model_name})" if self.model_name else ")"
         if self.interventions:
-            title += " under " + ", ".join(self.interventions)
+            shown = ", ".join(short_name(i) for i in self.interventions)
+            title += "<br>under " + (shown if len(shown) <= 80 else shown[:77] + "...")
         fig.update_layout(
             title=title,
             xaxis_title=" / ".join(by),
-            yaxis={"title": "accuracy", "range": [0, 1]},
+            yaxis={"title": "accuracy (%)", "range": [0, 100]},
         )
         return fig
+
+
+def describe_intervention(iv: Intervention) -> str:
+    """A short description, e.g. ``HeadAblation(zero: 3.0, 4.1)`` (not the full repr)."""
+    parts = []
+    for attr in ("mode", "op"):
+        if isinstance(getattr(iv, attr, None), str):
+            parts.append(str(getattr(iv, attr)))
+    for attr in ("heads", "neurons"):
+        items = getattr(iv, attr, None)
+        if isinstance(items, tuple | list) and items:
+            shown = ", ".join(".".join(str(x) for x in item) for item in items[:4])
+            parts.append(shown + (f" (+{len(items) - 4} more)" if len(items) > 4 else ""))
+    return f"{type(iv).__name__}({': '.join(parts)})"
+
+
+def short_name(description: str) -> str:
+    """A recorded intervention description, cut to fit a title."""
+    return description if len(description) <= 60 else description[:57] + "..."
 
 
 @per_call
@@ -187,6 +209,6 @@ def evaluate_accuracy(
         correct=torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool, device=device),
         logprob=torch.cat(logprob) if logprob else torch.zeros(0, device=device),
         model_name=str(model.cfg.model_name),
-        interventions=tuple(repr(i) for i in interventions),
+        interventions=tuple(describe_intervention(i) for i in interventions),
         processing=get_processing(model),
     )

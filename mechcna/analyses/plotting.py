@@ -170,7 +170,15 @@ def neuron_layer_counts(
     counts = top["layer"].value_counts().reindex(range(n_layers), fill_value=0)
     best = top.sort_values("score", ascending=False).groupby("layer").head(per_layer)
     ffn = "neuron" in top.columns
-    tokens = neuron_top_tokens(model, list(best["label"]), k=6) if model is not None and ffn else {}
+    tokens = {}
+    if model is not None and ffn:
+        from mechcna.analyses.tokens import coefficients_at
+
+        coef = result.extras.get("coefficient")
+        labels = list(best["label"])
+        tokens = neuron_top_tokens(
+            model, labels, None if coef is None else coefficients_at(coef, labels, prompt)
+        )
     hover = []
     for layer, count in enumerate(counts.tolist()):
         lines = [f"layer {layer}: {count} of the top-{k} {name} neurons"]
@@ -326,17 +334,14 @@ def experiment_bars(
     return fig
 
 
-def neuron_top_tokens(model: Any, labels: Sequence[str], k: int = 8) -> dict[str, str]:
-    """``{"layer_neuron": "tok, tok, ..."}``: the tokens each FFN neuron's value vector
-    promotes most (for hover text and tables)."""
-    from mechcna.engine.projection import top_tokens
+def neuron_top_tokens(
+    model: Any, labels: Sequence[str], coefficients: Sequence[float] | None = None
+) -> dict[str, str]:
+    """``{"layer_neuron": "tok, tok, ..."}``: the tokens each FFN neuron promotes, sign-aware
+    (see :func:`mechcna.analyses.tokens.neuron_tokens`, which this calls)."""
+    from mechcna.analyses.tokens import neuron_tokens
 
-    out = {}
-    for label in labels:
-        layer, _, index = str(label).partition("_")
-        tt = top_tokens(model, (int(layer), int(index)), k)
-        out[str(label)] = ", ".join(t for t, _ in tt.top)
-    return out
+    return neuron_tokens(model, labels, coefficients)
 
 
 def neuron_hover(labels: Sequence[str], tokens: Mapping[str, str] | None) -> list[str]:
@@ -359,16 +364,19 @@ def cna_bars(
     delta: Sequence[float],
     title: str,
     tokens: Mapping[str, str] | None = None,
+    names: tuple[str, str] = ("M", "M'"),
 ) -> go.Figure:
     """Importance in ``M`` and ``M'`` side by side per neuron, with the CNA delta as markers
-    (all three in nats on one axis); hover names the neuron and its top tokens."""
+    (all three in nats on one axis); hover names the neuron and its top tokens. ``names``
+    names the two states (e.g. the two inputs of :func:`mechcna.compare_inputs`)."""
     hover = neuron_hover(labels, tokens)
     fig = go.Figure()
-    for name, y in (("importance in M", imp_m), ("importance in M'", imp_other)):
+    for name, y in ((f"importance in {names[0]}", imp_m), (f"importance in {names[1]}", imp_other)):
         template = "%{hovertext}<br>" + name + ": %{y:.4f}<extra></extra>"
         fig.add_bar(x=list(labels), y=list(y), name=name, hovertext=hover, hovertemplate=template)
     fig.add_scatter(
-        x=list(labels), y=list(delta), mode="markers", name="CNA delta (M - M')",
+        x=list(labels), y=list(delta), mode="markers",
+        name=f"CNA delta ({names[0]} - {names[1]})",
         marker={"symbol": "diamond", "size": 9, "color": "black"}, hovertext=hover,
         hovertemplate="%{hovertext}<br>delta: %{y:.4f}<extra></extra>",
     )  # fmt: skip

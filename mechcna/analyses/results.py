@@ -14,9 +14,9 @@ import torch
 
 from mechcna._types import Float, Int, Tensor
 from mechcna.errors import MechcnaError, NonFiniteError
-from mechcna.models.inputs import positive_int
-from mechcna.models.loading import ModelProvenance
+from mechcna.models.inputs import index_in, positive_int
 from mechcna.models.processing import WeightProcessing
+from mechcna.models.provenance import ModelProvenance
 
 Aggregate = Literal["mean", "sum", "max", "min"]
 
@@ -55,6 +55,9 @@ class Scores:
     extras: dict[str, Tensor] = field(default_factory=dict, repr=False)
     #: The axes a ``.top()`` label joins, in order (default: the axes after ``prompt``).
     label_dims: ClassVar[tuple[str, ...] | None] = None
+    #: Names of the values of categorical axes (e.g. ``component``: attention, FFN), used by
+    #: ``.top()`` and ``.to_frame()`` instead of codes.
+    category_names: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __post_init__(self) -> None:
         if self.scores.ndim != len(self.dims) or self.dims[0] != "prompt":
@@ -99,9 +102,7 @@ class Scores:
     def select(self, prompt: int | None = None, aggregate: Aggregate = "mean") -> Tensor:
         """Scores of one prompt, or aggregated over prompts (axes after ``prompt`` kept)."""
         if prompt is not None:
-            if not -self.n_prompts <= prompt < self.n_prompts:
-                raise MechcnaError(f"prompt {prompt} out of range ({self.n_prompts} prompts)")
-            return self.scores[prompt]
+            return self.scores[index_in(prompt, self.n_prompts, "prompt")]
         s = self.scores.double()
         if aggregate == "mean":
             return s.mean(0)
@@ -132,6 +133,10 @@ class Scores:
         k = min(k, flat.numel())
         top = flat.topk(k, largest=largest)
         coords = torch.stack(torch.unravel_index(top.indices, values.shape), 1).tolist()
+        for i, d in enumerate(self.dims[1:]):
+            if d in self.category_names:
+                for row in coords:
+                    row[i] = self.category_names[d][row[i]]
         frame = pd.DataFrame(coords, columns=list(self.dims[1:]))
         frame["score"] = top.values.tolist()
         order = [self.dims[1:].index(d) for d in (self.label_dims or self.dims[1:])]
@@ -147,6 +152,8 @@ class Scores:
             torch.unravel_index(torch.arange(self.scores.numel()), self.scores.shape), 1
         )
         frame = pd.DataFrame(idx.tolist(), columns=list(self.dims))
+        for d, names in self.category_names.items():
+            frame[d] = [names[i] for i in frame[d]]
         frame["score"] = self.scores.detach().cpu().flatten().tolist()
         for name, t in self.extras.items():
             frame[name] = t.detach().cpu().flatten().tolist()

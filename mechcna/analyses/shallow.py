@@ -33,7 +33,7 @@ from mechcna._types import Int, Tensor
 from mechcna.analyses import plotting
 from mechcna.analyses.transfer import vo_transform
 from mechcna.engine.projection import compute_dtype, linear_part
-from mechcna.errors import MechcnaError
+from mechcna.errors import InvalidOptionError, MechcnaError
 from mechcna.interventions.edits import Intervention, NeuronEdit
 from mechcna.models.architecture import refuses_post_norms
 from mechcna.models.backend import Model
@@ -217,6 +217,9 @@ def hidden_interpretable_neurons(
     a_layers = sorted({arch.check_layer(l) for l in (attention_layers or default_a)})
     if aggregate not in ("max", "union"):
         raise MechcnaError(f"aggregate must be 'max' or 'union', not {aggregate!r}")
+    for m in thresholds:
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise InvalidOptionError(f"thresholds M are counts of tokens (0 or more), not {m!r}")
     if not 0 < top <= arch.d_vocab:
         raise MechcnaError(f"top must be in 1..{arch.d_vocab}, got {top}")
     ids = sorted(concept_tokens(model, concepts))

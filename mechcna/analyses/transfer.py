@@ -54,7 +54,8 @@ from mechcna._types import Float, Tensor
 from mechcna.analyses import plotting
 from mechcna.engine.projection import TopTokens, compute_dtype, top_tokens
 from mechcna.errors import MechcnaError, PathOrderError
-from mechcna.interventions.edits import Intervention, intervene, prompt_lengths
+from mechcna.interventions.edits import Intervention, intervene
+from mechcna.interventions.positions import prompt_lengths
 from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts, single_token_id
 from mechcna.models.architecture import Architecture, refuses_post_norms
 from mechcna.models.backend import Model

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from mechcna._types import Tensor
 from mechcna.analyses.evaluation import evaluate_accuracy
-from mechcna.errors import MechcnaError, UnsupportedArchitectureError
+from mechcna.errors import InvalidOptionError, MechcnaError, UnsupportedArchitectureError
 from mechcna.interventions.prompts import prepare_prompts, single_token_ids
 from mechcna.models.backend import Model, is_bridge
 from mechcna.models.view import architecture
@@ -300,8 +300,8 @@ def lora_finetune(
         raise MechcnaError("no training cases")
     if batch_size < 1 or lr <= 0 or epochs <= 0 or (steps is not None and steps < 0):
         raise MechcnaError("batch_size, lr and epochs must be positive and steps non-negative")
-    if rank < 0:
-        raise MechcnaError(f"rank must be non-negative, not {rank}")
+    if rank < 1:
+        raise InvalidOptionError(f"rank must be at least 1 (rank 0 trains nothing), not {rank}")
     n_steps = steps if steps is not None else math.ceil(epochs * len(data) / batch_size)
     test = data if test is None else test
     if accuracy_before is None:

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="folder for index.html, CSVs, report.txt, provenance.json"
             + (f" (default: {cmd.out_default})" if cmd.out_default else " (default: none)"),
         )
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="write into a non-empty --out folder, deleting what mechcna wrote there before",
+        )
         p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
         p.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
@@ -96,12 +101,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+#: Options that count something: each must be at least 1.
+_COUNTS = (
+    "pairs", "threads", "top", "k", "ks", "rank", "train_pairs", "test_pairs", "cost_pairs",
+    "eval_pairs", "cna_pairs", "cna_templates", "tokens", "batch_size",
+)  # fmt: skip
+#: Options that are thresholds or counts that may be 0.
+_NON_NEGATIVE = ("thresholds", "threshold", "random", "steps", "cna_cases")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse counts below 1 and negative thresholds before anything runs."""
+    for names, low in ((_COUNTS, 1), (_NON_NEGATIVE, 0)):
+        for name in names:
+            value = getattr(args, name, None)
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, int | float) and not v >= low:
+                    option = "--" + name.replace("_", "-")
+                    rule = "a positive integer" if low else "at least 0"
+                    raise MechcnaError(f"{option} must be {rule}, not {v}")
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     cmd = COMMANDS[args.command]
-    out = check_out_dir(args.out) if args.out else None  # before any computation
+    _check_numbers(args)
+    # before any computation: a bad or non-empty folder fails in milliseconds
+    out = check_out_dir(args.out, args.overwrite) if args.out else None
     report = cmd.run(args, Context(args, argv))
     sys.stdout.write(report.to_text())
     if out is not None:
-        page = report.write(out)
+        page = report.write(out, overwrite=args.overwrite)
         sys.stdout.write(f"\nwrote {page} (+ CSV per table, report.txt, provenance.json)\n")
     return 0

@@ -87,20 +87,26 @@ def _cna_args(p: argparse.ArgumentParser) -> None:
 )
 def cna(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.analyses.comparative import cna_table, compare_neurons, mask_keep_table
-    from mechcna.analyses.plotting import experiment_bars, neuron_top_tokens
+    from mechcna.analyses.plotting import experiment_bars
+    from mechcna.analyses.tokens import result_tokens
     from mechcna.interventions.edits import HeadAblation
 
     if bool(args.head) == bool(args.second_model):
         raise UsageError("cna needs either --head (repeatable) or --second-model")
+    if args.second_model is not None and args.second_model == args.model:
+        raise UsageError("--second-model is --model: M' would be M and every CNA score 0")
     prompts, targets = prompts_from(args)
     model = ctx.model
+    n_neurons = model.cfg.n_layers * int(model.cfg.d_mlp or 0)
+    if args.mask_keep and max(args.ks) > n_neurons:
+        raise UsageError(f"--ks {max(args.ks)} is more than the model's {n_neurons} FFN neurons")
     if args.head:
         heads = [pair(h, "LAYER.HEAD") for h in args.head]
         other, what = HeadAblation(heads), "ablating head " + ", ".join(args.head)
     else:
         from mechcna.models.loading import load_model
 
-        other, what = load_model(args.second_model), f"model {args.second_model}"
+        other, what = load_model(str(args.second_model)), f"model {args.second_model}"
     res = compare_neurons(model, prompts, other, targets, progress=ctx.progress)
     report = ctx.report(f"CNA against {what}")
     report.section("Top CNA neurons", f"Targets {list(res.targets)}.")
@@ -113,7 +119,7 @@ def cna(args: argparse.Namespace, ctx: Context) -> Report:
         )
     if len(prompts) > 1:
         report.table(res.counts(args.top).head(args.top), "neurons most often in a top list")
-    tokens = neuron_top_tokens(model, res.top(15)["label"].tolist())
+    tokens = result_tokens(model, res, res.top(15)["label"].tolist())
     report.figure(
         res.plot(k=15, tokens=tokens), f"importance in M and M' of the top CNA neurons ({what})"
     )
@@ -140,7 +146,7 @@ def _compare_inputs_args(p: argparse.ArgumentParser) -> None:
 )
 def compare_inputs_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.analyses.comparative import compare_inputs
-    from mechcna.analyses.plotting import neuron_top_tokens
+    from mechcna.analyses.tokens import result_tokens
 
     targets = args.target * len(args.prompt) if len(args.target) == 1 else args.target
     res = compare_inputs(ctx.model, args.prompt, args.other_prompt, targets)
@@ -154,9 +160,10 @@ def compare_inputs_cmd(args: argparse.Namespace, ctx: Context) -> Report:
             paper_ref="ARITH Table 12",
             name=f"pair-{i}",
         )
-    tokens = neuron_top_tokens(ctx.model, res.top(15, prompt=0)["label"].tolist())
-    caption = f"importance after {args.prompt[0]!r} (M) and {args.other_prompt[0]!r} (M')"
-    report.figure(res.plot(prompt=0, k=15, tokens=tokens), caption)
+    tokens = result_tokens(ctx.model, res, res.top(15, prompt=0)["label"].tolist(), 0)
+    names = (repr(args.prompt[0]), repr(args.other_prompt[0]))
+    caption = f"importance after {names[0]} and after {names[1]}, and their difference"
+    report.figure(res.plot(prompt=0, k=15, tokens=tokens, names=names), caption)
     return report
 
 
@@ -180,7 +187,7 @@ def query_neurons_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     report = ctx.report("Query neurons")
     for i, prompt in enumerate(prompts):
         frame = res.top(args.top, prompt=i)
-        frame = with_tokens(ctx.model, frame)
+        frame = with_tokens(ctx.model, frame, prompt=prompt)
         report.table(frame, f"top query FFN neurons of {prompt!r}", "ATTR notebooks 5.3")
     report.figure(res.plot(0), f"layers of the top query FFN neurons of {prompts[0]!r}")
     return report

@@ -9,7 +9,6 @@ The training data are 2-digit ``+``/``-`` problems with negative answers, as in 
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from mechcna.cli.base import Context, UsageError, command, with_tokens
@@ -58,10 +57,8 @@ def _datasets(args: argparse.Namespace, ctx: Context) -> tuple[Any, Any]:
     return train, test
 
 
-def _save_json(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    if args.out:
-        text = json.dumps(results, indent=1, default=str) + "\n"
-        (Path(args.out).expanduser() / "results.json").write_text(text, encoding="utf-8")
+def _save_json(report: Report, results: dict[str, Any]) -> None:
+    report.attach("results.json", json.dumps(results, indent=1, default=str) + "\n")
 
 
 def _layers(values: list[int] | None, n_layers: int) -> list[int]:
@@ -151,7 +148,7 @@ def lora(args: argparse.Namespace, ctx: Context) -> Report:
             "ARITH Table 10", name="table10", index=True,
         )  # fmt: skip
         results |= {"table9": t9.to_dict("records"), "table10": t10.to_dict("index")}
-    _save_json(args, results)
+    _save_json(report, results)
     return report
 
 
@@ -208,7 +205,7 @@ def prune(args: argparse.Namespace, ctx: Context) -> Report:
     )
     report.table(res.to_frame(), "held-out accuracy per model", "ARITH Table 11", name="table11")
     report.figure(res.plot(), "accuracy: CNA-guided vs random pruning", "ARITH Table 11")
-    _save_json(args, {
+    _save_json(report, {
         "accuracy": res.accuracy, "n_pruned": res.n_pruned, "n_total": res.n_total,
         "pruned_share": res.pruned_share, "layers": list(res.layers), "cna_cases": len(cases),
         "wall_s": res.wall_s, "settings": res.settings,
@@ -269,7 +266,9 @@ def bias(args: argparse.Namespace, ctx: Context) -> Report:
     )
     neurons = res.neurons.to_frame().assign(neuron=[n for _, n in res.neurons.neurons])
     report.table(
-        with_tokens(model, neurons), "the zeroed neurons (neuron = index in its layer)",
+        with_tokens(model, neurons),
+        "the zeroed neurons (neuron = index in its layer; tokens: what each value vector "
+        "promotes, as the neurons are pooled over prompts)",
         "ARITH Table 12", name="table12",
     )  # fmt: skip
     report.section(
@@ -284,7 +283,7 @@ def bias(args: argparse.Namespace, ctx: Context) -> Report:
     gaps = res.gaps.pivot(index="profession", columns="model", values="gap")
     report.table(gaps, "per-profession gap (nats)", "ARITH Table 23", name="gaps", index=True)
     report.figure(res.plot(), "log p(prof | woman) - log p(prof | man) before and after")
-    _save_json(args, {
+    _save_json(report, {
         "table13": res.metrics.to_dict("index"), "table12": res.neurons.to_frame().to_dict(
             "records"), "reduction_abs_pct": res.reduction("abs_total"),
         "reduction_signed_pct": res.reduction("signed_total"),

@@ -65,6 +65,10 @@ def _head_sweep_args(p: argparse.ArgumentParser) -> None:
     add_ray(p)
 
 
+#: ``add_dataset``'s defaults for head-sweep: any other value means the user chose cases.
+_DATASET_DEFAULTS = {"operations": ["+", "-"], "digits": [1, 2], "pairs": 20, "split": "heldout"}
+
+
 @command(
     "head-sweep",
     "ablate every attention head over arithmetic cases, one prompt or a prompt file",
@@ -75,6 +79,14 @@ def _head_sweep_args(p: argparse.ArgumentParser) -> None:
 def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.analyses import heads
 
+    if args.prompt or args.prompts_file:
+        given = [f"--{a}" for a in ("operations", "digits", "pairs", "split")
+                 if getattr(args, a) != _DATASET_DEFAULTS[a]]  # fmt: skip
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} choose arithmetic cases; they do not apply to --prompt or "
+                "--prompts-file (give one or the other)"
+            )
     model = ctx.model
     ray = ray_options(args)
 

@@ -20,6 +20,7 @@ use of ``ctx.model``, prints the returned report's text and writes its page into
 import argparse
 import contextlib
 import io
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,9 +102,14 @@ class Context:
                 self._model = load_model(self.args.model)
         return self._model
 
+    @property
+    def command_line(self) -> str:
+        """The command as typed (shell-quoted, so it can be pasted back)."""
+        return shlex.join(["mechcna", *self.argv])
+
     def report(self, title: str, intro: str = "", **extra: Any) -> Report:
         """A report titled ``title`` with the model's provenance and the command line."""
-        line = " ".join(["mechcna", *self.argv])
+        line = self.command_line
         if getattr(self.args, "model", None) is not None:
             prov = Provenance.from_model(self.model, command=line, **extra)
         else:
@@ -139,6 +145,8 @@ def prompts_from(args: argparse.Namespace) -> tuple[list[str], list[str] | None]
         except OSError as err:
             raise UsageError(f"cannot read --prompts-file {args.prompts_file}: {err}") from err
         rows = [line.split("\t") for line in lines if line.strip()]
+        if not rows:
+            raise UsageError(f"--prompts-file {args.prompts_file} has no prompts (it is empty)")
         prompts += [r[0] for r in rows]
         file_targets = [r[1] for r in rows if len(r) > 1]
         if file_targets and len(file_targets) != len(rows):
@@ -204,13 +212,12 @@ def interventions_from(args: argparse.Namespace) -> list[Any]:
     return out
 
 
-def with_tokens(model: Model, frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` (with ``layer`` and ``neuron`` columns) plus each FFN neuron's top tokens."""
-    from mechcna.analyses.plotting import neuron_top_tokens
+def with_tokens(model: Model, frame: pd.DataFrame, prompt: str | None = None) -> pd.DataFrame:
+    """``frame`` (with ``layer`` and ``neuron`` columns) plus the tokens each FFN neuron
+    promotes on ``prompt``, sign-aware (:func:`mechcna.analyses.tokens.frame_tokens`)."""
+    from mechcna.analyses.tokens import frame_tokens
 
-    labels = [f"{l}_{n}" for l, n in zip(frame["layer"], frame["neuron"], strict=True)]
-    tokens = neuron_top_tokens(model, labels)
-    return frame.assign(top_tokens=[tokens[label] for label in labels])
+    return frame_tokens(model, frame, prompt=prompt)
 
 
 def add_ray(p: argparse.ArgumentParser) -> None:

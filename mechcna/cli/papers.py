@@ -4,7 +4,6 @@ import argparse
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mechcna.cli.base import Context, command
@@ -66,7 +65,7 @@ def _settings(args: argparse.Namespace) -> "ReproduceSettings":
 )
 def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.reproduce import expected_times, reproduce
-    from mechcna.reproduce.page import build_report, write_markdown
+    from mechcna.reproduce.page import build_report, to_markdown
 
     start = time.perf_counter()
     model = ctx.model
@@ -89,8 +88,5 @@ def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     command = " ".join(["mechcna reproduce", *flags])
     rep = replace(rep, load_seconds=loaded, command=command)
     report = build_report(rep, ctx.report("reproduce").provenance)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_markdown(rep, out / "reproduce.md")
+    report.attach("reproduce.md", to_markdown(rep))
     return report

@@ -2,6 +2,7 @@
 and training the shipped arithmetic model."""
 
 import argparse
+from pathlib import Path
 
 from mechcna.cli.base import Context, add_prompts, command, prompts_from, with_tokens
 from mechcna.report.page import Report
@@ -24,7 +25,9 @@ def demo_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     from mechcna.report import demo
 
     with torch.no_grad():
-        return demo.build(ctx.model, progress=ctx.progress, n_pairs=args.pairs)
+        return demo.build(
+            ctx.model, progress=ctx.progress, n_pairs=args.pairs, command=ctx.command_line
+        )
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +81,7 @@ def report_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     report.figure(qa.plot(0), f"which components activate the top-{args.k} attention neurons")
     qn = query.query_neurons(model, prompts, targets, k=args.k, attention=att)
     frame = qn.top(args.top, prompt=0)
-    frame = with_tokens(model, frame)
+    frame = with_tokens(model, frame, prompt=prompts[0])
     report.table(frame, "top query FFN neurons", name="query-neurons")
     overlap = query_overlap.query_value_overlap(ffn, qn, k=min(300, ffn.scores[0].numel()))
     report.figure(overlap.plot(0), "query-only vs query-value neurons per layer")
@@ -116,7 +119,11 @@ def train_arithmetic(args: argparse.Namespace, ctx: Context) -> Report:
     config = training.TrainingConfig(
         seed=args.seed, **{k: v for k, v in overrides.items() if v is not None}
     )
+    out = Path(args.out).expanduser() if args.out else None
+    before = {p.name for p in out.iterdir()} if out is not None and out.is_dir() else set()
     result = training.train_arithmetic(config, out=args.out, progress=ctx.progress)
     report = ctx.report("Training the arithmetic model", seed=args.seed)
+    if out is not None:  # the checkpoint and card, listed in the folder's manifest
+        report.adopt({p.name for p in out.iterdir()} - before)
     report.table(result.to_frame(), "held-out accuracy per cell after training")
     return report

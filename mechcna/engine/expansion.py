@@ -92,6 +92,7 @@ import torch
 
 from mechcna._types import Float, Int, Tensor
 from mechcna.engine.projection import DirectionBlock
+from mechcna.models.inputs import tolerance
 
 if TYPE_CHECKING:
     from mechcna.engine.blocks import LayerRows
@@ -225,7 +226,7 @@ def logprob_increase(
         ``[batch, extra, row]`` log-probability increases (natural log), evaluated in float64
         and returned in ``coef``'s dtype.
     """
-    tol = default_tol(base_logits.dtype) if tol is None else tol
+    tol = default_tol(base_logits.dtype) if tol is None else tolerance(tol)
     U = block.U
     z, log_norm, p = _probs(base_logits)
     a = coef.to(torch.float64)
@@ -408,7 +409,7 @@ def increase_from_rows(
         ``[batch, extra, row]`` log-probability increases (natural log), evaluated in float64
         and returned in ``coef``'s dtype.
     """
-    tol = default_tol(base_logits.dtype) if tol is None else tol
+    tol = default_tol(base_logits.dtype) if tol is None else tolerance(tol)
     store = rows.store
     M, col_max, _ = rows.projector.exact()
     W = rows.W.to(torch.float64)

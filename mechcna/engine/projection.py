@@ -35,7 +35,7 @@ import torch
 from transformer_lens import ActivationCache
 
 from mechcna._types import Float, Int, Tensor
-from mechcna.errors import MechcnaError
+from mechcna.errors import InvalidOptionError, MechcnaError
 from mechcna.interventions.prompts import Prompts, prepare_prompts
 from mechcna.models.architecture import Architecture
 from mechcna.models.backend import Model
@@ -228,8 +228,12 @@ def top_tokens(
         layer, neuron = arch.check_neuron(*vector_or_neuron)
         vector = arch.W_out(layer)[neuron]
         label = f"{layer}_{neuron}"
-    else:
+    elif isinstance(vector_or_neuron, Tensor):
         vector, label = vector_or_neuron, "vector"
+    else:
+        raise InvalidOptionError(
+            f"top_tokens takes (layer, neuron) or a vector, not {vector_or_neuron!r}"
+        )
     if coefficient is not None:
         vector = vector * coefficient
     if not 0 < k <= arch.d_vocab:

@@ -26,10 +26,10 @@ Example:
     >>> edited = apply_to_weights(model, HeadAblation([(1, 0)]))              # doctest: +SKIP
 """
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -46,6 +46,7 @@ from mechcna.errors import (
     PositionError,
     UnsupportedArchitectureError,
 )
+from mechcna.interventions.positions import position_mask, row_lengths
 from mechcna.models import backend, replica
 from mechcna.models.backend import Model
 from mechcna.models.hooks import hook_name
@@ -76,56 +77,6 @@ def _positions(positions: Iterable[int] | None) -> Positions:
     if not out:
         raise MechcnaError("positions is empty: pass None to act on every position")
     return tuple(out)
-
-
-_LENGTHS: ContextVar[Tensor | None] = ContextVar("mechcna_prompt_lengths", default=None)
-
-
-@contextmanager
-def prompt_lengths(lengths: Tensor) -> Iterator[None]:
-    """Tell intervention hooks how many real tokens each row of the running batch has.
-
-    Inside the block, intervention ``positions`` index each prompt's own real tokens of a
-    right-padded batch (``-1`` is each prompt's last real token, not the last pad column).
-    Every analysis that runs padded batches wraps its forward passes in this.
-    """
-    token = _LENGTHS.set(lengths.detach().reshape(-1).long().cpu())
-    try:
-        yield
-    finally:
-        _LENGTHS.reset(token)
-
-
-def row_lengths(n_rows: int, n_pos: int) -> Tensor:
-    """``[batch]`` real lengths of the running batch's prompts (``n_pos`` each when none were
-    announced with :func:`prompt_lengths`)."""
-    lengths = _LENGTHS.get()
-    if lengths is None:
-        return torch.full((n_rows,), n_pos, dtype=torch.long)
-    if len(lengths) != n_rows:
-        raise MechcnaError(
-            f"intervention hook saw {n_rows} rows but the batch has {len(lengths)} prompts"
-        )
-    return lengths
-
-
-def position_mask(positions: Sequence[int], n_rows: int, n_pos: int, device) -> Tensor:
-    """``[batch, pos]`` True at each row's ``positions`` (relative to its real length).
-
-    Raises:
-        MechcnaError: a position outside some prompt's real tokens, or a batch that does not
-            match the lengths announced with :func:`prompt_lengths`.
-    """
-    lengths = row_lengths(n_rows, n_pos)
-    pos = torch.tensor(positions, dtype=torch.long)
-    absolute = torch.where(pos[None] < 0, lengths[:, None] + pos[None], pos[None])
-    bad = (absolute < 0) | (absolute >= lengths[:, None])
-    if bad.any():
-        short = int(lengths[bad.any(1)].min())
-        raise PositionError(f"positions {tuple(positions)} fall outside a prompt of {short} tokens")
-    mask = torch.zeros(n_rows, n_pos, dtype=torch.bool)
-    mask.scatter_(1, absolute.clamp_max(n_pos - 1), True)
-    return mask.to(device)
 
 
 def _edit(
@@ -274,13 +225,13 @@ class NeuronEdit:
     Args:
         neurons: ``(layer, neuron)`` pairs.
         op: ``"zero"``, ``"scale"`` (multiply by ``value``) or ``"set"`` (to ``value``).
-        value: the factor or the value.
+        value: the factor or the value (required by "scale" and "set").
         positions: positions to edit (default: all).
     """
 
     neurons: Sequence[tuple[int, int]]
     op: Literal["zero", "scale", "set"] = "zero"
-    value: float = 0.0
+    value: float | None = None
     positions: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
@@ -288,6 +239,16 @@ class NeuronEdit:
         object.__setattr__(self, "positions", _positions(self.positions))
         if self.op not in ("zero", "scale", "set"):
             raise InvalidOptionError(f"op must be 'zero', 'scale' or 'set', not {self.op!r}")
+        if self.op != "zero" and self.value is None:
+            raise InvalidOptionError(f"NeuronEdit(op={self.op!r}) needs a value (value=...)")
+        if self.op == "zero" and self.value not in (None, 0, 0.0):
+            raise InvalidOptionError("op='zero' takes no value: use op='scale' or op='set'")
+        if self.value is not None and not math.isfinite(float(self.value)):
+            raise InvalidOptionError(f"NeuronEdit value must be finite, not {self.value!r}")
+
+    @property
+    def _value(self) -> float:
+        return 0.0 if self.value is None else float(self.value)
 
     def _by_layer(self, model: Model) -> dict[int, Tensor]:
         arch = architecture(model)
@@ -301,8 +262,8 @@ class NeuronEdit:
         if self.op == "zero":
             return torch.zeros_like
         if self.op == "scale":
-            return lambda sub: sub * self.value
-        return lambda sub: torch.full_like(sub, self.value)
+            return lambda sub: sub * self._value
+        return lambda sub: torch.full_like(sub, self._value)
 
     def fwd_hooks(self, model: Model) -> FwdHooks:
         fn = self._fn()
@@ -321,8 +282,8 @@ class NeuronEdit:
             for layer, idx in self._by_layer(model).items():
                 mlp = model.blocks[layer].mlp
                 if self.op == "set":
-                    backend.live_bias(mlp, "b_out").add_(self.value * mlp.W_out[idx].sum(0))
-                factor = self.value if self.op == "scale" else 0.0
+                    backend.live_bias(mlp, "b_out").add_(self._value * mlp.W_out[idx].sum(0))
+                factor = self._value if self.op == "scale" else 0.0
                 mlp.W_out[idx] = mlp.W_out[idx] * factor
 
 

@@ -8,6 +8,7 @@ The rule for component indices is the same everywhere: layers, heads and neurons
 non-negative integers below their count (``-1`` is rejected, not read as the last layer).
 """
 
+import math
 import operator
 import warnings
 from collections.abc import Iterable, Sequence
@@ -71,6 +72,24 @@ def positive_int(value: Any, what: str) -> int:
     if v < 1:
         raise InvalidOptionError(f"{what} must be a positive integer, not {v}")
     return v
+
+
+def tolerance(value: Any) -> float:
+    """A certification tolerance: a finite number of at least 0 (0: every score exact)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidOptionError(f"tol must be a number, not {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise InvalidOptionError(f"tol must be a finite number of at least 0, not {value!r}")
+    return float(value)
+
+
+def non_negative(value: Any, what: str) -> float:
+    """A finite number of at least 0 (e.g. a threshold)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidOptionError(f"{what} must be a number, not {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise InvalidOptionError(f"{what} must be a finite number of at least 0, not {value!r}")
+    return value
 
 
 def choice(value: Any, options: Iterable[Any], what: str) -> Any:

@@ -36,14 +36,19 @@ Example:
 
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mechcna.errors import ModelNotFoundError, UnsupportedArchitectureError
+from mechcna.errors import (
+    InvalidOptionError,
+    MissingWeightsError,
+    ModelNotFoundError,
+    UnsupportedArchitectureError,
+)
 from mechcna.models.backend import (
     Backend,
     HookedTransformer,
@@ -55,6 +60,13 @@ from mechcna.models.bridge import load_bridge
 from mechcna.models.hf_convert import build_model, hf_config_to_tl, tl_state_dict
 from mechcna.models.inputs import check_device, check_dtype, check_weight_files
 from mechcna.models.processing import NO_PROCESSING, WeightProcessing, _record, get_processing
+from mechcna.models.provenance import (
+    _PROVENANCE_ATTR,
+    BosPolicy,
+    ModelProvenance,
+    SourceFormat,
+    get_provenance,
+)
 from mechcna.models.tokenizer import load_tokenizer, prepare_tokenizer, tokenizer_adds_bos
 
 logger = logging.getLogger(__name__)
@@ -74,78 +86,6 @@ _CFG_FIELDS = (
     "use_local_attn window_size attn_types attn_scale use_normalization_before_and_after "
     "attn_scores_soft_cap output_logits_soft_cap scale_attn_by_inverse_layer_idx"
 ).split()
-
-
-SourceFormat = Literal["config", "transformer_lens", "huggingface", "gguf", "mechcna"]
-BosPolicy = Literal[
-    "argument", "tokenizer", "checkpoint", "no tokenizer", "architecture", "changed after loading"
-]
-
-
-@dataclass(frozen=True)
-class ModelProvenance:
-    """Where a model's weights came from and how its string prompts are tokenised.
-
-    Attributes:
-        source: what :func:`load_model` was given (a name or path; ``"config"``).
-        format: ``"config"`` (random init), ``"transformer_lens"`` (a pretrained name),
-            ``"huggingface"`` (a local checkpoint), ``"gguf"`` or ``"mechcna"`` (a checkpoint).
-        prepend_bos: whether string prompts get a BOS token.
-        bos_policy: why: ``"tokenizer"`` (what the Hugging Face tokenizer does), ``"argument"``
-            (``prepend_bos=``), ``"checkpoint"`` (what a mechcna model was trained with),
-            ``"no tokenizer"``, ``"architecture"`` (tokenizer unavailable: none for GPT-2 and
-            GPT-NeoX, BOS otherwise) or ``"changed after loading"``.
-        quantization: the GGUF quantisation the weights were dequantised from (``"Q4_1"``);
-            ``None`` when they were never quantised.
-        tensor_types: ``(type, count)`` of the GGUF file's tensors.
-        gguf_architecture: the GGUF file's ``general.architecture``.
-        sha256: the first 32 hex digits of the GGUF file's SHA-256.
-        licence: the weights' licence, for a real model known by name (``"Apache-2.0"``;
-            Gemma's terms for ``"gemma-3-270m"``).
-        upstream: the release the weights come from, for a real model known by name.
-    """
-
-    source: str
-    format: SourceFormat
-    prepend_bos: bool
-    bos_policy: BosPolicy
-    quantization: str | None = None
-    tensor_types: tuple[tuple[str, int], ...] = ()
-    gguf_architecture: str | None = None
-    sha256: str | None = None
-    licence: str | None = None
-    upstream: str | None = None
-
-    @property
-    def dequantized(self) -> bool:
-        """Whether the weights are a dequantisation of quantised ones (numbers then describe
-        the quantised model, not the original release)."""
-        return self.quantization is not None
-
-    def describe(self) -> str:
-        """One line for reports, e.g. ``smollm2-135m (gguf, dequantised from Q4_1; no BOS:
-        tokenizer)``."""
-        kind = self.format + (f", dequantised from {self.quantization}" if self.dequantized else "")
-        bos = "BOS" if self.prepend_bos else "no BOS"
-        return f"{self.source} ({kind}; {bos}: {self.bos_policy})"
-
-
-_PROVENANCE_ATTR = "_mechcna_provenance"
-
-
-def get_provenance(model: Model) -> ModelProvenance | None:
-    """The :class:`ModelProvenance` recorded by :func:`load_model` (``None`` if unknown).
-
-    ``prepend_bos`` is read from the model now, so a later change of
-    ``model.cfg.default_prepend_bos`` shows as ``bos_policy="changed after loading"``.
-    """
-    record = getattr(model, _PROVENANCE_ATTR, None)
-    if record is None:
-        return None
-    now = bool(model.cfg.default_prepend_bos)
-    if now != record.prepend_bos:
-        return replace(record, prepend_bos=now, bos_policy="changed after loading")
-    return record
 
 
 def default_device() -> str:
@@ -194,6 +134,16 @@ def load_model(
     """
     from mechcna.models.gguf import KNOWN_MODELS, find_gguf, known_model_path
 
+    if not isinstance(source, str | Path | HookedTransformerConfig) or source == "":
+        raise ModelNotFoundError(
+            "load_model needs a model name, a checkpoint folder, a .gguf file or a "
+            f"HookedTransformerConfig, not {source!r}"
+        )
+    if not isinstance(processing, WeightProcessing):
+        raise InvalidOptionError(
+            f"processing must be a WeightProcessing (e.g. WeightProcessing(fold_ln=True)), "
+            f"not {processing!r}"
+        )
     device = check_device(device or default_device())
     dtype = check_dtype(dtype)
     if check_backend(backend) == "bridge":
@@ -414,7 +364,7 @@ def _fail_fast_offline(name: str) -> None:
     try:
         repo = get_official_model_name(name)
     except ValueError:
-        return  # not a TransformerLens name: from_pretrained reports it at once
+        raise ModelNotFoundError(_unknown_model_message(name)) from None
     if isinstance(try_to_load_from_cache(repo, "config.json"), str):
         return  # in the local cache
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -428,6 +378,24 @@ def _fail_fast_offline(name: str) -> None:
         f"{name!r} ({repo}) is not in the Hugging Face cache and the hub cannot be reached "
         f"(offline). Models that load offline: {', '.join(_known_names())}; or a local Hugging "
         "Face checkpoint directory or .gguf file"
+    )
+
+
+def _unknown_model_message(name: str) -> str:
+    """One short line: the close matches among every name mechcna can load, and the models
+    that load offline (not TransformerLens's whole list of names)."""
+    import difflib
+
+    from transformer_lens import loading_from_pretrained as tl
+
+    names = [*_known_names(), *tl.OFFICIAL_MODEL_NAMES]
+    names += [a for aliases in tl.MODEL_ALIASES.values() for a in aliases]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    return (
+        f"unknown model {name!r}: not a TransformerLens model name, a known model, a local "
+        f"directory or a .gguf file; {hint}models that load offline: "
+        f"{', '.join(_known_names())}"
     )
 
 
@@ -527,6 +495,7 @@ def _from_mechcna_checkpoint(
     tokenizer: PreTrainedTokenizerBase | None,
     processing: WeightProcessing,
 ) -> tuple[Model, WeightProcessing, ModelProvenance]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     meta = json.loads((path / CHECKPOINT_FILE).read_text())
@@ -540,8 +509,21 @@ def _from_mechcna_checkpoint(
     )
     if tokenizer is None and (path / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(path, name=path.name)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise MissingWeightsError(
+            f"mechcna checkpoint {path} has {CHECKPOINT_FILE} but no {WEIGHTS_FILE}; copy the "
+            "whole folder (save_checkpoint writes both)"
+        )
+    try:
+        loaded = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ModelNotFoundError(
+            f"cannot read {weights} ({type(err).__name__}: {err}); the file is truncated or "
+            "damaged: copy it again"
+        ) from err
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    state = {k: v.to(dtype) for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    state = {k: v.to(dtype) for k, v in loaded.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad_missing = [
         k for k in missing if not k.endswith(("IGNORE", "mask", "rotary_sin", "rotary_cos"))

@@ -14,6 +14,7 @@ CSV per table and ``report.txt`` (the text :func:`run` returns and the CLI print
 """
 
 import math
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -23,12 +24,14 @@ from mechcna.analyses.attribution import layer_importance, neuron_importance
 from mechcna.analyses.comparative import cna_table, compare_inputs, compare_neurons, mask_keep_table
 from mechcna.analyses.evaluation import evaluate_accuracy
 from mechcna.analyses.heads import head_sweep
-from mechcna.analyses.plotting import experiment_bars, neuron_top_tokens
+from mechcna.analyses.plotting import experiment_bars
+from mechcna.analyses.tokens import frame_tokens, result_tokens
 from mechcna.errors import MechcnaError
 from mechcna.interventions.edits import HeadAblation
 from mechcna.models.backend import Model, is_model
 from mechcna.models.check import check_model
 from mechcna.models.loading import SHIPPED_MODELS, load_model
+from mechcna.models.provenance import get_provenance
 from mechcna.report.page import Provenance, Report, check_out_dir
 from mechcna.tasks.arithmetic import ArithmeticDataset, arithmetic_dataset
 
@@ -40,24 +43,42 @@ def run(
     progress: bool = True,
     out_dir: str | Path = "runs/demo",
     n_pairs: int = 40,
+    overwrite: bool = False,
 ) -> str:
-    """Run the demo, write its page into ``out_dir`` and return its text."""
-    out = check_out_dir(out_dir)
+    """Run the demo, write its page into ``out_dir`` (which must be empty unless
+    ``overwrite``, see :meth:`~mechcna.report.page.Report.write`) and return its text."""
+    out = check_out_dir(out_dir, overwrite)
     with torch.no_grad():
         report = build(model_name, progress=progress, n_pairs=n_pairs)
-    page = report.write(out)
+    page = report.write(out, overwrite=overwrite)
     return report.to_text() + f"\nreport: {page}\n"
 
 
-def build(model: Model | str | None = None, progress: bool = True, n_pairs: int = 40) -> Report:
-    """The demo's :class:`~mechcna.report.page.Report` (nothing written) on a model or its name."""
+def build(
+    model: Model | str | None = None,
+    progress: bool = True,
+    n_pairs: int = 40,
+    command: str | None = None,
+) -> Report:
+    """The demo's :class:`~mechcna.report.page.Report` (nothing written) on a model or its name.
+
+    ``command`` is recorded in the provenance as typed (the CLI passes its command line);
+    by default, the ``mechcna demo`` line that reruns it with the name the model was loaded by.
+    """
     if not is_model(model):
         model = load_model(model or DEFAULT_MODEL, device="cpu")
     name = str(model.cfg.model_name)
     cfg = model.cfg
+    if command is None:
+        source = get_provenance(model)
+        command = (
+            shlex.join(["mechcna", "demo", "--model", source.source, "--pairs", str(n_pairs)])
+            if source.format != "user-built"
+            else f"mechcna.report.demo.build(<user-built model {name!r}>, n_pairs={n_pairs})"
+        )
     report = Report(
         f"mechcna demo: the arithmetic pipeline on {name}",
-        Provenance.from_model(model, n_pairs=n_pairs, command=f"mechcna demo --model {name}"),
+        Provenance.from_model(model, n_pairs=n_pairs, command=command),
         intro=(
             "The methods of Yu & Ananiadou (EMNLP 2024) on one model, offline: held-out "
             "accuracy, the arithmetic-head sweep, log-probability-increase attribution and "
@@ -176,7 +197,7 @@ def build(model: Model | str | None = None, progress: bool = True, n_pairs: int 
     )
     top15 = cna.top(15)["label"].tolist()
     report.figure(
-        cna.plot(k=15, tokens=neuron_top_tokens(model, top15)),
+        cna.plot(k=15, tokens=result_tokens(model, cna, top15)),
         "importance in M and M' of the 15 neurons whose importance fell most (mean over cases)",
         paper_ref="ARITH Table 4",
     )
@@ -219,10 +240,12 @@ def _gender(model: Model, report: Report) -> None:
         "neurons whose importance differs most between the two.",
     )
     report.table(
-        pair.top(8, prompt=0), "neurons most important for 'nurse' after 'woman' vs 'man'",
+        frame_tokens(model, pair.top(8, prompt=0)),
+        "neurons most important for 'nurse' after 'woman' vs 'man'",
         paper_ref="ARITH Table 12", name="gender",
     )  # fmt: skip
-    tokens = neuron_top_tokens(model, pair.top(15, prompt=0)["label"].tolist())
+    tokens = result_tokens(model, pair, pair.top(15, prompt=0)["label"].tolist(), 0)
     report.figure(
-        pair.plot(prompt=0, k=15, tokens=tokens), "importance after 'woman' (M) and 'man' (M')"
+        pair.plot(prompt=0, k=15, tokens=tokens, names=("'woman'", "'man'")),
+        "importance after 'woman' and after 'man', and their difference",
     )

@@ -22,7 +22,8 @@ Example:
     >>> report.figure(go.Figure(go.Bar(x=[0, 1], y=[1, 2])), "a bar chart")
     >>> path = report.write(tempfile.mkdtemp())
     >>> sorted(p.name for p in path.parent.iterdir())  # doctest: +NORMALIZE_WHITESPACE
-    ['index.html', 'provenance.json', 'report.txt', 'table-01-accuracy-per-cell.csv']
+    ['.mechcna-files', 'index.html', 'provenance.json', 'report.txt',
+     'table-01-accuracy-per-cell.csv']
 """
 
 import datetime as _dt
@@ -32,6 +33,7 @@ import os
 import platform
 import re
 import time
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -51,17 +53,52 @@ class OutputPathError(MechcnaError):
     """An output folder cannot be created or written."""
 
 
-def check_out_dir(path: str | Path) -> Path:
-    """Create ``path`` (and parents) if needed and check that it is a writable folder.
+#: The file, in every output folder, listing what mechcna wrote there (one name a line).
+MANIFEST = ".mechcna-files"
+#: What mechcna writes into a folder, for folders written before the manifest existed.
+_KNOWN_OUTPUTS = re.compile(
+    r"index\.html|report\.txt|provenance\.json|results\.json|reproduce\.md|table-\d+-.*\.csv"
+)
+
+
+def written_files(out: Path) -> list[Path]:
+    """The files mechcna wrote into ``out``: those its manifest lists or, without a manifest,
+    those with the names mechcna gives its outputs."""
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        names = manifest.read_text(encoding="utf-8").split("\n")
+        return [out / n for n in names if n and "/" not in n and (out / n).is_file()]
+    return sorted(p for p in out.iterdir() if p.is_file() and _KNOWN_OUTPUTS.fullmatch(p.name))
+
+
+def check_out_dir(path: str | Path, overwrite: bool = False, keep: Collection[str] = ()) -> Path:
+    """Create ``path`` (and parents) if needed and check that it is an empty, writable folder.
 
     Call it before any computation so a bad ``--out`` fails in milliseconds, not after minutes.
+    A folder that is not empty is refused (old and new results would mix) unless
+    ``overwrite``, which deletes the files mechcna wrote there (:func:`written_files`) and
+    keeps everything else.
+
+    ``keep`` names files this run already wrote there (e.g. a trained checkpoint): they
+    neither count as content nor are deleted.
 
     Raises:
-        OutputPathError: ``path`` is a file, or cannot be created or written.
+        OutputPathError: ``path`` is a file, is not empty (without ``overwrite``), or cannot be
+            created or written.
     """
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"output path {out} exists and is not a folder")
+    if out.is_dir() and any(p.name not in keep for p in out.iterdir()):
+        if not overwrite:
+            raise OutputPathError(
+                f"output folder {out} is not empty; choose a new folder or pass --overwrite "
+                "(overwrite=True) to replace what mechcna wrote there"
+            )
+        for file in written_files(out):
+            if file.name not in keep:
+                file.unlink()
+        (out / MANIFEST).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -115,8 +152,8 @@ class Provenance:
         ``model`` is a :class:`~transformer_lens.HookedTransformer` loaded by
         :func:`mechcna.load_model`; ``extra`` goes to :attr:`extra`.
         """
-        from mechcna.models.loading import get_provenance
         from mechcna.models.processing import get_processing
+        from mechcna.models.provenance import get_provenance
 
         processing = get_processing(model)
         if processing is None:
@@ -182,6 +219,8 @@ class Report:
         self.title = title
         self.provenance = provenance
         self._blocks: list[_Block] = []
+        self._files: dict[str, str] = {}
+        self._adopted: set[str] = set()
         self._start = time.perf_counter()
         if intro:
             self.text(intro)
@@ -293,27 +332,50 @@ class Report:
             title=_esc(self.title), css=_CSS, plotlyjs=get_plotlyjs(), body="\n".join(body)
         )
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write ``index.html``, one CSV per table, ``report.txt`` and ``provenance.json``.
+    def attach(self, name: str, text: str) -> None:
+        """A further file (e.g. ``results.json``) that :meth:`write` puts beside the page."""
+        if not name or "/" in name or name.startswith(".") or name == "index.html":
+            raise MechcnaError(f"an attached file needs a plain file name, not {name!r}")
+        self._files[name] = text
+
+    def adopt(self, names: Iterable[str]) -> None:
+        """Files this run already wrote into the output folder (e.g. a trained checkpoint):
+        :meth:`write` accepts them there and lists them in the manifest."""
+        self._adopted.update(names)
+
+    def write(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write ``index.html``, one CSV per table, ``report.txt``, ``provenance.json`` and the
+        attached files, and list them in the folder's manifest (``.mechcna-files``).
+
+        Args:
+            out_dir: the folder; created if needed. It must be empty unless ``overwrite``.
+            overwrite: first delete what mechcna wrote into the folder before (other files
+                are kept), so old and new results never mix.
 
         Returns:
             the path of ``index.html``.
+
+        Raises:
+            OutputPathError: the folder is not empty and ``overwrite`` is false.
         """
-        out = check_out_dir(out_dir)
+        out = check_out_dir(out_dir, overwrite, keep=self._adopted)
         prov = self.finished_provenance()
+        files: dict[str, str] = {}
         n_tab = 0
         for block in self._blocks:
             if block.kind == "table":
                 n_tab += 1
-                block.payload.to_csv(out / f"table-{n_tab:02d}-{block.name}.csv", index=False)
-        (out / "report.txt").write_text(self.to_text(), encoding="utf-8")
+                files[f"table-{n_tab:02d}-{block.name}.csv"] = block.payload.to_csv(index=False)
+        files["report.txt"] = self.to_text()
         if prov is not None:
-            (out / "provenance.json").write_text(
-                json.dumps(asdict(prov), indent=2, default=str) + "\n", encoding="utf-8"
-            )
-        page = out / "index.html"
-        page.write_text(self.to_html(), encoding="utf-8")
-        return page
+            files["provenance.json"] = json.dumps(asdict(prov), indent=2, default=str) + "\n"
+        files.update(self._files)
+        files["index.html"] = self.to_html()
+        names = [*sorted(self._adopted - set(files)), *files]
+        (out / MANIFEST).write_text("\n".join(names) + "\n", encoding="utf-8")
+        for name, text in files.items():
+            (out / name).write_text(text, encoding="utf-8")
+        return out / "index.html"
 
 
 def _esc(value: object) -> str:
