@@ -59,8 +59,9 @@ def test_lora_cna_sign_convention_and_coefficients(kind):
     torch.testing.assert_close(
         a.coefficient_original[0, 1], cache["blocks.1.mlp.hook_post"][0, -1].double()
     )
-    # a model compared with itself: zero CNA and zero coefficient increase
-    same = compare_lora(model, model, PROMPTS, TARGETS)
+    # a model compared with an identical copy (the same object is refused): zero CNA and zero
+    # coefficient increase
+    same = compare_lora(model, copy.deepcopy(model), PROMPTS, TARGETS)
     assert same.comparison.scores.abs().max() == 0
     assert all(v == 0 for v in coefficient_increase(same, (5, 2)).values())
     with pytest.raises(MechcnaError, match="direction"):

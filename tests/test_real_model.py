@@ -110,7 +110,8 @@ def test_fast_neuron_scores_equal_the_literal_reference(smol):
 
 
 def test_cna_against_itself_is_exactly_zero(smol):
-    res = compare_neurons(smol, PROMPTS[:2], smol, layers=LAYERS)
+    # an identical copy (the same object is refused with a clear error)
+    res = compare_neurons(smol, PROMPTS[:2], copy.deepcopy(smol), layers=LAYERS)
     assert torch.count_nonzero(res.delta) == 0
 
 
