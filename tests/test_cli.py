@@ -143,3 +143,23 @@ def test_version_and_help(capsys):
         main(["attribute", "--help"])
     help_text = capsys.readouterr().out
     assert "example:" in help_text and "mechcna/arith-small" in help_text
+
+
+def test_help_imports_neither_torch_nor_pandas():
+    # `mechcna --help` used to spend ~5 s importing torch and TransformerLens (issue 23)
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from mechcna.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['cna', '--help'])\n"
+        "heavy = ('torch', 'transformer_lens', 'pandas', 'plotly')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

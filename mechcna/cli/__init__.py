@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from mechcna.cli.base import COMMANDS, DEFAULT_MODEL, Context
 from mechcna.errors import MechcnaError
-from mechcna.report.page import check_out_dir
+from mechcna.report.outdir import check_out_dir
 
 #: Modules whose import registers subcommands (one line per module).
 COMMAND_MODULES: tuple[str, ...] = (

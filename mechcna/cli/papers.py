@@ -3,9 +3,12 @@
 import argparse
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from mechcna.cli.base import Context, command
-from mechcna.report.page import Report
+
+if TYPE_CHECKING:
+    from mechcna.report.page import Report
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +30,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     _args,
     out_default="runs/reproduce",
 )
-def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> Report:
+def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.reproduce import reproduce
     from mechcna.reproduce.page import build_report, to_markdown
 
