@@ -163,3 +163,26 @@ def test_help_imports_neither_torch_nor_pandas():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_quiet_hides_progress_bars_and_the_dev_extra_has_ipywidgets():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from mechcna.cli import main\n"
+        "main(['top-tokens', '--neuron', '3.266', '--k', '2', '--quiet'])\n"
+        "from tqdm.auto import tqdm\n"
+        "list(tqdm(range(3), desc='Converting and de-quantizing GGUF tensors'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Converting" not in out.stderr and "%|" not in out.stderr
+    noisy = subprocess.run(
+        [sys.executable, "-c", code.replace(", '--quiet'", "")], capture_output=True, text=True
+    )
+    assert "Converting" in noisy.stderr  # the check can fail
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    dev = re.search(r"\ndev = \[(.*?)\n\]", pyproject, flags=re.S)
+    assert dev is not None and '"ipywidgets' in dev.group(1)

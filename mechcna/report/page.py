@@ -285,7 +285,7 @@ class Report:
                     f'<figure class="table">{_caption(block, f"Table {n_tab}")}{table}</figure>'
                 )
         return _PAGE.format(
-            title=_esc(self.title), css=_CSS, plotlyjs=get_plotlyjs(), body="\n".join(body)
+            title=_esc(self.title), css=_CSS, plotlyjs=self._plotlyjs(), body="\n".join(body)
         )
 
     def attach(self, name: str, text: str) -> None:
@@ -298,6 +298,10 @@ class Report:
         """Files this run already wrote into the output folder (e.g. a trained checkpoint):
         :meth:`write` accepts them there and lists them in the manifest."""
         self._adopted.update(names)
+
+    def _plotlyjs(self) -> str:
+        """plotly.js (4.7 MB) once, and only on a page that has figures."""
+        return f"<script>{get_plotlyjs()}</script>" if self.figures else ""
 
     def write(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write ``index.html``, one CSV per table, ``report.txt``, ``provenance.json`` and the
@@ -390,7 +394,7 @@ _PAGE = """<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
 <style>{css}</style>
-<script>{plotlyjs}</script>
+{plotlyjs}
 </head>
 <body>
 {body}
