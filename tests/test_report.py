@@ -193,9 +193,9 @@ def test_provenance_records_a_command_that_runs_and_describes_user_built_models(
     # the demo's default command names the model as it loads, not cfg.model_name
     shipped = mechcna.load_model("mechcna/arith-small", device="cpu")
     assert shipped.cfg.model_name != "mechcna/arith-small"
-    command = shlex.split(
-        demo.build(shipped, progress=False, n_pairs=1).provenance.extra["command"]
-    )
+    prov_demo = demo.build(shipped, progress=False, n_pairs=1).provenance
+    assert prov_demo is not None
+    command = shlex.split(prov_demo.extra["command"])
     assert command[:2] == ["mechcna", "demo"]
     reloaded = mechcna.load_model(command[command.index("--model") + 1], device="cpu")
     assert torch.equal(reloaded.W_U, shipped.W_U)
