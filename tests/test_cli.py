@@ -166,6 +166,7 @@ def test_help_imports_neither_torch_nor_pandas():
 
 
 def test_quiet_hides_progress_bars_and_the_dev_extra_has_ipywidgets():
+    import os
     import re
     import subprocess
     import sys
@@ -177,11 +178,11 @@ def test_quiet_hides_progress_bars_and_the_dev_extra_has_ipywidgets():
         "from tqdm.auto import tqdm\n"
         "list(tqdm(range(3), desc='Converting and de-quantizing GGUF tensors'))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "HF_HUB_DIS"))}
+    run = {"capture_output": True, "text": True, "env": env}
+    out = subprocess.run([sys.executable, "-c", code], check=True, **run)
     assert "Converting" not in out.stderr and "%|" not in out.stderr
-    noisy = subprocess.run(
-        [sys.executable, "-c", code.replace(", '--quiet'", "")], capture_output=True, text=True
-    )
+    noisy = subprocess.run([sys.executable, "-c", code.replace(", '--quiet'", "")], **run)
     assert "Converting" in noisy.stderr  # the check can fail
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     dev = re.search(r"\ndev = \[(.*?)\n\]", pyproject, flags=re.S)

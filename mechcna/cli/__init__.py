@@ -87,9 +87,9 @@ def quiet_progress_bars() -> None:
     """``--quiet``: no progress bars from tqdm (e.g. transformers' GGUF conversion) or the
     Hugging Face hub. tqdm reads ``TQDM_*`` when it is imported, so this works in a fresh
     process (the command line), where nothing heavy is imported before the options."""
-    os.environ["TQDM_DISABLE"] = "1"
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "tqdm" not in sys.modules:  # else too late, and it would leak into subprocesses
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if "huggingface_hub" in sys.modules:
         from huggingface_hub.utils import disable_progress_bars
 
