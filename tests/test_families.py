@@ -95,7 +95,8 @@ FAMILIES = {
     "neox-parallel": lambda: neox(True),
 }
 ANALYSED = ["llama-tied", "qwen2", "mistral", "neox-sequential"]
-REFUSED = {"gemma2": "post-attention/post-MLP norms", "neox-parallel": "parallel attention"}
+# Gemma 2 (and Gemma 3) are analysed: see tests/test_gemma.py (sandwich norms, soft caps)
+REFUSED = {"neox-parallel": "parallel attention"}
 
 
 def _load(tmp_path, family):

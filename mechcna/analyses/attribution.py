@@ -50,15 +50,21 @@ from mechcna.analyses.capture import Capture, Targets, attention_coefficients, c
 from mechcna.analyses.results import Scores
 from mechcna.engine.blocks import BlockCache, layer_rows
 from mechcna.engine.expansion import EngineStats, Method, exact_rows_logprob, increase_from_rows
-from mechcna.engine.projection import compute_dtype, linear_part, logit_offset, project_to_vocab
+from mechcna.engine.projection import (
+    compute_dtype,
+    linear_part,
+    logit_offset,
+    project_to_vocab,
+    soft_cap,
+)
 from mechcna.errors import MechcnaError
 from mechcna.interventions.edits import Intervention
 from mechcna.interventions.prompts import Prompts
 from mechcna.models.architecture import Architecture
 from mechcna.models.backend import Model
 from mechcna.models.inputs import choice
-from mechcna.models.loading import get_provenance
 from mechcna.models.processing import VALUE_BIAS, get_processing, refuses_processing
+from mechcna.models.provenance import get_provenance
 from mechcna.models.view import architecture, per_call
 
 
@@ -417,12 +423,49 @@ def _layer_increase(
     """One layer's neuron scores through its :class:`~mechcna.engine.blocks.LayerRows`: the whole
     block is computed and kept when the cache can hold it, otherwise only the rows the
     second-order expansion cannot certify (:func:`mechcna.engine.expansion.increase_from_rows`)."""
+    arch = architecture(model)
+    if arch.logit_soft_cap > 0:  # the expansion assumes linear logits: exact instead
+        return _capped_increase(arch, kind, layer, base, coef, target, stats)
     rows = layer_rows(model, kind, layer, cache)
     fill = rows.cache.can_hold(rows.store)
     imp = increase_from_rows(base, rows, coef, target, method=method, tol=tol, fill=fill,
                              stats=stats)  # fmt: skip
     rows.cache.settle()
     return imp
+
+
+def _capped_increase(
+    arch: Architecture,
+    kind: str,
+    layer: int,
+    base: Float[Tensor, "prompt d_vocab"],
+    coef: Float[Tensor, "prompt m row"],
+    target: Int[Tensor, " prompt"],
+    stats: EngineStats | None,
+    budget: int = 2**24,
+) -> Float[Tensor, "prompt m row"]:
+    """Exact increases through a final logit soft cap: ``log p(w | cap(base + a U[k])) -
+    log p(w | cap(base))`` for every ``(prompt, m, row)``, ``budget`` logits at a time."""
+    if kind == "ffn":
+        W = arch.W_out(layer).detach()
+    else:
+        W = einops.rearrange(arch.W_O(layer).detach(), "h d m -> (h d) m")
+    n, m, n_rows = coef.shape
+    target = target.to(base.device)
+    before = exact_rows_logprob(soft_cap(arch, base), target)  # prompt
+    out = torch.empty(n, m, n_rows, dtype=base.dtype, device=base.device)
+    step = max(1, budget // max(1, n * m * arch.d_vocab))
+    for i in range(0, n_rows, step):
+        U = linear_part(arch, W[i : i + step])  # rows d_vocab
+        logits = base[:, None, None] + coef[:, :, i : i + step, None] * U
+        t = target[:, None, None].expand(logits.shape[:-1])
+        out[:, :, i : i + step] = (
+            exact_rows_logprob(soft_cap(arch, logits), t) - before[:, None, None]
+        )
+    if stats is not None:
+        stats.scored += out.numel()
+        stats.exact += out.numel()
+    return out
 
 
 @per_call

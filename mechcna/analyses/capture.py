@@ -6,6 +6,12 @@ final residual and norm scale, and on request the FFN activations, ``hook_z``, t
 pattern and ``v``, at each prompt's scored position; :func:`attention_coefficients` forms
 the attention neurons' coefficients from them. Non-finite activations raise
 :class:`~mechcna.errors.NonFiniteError` naming the layer.
+
+**Sandwich norms** (Gemma 2 and 3, :attr:`~mechcna.models.architecture.Architecture.post_norms`):
+the post-attention and post-feedforward norms' scales at the scored position are recorded and
+frozen, and the coefficients ``post``, ``z`` and ``v`` are divided by them, so that a
+coefficient times its effective value vector (``Architecture.W_out`` / ``W_O``, which include the
+post-norm weight) is exactly that neuron's share of ``attn_out`` / ``mlp_out``.
 """
 
 from collections.abc import Callable, Iterable, Sequence
@@ -19,11 +25,12 @@ from transformer_lens.hook_points import HookPoint
 from mechcna._types import Float, Int, Tensor
 from mechcna.engine.projection import compute_dtype
 from mechcna.errors import MechcnaError, NonFiniteError
-from mechcna.interventions.edits import Intervention, intervene, prompt_lengths
+from mechcna.interventions.edits import Intervention, intervene
+from mechcna.interventions.positions import prompt_lengths
 from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts, single_token_ids
 from mechcna.models.backend import Model
 from mechcna.models.check import first_non_finite
-from mechcna.models.hooks import hook_name
+from mechcna.models.hooks import hook_name, post_scale_name
 from mechcna.models.inputs import warn_user_hooks
 from mechcna.models.view import architecture, per_call
 
@@ -38,6 +45,8 @@ class Capture:
 
     Per-layer tensors have shape ``[prompt, layer, ...]``. ``pattern`` is the attention row of
     the scored position (``[prompt, layer, head, key_pos]``); ``v`` covers every position.
+    Under sandwich norms ``post``, ``z`` and ``v`` are divided by ``mlp_post_scale`` /
+    ``attn_post_scale`` (the post-norms' frozen scales at the scored position; ones otherwise).
     """
 
     batch: PromptBatch
@@ -52,6 +61,8 @@ class Capture:
     z: Float[Tensor, "prompt layer head_index d_head"] | None
     pattern: Float[Tensor, "prompt layer head_index key_pos"] | None
     v: Float[Tensor, "prompt layer key_pos head_index d_head"] | None
+    attn_post_scale: Float[Tensor, "prompt layer"] | None = None
+    mlp_post_scale: Float[Tensor, "prompt layer"] | None = None
 
 
 @per_call
@@ -112,6 +123,9 @@ def capture(
         if "attention" in need:
             hooks.append((hook_name("pattern", l), pattern_row(f"pattern{l}")))
             hooks.append((hook_name("v", l), whole(f"v{l}")))
+        if arch.post_norms:
+            for sub in ("ln1_post", "ln2_post"):
+                hooks.append((post_scale_name(l, sub), at_position(f"{sub}{l}")))
     if arch.final_norm == "none":
         hooks = hooks[1:]
     with torch.no_grad(), intervene(model, *interventions), prompt_lengths(batch.lengths):
@@ -134,6 +148,15 @@ def capture(
         vs = [store[f"v{l}"] for l in range(arch.n_layers)]
         repeat = arch.n_heads // vs[0].shape[2]
         v = torch.stack([x.repeat_interleave(repeat, dim=2) for x in vs], 1)
+    post = stack("post") if "post" in need else None
+    z = stack("z") if "z" in need else None
+    attn_s = mlp_s = None
+    if arch.post_norms:  # freeze the post-norms' scales: coefficients divided by them
+        attn_s = stack("ln1_post").reshape(len(batch), arch.n_layers)
+        mlp_s = stack("ln2_post").reshape(len(batch), arch.n_layers)
+        post = None if post is None else post / mlp_s[..., None].to(post.dtype)
+        z = None if z is None else z / attn_s[..., None, None].to(z.dtype)
+        v = None if v is None else v / attn_s[..., None, None, None].to(v.dtype)
     return Capture(
         batch=batch,
         target=target,
@@ -143,10 +166,12 @@ def capture(
         attn_out=stack("attn_out"),
         mlp_out=stack("mlp_out"),
         resid_final=store["final"],
-        post=stack("post") if "post" in need else None,
-        z=stack("z") if "z" in need else None,
+        post=post,
+        z=z,
         pattern=stack("pattern") if "attention" in need else None,
         v=v,
+        attn_post_scale=attn_s,
+        mlp_post_scale=mlp_s,
     )
 
 

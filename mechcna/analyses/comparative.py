@@ -48,8 +48,10 @@ from mechcna.analyses.tokens import neuron_tokens
 from mechcna.engine.blocks import BlockCache
 from mechcna.engine.expansion import EngineStats, Method
 from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError
-from mechcna.interventions.edits import Intervention, NeuronMask, intervene, prompt_lengths
+from mechcna.interventions.edits import Intervention, NeuronMask, intervene
+from mechcna.interventions.positions import prompt_lengths
 from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts
+from mechcna.models.architecture import refuses_post_norms
 from mechcna.models.backend import Model, is_model
 from mechcna.models.hooks import hook_name
 from mechcna.models.inputs import positive_int
@@ -436,19 +438,18 @@ def _acc(model, batch, target, mask, batch_size) -> float:
 
 
 @per_call
-def lowest_neuron_table(
+def lowest_neuron_decreases(
     model: Model,
     prompts: Prompts,
     comparison: NeuronComparison,
     *,
     ks: Sequence[int] = (100, 50, 30, 20, 10),
     batch_size: int = 64,
-) -> pd.DataFrame:
-    """The paper's Table 6 (prediction enhancing): zero each case's lowest-layer top-K CNA
-    neuron (ties: the most important) in the original model and report the decrease (%) of
-    the summed absolute coefficients of the *other* top-K neurons at the scored position,
-    averaged over cases (policy: the ablated neuron is excluded; absolute values, since the
-    papers' coefficients can be negative)."""
+) -> dict[int, Float[Tensor, " prompt"]]:
+    """Per K and case, the decrease (%) of the summed absolute coefficients of the *other*
+    top-K CNA neurons at the scored position when the case's lowest-layer top-K neuron (ties:
+    the most important) is zeroed in the original model (the per-case numbers that
+    :func:`lowest_neuron_table` averages)."""
     batch = _batch(model, prompts, comparison)
     target = comparison.target_ids
     _, before = _run_cases(model, batch, target, batch_size=batch_size, coefficients=True)
@@ -466,7 +467,26 @@ def lowest_neuron_table(
         rest = top & ~lowest
         b = (before.abs().double() * rest).sum((1, 2))
         a = (after.abs().double() * rest).sum((1, 2))
-        out[f"top{k}"] = float((100.0 * (b - a) / b.clamp_min(1e-30)).mean())
+        out[k] = 100.0 * (b - a) / b.clamp_min(1e-30)
+    return out
+
+
+@per_call
+def lowest_neuron_table(
+    model: Model,
+    prompts: Prompts,
+    comparison: NeuronComparison,
+    *,
+    ks: Sequence[int] = (100, 50, 30, 20, 10),
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """The paper's Table 6 (prediction enhancing): zero each case's lowest-layer top-K CNA
+    neuron (ties: the most important) in the original model and report the decrease (%) of
+    the summed absolute coefficients of the *other* top-K neurons at the scored position,
+    averaged over cases (policy: the ablated neuron is excluded; absolute values, since the
+    papers' coefficients can be negative; per case: :func:`lowest_neuron_decreases`)."""
+    per_case = lowest_neuron_decreases(model, prompts, comparison, ks=ks, batch_size=batch_size)
+    out = {f"top{k}": float(v.mean()) for k, v in per_case.items()}
     return pd.DataFrame({"lowest_neuron_ablation": out}).T
 
 
@@ -510,6 +530,7 @@ class ValueKeyProducts:
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def value_key_products(
     model: Model,
     neurons: Sequence[tuple[int, int]],

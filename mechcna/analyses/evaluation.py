@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from mechcna._types import Float, Tensor
 from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError
-from mechcna.interventions.edits import Intervention, intervene, prompt_lengths
+from mechcna.interventions.edits import Intervention, intervene
+from mechcna.interventions.positions import prompt_lengths
 from mechcna.interventions.prompts import prepare_prompts, single_token_ids
 from mechcna.models.backend import Model
 from mechcna.models.check import refuse_non_finite

@@ -33,7 +33,7 @@ from mechcna.analyses.transfer import (
 )
 from mechcna.engine.projection import compute_dtype
 from mechcna.errors import MechcnaError
-from mechcna.models.architecture import Architecture
+from mechcna.models.architecture import Architecture, refuses_post_norms
 from mechcna.models.backend import Model
 from mechcna.models.inputs import positive_int
 from mechcna.models.processing import WeightProcessing, get_processing, refuses_processing
@@ -131,6 +131,7 @@ def _head_position_vectors(
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def source_position_scores(
     model: Model,
     prompt: str | Tensor,
@@ -165,6 +166,7 @@ def source_position_scores(
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def head_scores(
     model: Model,
     prompt: str | Tensor,
@@ -193,6 +195,7 @@ def head_scores(
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def component_scores(
     model: Model,
     prompt: str | Tensor,
@@ -228,6 +231,7 @@ def component_scores(
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def neuron_scores(
     model: Model,
     prompt: str | Tensor,

@@ -44,11 +44,12 @@ from mechcna.analyses.attribution import _meta
 from mechcna.analyses.capture import Targets, capture
 from mechcna.analyses.results import Scores
 from mechcna.engine.blocks import BlockCache, layer_rows
-from mechcna.engine.expansion import _exact_rows, exact_rows_logprob, increase_from_rows
+from mechcna.engine.expansion import _exact_rows64, exact_rows_logprob, increase_from_rows
 from mechcna.engine.projection import compute_dtype, linear_part, logit_offset
 from mechcna.errors import MechcnaError
 from mechcna.interventions.edits import NeuronEdit, intervene
 from mechcna.interventions.prompts import Prompts, prepare_prompts
+from mechcna.models.architecture import refuses_soft_cap
 from mechcna.models.backend import Model
 from mechcna.models.processing import refuses_processing
 from mechcna.models.view import architecture, per_call
@@ -102,6 +103,7 @@ class ComparisonScores(Scores):
 
 @per_call
 @refuses_processing()
+@refuses_soft_cap
 def comparison_scores(
     model: Model,
     prompts: Prompts,
@@ -141,9 +143,10 @@ def comparison_scores(
             alone, rank = torch.empty_like(a), torch.empty_like(a)
             for i in range(0, arch.d_mlp, chunk):
                 idx = torch.arange(i, min(i + chunk, arch.d_mlp))
-                R = _exact_rows(rows, idx)  # [chunk, d_vocab], exact W_out @ M
+                R64 = _exact_rows64(rows, idx)  # [chunk, d_vocab], exact W_out @ M (float64)
+                R = R64.to(dtype)
                 if keep and not bool(rows.store.known[idx].all()):
-                    rows.store.fill(idx, R)
+                    rows.store.fill(idx, R64)
                 for b in range(n):  # log p(w | v): the vector alone, exactly
                     logits = torch.addcmul(offset, a[b, idx, None], R)
                     alone[b, idx] = exact_rows_logprob(logits, cap.target[b].expand(len(idx)))

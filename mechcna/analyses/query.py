@@ -59,7 +59,7 @@ from mechcna.engine.projection import compute_dtype
 from mechcna.errors import InvalidOptionError, MechcnaError
 from mechcna.interventions.edits import Intervention
 from mechcna.interventions.prompts import Prompts
-from mechcna.models.architecture import Architecture
+from mechcna.models.architecture import Architecture, refuses_post_norms
 from mechcna.models.backend import Model
 from mechcna.models.inputs import positive_int
 from mechcna.models.processing import refuses_processing
@@ -238,6 +238,7 @@ def _query_scores(
 # ---------------------------------------------------------------------------- 5.3 / 5.4
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def query_neurons(
     model: Model,
     prompts: Prompts,
@@ -288,6 +289,7 @@ def query_neurons(
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def attention_neuron_queries(
     model: Model,
     prompts: Prompts,
@@ -393,6 +395,7 @@ def _shares(
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def ffn_query_layers(
     model: Model,
     prompts: Prompts,
@@ -473,6 +476,7 @@ def ffn_query_layers(
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def attention_query_layers(
     model: Model,
     prompts: Prompts,

@@ -25,6 +25,7 @@ from mechcna.analyses.transfer import (
 )
 from mechcna.engine.projection import top_tokens
 from mechcna.errors import MechcnaError
+from mechcna.models.architecture import refuses_post_norms
 from mechcna.models.backend import Model
 from mechcna.models.processing import get_processing, refuses_processing
 from mechcna.models.view import architecture, per_call
@@ -85,6 +86,7 @@ def query_value_overlap(
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def query_neuron_tokens(
     model: Model,
     neuron: tuple[int, int],

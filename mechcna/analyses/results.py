@@ -15,8 +15,8 @@ import torch
 from mechcna._types import Float, Int, Tensor
 from mechcna.errors import MechcnaError, NonFiniteError
 from mechcna.models.inputs import index_in, positive_int
-from mechcna.models.loading import ModelProvenance
 from mechcna.models.processing import WeightProcessing
+from mechcna.models.provenance import ModelProvenance
 
 Aggregate = Literal["mean", "sum", "max", "min"]
 

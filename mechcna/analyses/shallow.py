@@ -35,6 +35,7 @@ from mechcna.analyses.transfer import vo_transform
 from mechcna.engine.projection import compute_dtype, linear_part
 from mechcna.errors import InvalidOptionError, MechcnaError
 from mechcna.interventions.edits import Intervention, NeuronEdit
+from mechcna.models.architecture import refuses_post_norms
 from mechcna.models.backend import Model
 from mechcna.models.inputs import positive_int
 from mechcna.models.processing import WeightProcessing, get_processing, refuses_processing
@@ -171,6 +172,7 @@ def _default_split(n_layers: int) -> tuple[list[int], list[int]]:
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def hidden_interpretable_neurons(
     model: Model,
     *,

@@ -54,9 +54,10 @@ from mechcna._types import Float, Tensor
 from mechcna.analyses import plotting
 from mechcna.engine.projection import TopTokens, compute_dtype, top_tokens
 from mechcna.errors import MechcnaError, PathOrderError
-from mechcna.interventions.edits import Intervention, intervene, prompt_lengths
+from mechcna.interventions.edits import Intervention, intervene
+from mechcna.interventions.positions import prompt_lengths
 from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts, single_token_id
-from mechcna.models.architecture import Architecture
+from mechcna.models.architecture import Architecture, refuses_post_norms
 from mechcna.models.backend import Model
 from mechcna.models.hooks import hook_name
 from mechcna.models.inputs import positive_int, warn_user_hooks
@@ -194,6 +195,7 @@ class FFNKeys:
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def ffn_keys(model: Model, layer: int, neuron: int) -> FFNKeys:
     """Keys of FFN neuron ``(layer, neuron)``: ``W_in`` (up) and ``W_gate`` columns times the
     pre-MLP norm weight ``ln2.w`` (only ``W_in`` for non-gated MLPs)."""
@@ -272,6 +274,7 @@ def _apply(arch: Architecture, hops: Sequence[_Hop], x: Tensor) -> list[Tensor]:
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def vo_transform(
     model: Model,
     vectors: Float[Tensor, "... d_model"],
@@ -393,6 +396,7 @@ def _step_name(step: PathStep) -> str:
 
 @per_call
 @refuses_processing()
+@refuses_post_norms
 def transform_through_attention(
     model: Model,
     vector_or_neuron: Float[Tensor, "... d_model"] | tuple[int, int] | str,

@@ -32,7 +32,7 @@ import torch
 from mechcna._types import Float, Tensor
 from mechcna.analyses.comparative import NeuronComparison, ReferenceScale, compare_neurons
 from mechcna.errors import MechcnaError
-from mechcna.interventions.edits import prompt_lengths
+from mechcna.interventions.positions import prompt_lengths
 from mechcna.interventions.prompts import Prompts, prepare_prompts
 from mechcna.models.backend import Model
 

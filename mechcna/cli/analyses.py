@@ -9,9 +9,11 @@ from mechcna.cli.base import (
     Context,
     UsageError,
     add_prompts,
+    add_ray,
     command,
     pair,
     prompts_from,
+    ray_options,
     with_tokens,
 )
 
@@ -31,6 +33,7 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", choices=[*LEVELS, "all"], default="ffn")
     p.add_argument("--paper-compat", action="store_true", help="drop ln_final bias and b_U")
     _top(p)
+    add_ray(p)
 
 
 @command(
@@ -51,8 +54,15 @@ def attribute(args: argparse.Namespace, ctx: Context) -> "Report":
         "ffn": attribution.neuron_importance,
         "attention": attribution.attention_neuron_importance,
     }
+    ray = ray_options(args)
     for level in LEVELS if args.level == "all" else (args.level,):
-        res = functions[level](model, prompts, targets, paper_compat=args.paper_compat)
+        if ray is None:
+            res = functions[level](model, prompts, targets, paper_compat=args.paper_compat)
+        else:
+            from mechcna import distributed
+
+            run = getattr(distributed, functions[level].__name__)
+            res = run(args.model, prompts, targets, paper_compat=args.paper_compat, **ray)
         report.section(f"{level}: targets {list(res.targets)}")
         for i, prompt in enumerate(prompts):
             frame = res.top(args.top, prompt=i)

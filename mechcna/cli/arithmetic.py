@@ -11,10 +11,12 @@ from mechcna.cli.base import (
     add_dataset,
     add_interventions,
     add_prompts,
+    add_ray,
     command,
     dataset_from,
     interventions_from,
     prompts_from,
+    ray_options,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ def _head_sweep_args(p: argparse.ArgumentParser) -> None:
     add_dataset(p)
     p.add_argument("--mode", choices=["zero", "mean"], default="zero")
     p.add_argument("--top", type=int, default=10, help="heads to list")
+    add_ray(p)
 
 
 #: ``add_dataset``'s defaults for head-sweep: any other value means the user chose cases.
@@ -88,6 +91,15 @@ def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
                 "--prompts-file (give one or the other)"
             )
     model = ctx.model
+    ray = ray_options(args)
+
+    def sweep_fn(model, *a, **kw):
+        if ray is None:
+            return heads.head_sweep(model, *a, **kw)
+        from mechcna import distributed  # the workers load args.model themselves
+
+        return distributed.head_sweep(args.model, *a, **{**kw, **ray})
+
     if args.prompt and len(args.prompt) == 1 and args.prompts_file is None:
         target = args.target[0] if args.target else None
         reference = args.prompt if args.mode == "mean" else None
@@ -107,11 +119,11 @@ def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
         prompts, targets = prompts_from(args)
         if targets is None:
             raise UsageError("a head sweep over several prompts needs their targets")
-        sweep = heads.head_sweep(model, prompts, targets, mode=args.mode, progress=ctx.progress)
+        sweep = sweep_fn(model, prompts, targets, mode=args.mode, progress=ctx.progress)
         by = None
     else:
         data = dataset_from(args, ctx)
-        sweep = heads.head_sweep(model, data, mode=args.mode, progress=ctx.progress)
+        sweep = sweep_fn(model, data, mode=args.mode, progress=ctx.progress)
         by = "operation"
     accuracy = float(sweep.base_correct.double().mean())
     report = ctx.report("Arithmetic heads: every head ablated", n_cases=sweep.n_cases)

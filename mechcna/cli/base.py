@@ -222,3 +222,35 @@ def with_tokens(model: "Model", frame: "pd.DataFrame", prompt: str | None = None
     from mechcna.analyses.tokens import frame_tokens
 
     return frame_tokens(model, frame, prompt=prompt)
+
+
+def add_ray(p: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]`` and ``--workers N``: run the dataset-level work on a Ray cluster."""
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster: join ADDRESS (default: RAY_ADDRESS) or start a local one "
+        "(needs mechcna[distributed])",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Ray workers (a local cluster's CPUs); implies --ray",
+    )
+
+
+def ray_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Keyword arguments of the :mod:`mechcna.distributed` functions, or ``None`` without
+    ``--ray``/``--workers``; connects to (or starts) the cluster."""
+    if getattr(args, "ray", None) is None and getattr(args, "workers", None) is None:
+        return None
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be positive")
+    from mechcna import distributed
+
+    distributed.connect(args.ray or None, num_cpus=args.workers)
+    return {"workers": args.workers, "progress": not args.quiet}

@@ -1,6 +1,7 @@
 """``mechcna reproduce``: both papers end to end (:mod:`mechcna.reproduce`)."""
 
 import argparse
+import sys
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -9,6 +10,7 @@ from mechcna.cli.base import Context, command
 
 if TYPE_CHECKING:
     from mechcna.report.page import Report
+    from mechcna.reproduce import ReproduceSettings
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -17,10 +19,41 @@ def _args(p: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="the smallest sizes (ReproduceSettings.quick)"
     )
     p.add_argument(
+        "--preset",
+        choices=["quick", "standard", "paper", "full"],
+        default=None,
+        help="sizes: quick (minutes, verdicts mostly inconclusive), standard (sized by power, "
+        "about an hour for SmolLM2 on 2 cores), paper (the papers' sizes, hours, resumable), "
+        "full (the earlier default); --quick is --preset quick",
+    )
+    p.add_argument(
+        "--filter-top-k",
+        type=int,
+        default=None,
+        help="knowledge filter: keep prompts whose gold answer is in the top K (10: the "
+        "paper's, the default; 1: the model's top-1 answer)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="save each finished stage under --out and continue from them on a rerun "
+        "(always on for --preset paper)",
+    )
+    p.add_argument(
         "--lock",
         default=None,
         help="a file to flock during each stage, released between stages (shared machines)",
     )
+
+
+def _settings(args: argparse.Namespace) -> "ReproduceSettings":
+    from mechcna.reproduce import ReproduceSettings
+
+    name = args.preset or ("quick" if args.quick else "full")
+    s = ReproduceSettings.named(name)
+    if args.filter_top_k:
+        s = replace(s, knowledge_top_k=args.filter_top_k)
+    return s
 
 
 @command(
@@ -31,15 +64,27 @@ def _args(p: argparse.ArgumentParser) -> None:
     out_default="runs/reproduce",
 )
 def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
-    from mechcna.reproduce import reproduce
+    from mechcna.reproduce import expected_times, reproduce
     from mechcna.reproduce.page import build_report, to_markdown
 
     start = time.perf_counter()
     model = ctx.model
     loaded = time.perf_counter() - start
-    rep = reproduce(model, args.paper, quick=args.quick, progress=ctx.progress, lock=args.lock)
+    settings = _settings(args)
+    sys.stderr.write(
+        "expected stage times (s, rough, 2-core CPU):\n"
+        + expected_times(model, settings, args.paper).round(1).to_string(index=False)
+        + "\n"
+    )
+    resume = args.out if (args.resume or settings.preset == "paper") and args.out else None
+    rep = reproduce(
+        model, args.paper, settings=settings, progress=ctx.progress, lock=args.lock,
+        checkpoint=resume,
+    )  # fmt: skip
     flags = [f"--model {args.model}", f"--paper {args.paper}", f"--out {args.out}"]
     flags += ["--quick"] * bool(args.quick) + [f"--lock {args.lock}"] * bool(args.lock)
+    flags += [f"--preset {args.preset}"] * bool(args.preset)
+    flags += [f"--filter-top-k {args.filter_top_k}"] * bool(args.filter_top_k)
     command = " ".join(["mechcna reproduce", *flags])
     rep = replace(rep, load_seconds=loaded, command=command)
     report = build_report(rep, ctx.report("reproduce").provenance)

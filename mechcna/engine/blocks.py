@@ -46,7 +46,7 @@ from mechcna.models.fingerprint import content_key
 from mechcna.models.view import architecture
 
 MIN_BUDGET = 256 * 2**20
-FORMAT = "mechcna-rows-2"
+FORMAT = "mechcna-rows-3"
 
 
 def available_memory() -> int:
@@ -88,6 +88,20 @@ class Projector:
     def __init__(self, M: Float[Tensor, "d_model d_vocab"], key: str):
         self.M, self.key = M, key
         self._ellipsoid: tuple[Tensor, float, float] | None = None
+        self._exact: tuple[Tensor, Tensor, float] | None = None
+
+    def exact(self) -> tuple[Float[Tensor, "d_model d_vocab"], Float[Tensor, " d_model"], float]:
+        """``(M64, col_max, col_norm)`` for the engine's float64 evaluation: ``M`` in float64
+        with its vocabulary mean removed (a vocabulary-common part shifts every row by a
+        constant, which changes no log-probability, but would cancel in ``d1`` and cost the
+        rows their low bits), ``max_j |M64[i, j]|`` per coordinate and ``max_j |M64[:, j]|``.
+        """
+        if self._exact is None:
+            with torch.no_grad():
+                M64 = self.M.detach().to(torch.float64)
+                M64 = M64 - M64.mean(1, keepdim=True)
+                self._exact = (M64, M64.abs().amax(1), float(M64.norm(dim=0).max()))
+        return self._exact
 
     def ellipsoid(self) -> tuple[Float[Tensor, "d_model d_model"], float, float]:
         """``(chol, rho, max_norm)``: the lower Cholesky factor of the vocabulary covariance

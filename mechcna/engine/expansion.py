@@ -27,15 +27,17 @@ and the denominator at least ``e^{t m_0}`` (Jensen). Hence
     ``|R3| <= |a|^3 r k2 e^{|a| r} / 6``,
     ``|R4| <= a^4 min(r^4 / 96, r^2 k2 e^{|a| r} / 24)``.
 
-**Stored rows in 16 bits.** When a row is known only as ``y = u + e`` with
-``|e_j| <= eta`` (16-bit storage, :mod:`mechcna.engine.rows`), the cumulants of ``y`` are used for
+**Stored rows.** When a row is known only as ``y = u + e`` with ``|e_j| <= eta`` (16-bit or
+float32 storage, :mod:`mechcna.engine.rows`; ``eta`` also covers the float64 computation of the row,
+:func:`_row_eta`), the cumulants of ``y`` are used for
 ``k2`` and ``k3`` and the bound adds their error: with centred ``c = u - E u``,
 ``f = e - E e`` (``|f| <= 2 eta``) and ``S = sd(y) + 2 eta >= sd(u)``:
 ``|Var y - Var u| <= 4 eta sd(y) + 12 eta^2`` and
 ``|k3(y) - k3(u)| <= 3 E[c^2 |f|] + 3 E[|c| f^2] + E|f|^3 <= 6 eta S^2 + 12 eta^2 S + 8 eta^3``.
 ``k1`` and the target's entry never use stored rows: ``u_w - k1 = w . (M_target - M p)`` is
 computed from the neuron's residual-space vector ``w`` and the projector ``M``
-(:class:`mechcna.engine.blocks.Projector`). The bound then also uses ``k2 <= S^2``.
+(:class:`mechcna.engine.blocks.Projector`). The bound then also uses ``k2 <= S^2`` and the range
+``r <= 2 (radius + eta)``.
 
 **Rows only where needed** (:func:`increase_from_rows` when the layer's rows are not all
 stored and the cache cannot hold them, e.g. streaming): ``k1`` as above and ``k2 = w C w``
@@ -45,10 +47,38 @@ prompt and layer) are exact without the row; ``r`` is bounded from above by
 ``tol`` need their rows; they then get the third-order value with the ``R4`` bound, or the
 exact sum.
 
+**Floating point** (issue 20). The remainder bounds need an upper bound on the *true*
+``k2``, and the expansion's value is only as good as the computed ``k2``, ``k3`` and
+``u_w - k1``; formed naively (``E[y^2] - E[y]^2`` in the compute dtype) the variance of a
+confident distribution rounds to 0, the bounds vanish and a wrong first-order value is
+certified. So everything after the inputs (base logits ``z``, coefficients, ``W`` and ``M``)
+is evaluated in float64, and the rounding is bounded and added to the certificate:
+
+* ``p = exp(z - log_norm)`` normalised to sum 1 (a common factor is a shift of ``z``);
+  each ``p_j`` has relative error at most ``u (|z_j - log_norm| + 2)``, folded into
+  ``g = 1.01 (V + 1100) u``, ``u = 2^-53`` (tokens over 1000 nats below the top are 0 in any
+  format);
+* raw moments ``m_n = p . y^n`` of stored rows (int16 levels and float32 values, whose powers
+  are exact in float64) are within ``g p . |y|^n <= g R^(n-2) m2`` (``|y| <= R``), so
+  ``|dk2| <= 6 g m2`` and ``|dk3| <= 16 g R m2`` (:func:`_moment_errors`); ``k2 + dk2`` is used
+  in the remainders and ``a^2 dk2 / 2 + |a|^3 dk3 / 6`` is added to the bound;
+* ``u_w - k1 = w . x`` with ``x = sum_j q_j (M_w - M_j) = s M_w - M q``, ``q`` = ``p`` with the
+  target's entry zeroed and ``s = sum q``: its rounding is at most
+  ``g_d |x|.|w| + 2 g s |w|.max_j|M_j|``, proportional to the mass off the target, where
+  ``1 - p_w`` computed directly would cancel; ``|a|`` times it is added to the bound;
+* ``M`` is used minus its vocabulary mean (a constant per row, which changes no
+  log-probability): each row's centre is then at most its radius, and a large vocabulary-common
+  part of ``M`` neither cancels in ``x`` nor costs float32/16-bit rows their low bits;
+* the streaming ``k2 = w C w`` carries ``(g + 2 g_d) |w|^2 tr C + |w|^2 |g max|M||^2``;
+* ``4 u`` times the magnitudes of the expansion's terms covers their evaluation.
+
 **Exact fallback.** Every (prompt, neuron) whose bound exceeds ``tol`` is recomputed with
-the full log-sum-exp on the exact row (recomputed from ``w`` when stored rows are rounded),
-in fused chunks. So every returned score is within ``tol`` of the exact value (plus
-floating-point rounding). ``method="exact"`` evaluates everything exactly.
+the full log-sum-exp in float64 on the exact float64 row (kept per store, or recomputed from
+``w``), in fused chunks. So every returned score is within ``tol`` of the exact value on the
+engine's inputs, apart from the final rounding of the float64 result to the compute dtype
+(and float64 rounding of a log-sum-exp, about ``u`` times the largest logit).
+``method="exact"`` evaluates everything exactly. ``tests/test_engine_properties.py`` checks
+this against float64 literals on drawn confident and unconfident models.
 
 Example:
     >>> imp = logprob_increase(z, block, a, target)        # doctest: +SKIP
@@ -88,22 +118,81 @@ def default_tol(dtype: torch.dtype) -> float:
     return 1e-12 if dtype == torch.float64 else 1e-6
 
 
+#: unit roundoff of float64
+U64 = 2.0**-53
+
+
+def _gamma(n: int) -> float:
+    """Bound on the relative rounding error of a float64 sum or dot product of ``n`` terms
+    (``n u / (1 - n u)``), plus ``1100 u`` for the rounding of the probabilities
+    ``exp(z - log_norm)`` (relative ``u |z_j - log_norm|``; tokens further than 1000 nats
+    below the top have a probability below ``e^-1000``, zero in any float format)."""
+    return 1.01 * (n + 1100) * U64
+
+
+def _probs(base_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(z, log_norm, p)`` in float64, ``p`` normalised to sum 1 (a common factor of ``p``
+    is a shift of ``z``, which changes no log-probability)."""
+    z = base_logits.to(torch.float64)
+    log_norm = torch.logsumexp(z, -1)
+    p = torch.exp(z - log_norm[:, None])
+    return z, log_norm, p / p.sum(-1, keepdim=True)
+
+
+def _raw_moments(
+    p: Float[Tensor, "batch d_vocab"], y: Tensor, third: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(m1, m2, k2, k3)`` of the rows ``y`` (any dtype, converted to float64) under ``p``.
+
+    In float64 the raw moments of values whose squares (and cubes) are exact (int16 levels,
+    float32 rows) are within ``gamma`` of their sums of absolute values, so the cancellation
+    ``m2 - m1^2`` costs at most ``6 gamma m2`` absolute (:func:`_moment_errors`)."""
+    y = y.to(torch.float64)
+    sq = y * y
+    m1 = p @ y.T
+    m2 = p @ sq.T
+    k2 = m2 - m1 * m1
+    k3 = None
+    if third:
+        m3 = p @ sq.mul_(y).T
+        k3 = m3 - 3 * m1 * m2 + 2 * m1**3
+    return m1, m2, k2, k3
+
+
+def _moment_errors(m2: Tensor, R: Tensor, V: int) -> tuple[Tensor, Tensor]:
+    """Bounds on the float64 rounding of ``k2`` and ``k3`` from raw moments of rows with
+    ``|y| <= R`` over ``V`` tokens: ``|dk2| <= 6 g m2`` and ``|dk3| <= 16 g R m2`` (each raw
+    moment is within ``g sum p |y|^n <= g R^(n-2) m2`` and ``|m1|^2 <= m2``)."""
+    g = _gamma(V) + 4 * U64
+    return 6 * g * m2, 16 * g * R * m2
+
+
 def cumulants(
     probs: Float[Tensor, "batch d_vocab"], U: Float[Tensor, "row d_vocab"], chunk: int = 1024
 ) -> tuple[Float[Tensor, "batch row"], Float[Tensor, "batch row"], Float[Tensor, "batch row"]]:
-    """First three cumulants of each row of ``U`` under each distribution in ``probs``."""
-    m1, m2, m3 = [], [], []
+    """First three cumulants of each row of ``U`` under each distribution in ``probs``
+    (formed in float64; returned in float64)."""
+    p = probs.to(torch.float64)
+    p = p / p.sum(-1, keepdim=True)
+    m1, k2, k3 = [], [], []
     for i in range(0, U.shape[0], chunk):
-        rows = U[i : i + chunk]
-        sq = rows * rows
-        m1.append(probs @ rows.T)
-        m2.append(probs @ sq.T)
-        sq.mul_(rows)
-        m3.append(probs @ sq.T)
-    r1, r2, r3 = torch.cat(m1, 1), torch.cat(m2, 1), torch.cat(m3, 1)
-    k2 = r2 - r1 * r1
-    k3 = r3 - 3 * r1 * r2 + 2 * r1**3
-    return r1, k2, k3
+        r1, _, c2, c3 = _raw_moments(p, U[i : i + chunk], third=True)
+        m1.append(r1)
+        k2.append(c2)
+        k3.append(c3)
+    return torch.cat(m1, 1), torch.cat(k2, 1), torch.cat(k3, 1)
+
+
+def _off_target(
+    p: Float[Tensor, "batch d_vocab"], target: Int[Tensor, " batch"]
+) -> tuple[Float[Tensor, "batch d_vocab"], Float[Tensor, " batch"]]:
+    """``(q, s)``: ``p`` with the target's entry zeroed and its sum ``1 - p_w`` (formed as a
+    sum of the other entries, so that it keeps its relative accuracy when ``p_w`` is near 1).
+    ``u_w - k1 = sum_j q_j (u_w - u_j) = s u_w - q . u`` has rounding error at most
+    ``2 g s max|u|``: proportional to the small mass off the target."""
+    q = p.clone()
+    q[torch.arange(len(target)), target.to(p.device)] = 0
+    return q, q.sum(-1)
 
 
 def logprob_increase(
@@ -134,25 +223,50 @@ def logprob_increase(
         stats: optional counters to update.
 
     Returns:
-        ``[batch, extra, row]`` log-probability increases (natural log).
+        ``[batch, extra, row]`` log-probability increases (natural log), evaluated in float64
+        and returned in ``coef``'s dtype.
     """
-    dtype = base_logits.dtype
-    tol = default_tol(dtype) if tol is None else tolerance(tol)
+    tol = default_tol(base_logits.dtype) if tol is None else tolerance(tol)
     U = block.U
-    log_norm = torch.logsumexp(base_logits, -1)
-    u_target = U[:, target].T  # [batch, row]
+    z, log_norm, p = _probs(base_logits)
+    a = coef.to(torch.float64)
+    tgt = target.to(U.device)
     if method == "exact":
-        out = torch.zeros_like(coef)
+        out = torch.zeros_like(a)
         todo = coef != 0
     else:
-        probs = torch.exp(base_logits - log_norm[:, None])
-        k1, k2, k3 = cumulants(probs, U, chunk)
+        V = U.shape[1]
+        g = _gamma(V) + 4 * U64
+        R = block.radius.to(torch.float64) * (1 + 2.0**-20)  # |U| <= R despite rounding
+        q, s = _off_target(p, tgt)
+        k1s, k2s, k3s, dk2s, dk3s = [], [], [], [], []
+        for i in range(0, U.shape[0], chunk):
+            m1, m2, c2, c3 = _raw_moments(q, U[i : i + chunk], third=False)
+            del m2, c2, c3
+            k1s.append(m1)  # q . u
+            _, m2, c2, c3 = _raw_moments(p, U[i : i + chunk], third=True)
+            dk2, dk3 = _moment_errors(m2, R[i : i + chunk], V)
+            k2s.append(c2)
+            k3s.append(c3)
+            dk2s.append(dk2)
+            dk3s.append(dk3)
+        u_target = U[:, tgt].T.to(torch.float64)  # [batch, row]
+        d1 = s[:, None] * u_target - torch.cat(k1s, 1)
+        dd1 = 2.02 * g * s[:, None] * R[None]
+        k2, k3 = torch.cat(k2s, 1), torch.cat(k3s, 1)
+        dk2, dk3 = torch.cat(dk2s, 1), torch.cat(dk3s, 1)
+        k2_hi = k2 + dk2
         k2 = k2.clamp_min(0)
-        a = coef
-        out = a * (u_target - k1)[:, None] - a * a * (k2 / 2)[:, None] - a**3 * (k3 / 6)[:, None]
-        r = 2 * block.radius
+        first = a * d1[:, None]
+        second = a * a * (k2 / 2)[:, None]
+        third = a**3 * (k3 / 6)[:, None]
+        out = first - second - third
+        r = 2 * R
         aa = a.abs()
-        bound = aa**4 * torch.minimum(r**4 / 96, r**2 * k2[:, None] * torch.exp(aa * r) / 24)
+        bound = aa**4 * torch.minimum(r**4 / 96, r**2 * k2_hi[:, None] * torch.exp(aa * r) / 24)
+        bound = bound + aa * dd1[:, None] + aa**2 * (dk2 / 2)[:, None]
+        bound = bound + aa**3 * (dk3 / 6)[:, None]
+        bound = bound + 4 * U64 * (first.abs() + second + third.abs())
         todo = bound > tol
     idx = todo.nonzero()
     if stats is not None:
@@ -160,10 +274,12 @@ def logprob_increase(
         stats.exact += idx.shape[0]
     for i in range(0, idx.shape[0], exact_chunk):
         b, e, r = idx[i : i + exact_chunk].unbind(1)
-        a = coef[b, e, r]
-        shifted = torch.addcmul(base_logits[b], a[:, None], U[r])
-        out[b, e, r] = a * u_target[b, r] - (torch.logsumexp(shifted, -1) - log_norm[b])
-    return out
+        x = a[b, e, r]
+        u = U[r].to(torch.float64)
+        shifted = torch.addcmul(z[b], x[:, None], u)
+        own = u.gather(1, tgt[b][:, None]).squeeze(1)
+        out[b, e, r] = x * own - (torch.logsumexp(shifted, -1) - log_norm[b])
+    return out.to(coef.dtype)
 
 
 def exact_rows_logprob(
@@ -179,60 +295,92 @@ def expansion_radius(tol: float) -> float:
 
 
 def _central_moments(
-    probs: Float[Tensor, "batch d_vocab"], store: "RowStore", sel: Int[Tensor, " n"], third: bool
-) -> tuple[Float[Tensor, "batch n"], Float[Tensor, "batch n"] | None]:
-    """Variance and (with ``third``) third central moment of the stored rows ``sel`` under
-    each distribution.
+    p: Float[Tensor, "batch d_vocab"], store: "RowStore", sel: Int[Tensor, " n"], third: bool
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(k2, dk2, k3, dk3)``: variance and (with ``third``) third central moment of the
+    stored rows ``sel`` under each distribution (float64 ``p``), in the rows' units, with
+    bounds on their float64 rounding (:func:`_moment_errors`).
 
-    One pass over the stored rows: ``chunk`` rows at a time are converted to the compute dtype
-    and their raw moments formed while they are in cache (a few MB), so each stored byte is
-    read from memory once (measured on SmolLM2: 8 rows per chunk for one prompt is about 8x
-    faster than 1024; a batch of prompts wants larger chunks for its matrix product). Rounded
-    rows are used as stored and the moments rescaled by ``radius / levels`` afterwards."""
-    chunk = 8 if probs.shape[0] <= 2 else 64
-    k2s, k3s = [], []
+    One pass over the stored rows, ``chunk`` rows at a time converted to float64 while they
+    are in cache (int16 levels and float32 values convert exactly, and their squares and
+    cubes are exact in float64)."""
+    # small chunks keep the float64 copies in cache (a few MB); a batch of prompts wants
+    # larger ones for its matrix product (measured at SmolLM2's size, 1536 x 49152 int16
+    # rows: one prompt 0.066 s per layer with 8-16 rows, 0.087 s with 32; 8 prompts 0.19 s
+    # with 16-32 rows)
+    chunk = 16 if p.shape[0] <= 2 else 32
+    V = p.shape[1]
+    k2s, m2s, k3s = [], [], []
     whole = len(sel) == store.n_rows  # sel is then arange: read contiguous slices
     for i in range(0, len(sel), chunk):
         part = slice(i, i + chunk) if whole else sel[i : i + chunk]
-        y = store.stored(part).to(probs.dtype)
-        sq = y * y
-        m1 = probs @ y.T
-        m2 = probs @ sq.T
-        k2s.append(m2 - m1 * m1)
-        if third:
-            m3 = probs @ sq.mul_(y).T
-            k3s.append(m3 - 3 * m1 * m2 + 2 * m1**3)
-    k2 = torch.cat(k2s, 1) if k2s else probs.new_zeros(probs.shape[0], 0)
-    k3 = (torch.cat(k3s, 1) if k3s else torch.zeros_like(k2)) if third else None
-    if store.normalised:
-        r = store.step(sel).to(probs.dtype)
-        k2 = k2 * r**2
-        k3 = k3 * r**3 if k3 is not None else None
-    return k2.clamp_min(0), k3
+        _, m2, k2, k3 = _raw_moments(p, store.stored(part), third)
+        k2s.append(k2)
+        m2s.append(m2)
+        if k3 is not None:
+            k3s.append(k3)
+    empty = p.new_zeros(p.shape[0], 0)
+    k2 = torch.cat(k2s, 1) if k2s else empty
+    m2 = torch.cat(m2s, 1) if m2s else empty
+    k3 = (torch.cat(k3s, 1) if k3s else empty) if third else None
+    step = store.step(sel).to(torch.float64)
+    # |stored value| <= levels (rounded formats) or radius (rounded to the storage dtype)
+    R = store.levels if store.normalised else store.radius[sel] * (1 + 2.0**-20)
+    dk2, dk3 = _moment_errors(m2, torch.as_tensor(R, dtype=torch.float64), V)
+    slack = 1 + 16 * U64  # rescaling by the step
+    k2, dk2 = k2 * step**2, dk2 * step**2 * slack
+    if k3 is not None:
+        k3, dk3 = k3 * step**3, dk3 * step**3 * slack + k3.abs() * step**3 * 8 * U64
+    return k2, dk2, k3, (dk3 if third else None)
 
 
-def _exact_rows(rows: "LayerRows", idx: Int[Tensor, " n"], chunk: int = 256) -> Tensor:
-    """Exact (uncentred) rows ``W[idx] @ M`` in the compute dtype."""
-    M = rows.projector.M
-    out = [rows.W[idx[i : i + chunk]] @ M for i in range(0, len(idx), chunk)]
+def _exact_rows64(rows: "LayerRows", idx: Int[Tensor, " n"], chunk: int = 256) -> Tensor:
+    """Exact rows ``W[idx] @ M64`` in float64 (``M64``: :meth:`Projector.exact`, the
+    vocabulary-centred projector; rows differ from ``W @ M`` by a constant per row)."""
+    M = rows.projector.exact()[0]
+    W = rows.W
+    out = [W[idx[i : i + chunk]].to(torch.float64) @ M for i in range(0, len(idx), chunk)]
     if len(out) == 1:
         return out[0]
     return torch.cat(out) if out else M.new_zeros(0, M.shape[1])
 
 
+def _exact_rows(rows: "LayerRows", idx: Int[Tensor, " n"], chunk: int = 256) -> Tensor:
+    """Exact rows (:func:`_exact_rows64`) in the compute dtype."""
+    return _exact_rows64(rows, idx, chunk).to(rows.projector.M.dtype)
+
+
+def _row_eta(rows: "LayerRows", W64: Tensor, sel: Int[Tensor, " n"]) -> Tensor:
+    """Per-entry bound on ``|stored row - exact centred row|``: the storage rounding
+    (:meth:`RowStore.eta`) plus the float64 rounding of ``w . M64_j``
+    (``<= gamma_d |w| max_j |M64_j|``) and of the centring."""
+    store = rows.store
+    _, _, col_norm = rows.projector.exact()
+    d = W64.shape[1]
+    comp = _gamma(d) * W64[sel].norm(dim=1) * col_norm + 4 * U64 * store.radius[sel]
+    return store.eta(sel).to(torch.float64) + comp
+
+
 def _covariance_k2(
-    probs: Float[Tensor, "batch d_vocab"],
-    mean: Float[Tensor, "batch d_model"],
-    M: Float[Tensor, "d_model d_vocab"],
-    W: Float[Tensor, "row d_model"],
-) -> Float[Tensor, "batch row"]:
-    """Exact ``k2 = w C w`` per prompt and row, ``C`` the covariance of ``M``'s columns."""
-    out = []
-    for b in range(probs.shape[0]):
+    p: Float[Tensor, "batch d_vocab"], M: Float[Tensor, "d_model d_vocab"],
+    col_max: Float[Tensor, " d_model"], W: Float[Tensor, "row d_model"],
+) -> tuple[Float[Tensor, "batch row"], Float[Tensor, "batch row"]]:  # fmt: skip
+    """Exact ``k2 = w C w`` per prompt and row, ``C`` the covariance of ``M``'s columns
+    (float64), and a bound on its rounding: ``(g + 2 g_d) |w|^2 tr C`` for the products and
+    ``|w|^2 |g col_max|^2`` for the rounding of the mean (a common shift ``delta`` of the
+    columns adds ``(w . delta)^2``)."""
+    V, d = M.shape[1], M.shape[0]
+    g, gd = _gamma(V), _gamma(d)
+    mean = p @ M.T
+    w2 = (W * W).sum(-1)
+    shift = float((g * col_max).norm()) ** 2
+    out, err = [], []
+    for b in range(p.shape[0]):
         X = M - mean[b][:, None]
-        C = (X * probs[b]) @ X.T
+        C = (X * p[b]) @ X.T
         out.append(((W @ C) * W).sum(-1))
-    return torch.stack(out).clamp_min(0)
+        err.append(2 * (g + 2 * gd) * w2 * C.diagonal().sum() + 2 * w2 * shift)
+    return torch.stack(out), torch.stack(err)
 
 
 def increase_from_rows(
@@ -258,109 +406,135 @@ def increase_from_rows(
             cannot certify (see the module docstring).
 
     Returns:
-        ``[batch, extra, row]`` log-probability increases (natural log).
+        ``[batch, extra, row]`` log-probability increases (natural log), evaluated in float64
+        and returned in ``coef``'s dtype.
     """
     tol = default_tol(base_logits.dtype) if tol is None else tolerance(tol)
-    M, W, store = rows.projector.M, rows.W, rows.store
-    n_rows = W.shape[0]
-    log_norm = torch.logsumexp(base_logits, -1)
-    probs = torch.exp(base_logits - log_norm[:, None])
-    mean = probs @ M.T  # [batch, d_model]
-    d1 = (M[:, target].T - mean) @ W.T  # u_w - k1, exact
-    a, aa = coef, coef.abs()
+    store = rows.store
+    M, col_max, _ = rows.projector.exact()
+    W = rows.W.to(torch.float64)
+    n_rows, d, V = W.shape[0], W.shape[1], M.shape[1]
+    z, log_norm, p = _probs(base_logits)
+    tgt = target.to(M.device)
+    # u_w - k1 = w . sum_j q_j (M_w - M_j), formed without cancellation (see _off_target)
+    q, s = _off_target(p, tgt)
+    x = s[:, None] * M[:, tgt].T - q @ M.T  # [batch, d_model]
+    d1 = x @ W.T
+    Wabs = W.abs()
+    dd1 = _gamma(d) * (x.abs() @ Wabs.T) + 2.02 * _gamma(V) * s[:, None] * (Wabs @ col_max)
+    a = coef.to(torch.float64)
+    aa = a.abs()
     fresh: dict[int, Tensor] = {}
-    out = torch.zeros_like(coef)
+    out = torch.zeros_like(a)
     if method == "exact":
         fail = coef != 0
     else:
+        store.verify()  # rows read from disk for the first time are checked first
         if fill and not bool(store.known.all()):
             missing = (~store.known).nonzero().flatten()
-            for i in range(0, len(missing), 128):  # 25 MB of float32 rows: stays in cache
-                store.fill(missing[i : i + 128], _exact_rows(rows, missing[i : i + 128]))
+            for i in range(0, len(missing), 128):  # 50 MB of float64 rows: stays in cache
+                store.fill(missing[i : i + 128], _exact_rows64(rows, missing[i : i + 128]))
+        k2 = dk2 = None
+        store.verify()  # rows another process added meanwhile
         if bool(store.known.all()):
             sel = torch.arange(n_rows)
-            k2 = None
         else:
-            k2 = _covariance_k2(probs, mean, M, W)
-            width = torch.where(store.known, 2 * store.radius, rows.projector.range_bound(W))
-            out = a * d1[:, None] - a * a * (k2 / 2)[:, None]
-            bound3 = aa**3 * width * k2[:, None] * torch.exp(aa * width) / 6
+            k2, dk2 = _covariance_k2(p, M, col_max, W)
+            eta = _row_eta(rows, W, torch.arange(n_rows))
+            known_width = 2 * (store.radius + eta)
+            bound_width = rows.projector.range_bound(rows.W).to(torch.float64) * (1 + 1e-6)
+            width = torch.where(store.known, known_width, bound_width)
+            out = a * d1[:, None] - a * a * (k2.clamp_min(0) / 2)[:, None]
+            bound3 = aa**3 * width * (k2 + dk2)[:, None] * torch.exp(aa * width) / 6
+            bound3 = bound3 + aa * dd1[:, None] + aa**2 * (dk2 / 2)[:, None]
+            bound3 = bound3 + 4 * U64 * (a * d1[:, None]).abs() + 4 * U64 * out.abs()
             sel = (bound3 > tol).any(0).any(0).nonzero().flatten()
             missing = sel[~store.known[sel]]
             for i in range(0, len(missing), chunk):
                 part = missing[i : i + chunk]
-                exact = _exact_rows(rows, part)
+                exact = _exact_rows64(rows, part)
                 store.fill(part, exact)
                 fresh.update(zip(part.tolist(), exact, strict=True))
         fail = torch.zeros_like(coef, dtype=torch.bool)
         if len(sel):
-            fail[:, :, sel] = _third_order(out, a, d1, probs, store, sel, k2, tol, chunk)
+            eta = _row_eta(rows, W, sel)
+            fail[:, :, sel] = _third_order(out, a, d1, dd1, p, store, sel, eta, k2, dk2, tol)
     idx = fail.nonzero()
     if stats is not None:
         stats.scored += coef.numel()
         stats.exact += idx.shape[0]
     if len(idx):
         uniq, inverse = torch.unique(idx[:, 2], return_inverse=True)
-        if not store.normalised and bool(store.known[uniq].all()):
-            U = store.get(uniq)
+        store.verify()
+        if not store.rounded and bool(store.known[uniq].all()):
+            U = store.get(uniq)  # float64 rows as computed (centred: a shift per row)
         else:
             kept = store.exact_known[uniq]
             todo = uniq[[int(r) not in fresh and not bool(k) for r, k in zip(uniq, kept)]]
-            fresh.update(zip(todo.tolist(), _exact_rows(rows, todo), strict=True))
+            fresh.update(zip(todo.tolist(), _exact_rows64(rows, todo), strict=True))
             new = uniq[~kept]
             if len(new):
                 store.put_exact(new, torch.stack([fresh[int(r)] for r in new.tolist()]))
             U = (
                 store.get_exact(uniq)
-                if store.normalised
+                if store.rounded
                 else torch.stack([fresh[int(r)] for r in uniq.tolist()])
             )
         for i in range(0, idx.shape[0], exact_chunk):
             b, e, r = idx[i : i + exact_chunk].unbind(1)
             u = U[inverse[i : i + exact_chunk]]
-            x = coef[b, e, r]
-            shifted = torch.addcmul(base_logits[b], x[:, None], u)
-            own = u.gather(1, target[b][:, None]).squeeze(1)
-            out[b, e, r] = x * own - (torch.logsumexp(shifted, -1) - log_norm[b])
-    return out
+            xb = a[b, e, r]
+            shifted = torch.addcmul(z[b], xb[:, None], u)
+            own = u.gather(1, tgt[b][:, None]).squeeze(1)
+            out[b, e, r] = xb * own - (torch.logsumexp(shifted, -1) - log_norm[b])
+    return out.to(coef.dtype)
 
 
 def _third_order(
     out: Tensor,
     a: Tensor,
     d1: Tensor,
-    probs: Tensor,
+    dd1: Tensor,
+    p: Tensor,
     store: "RowStore",
     sel: Tensor,
+    eta: Tensor,
     k2_exact: Tensor | None,
+    dk2_exact: Tensor | None,
     tol: float,
-    chunk: int,
 ) -> Tensor:
-    """Third-order values (in place in ``out``) for rows ``sel`` from stored rows; returns
-    the ``[batch, extra, len(sel)]`` mask of items the bound does not certify."""
-    eta = store.eta(sel).to(probs.dtype)[None]
-    k2y, _ = _central_moments(probs, store, sel, third=False)
-    S = k2y.sqrt() + 2 * eta
-    if k2_exact is None:  # k2 from the stored rows: its error enters the bound
-        k2, dk2 = k2y, 4 * eta * k2y.sqrt() + 12 * eta**2
+    """Third-order values (in place in ``out``, float64) for rows ``sel`` from stored rows;
+    returns the ``[batch, extra, len(sel)]`` mask of items the bound does not certify."""
+    eta = eta[None]
+    k2y, dk2y, _, _ = _central_moments(p, store, sel, third=False)
+    sdy = (k2y + dk2y).clamp_min(0).sqrt()  # >= sd(y) despite rounding
+    S = sdy + 2 * eta  # >= sd(u)
+    if k2_exact is None or dk2_exact is None:  # k2 from the stored rows: its error enters
+        k2, dk2 = k2y.clamp_min(0), 4 * eta * sdy + 12 * eta**2 + dk2y
         k2_max = S**2
     else:
-        k2, dk2 = k2_exact[:, sel], torch.zeros_like(k2y)
-        k2_max = k2
-    dk3 = 6 * eta * S**2 + 12 * eta**2 * S + 8 * eta**3
-    r = 2 * store.radius[sel].to(probs.dtype)
+        k2, dk2 = k2_exact[:, sel].clamp_min(0), dk2_exact[:, sel]
+        k2_max = k2_exact[:, sel] + dk2
+    r = 2 * (store.radius[sel] + eta)  # >= the exact row's range
     x, ax = a[:, :, sel], a[:, :, sel].abs()
     grow = torch.exp(ax * r)
-    bound3 = ax**3 * r * k2_max[:, None] * grow / 6 + ax**2 * dk2[:, None] / 2
-    second = x * d1[:, None, sel] - x * x * (k2 / 2)[:, None]
+    first = x * d1[:, None, sel]
+    second = first - x * x * (k2 / 2)[:, None]
+    shared = ax * dd1[:, None, sel] + ax**2 * dk2[:, None] / 2
+    rounding = 4 * U64 * (first.abs() + x * x * k2_max[:, None] / 2)  # of the evaluation
+    bound3 = ax**3 * r * k2_max[:, None] * grow / 6 + shared + rounding
     # third order only for rows with an item the second-order bound does not certify (a
     # second pass over those rows; typically 1% to 40% of a layer's rows on SmolLM2)
     need = (bound3 > tol).flatten(0, 1).any(0)
     k3 = torch.zeros_like(k2y)
+    dk3y = torch.zeros_like(k2y)
     if bool(need.any()):
-        k3[:, need] = _central_moments(probs, store, sel[need], third=True)[1]  # type: ignore[index]
-    bound4 = ax**4 * torch.minimum(r**4 / 96, r**2 * k2_max[:, None] * grow / 24)
-    bound4 = bound4 + ax**2 * dk2[:, None] / 2 + ax**3 * dk3[:, None] / 6
+        _, _, k3n, dk3n = _central_moments(p, store, sel[need], third=True)
+        k3[:, need], dk3y[:, need] = k3n, dk3n  # type: ignore[assignment]
+    dk3 = 6 * eta * S**2 + 12 * eta**2 * S + 8 * eta**3 + dk3y
     third = second - x**3 * (k3 / 6)[:, None]
+    bound4 = ax**4 * torch.minimum(r**4 / 96, r**2 * k2_max[:, None] * grow / 24)
+    bound4 = bound4 + shared + ax**3 * dk3[:, None] / 6 + rounding
+    bound4 = bound4 + 4 * U64 * (ax**3 * (k3.abs() / 6)[:, None])
     out[:, :, sel] = torch.where(bound3 <= tol, second, third)
     return (bound3 > tol) & (bound4 > tol)

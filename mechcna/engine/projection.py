@@ -12,6 +12,11 @@ default ``const = beta @ W_U + b_U``, so the projection of the real final residu
 model's real logits. ``paper_compat=True`` drops ``beta`` and ``b_U`` (``const = 0``), which
 reproduces the GPT-2 notebook exactly (for Llama the two agree: there is no bias).
 
+**Soft-capped logits (Gemma 2).** With a final logit soft cap ``c`` the model's logits are
+``c * tanh(bs(v) / c)``: :func:`project_to_vocab` applies it (:func:`soft_cap`), so projecting
+the real final residual still gives the real logits; :func:`linear_part` and the static rows
+below stay uncapped, and the neuron scores take the exact path on such models.
+
 Because ``L`` is linear, the projection of a neuron's contribution ``c * w_k`` is
 ``(c / s) * U[k]`` with ``U[k] = L(w_k)`` static per model: :func:`direction_block`
 computes these rows once per layer and shares them across prompts, positions and models.
@@ -51,6 +56,14 @@ def linear_part(
     return einops.einsum(x, arch.W_U.to(dtype), "... d_model, d_model d_vocab -> ... d_vocab")
 
 
+def soft_cap(
+    arch: Architecture, logits: Float[Tensor, "... d_vocab"]
+) -> Float[Tensor, "... d_vocab"]:
+    """``c * tanh(logits / c)`` for a model with a final logit soft cap ``c``, else ``logits``."""
+    c = arch.logit_soft_cap
+    return logits if c <= 0 else c * torch.tanh(logits / c)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Scores are computed in float64 for float64 models and in float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -83,13 +96,16 @@ def project_to_vocab(
 
     Returns:
         ``[..., d_vocab]`` logits. Projecting the real final residual with its real scale
-        gives the model's real logits (default) or the papers' bias-free ones.
+        gives the model's real logits (default) or the papers' bias-free ones; a final logit
+        soft cap (Gemma 2) is applied.
     """
     arch = architecture(model)
     if vectors.shape[-1] != arch.d_model:
         raise MechcnaError(f"vectors have {vectors.shape[-1]} features, d_model is {arch.d_model}")
     s = torch.as_tensor(scale, dtype=compute_dtype(arch.dtype), device=arch.device)
-    return linear_part(arch, vectors) / s[..., None] + logit_offset(arch, paper_compat)
+    return soft_cap(
+        arch, linear_part(arch, vectors) / s[..., None] + logit_offset(arch, paper_compat)
+    )
 
 
 @dataclass(frozen=True)

@@ -6,21 +6,32 @@ A :class:`RowStore` holds, for one layer's neurons, the centred vocabulary direc
 
 * in 16 bits for float32 models, scaled to ``[-1, 1]`` by the radius: as 16-bit fixed point
   (``int16``, the default: ``round(32767 * U[k] / radius[k])``, so a stored row differs from the
-  exact one by at most ``eta[k] = 0.51 * radius[k] / 32767`` per entry, the 0.01 covering the
-  float32 rounding of the scaling) or as ``float16(U[k] / radius[k])`` (``eta[k] = radius[k] *
-  2**-11``, 32 times coarser; kept for tests and for files of the previous format). The engine's
-  bound adds the effect of this rounding (:meth:`RowStore.eta`, :mod:`mechcna.engine.expansion`);
-* at full precision otherwise (``eta = 0``).
+  exact one by at most ``eta[k] = 0.51 * radius[k] / 32767`` per entry; rows are centred and
+  scaled in float64) or as ``float16(U[k] / radius[k])`` (``eta[k] = radius[k] * 2**-11``, 32
+  times coarser; kept for tests). The engine's bound adds the effect of this rounding
+  (:meth:`RowStore.eta`, :mod:`mechcna.engine.expansion`);
+* in the compute dtype otherwise: float32 rows (``BlockCache(half=False)``) are rounded
+  (``eta = 1.01 * 2**-24 * radius``, :attr:`RowStore.rounded`); float64 rows are exact up to
+  float64 rounding. Radii and centres are float64.
 
 **Disk cache.** With a directory, the rows live in a sparse file ``<key>.rows`` mapped into
 memory (``numpy.memmap``), and the radii, centres and the mask of computed rows in
 ``<key>.meta.npz``; ``key`` is the content hash of the weights (:mod:`mechcna.engine.blocks`), so a
 new session with the same weights starts warm and other weights can never be read. Writers
-are safe against each other: rows are written before the metadata that marks them valid,
-metadata is merged under an exclusive ``flock`` and replaced atomically (``os.replace``), and
-two writers of the same row write the same values. The directory is bounded: after a new
-file is created, the least recently used files are deleted until the total allocated size is
-at most ``MECHCNA_DISK_CACHE_BYTES`` (default 16 GiB).
+are safe against each other: rows are written and flushed to the file before the metadata
+that marks them valid, metadata is merged under an exclusive ``flock`` and replaced
+atomically (``os.replace``), and two writers of the same row write the same values.
+
+The cache is never trusted blindly (issue 20): the metadata names its store and holds a
+CRC-32 per row, checked when the row is first read in a process (:meth:`RowStore.verify`; a
+damaged row is recomputed, with a warning); a row file of the wrong size is deleted with its
+metadata and rebuilt, never truncated or extended to fit.
+
+The directory is bounded: after a new file is created, the least recently used files are
+deleted until the total allocated size is at most ``MECHCNA_DISK_CACHE_BYTES`` (default
+16 GiB). A store in use holds a shared ``flock`` on its row file until released, and
+:func:`prune` deletes only files it can lock exclusively without waiting, so a store that any
+process has open is never deleted.
 
 Location: ``MECHCNA_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/mechcna/blocks`` (default
 ``~/.cache/mechcna/blocks``). ``MECHCNA_DISK_CACHE=0`` turns the disk cache off.
@@ -28,8 +39,11 @@ Location: ``MECHCNA_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/mechcna/blocks`` 
 
 import contextlib
 import fcntl
+import logging
 import os
 import tempfile
+import weakref
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +53,8 @@ from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.errors import MechcnaError
 
 DEFAULT_DISK_BYTES = 16 * 2**30
+
+logger = logging.getLogger(__name__)
 
 
 def parse_bytes(text: str) -> int:
@@ -96,27 +112,64 @@ class RowStore:
         self.levels = LEVELS[storage] if self.normalised else 1.0
         self.path = path
         self.known: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
-        self.radius: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=dtype)
-        self.centre: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=dtype)
+        # radii and centres in float64: the stored rows are scaled with them
+        self.radius: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.float64)
+        self.centre: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.float64)
         self._U: Tensor | None = None
         self._map: np.memmap | None = None
-        # exact rows (compute dtype, memory only) of neurons that needed the exact sum, kept
-        # when rows are stored rounded so that the next prompt need not recompute them
+        # exact rows (float64, memory only) of neurons that needed the exact sum, kept when
+        # rows are stored rounded so that the next prompt need not recompute them
         self._exact: Tensor | None = None
         self.exact_known: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
+        # file-backed stores: a CRC-32 per row (in the metadata) and the rows whose content
+        # this process has checked against it (or written itself)
+        self.sums = np.zeros(n_rows, dtype=np.int64)
+        self.verified: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
+        self.rebuilt = 0  # rows found damaged on disk and recomputed
+        self._in_use = None
         if path is not None:
             self._open_file()
 
     # ------------------------------------------------------------------ storage
     def _open_file(self) -> None:
+        """Open (or create) the row file and hold a shared ``flock`` on it while the store
+        is in use: :func:`prune` never deletes a locked file. A file of the wrong size is
+        never resized to fit: it and its metadata are deleted and the store starts empty."""
         assert self.path is not None
         rows = self.path.with_suffix(".rows")
         size = self.n_rows * self.d_vocab * self.storage.itemsize
-        fresh = not rows.exists()
-        if fresh or rows.stat().st_size != size:
-            with open(rows, "ab") as f:  # a sparse file: untouched rows take no disk
-                f.truncate(size)
-        self._map = np.memmap(rows, dtype=_NP[self.storage], mode="r+",
+        for _ in range(100):
+            with self._locked():  # creation and size checks are atomic between processes
+                fresh = False
+                try:
+                    actual = rows.stat().st_size
+                except FileNotFoundError:
+                    actual = None
+                if actual is not None and actual != size:
+                    logger.warning("discarding the damaged row cache %s: %d bytes, expected %d",
+                                   rows, actual, size)  # fmt: skip
+                    for suffix in (".rows", ".meta.npz"):
+                        with contextlib.suppress(FileNotFoundError):
+                            rows.with_suffix(suffix).unlink()
+                    actual = None
+                if actual is None:
+                    with open(rows, "xb") as new:  # a sparse file: untouched rows take no disk
+                        new.truncate(size)
+                    fresh = True
+                f = open(rows, "r+b")
+            fcntl.flock(f, fcntl.LOCK_SH)  # waits only while a prune is deleting the file
+            try:
+                same = os.fstat(f.fileno()).st_ino == os.stat(rows).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()  # deleted (pruned) between open and lock: open the new file
+        else:  # pragma: no cover - a directory under constant deletion
+            raise OSError(f"could not open {rows}")
+        self._in_use = f
+        weakref.finalize(self, f.close)
+        self._map = np.memmap(f, dtype=_NP[self.storage], mode="r+",
                               shape=(self.n_rows, self.d_vocab))  # fmt: skip
         self._U = torch.from_numpy(self._map)
         self._load_meta()
@@ -131,7 +184,7 @@ class RowStore:
     @property
     def memory_bytes(self) -> int:
         """Anonymous memory held (0 for a file-backed store: its pages are page cache)."""
-        exact = int(self.exact_known.sum()) * self.d_vocab * self.dtype.itemsize
+        exact = int(self.exact_known.sum()) * self.d_vocab * 8
         if self._map is not None:
             return exact
         return exact + int(self.known.sum()) * self.d_vocab * self.storage.itemsize
@@ -140,13 +193,44 @@ class RowStore:
         self._U, self._map, self._exact = None, None, None
         self.known = torch.zeros_like(self.known)
         self.exact_known = torch.zeros_like(self.exact_known)
+        self.verified = torch.zeros_like(self.verified)
+        if self._in_use is not None:  # the file may now be pruned
+            self._in_use.close()
+            self._in_use = None
+
+    def _crc(self, i: int) -> int:
+        assert self._map is not None
+        return zlib.crc32(memoryview(self._map[i]).cast("B"))
+
+    def verify(self) -> int:
+        """Check every computed row not yet checked in this process against its CRC-32
+        in the metadata; damaged rows are marked missing (so they are recomputed), with a
+        warning. Returns the number of damaged rows. A no-op for a store in memory."""
+        if self._map is None:
+            return 0
+        todo = (self.known & ~self.verified).nonzero().flatten().tolist()
+        bad = [i for i in todo if self._crc(i) != int(self.sums[i])]
+        self.verified[todo] = True
+        if bad:
+            logger.warning("%d rows of %s do not match their checksums; recomputing them",
+                           len(bad), self.path)  # fmt: skip
+            self.known[bad] = False
+            self.verified[bad] = False
+            self.rebuilt += len(bad)
+        return len(bad)
+
+    @property
+    def rounded(self) -> bool:
+        """Whether stored rows differ from the exact (float64) rows by more than float64
+        rounding: every storage but float64."""
+        return self.storage != torch.float64
 
     def put_exact(self, idx: Int[Tensor, " n"], rows: Float[Tensor, "n d_vocab"]) -> None:
-        """Keep exact rows (only for a store whose rows are rounded)."""
-        if not self.normalised or len(idx) == 0:
+        """Keep exact float64 rows (only for a store whose rows are rounded)."""
+        if not self.rounded or len(idx) == 0:
             return
         if self._exact is None:
-            self._exact = torch.empty(self.n_rows, self.d_vocab, dtype=self.dtype)
+            self._exact = torch.empty(self.n_rows, self.d_vocab, dtype=torch.float64)
         self._exact[idx.cpu()] = rows.cpu()
         self.exact_known[idx.cpu()] = True
 
@@ -156,17 +240,17 @@ class RowStore:
 
     # ------------------------------------------------------------------ rows
     def eta(self, idx: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
-        """Per-entry bound on ``|stored row - exact row|`` for rows ``idx``."""
-        if not self.normalised:
-            return torch.zeros(len(idx), dtype=self.dtype)
+        """Per-entry bound on ``|stored row - row given to fill|`` for rows ``idx`` (float64;
+        rows are centred and scaled in float64, so only the storage rounding counts)."""
         if self.storage == torch.int16:
             return self.radius[idx] * (0.51 / self.levels)
-        return self.radius[idx] * unit_roundoff(self.storage)
+        return self.radius[idx] * (unit_roundoff(self.storage) * 1.01)
 
     def step(self, idx: Int[Tensor, " n"] | slice) -> Float[Tensor, " n"]:
-        """Per-row factor from a stored value to the centred row (``radius / levels``)."""
+        """Per-row factor (float64) from a stored value to the centred row
+        (``radius / levels``)."""
         if not self.normalised:
-            return torch.ones(len(self.radius[idx]), dtype=self.dtype)
+            return torch.ones(len(self.radius[idx]), dtype=torch.float64)
         return self.radius[idx] / self.levels
 
     def fill(
@@ -174,18 +258,20 @@ class RowStore:
     ) -> None:
         """Store exact rows ``rows`` (uncentred ``W @ M``) at indices ``idx``.
 
-        Works ``chunk`` rows at a time (a few MB, in cache) and writes a contiguous run of
-        indices as one slice. A file-backed store's rows go to a shared mapping, so any other
-        process sees them in the page cache before the metadata that marks them valid."""
+        Rows are centred and scaled in float64 (whatever their dtype), ``chunk`` rows at a
+        time (a few MB, in cache); a contiguous run of indices is written as one slice. A
+        file-backed store's rows go to a shared mapping, flushed to the file before the
+        metadata that marks them valid is written."""
         if len(idx) == 0:
             return
         idx = idx.cpu()
+        rows = rows.to(torch.float64)
         lo, hi = torch.aminmax(rows, dim=-1)
         centre, radius = (hi + lo) / 2, (hi - lo) / 2
         target = self._tensor()
         first = int(idx[0])
         run = bool((idx == torch.arange(first, first + len(idx))).all())
-        div = radius.clamp_min(torch.finfo(self.dtype).tiny)[:, None] / self.levels
+        div = radius.clamp_min(torch.finfo(torch.float64).tiny)[:, None] / self.levels
         for i in range(0, len(idx), chunk):
             U = rows[i : i + chunk] - centre[i : i + chunk, None]
             if self.normalised:
@@ -199,6 +285,10 @@ class RowStore:
         self.radius[idx], self.centre[idx] = radius.cpu(), centre.cpu()
         self.known[idx] = True
         if self._map is not None:
+            for i in idx.tolist():
+                self.sums[i] = self._crc(i)
+            self.verified[idx] = True
+            self._map.flush()  # the rows reach the file before the metadata names them
             self._save_meta()
 
     def stored(self, idx: Int[Tensor, " n"] | slice) -> Tensor:
@@ -210,8 +300,8 @@ class RowStore:
         rows = self._tensor()[idx if isinstance(idx, slice) else idx.cpu()]
         if not self.normalised:
             return rows.to(self.dtype)
-        U = rows.to(self.dtype)
-        return U.mul_(self.step(idx)[:, None])
+        U = rows.to(torch.float64).mul_(self.step(idx)[:, None])
+        return U.to(self.dtype)
 
     # ------------------------------------------------------------------ metadata on disk
     def _meta(self) -> Path:
@@ -228,37 +318,54 @@ class RowStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _read_meta(self) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _ident(self) -> str:
+        assert self.path is not None
+        return f"{self.path.name}|{self.n_rows}|{self.d_vocab}|{self.storage}"
+
+    def _read_meta(self) -> tuple[Tensor, Tensor, Tensor, np.ndarray] | None:
+        """The metadata on disk, or ``None`` when there is none or it is unreadable or
+        belongs to another store (e.g. a file copied or swapped in)."""
         try:
             with np.load(self._meta()) as z:
+                ident = str(z["ident"])
                 known = torch.from_numpy(z["known"].copy())
-                radius = torch.from_numpy(z["radius"].copy()).to(self.dtype)
-                centre = torch.from_numpy(z["centre"].copy()).to(self.dtype)
-        except (OSError, KeyError, ValueError):
+                radius = torch.from_numpy(z["radius"].copy()).to(torch.float64)
+                centre = torch.from_numpy(z["centre"].copy()).to(torch.float64)
+                sums = z["sums"].astype(np.int64)
+        except FileNotFoundError:
             return None
-        if known.shape != self.known.shape:
+        except (OSError, KeyError, ValueError, EOFError) as err:
+            logger.warning("ignoring unreadable row metadata %s (%s)", self._meta(), err)
             return None
-        return known, radius, centre
+        if ident != self._ident() or known.shape != self.known.shape or sums.shape != known.shape:
+            logger.warning("ignoring row metadata %s: it belongs to another store", self._meta())
+            return None
+        return known, radius, centre, sums
 
     def _load_meta(self) -> None:
         with self._locked():
             meta = self._read_meta()
         if meta is not None:
-            self.known, self.radius, self.centre = meta
+            self.known, self.radius, self.centre, self.sums = meta
+            self.verified = torch.zeros_like(self.known)
             os.utime(self._meta())
 
     def _save_meta(self) -> None:
         with self._locked():
             meta = self._read_meta()
-            if meta is not None:  # keep rows another writer added
-                known, radius, centre = meta
+            if meta is not None:  # keep rows another writer added (checked when first read)
+                known, radius, centre, sums = meta
                 new = known & ~self.known
                 self.radius[new], self.centre[new] = radius[new], centre[new]
+                self.sums[new.numpy()] = sums[new.numpy()]
                 self.known |= known
             fd, tmp = tempfile.mkstemp(dir=self._meta().parent, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, known=self.known.numpy(), radius=self.radius.double().numpy(),
-                         centre=self.centre.double().numpy())  # fmt: skip
+                         centre=self.centre.double().numpy(), sums=self.sums,
+                         ident=np.array(self._ident()))  # fmt: skip
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self._meta())
 
 
@@ -281,7 +388,11 @@ def open_row_store(
 
 
 def prune(directory: Path, keep: Path | None = None, limit: int | None = None) -> None:
-    """Delete the least recently used row files until the directory is within ``limit``."""
+    """Delete the least recently used row files until the directory is within ``limit``.
+
+    A store in use (by this or any other process) holds a shared ``flock`` on its row file
+    and is never deleted: a file is deleted only under an exclusive lock taken without
+    waiting."""
     limit = disk_limit() if limit is None else limit
     entries = []
     for meta in directory.glob("*.rows"):
@@ -298,7 +409,16 @@ def prune(directory: Path, keep: Path | None = None, limit: int | None = None) -
             break
         if keep is not None and rows.with_suffix("") == keep.with_suffix(""):
             continue
-        for suffix in (".rows", ".meta.npz", ".lock"):
-            with contextlib.suppress(OSError):
-                rows.with_suffix(suffix).unlink()
+        try:
+            f = open(rows, "rb")
+        except OSError:
+            continue
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # in use
+            for suffix in (".rows", ".meta.npz"):
+                with contextlib.suppress(OSError):
+                    rows.with_suffix(suffix).unlink()
         total -= size

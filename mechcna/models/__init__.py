@@ -13,13 +13,9 @@ May import: :mod:`mechcna.errors` and :mod:`mechcna._types` only (the bottom lay
 
 from mechcna.models.architecture import Architecture
 from mechcna.models.check import CheckReport, check_model
-from mechcna.models.loading import (
-    ModelProvenance,
-    get_provenance,
-    load_model,
-    save_checkpoint,
-)
+from mechcna.models.loading import load_model, save_checkpoint
 from mechcna.models.processing import NO_PROCESSING, WeightProcessing, get_processing
+from mechcna.models.provenance import ModelProvenance, get_provenance
 
 __all__ = [
     "NO_PROCESSING",

@@ -5,12 +5,23 @@ Attribution code asks this view for per-layer weights (FFN value vectors ``W_out
 weights) and the final-norm kind, so no analysis module branches on architecture itself.
 Missing biases are returned as zeros and missing norm weights as ones.
 
+**Sandwich norms (Gemma 2 and 3).** A post-attention / post-feedforward RMSNorm rescales a
+layer's output before it reaches the residual stream: ``out = (sum_k m_k W[k] + b) / s * w``
+with ``s`` the post-norm's scale at that position. With ``s`` frozen per position (as the
+papers freeze the final norm's), each neuron writes ``(m_k / s) * (W[k] * w)``: this view
+returns the *effective* value vectors ``W[k] * w`` (and ``b * w``) from :meth:`W_out`,
+:meth:`b_out`, :meth:`W_O` and :meth:`b_O`, and the capture divides coefficients by ``s``
+(:attr:`post_norms`), so neurons sum exactly to the layer's output. The raw module weights are
+:meth:`W_out_raw` and :meth:`W_O_raw`.
+
 Example:
     >>> arch = Architecture(model)          # doctest: +SKIP
     >>> arch.W_out(3).shape                 # (d_mlp, d_model): row k is neuron k's value
 """
 
-from typing import Literal, cast
+import functools
+from collections.abc import Callable
+from typing import Literal, ParamSpec, TypeVar, cast
 
 import torch
 
@@ -18,6 +29,9 @@ from mechcna._types import Float, Tensor
 from mechcna.errors import UnsupportedArchitectureError
 from mechcna.models.backend import Model, expand_kv, weight
 from mechcna.models.inputs import index_in
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 NormKind = Literal["LN", "LNPre", "RMS", "RMSPre", "none"]
 _NORMS = {"LN": "LN", "LNPre": "LNPre", "RMS": "RMS", "RMSPre": "RMSPre", None: "none"}
@@ -46,8 +60,8 @@ class Architecture:
 
     Raises:
         UnsupportedArchitectureError: attention-only models, parallel attention/MLP blocks,
-            post-attention/post-MLP norms or soft-capped logits (Gemma 2), mixtures of
-            experts, or unknown normalisation types.
+            post-attention/post-MLP norms other than RMSNorm, mixtures of experts, or unknown
+            normalisation types.
     """
 
     def __init__(self, model: Model):
@@ -57,13 +71,14 @@ class Architecture:
             problems.append("attention-only models have no FFN neurons")
         if cfg.parallel_attn_mlp:
             problems.append("parallel attention/MLP blocks (GPT-J style) have no resid_mid")
-        if cfg.use_normalization_before_and_after:
+        if cfg.use_normalization_before_and_after and cfg.normalization_type not in (
+            "RMS",
+            "RMSPre",
+        ):
             problems.append(
-                "post-attention/post-MLP norms (Gemma 2 style) rescale every neuron's write to "
-                "the residual stream by a scale that depends on the other neurons"
+                "post-attention/post-MLP norms that are not RMSNorm "
+                f"(normalization_type {cfg.normalization_type!r})"
             )
-        if cfg.output_logits_soft_cap > 0:
-            problems.append("soft-capped output logits (the projection ignores the tanh)")
         if getattr(cfg, "num_experts", None):
             problems.append("mixture-of-experts MLPs")
         if cfg.normalization_type not in _NORMS:
@@ -91,6 +106,11 @@ class Architecture:
             final_default = "RMS" if self.norm == "LN" else "RMSPre"
         self.final_norm: NormKind = norm_kind(getattr(model, "ln_final", None), final_default)
         self.eps: float = cfg.eps
+        #: post-attention and post-feedforward RMSNorms (Gemma 2 and 3 "sandwich norms")
+        self.post_norms: bool = bool(cfg.use_normalization_before_and_after)
+        #: final logit soft cap ``c``: logits become ``c * tanh(logits / c)`` (0: none)
+        self.logit_soft_cap: float = float(max(cfg.output_logits_soft_cap, 0.0))
+        self._effective: dict[tuple[str, int], Tensor] = {}
 
     # ----------------------------------------------------------------- checks
     def check_layer(self, layer: int) -> int:
@@ -111,11 +131,17 @@ class Architecture:
         return self.model.blocks[self.check_layer(layer)]
 
     def W_out(self, layer: int) -> Float[Tensor, "neuron d_model"]:
-        """FFN value vectors: row ``k`` is what neuron ``k`` writes per unit coefficient."""
+        """FFN value vectors: row ``k`` is what neuron ``k`` writes per unit coefficient
+        (times the post-feedforward norm weight under sandwich norms)."""
+        return self._post("W_out", layer, self.W_out_raw, "ln2_post")
+
+    def W_out_raw(self, layer: int) -> Float[Tensor, "neuron d_model"]:
+        """The MLP module's own ``W_out`` (before any post-feedforward norm)."""
         return self._block(layer).mlp.W_out
 
     def b_out(self, layer: int) -> Float[Tensor, " d_model"]:
-        return self._bias(self._block(layer).mlp, "b_out", self.d_model)
+        raw = lambda l: self._bias(self._block(l).mlp, "b_out", self.d_model)  # noqa: E731
+        return self._post("b_out", layer, raw, "ln2_post")
 
     def W_in(self, layer: int) -> Float[Tensor, "d_model neuron"]:
         """FFN keys (the ``up`` projection for gated MLPs)."""
@@ -139,10 +165,41 @@ class Architecture:
         )
 
     def W_O(self, layer: int) -> Float[Tensor, "head_index d_head d_model"]:
+        """Output weights per head (times the post-attention norm weight under sandwich
+        norms): row ``d`` of head ``h`` is what attention neuron ``(h, d)`` writes per unit."""
+        return self._post("W_O", layer, self.W_O_raw, "ln1_post")
+
+    def W_O_raw(self, layer: int) -> Float[Tensor, "head_index d_head d_model"]:
+        """The attention module's own ``W_O`` (before any post-attention norm)."""
         return self._block(layer).attn.W_O
 
     def b_O(self, layer: int) -> Float[Tensor, " d_model"]:
-        return self._bias(self._block(layer).attn, "b_O", self.d_model)
+        raw = lambda l: self._bias(self._block(l).attn, "b_O", self.d_model)  # noqa: E731
+        return self._post("b_O", layer, raw, "ln1_post")
+
+    def post_norm_w(self, layer: int, which: Literal["ln1_post", "ln2_post"]) -> Tensor:
+        """The weight of a post-attention (``"ln1_post"``) or post-feedforward
+        (``"ln2_post"``) norm (ones without sandwich norms)."""
+        if not self.post_norms:
+            return self._ones()
+        return self._norm_w(getattr(self._block(layer), which))
+
+    def _post(
+        self,
+        name: str,
+        layer: int,
+        raw: Callable[[int], Tensor],
+        which: Literal["ln1_post", "ln2_post"],
+    ) -> Tensor:
+        """``raw(layer)`` itself, or times the post-norm weight (memoised in this view, so
+        one call sees one tensor object per weight)."""
+        layer = self.check_layer(layer)
+        if not self.post_norms:
+            return raw(layer)
+        key = (name, layer)
+        if key not in self._effective:
+            self._effective[key] = raw(layer).detach() * self.post_norm_w(layer, which).detach()
+        return self._effective[key]
 
     def ln1_w(self, layer: int) -> Float[Tensor, " d_model"]:
         """Pre-attention norm weight (ones if the norm has no weight)."""
@@ -196,3 +253,34 @@ class Architecture:
     def _norm_w(self, module: torch.nn.Module) -> Tensor:
         w = weight(module, "w")
         return w if w is not None else self._ones()
+
+
+def _refusing(post_norms: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+            model = args[0] if args else kwargs.get("model")
+            cfg = getattr(model, "cfg", None)
+            what = []
+            if post_norms and getattr(cfg, "use_normalization_before_and_after", False):
+                what.append("post-attention/post-feedforward norms (Gemma 2 and 3)")
+            if getattr(cfg, "output_logits_soft_cap", -1.0) > 0:
+                what.append("a final logit soft cap (Gemma 2)")
+            if what:
+                raise UnsupportedArchitectureError(
+                    f"{fn.__name__}() does not support {' or '.join(what)} yet; layer, head, "
+                    "FFN-neuron and attention-neuron importance and CNA (compare_neurons, "
+                    "compare_inputs) do"
+                )
+            return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+#: Decorate an analysis (first argument: the model) that does not yet handle sandwich norms
+#: or a final logit soft cap: such models are refused before any work.
+refuses_post_norms = _refusing(post_norms=True)
+#: Decorate an analysis that handles sandwich norms but not a final logit soft cap.
+refuses_soft_cap = _refusing(post_norms=False)

@@ -9,6 +9,11 @@
 and that every weight and activation is finite (a NaN never exceeds a tolerance, so without
 this an all-NaN model would pass).
 
+Under sandwich norms (Gemma 2 and 3) identities 2 and 3 are checked with the effective value
+vectors of :class:`~mechcna.models.architecture.Architecture` (``W_O`` / ``W_out`` times the
+post-norm weight) and coefficients divided by the post-norm's scale at each position, which is
+how every attribution score decomposes these layers.
+
 Every attribution score rests on these identities; a model whose hooks were patched, or an
 architecture TransformerLens wires differently, fails here with the layer named.
 
@@ -24,7 +29,7 @@ import torch
 
 from mechcna.errors import ModelCheckError, NonFiniteError
 from mechcna.models.backend import Model
-from mechcna.models.hooks import hook_name
+from mechcna.models.hooks import hook_name, post_scale_name
 from mechcna.models.view import architecture
 
 
@@ -138,23 +143,27 @@ def check_model(
             f"layer {layer}: embedding plus earlier attention and MLP outputs do not "
             "reproduce resid_pre",
         ))  # fmt: skip
+        attn_s = mlp_s = torch.ones((), dtype=attn_out.dtype, device=attn_out.device)
+        if arch.post_norms:  # the post-norms' scales, frozen per position: [batch pos 1]
+            attn_s = cache[post_scale_name(layer, "ln1_post")]
+            mlp_s = cache[post_scale_name(layer, "ln2_post")]
         heads = einops.einsum(
-            cache[hook_name("z", layer)],
+            cache[hook_name("z", layer)] / attn_s.unsqueeze(-1),
             arch.W_O(layer),
             "batch pos head_index d_head, head_index d_head d_model -> batch pos d_model",
         )
         err_heads = max(err_heads, _expect(
-            heads + arch.b_O(layer), attn_out, tolerance,
+            heads + arch.b_O(layer) / attn_s, attn_out, tolerance,
             f"layer {layer}: per-head outputs (hook_z @ W_O + b_O) do not sum to the "
             "attention output hook_attn_out",
         ))  # fmt: skip
         neurons = einops.einsum(
-            cache[hook_name("post", layer)],
+            cache[hook_name("post", layer)] / mlp_s,
             arch.W_out(layer),
             "batch pos neuron, neuron d_model -> batch pos d_model",
         )
         err_neurons = max(err_neurons, _expect(
-            neurons + arch.b_out(layer), mlp_out, tolerance,
+            neurons + arch.b_out(layer) / mlp_s, mlp_out, tolerance,
             f"layer {layer}: per-neuron contributions (hook_post * W_out + b_out) do not "
             "sum to the MLP output hook_mlp_out",
         ))  # fmt: skip

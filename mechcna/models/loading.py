@@ -36,9 +36,9 @@ Example:
 
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -60,6 +60,13 @@ from mechcna.models.bridge import load_bridge
 from mechcna.models.hf_convert import build_model, hf_config_to_tl, tl_state_dict
 from mechcna.models.inputs import check_device, check_dtype, check_weight_files
 from mechcna.models.processing import NO_PROCESSING, WeightProcessing, _record, get_processing
+from mechcna.models.provenance import (
+    _PROVENANCE_ATTR,
+    BosPolicy,
+    ModelProvenance,
+    SourceFormat,
+    get_provenance,
+)
 from mechcna.models.tokenizer import load_tokenizer, prepare_tokenizer, tokenizer_adds_bos
 
 logger = logging.getLogger(__name__)
@@ -79,78 +86,6 @@ _CFG_FIELDS = (
     "use_local_attn window_size attn_types attn_scale use_normalization_before_and_after "
     "attn_scores_soft_cap output_logits_soft_cap scale_attn_by_inverse_layer_idx"
 ).split()
-
-
-SourceFormat = Literal["config", "transformer_lens", "huggingface", "gguf", "mechcna", "user-built"]
-BosPolicy = Literal["argument", "tokenizer", "checkpoint", "no tokenizer", "architecture",
-                    "changed after loading", "model config"]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ModelProvenance:
-    """Where a model's weights came from and how its string prompts are tokenised.
-
-    Attributes:
-        source: what :func:`load_model` was given (a name or path; ``"config"``).
-        format: ``"config"`` (random init), ``"transformer_lens"`` (a pretrained name),
-            ``"huggingface"`` (a local checkpoint), ``"gguf"``, ``"mechcna"`` (a checkpoint) or
-            ``"user-built"`` (not loaded by :func:`load_model`; ``source`` is its model name).
-        prepend_bos: whether string prompts get a BOS token.
-        bos_policy: why: ``"tokenizer"`` (what the Hugging Face tokenizer does), ``"argument"``
-            (``prepend_bos=``), ``"checkpoint"`` (what a mechcna model was trained with),
-            ``"no tokenizer"``, ``"architecture"`` (tokenizer unavailable: none for GPT-2 and
-            GPT-NeoX, BOS otherwise), ``"changed after loading"`` or ``"model config"`` (a
-            user-built model's ``cfg.default_prepend_bos``).
-        quantization: the GGUF quantisation the weights were dequantised from (``"Q4_1"``);
-            ``None`` when they were never quantised.
-        tensor_types: ``(type, count)`` of the GGUF file's tensors.
-        gguf_architecture: the GGUF file's ``general.architecture``.
-        sha256: the first 32 hex digits of the GGUF file's SHA-256.
-    """
-
-    source: str
-    format: SourceFormat
-    prepend_bos: bool
-    bos_policy: BosPolicy
-    quantization: str | None = None
-    tensor_types: tuple[tuple[str, int], ...] = ()
-    gguf_architecture: str | None = None
-    sha256: str | None = None
-
-    @property
-    def dequantized(self) -> bool:
-        """Whether the weights are a dequantisation of quantised ones (numbers then describe
-        the quantised model, not the original release)."""
-        return self.quantization is not None
-
-    def describe(self) -> str:
-        """One line for reports, e.g. ``smollm2-135m (gguf, dequantised from Q4_1; no BOS:
-        tokenizer)``."""
-        kind = self.format + (f", dequantised from {self.quantization}" if self.dequantized else "")
-        bos = "BOS" if self.prepend_bos else "no BOS"
-        return f"{self.source} ({kind}; {bos}: {self.bos_policy})"
-
-
-_PROVENANCE_ATTR = "_mechcna_provenance"
-
-
-def get_provenance(model: Model) -> ModelProvenance:
-    """The :class:`ModelProvenance` recorded by :func:`load_model`.
-
-    A model built without :func:`load_model` (e.g. ``HookedTransformer(cfg)`` or
-    ``HookedTransformer.from_pretrained(...)``) is described as ``format="user-built"`` with
-    its ``cfg.model_name`` and the BOS setting of its config (``bos_policy="model config"``).
-    ``prepend_bos`` is read from the model now, so a later change of
-    ``model.cfg.default_prepend_bos`` shows as ``bos_policy="changed after loading"``.
-    """
-    record = getattr(model, _PROVENANCE_ATTR, None)
-    if record is None:
-        bos = bool(model.cfg.default_prepend_bos)
-        return ModelProvenance(str(model.cfg.model_name), "user-built", bos, "model config")
-    now = bool(model.cfg.default_prepend_bos)
-    if now != record.prepend_bos:
-        return replace(record, prepend_bos=now, bos_policy="changed after loading")
-    return record
 
 
 def default_device() -> str:
@@ -352,6 +287,9 @@ def _gguf_record(
     source: str, bos: tuple[bool, BosPolicy], header: Any, key: str
 ) -> "ModelProvenance":
     """The provenance of weights dequantised from a GGUF file (``key``: its cache key)."""
+    from mechcna.models.gguf import KNOWN_MODELS
+
+    known = KNOWN_MODELS.get(source)
     return ModelProvenance(
         source=source,
         format="gguf",
@@ -361,6 +299,8 @@ def _gguf_record(
         tensor_types=header.tensor_types,
         gguf_architecture=header.architecture,
         sha256=key.split("-")[0],
+        licence=known.licence if known else None,
+        upstream=known.upstream if known else None,
     )
 
 

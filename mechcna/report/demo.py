@@ -30,7 +30,8 @@ from mechcna.errors import MechcnaError
 from mechcna.interventions.edits import HeadAblation
 from mechcna.models.backend import Model, is_model
 from mechcna.models.check import check_model
-from mechcna.models.loading import SHIPPED_MODELS, get_provenance, load_model
+from mechcna.models.loading import SHIPPED_MODELS, load_model
+from mechcna.models.provenance import get_provenance
 from mechcna.report.page import Provenance, Report, check_out_dir
 from mechcna.tasks.arithmetic import ArithmeticDataset, arithmetic_dataset
 

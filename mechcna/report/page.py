@@ -108,8 +108,8 @@ class Provenance:
         ``model`` is a :class:`~transformer_lens.HookedTransformer` loaded by
         :func:`mechcna.load_model`; ``extra`` goes to :attr:`extra`.
         """
-        from mechcna.models.loading import get_provenance
         from mechcna.models.processing import get_processing
+        from mechcna.models.provenance import get_provenance
 
         processing = get_processing(model)
         if processing is None:

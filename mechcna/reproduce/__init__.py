@@ -7,7 +7,11 @@
 :mod:`mechcna.reproduce.arithmetic`) returns a :class:`StageResult` with tables (the papers'
 Llama-7B / GPT-2 numbers in columns labelled ``"paper (Llama-7B)"`` / ``"paper (GPT-2)"``),
 figures, the papers' qualitative claims with verdicts **measured on this model** and its wall
-time. Sizes are :class:`ReproduceSettings` (``quick()`` / ``full()`` presets).
+time. Every claim carries its sample size, a 95% interval (exact binomial or paired bootstrap,
+:mod:`mechcna.reproduce.stats`), its threshold and a verdict among holds / does not hold /
+inconclusive. Sizes are :class:`ReproduceSettings` (presets ``quick()``: minutes, mostly
+inconclusive; ``standard()``: sized by power, about an hour for SmolLM2 on 2 cores;
+``paper()``: the papers' sizes, resumable with ``checkpoint=``).
 
 Example:
     >>> rep = reproduce(load_model("mechcna/arith-small"), quick=True)   # doctest: +SKIP
@@ -15,6 +19,7 @@ Example:
     >>> write_report(rep, "runs/reproduce")                              # doctest: +SKIP
 """
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +29,7 @@ from mechcna.models.backend import Model
 from mechcna.reproduce import arithmetic as arith
 from mechcna.reproduce import attribution as attr
 from mechcna.reproduce import query_stages as query
+from mechcna.reproduce import shallow_stage
 from mechcna.reproduce.core import (
     Claim,
     ReproduceSettings,
@@ -35,6 +41,9 @@ from mechcna.reproduce.core import (
     run_stages,
 )
 from mechcna.reproduce.page import build_report, to_markdown, write_markdown, write_report
+from mechcna.reproduce.plan import Checkpoint, expected_times
+
+_log = logging.getLogger(__name__)
 
 Which = Literal["attribution", "arithmetic", "both"]
 
@@ -44,6 +53,7 @@ __all__ = [
     "Reproduction",
     "StageResult",
     "build_report",
+    "expected_times",
     "reproduce",
     "to_markdown",
     "write_markdown",
@@ -56,26 +66,38 @@ def reproduce(
     paper: Which = "both",
     *,
     quick: bool = False,
-    settings: ReproduceSettings | None = None,
+    settings: ReproduceSettings | str | None = None,
     progress: bool = True,
     lock: str | Path | None = None,
+    checkpoint: str | Path | None = None,
 ) -> Reproduction:
     """Run the papers' stages on ``model`` and collect tables, figures, claims and timings.
 
     Args:
         paper: ``"attribution"``, ``"arithmetic"`` or ``"both"``.
         quick: use :meth:`ReproduceSettings.quick` (ignored when ``settings`` is given).
-        settings: sizes and policies (default :meth:`ReproduceSettings.full`).
+        settings: sizes and policies, or a preset name (``"quick"``, ``"standard"``,
+            ``"paper"``, ``"full"``; default :meth:`ReproduceSettings.full`).
         progress: a progress bar over stages.
         lock: a file to ``flock`` during each stage, released between stages (for machines
             shared with other heavy jobs; stage wall times then exclude the waits).
+        checkpoint: a folder where each finished stage is saved (:class:`plan.Checkpoint`);
+            a rerun with the same model, paper and settings loads those and continues.
+
+    The expected time per stage (:func:`plan.expected_times`) is logged before the start.
 
     Raises:
-        MechcnaError: an unknown ``paper``.
+        MechcnaError: an unknown ``paper`` or preset.
     """
     if paper not in ("attribution", "arithmetic", "both"):
         raise MechcnaError(f"paper must be attribution, arithmetic or both, not {paper!r}")
+    if isinstance(settings, str):
+        settings = ReproduceSettings.named(settings)
     s = settings or (ReproduceSettings.quick() if quick else ReproduceSettings.full())
+    _log.info("expected stage times (s):\n%s", expected_times(model, s, paper).round(0))
+    saved = (
+        Checkpoint(checkpoint, str(model.cfg.model_name), paper, vars(s)) if checkpoint else None
+    )
     stamp: dict[str, str] = {}  # machine and date when the first stage starts (after any lock)
     done: dict[str, StageResult] = {}
 
@@ -86,7 +108,10 @@ def reproduce(
         def thunk() -> StageResult:
             stamp.setdefault("machine", machine())
             stamp.setdefault("date", now())
-            done[name] = fn()
+            loaded = saved.load(name) if saved else None
+            done[name] = loaded or fn()
+            if saved and loaded is None:
+                saved.save(done[name])
             return done[name]
 
         return name, thunk
@@ -112,7 +137,7 @@ def reproduce(
             keep("arithmetic_data", lambda: arith.arithmetic_stage(model, s)),
             keep("heads", lambda: arith.head_stage(model, get(*cases), s)),
             keep("cna", lambda: arith.cna_stage(model, get(*cases), get(*head), s)),
-            keep("shallow", lambda: arith.shallow_stage(
+            keep("shallow", lambda: shallow_stage.shallow_stage(
                 model, get("cna", "cases"), get("heads", "shallow_head"), s)),
         ]  # fmt: skip
     results = run_stages(stages, progress, lock)

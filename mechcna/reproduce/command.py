@@ -7,10 +7,11 @@ main CLI registers the subcommand with two calls; ``python -m mechcna.reproduce`
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from mechcna.models.loading import load_model
 from mechcna.report.page import Provenance, check_out_dir
-from mechcna.reproduce import reproduce, write_report
+from mechcna.reproduce import ReproduceSettings, expected_times, reproduce, write_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -19,6 +20,23 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--paper", choices=["attribution", "arithmetic", "both"], default="both")
     p.add_argument(
         "--quick", action="store_true", help="the smallest sizes (ReproduceSettings.quick)"
+    )
+    p.add_argument(
+        "--preset",
+        choices=["quick", "standard", "paper", "full"],
+        default=None,
+        help="sizes (see ReproduceSettings); --quick is --preset quick",
+    )
+    p.add_argument(
+        "--filter-top-k",
+        type=int,
+        default=None,
+        help="knowledge filter rank (10: the paper's, default; 1: top-1)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="save finished stages under --out and continue from them",
     )
     p.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -34,11 +52,22 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, run the stages, write the page; prints the claim table."""
     out = check_out_dir(args.out)  # fail on a bad folder before any work
     model = load_model(args.model, device=args.device)
-    rep = reproduce(model, args.paper, quick=args.quick, progress=not args.quiet, lock=args.lock)
+    settings = ReproduceSettings.named(args.preset or ("quick" if args.quick else "full"))
+    if args.filter_top_k:
+        settings = replace(settings, knowledge_top_k=args.filter_top_k)
+    sys.stdout.write(
+        "expected stage times (s, rough, 2-core CPU):\n"
+        + expected_times(model, settings, args.paper).round(1).to_string(index=False)
+        + "\n"
+    )
+    resume = out if args.resume or settings.preset == "paper" else None
+    rep = reproduce(model, args.paper, settings=settings, progress=not args.quiet,
+                    lock=args.lock, checkpoint=resume)  # fmt: skip
     command = f"mechcna reproduce --model {args.model} --paper {args.paper}"
-    prov = Provenance.from_model(model, command=command + (" --quick" if args.quick else ""))
+    command += " --quick" * bool(args.quick) + f" --preset {args.preset}" * bool(args.preset)
+    prov = Provenance.from_model(model, command=command)
     page = write_report(rep, out, prov)
-    frame = rep.claims_frame()[["claim", "ours", "verdict"]]
+    frame = rep.claims[["claim", "n", "estimate", "lo", "hi", "test", "verdict"]]
     sys.stdout.write(frame.to_string(index=False) + "\n")
     sys.stdout.write(rep.timings().round(1).to_string(index=False) + "\n")
     sys.stdout.write(f"report: {page}\n")

@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 import torch
 
 from mechcna.errors import MechcnaError
+from mechcna.reproduce.stats import FAILS, HOLDS, NOT_MEASURED, Test
 
 Paper = Literal["attribution", "arithmetic"]
 PAPER_TITLES = {
@@ -38,20 +39,29 @@ class Claim:
         paper: ``"attribution"`` or ``"arithmetic"``.
         claim: the claim, with the test we apply to our numbers.
         paper_figure: the paper's number(s) behind the claim.
-        ours: our measured number(s).
-        holds: ``True``/``False`` as measured; ``None`` when it could not be measured here
-            (e.g. no prompt survived a filter), with the reason in ``ours``.
+        ours: our measured number(s), in words.
+        test: the number tested, its sample size, 95% interval, threshold and side
+            (:class:`~mechcna.reproduce.stats.Test`); ``None`` when it could not be measured
+            here (e.g. no prompt survived a filter), with the reason in ``ours``.
     """
 
     paper: Paper
     claim: str
     paper_figure: str
     ours: str
-    holds: bool | None
+    test: Test | None = None
 
     @property
     def verdict(self) -> str:
-        return {True: "holds", False: "does not hold", None: "not measured"}[self.holds]
+        """holds / does not hold / inconclusive (the interval straddles the threshold) / not
+        measured."""
+        return NOT_MEASURED if self.test is None else self.test.verdict
+
+    @property
+    def holds(self) -> bool | None:
+        """``True`` / ``False`` for a decided verdict, ``None`` when inconclusive or not
+        measured."""
+        return {HOLDS: True, FAILS: False}.get(self.verdict)
 
 
 @dataclass(frozen=True)
@@ -97,8 +107,8 @@ class StageBuilder:
         self.data: dict[str, Any] = {}
         self.seconds = 0.0
 
-    def claim(self, claim: str, paper_figure: str, ours: str, holds: bool | None) -> None:
-        self.claims.append(Claim(self.paper, claim, paper_figure, ours, holds))
+    def claim(self, claim: str, paper_figure: str, ours: str, test: Test | None) -> None:
+        self.claims.append(Claim(self.paper, claim, paper_figure, ours, test))
 
     def result(self) -> StageResult:
         tables = {k: _widen(t) for k, t in self.tables.items()}
@@ -124,15 +134,27 @@ def stage(name: str, title: str, paper: Paper) -> Iterator[StageBuilder]:
     builder.seconds = time.perf_counter() - start
 
 
+CLAIM_COLUMNS = [
+    "paper", "claim", "paper's figure", "ours", "n", "estimate", "lo", "hi", "test",
+    "interval", "verdict",
+]  # fmt: skip
+
+
 def claims_frame(claims: tuple[Claim, ...] | list[Claim]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
+    """One row per claim: the paper, the claim, the paper's figure, ours in words, then the
+    tested number (``n``, ``estimate``, its 95% interval ``lo``-``hi``), the test (side and
+    threshold), how the interval was computed and the verdict."""
+    nan = float("nan")
+    rows = []
+    for c in claims:
+        t = c.test
+        rows.append(
             {"paper": c.paper, "claim": c.claim, "paper's figure": c.paper_figure,
-             "ours": c.ours, "verdict": c.verdict}
-            for c in claims
-        ],
-        columns=["paper", "claim", "paper's figure", "ours", "verdict"],
-    )  # fmt: skip
+             "ours": c.ours, "n": t.n if t else 0, "estimate": t.estimate if t else nan,
+             "lo": t.lo if t else nan, "hi": t.hi if t else nan, "test": t.test if t else "",
+             "interval": t.method if t else "", "verdict": c.verdict}
+        )  # fmt: skip
+    return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
 
 
 def _cell(value: Any) -> str:
@@ -184,11 +206,18 @@ class Reproduction:
     load_seconds: float | None = None
 
     @property
-    def claims(self) -> tuple[Claim, ...]:
+    def claim_list(self) -> tuple[Claim, ...]:
+        """Every stage's claims, in order."""
         return tuple(c for s in self.stages for c in s.claims)
 
+    @property
+    def claims(self) -> pd.DataFrame:
+        """The claims as a table (:func:`claims_frame`): n, estimate, 95% interval, test and
+        verdict per row."""
+        return claims_frame(self.claim_list)
+
     def claims_frame(self) -> pd.DataFrame:
-        return claims_frame(self.claims)
+        return self.claims
 
     def timings(self) -> pd.DataFrame:
         """Wall time per stage (seconds) and the total (with the model load when recorded)."""
@@ -284,7 +313,9 @@ class ReproduceSettings:
     """Sizes and policies of a reproduction run (``quick()`` and ``full()`` are the presets).
 
     Attribution paper:
-        knowledge_top_k: the filter's rank threshold (1: the answer is the top-1 token).
+        knowledge_top_k: the filter's rank threshold: 10 (the paper's: the gold answer is among
+            the top-10 next tokens) or 1 (the answer is the model's top-1 token; the original
+            MRR is then 1.0).
         knowledge_per_type: written prompts per type run through the filter (``None``: all).
         prompts_per_type: knowledge prompts per type used for neuron-level attribution.
         max_prompts: at most this many of those in all, taken in turn from each type
@@ -304,22 +335,31 @@ class ReproduceSettings:
         prompt_form: ``"zero-shot"``, ``"few-shot"`` (``shots`` solved examples of the same
             operation, digits and template before each prompt, one per line) or ``"auto"``
             (few-shot when the tokenizer has a newline token, else zero-shot).
-        sweep_cases: at most this many cases in the head sweep (``None``: all).
-        cna_cases: at most this many correct cases of the top head's operation for CNA.
+        sweep_cases: at most this many cases in the head sweep (``None``: all); they are split
+            into a selection half (the top head is chosen there) and an evaluation half (its
+            claim is scored there).
+        cna_cases: at most this many correct 1-digit + and - cases for CNA (``None``: all).
+        cna_split: ``"heldout"`` (the sweep's cases) or ``"all"`` (every 1-digit + and - pair,
+            as the paper's CNA used; the held-out split keeps only 34 + and 12 - pairs).
         cna_ks: the K of Tables 5 and 6.
-        zero_shot_top, thresholds: tokens read and the M of Table 8 (``None``: the paper's
-            50 and 0-3 when the vocabulary has at least 1,000 tokens, else 10 and 2-8).
+        zero_shot_top: tokens read in Table 8 (``None``: the paper's 50 when the vocabulary
+            has at least 1,000 tokens, else 10).
+        thresholds: the M of Table 8 (``None``: the smallest M whose set is at most
+            ``zero_shot_share`` of the searched pool, and the next two).
+        zero_shot_share: see ``thresholds`` (the paper's sets are 0.3-5.9% of its pool).
         zero_shot_layers: attention layers that transform shallow neurons (``None``: the
             ``zero_shot_readers`` layers up to and including the head's layer; the paper used
             all of 0-16 for head 17_22, each reader costs a vocabulary projection of every
             shallow neuron).
-        zero_shot_readers: how many attention layers read the shallow neurons by default.
-        seed: seed of every random draw.
+        zero_shot_readers: how many attention layers (ending at the head's layer) read the
+            shallow neurons by default (``None``: every layer up to the head's).
+        random_draws: random baselines per comparison (at least 5; their spread is reported).
+        seed: seed of every random draw and of the bootstrap.
     """
 
-    knowledge_top_k: int = 1
+    knowledge_top_k: int = 10
     knowledge_per_type: int | None = None
-    prompts_per_type: int = 4
+    prompts_per_type: int | None = 4
     max_prompts: int | None = 12
     method_prompts: int = 6
     method_k: int = 10
@@ -336,32 +376,75 @@ class ReproduceSettings:
     prompt_form: Literal["auto", "zero-shot", "few-shot"] = "auto"
     shots: int = 2
     sweep_cases: int | None = 16
-    cna_cases: int = 6
+    cna_cases: int | None = 6
+    cna_split: Literal["heldout", "all"] = "heldout"
     cna_ks: tuple[int, ...] = (100, 50, 30, 20, 10)
     zero_shot_top: int | None = None
     thresholds: tuple[int, ...] | None = None
     zero_shot_layers: tuple[int, ...] | None = None
-    zero_shot_readers: int = 2
+    zero_shot_readers: int | None = 2
+    zero_shot_share: float = 0.05
+    random_draws: int = 5
     seed: int = 0
+    preset: str = "custom"
 
     def __post_init__(self) -> None:
-        if self.zero_shot_readers < 1:
+        if self.zero_shot_readers is not None and self.zero_shot_readers < 1:
             raise MechcnaError(f"zero_shot_readers must be >= 1, got {self.zero_shot_readers}")
+        if self.random_draws < 5:
+            raise MechcnaError(f"random_draws must be >= 5, got {self.random_draws}")
 
     @classmethod
     def quick(cls) -> "ReproduceSettings":
-        """The smallest sizes that still run every stage (zero-shot arithmetic prompts), sized
-        for about 3 minutes of stage time on SmolLM2-135M on 2 cores
-        (docs/reproduce/smollm2-135m-quick.md)."""
+        """The smallest sizes that still run every stage (zero-shot arithmetic prompts), a few
+        minutes of stage time on SmolLM2-135M on 2 cores. For trying it out: with so few
+        prompts and cases most verdicts are **inconclusive** (the intervals are wide)."""
         return cls(
-            knowledge_per_type=10, prompts_per_type=1, max_prompts=2, method_prompts=1,
-            query_value_k=100, operations=("+", "-"), digits=(1,), n_pairs=6,
-            prompt_form="zero-shot", sweep_cases=8, cna_cases=2, cna_ks=(50, 10),
-            zero_shot_readers=1,
+            knowledge_per_type=10, prompts_per_type=1, max_prompts=2, method_prompts=2,
+            query_value_k=100, operations=("+", "-"), digits=(1,), n_pairs=8,
+            prompt_form="zero-shot", sweep_cases=16, cna_cases=8, cna_ks=(50, 10),
+            zero_shot_readers=1, preset="quick",
+        )  # fmt: skip
+
+    @classmethod
+    def standard(cls) -> "ReproduceSettings":
+        """Sized by power, at most about an hour of stage time for SmolLM2-135M on 2 cores (by
+        :func:`mechcna.reproduce.plan.expected_times`): every written knowledge prompt through
+        the paper's filter (gold answer in the top 10), 40 of the survivors for the
+        neuron-level stages and 24 for the method comparison, 420 zero-shot held-out
+        arithmetic cases (+, -, *, /; 1 and 2 digits; drawn at random from up to 100 pairs per
+        cell) in the head sweep, split into a selection and an evaluation half, every correct
+        1-digit + and - case (all pairs) for CNA, and the shallow neurons read through every
+        attention layer up to the head's."""
+        return cls(
+            prompts_per_type=None, max_prompts=40, method_prompts=24, n_pairs=100,
+            prompt_form="zero-shot", sweep_cases=420, cna_cases=None, cna_split="all",
+            zero_shot_readers=None, preset="standard",
+        )  # fmt: skip
+
+    @classmethod
+    def paper(cls) -> "ReproduceSettings":
+        """The papers' sample sizes where our data allow (every surviving prompt, every
+        arithmetic case of 1-3 digits, every correct 1-digit case for CNA): hours on a CPU.
+        Run it with ``checkpoint=`` (``--out`` on the command line): each finished stage is
+        saved and a rerun continues where it stopped."""
+        return cls(
+            prompts_per_type=None, max_prompts=None, method_prompts=200, digits=(1, 2, 3),
+            n_pairs=100, prompt_form="zero-shot", sweep_cases=None, cna_cases=None,
+            cna_split="all", zero_shot_readers=None, preset="paper",
         )  # fmt: skip
 
     @classmethod
     def full(cls) -> "ReproduceSettings":
-        """The default sizes: both papers on SmolLM2-135M in about 10 minutes of stage time on
-        2 cores (docs/reproduce/smollm2-135m.md has the measured wall time per stage)."""
-        return cls()
+        """The earlier default sizes (about 10 minutes of stage time for SmolLM2-135M; too
+        small to decide most claims: see :meth:`standard`)."""
+        return cls(preset="full")
+
+    @classmethod
+    def named(cls, name: str) -> "ReproduceSettings":
+        """A preset by name: ``quick``, ``standard``, ``paper`` or ``full``."""
+        presets = {"quick": cls.quick, "standard": cls.standard, "paper": cls.paper,
+                   "full": cls.full}  # fmt: skip
+        if name not in presets:
+            raise MechcnaError(f"preset must be one of {sorted(presets)}, not {name!r}")
+        return presets[name]()

@@ -38,9 +38,27 @@ PAPER_REFS: dict[tuple[str, str], str] = {
     ("cna", "table4"): "ARITH Table 4",
     ("cna", "table5"): "ARITH Table 5",
     ("cna", "table6"): "ARITH Table 6",
-    ("shallow", "table7"): "ARITH Table 7",
+    ("shallow", "table7"): "ARITH Table 7 (operand rows)",
+    ("shallow", "table7_neurons"): "ARITH Table 7 (neuron rows)",
     ("shallow", "table8"): "ARITH Table 8",
 }
+
+
+VERDICT_NOTE = (
+    "Each claim is a number (`estimate`, over `n` prompts, cases, heads or operands) with its "
+    "95% interval `lo`-`hi` (exact Clopper-Pearson for rates, paired bootstrap over prompts or "
+    "cases, 2,000 resamples with a fixed seed, for decreases, MRR, probability and coefficient "
+    "changes) and a threshold (`test`). **holds**: the whole interval is on the claim's side "
+    "of the threshold; **does not hold**: the whole interval is on the other side; "
+    "**inconclusive**: the interval straddles the threshold, or a bootstrap has fewer than 10 "
+    "cases. Random baselines are the mean of at least 5 draws, their range in `ours`."
+)
+
+
+def verdict_counts(rep: Reproduction) -> str:
+    """``"3 holds, 1 does not hold, 8 inconclusive"`` for the run's claims."""
+    counts = rep.claims["verdict"].value_counts()
+    return ", ".join(f"{int(n)} {v}" for v, n in counts.items())
 
 
 def to_markdown(rep: Reproduction) -> str:
@@ -55,7 +73,17 @@ def to_markdown(rep: Reproduction) -> str:
         "",
         "## Claims",
         "",
-        markdown_table(rep.claims_frame()),
+        VERDICT_NOTE,
+        "",
+        f"Preset `{rep.settings.get('preset', 'custom')}`: {verdict_counts(rep)}."
+        + (
+            " The quick preset is for trying the command out: with so few prompts and cases "
+            "most verdicts are inconclusive."
+            if rep.settings.get("preset") == "quick"
+            else ""
+        ),
+        "",
+        markdown_table(rep.claims),
         "",
         "## Wall time per stage",
         "",
@@ -101,8 +129,12 @@ def build_report(rep: Reproduction, provenance: Provenance | None = None) -> Rep
         intro="Every number is measured on this model; every verdict is computed from those "
         "numbers. Paper columns are the papers' Llama-7B / GPT-2 results.",
     )
-    report.section("Claims", "Each paper's qualitative claims, the test applied, and the verdict.")
-    report.table(rep.claims_frame(), "claims with the paper's figure beside ours", name="claims")
+    report.section(
+        "Claims",
+        "Each paper's qualitative claims, the test applied, and the verdict. " + VERDICT_NOTE
+        + f" This run: {verdict_counts(rep) if rep.stages else 'no claims'}.",
+    )  # fmt: skip
+    report.table(rep.claims, "claims: n, estimate, 95% interval, test and verdict", name="claims")
     report.table(rep.timings().round(2), "wall time per stage (s)", name="timings")
     for st in rep.stages:
         report.section(f"{st.title} ({st.seconds:.1f} s)", "\n\n".join(st.notes))

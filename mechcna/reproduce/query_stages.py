@@ -23,7 +23,7 @@ from mechcna.analyses.query import attention_query_layers, ffn_query_layers, que
 from mechcna.analyses.query_overlap import query_value_overlap
 from mechcna.engine.projection import top_tokens
 from mechcna.models.backend import Model
-from mechcna.reproduce import paper
+from mechcna.reproduce import paper, stats
 from mechcna.reproduce.attribution import PAPER, _skip, _type_rows
 from mechcna.reproduce.core import ReproduceSettings, StageResult, stage
 from mechcna.tasks.knowledge import KnowledgeDataset
@@ -75,10 +75,11 @@ def query_stage(
                 }
             )  # fmt: skip
         table = pd.DataFrame(rows)
-        table[f"{paper.LLAMA} attention value mean layer"] = paper.ATTENTION_VALUE_MEAN_LAYER[
+        printout = f"{paper.LLAMA} notebook printout, one prompt"
+        table[f"{printout}: attention value mean layer"] = paper.ATTENTION_VALUE_MEAN_LAYER[
             paper.LLAMA
         ]
-        table[f"{paper.LLAMA} attention top query layers"] = paper.ATTENTION_QUERY_TOP[paper.LLAMA]
+        table[f"{printout}: attention top query layers"] = paper.ATTENTION_QUERY_TOP[paper.LLAMA]
         st.tables["query_layers"] = table
         st.figures["ffn_query_layers"] = fq.plot()
         st.figures["attention_query_layers"] = aq.plot()
@@ -92,19 +93,31 @@ def query_stage(
         fig.update_yaxes(tickvals=list(range(len(heat))), ticktext=list(heat))
         st.figures["query_heatmap"] = fig
         overall = rows[0]
+        n_layers = int(model.cfg.n_layers)
+        upper = np.array([component_label(c) >= n_layers / 2 for c in range(aq.scores.shape[1])])
+        shares = aq.scores.double().clamp_min(0).numpy()  # prompt component
+
+        def upper_share(w: np.ndarray) -> float:
+            return float(w[:, upper].sum() / max(w.sum(), 1e-300))
+
+        test = stats.bootstrap_test(upper_share, shares, threshold=0.5, seed=settings.seed)
         st.claim(
-            "Query layers lie below the value neurons they activate (test: the share-weighted "
-            "mean query layer of the top attention value neurons is below their mean layer)",
-            f"Llama-7B: value neurons' mean layer {paper.ATTENTION_VALUE_MEAN_LAYER[paper.LLAMA]}"
-            f", top query components {paper.ATTENTION_QUERY_TOP[paper.LLAMA]}",
-            f"value mean layer {overall['attention value mean layer']:.2f}, query mean layer "
-            f"{overall['attention query mean layer']:.2f}",
-            bool(overall["attention query mean layer"] < overall["attention value mean layer"]),
+            "The top query components of the attention value neurons sit in medium-deep "
+            "layers, just below the value neurons (test: over half of the positive query "
+            "weight comes from components in the upper half of the layers; bootstrap over "
+            "prompts. 'Query layers lie below the value neurons' is true by construction)",
+            f"{paper.LLAMA} notebook printout for one prompt: value neurons' mean layer "
+            f"{paper.ATTENTION_VALUE_MEAN_LAYER[paper.LLAMA]}, top query components "
+            f"{paper.ATTENTION_QUERY_TOP[paper.LLAMA]} ({paper.GPT2}: "
+            f"{paper.ATTENTION_QUERY_TOP[paper.GPT2]}, of 36)",
+            f"upper-half share {100 * test.estimate:.0f}%; top components "
+            f"{overall['attention top query layers']} (value mean layer "
+            f"{overall['attention value mean layer']:.2f} of {n_layers})",
+            test,
         )
         queries = query_neurons(model, data.prompts, data.answers, k=k, attention=att)
         overlap = query_value_overlap(ffn, queries, k=settings.query_value_k)
         counts = overlap.scores.sum(0).double()  # layer kind
-        n_layers = counts.shape[0]
         curve = pd.DataFrame(
             {
                 "layer": range(n_layers),
@@ -118,12 +131,22 @@ def query_stage(
         total = counts.sum(1)
         low = float(counts[:cut, 0].sum() / max(float(total[:cut].sum()), 1e-12))
         high = float(counts[cut:, 0].sum() / max(float(total[cut:].sum()), 1e-12))
+        per = overlap.scores.double().numpy()  # prompt layer kind
+
+        def drop(p: np.ndarray) -> float:
+            c = p.sum(0)
+            lo_share = c[:cut, 0].sum() / max(c[:cut].sum(), 1e-12)
+            hi_share = c[cut:, 0].sum() / max(c[cut:].sum(), 1e-12)
+            return float(lo_share - hi_share)
+
+        test = stats.bootstrap_test(drop, per, threshold=0.0, seed=settings.seed)
         st.claim(
             "The share of query-only neurons drops after about 60% depth (test: query-only "
-            f"share of query neurons in layers >= {cut} is below that in layers < {cut})",
+            f"share of query neurons in layers < {cut} minus that in layers >= {cut} is above "
+            "0; bootstrap over prompts)",
             "section 5.5: query-only share drops after ~60% depth (secondary source)",
             f"query-only share {100 * low:.0f}% below vs {100 * high:.0f}% above",
-            high < low,
+            test,
         )
         st.notes.append(
             f"Top-{k} value neurons per prompt; FFN keys are the mean of the up and gate keys "
