@@ -187,3 +187,12 @@ def test_quiet_hides_progress_bars_and_the_dev_extra_has_ipywidgets():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     dev = re.search(r"\ndev = \[(.*?)\n\]", pyproject, flags=re.S)
     assert dev is not None and '"ipywidgets' in dev.group(1)
+
+
+def test_every_public_name_resolves_lazily():
+    # mechcna/__init__ imports on first use: each name of __all__ must be in its table
+    import mechcna
+
+    for name in mechcna.__all__:
+        assert getattr(mechcna, name) is not None, name
+    assert mechcna.errors.MechcnaError is mechcna.MechcnaError
