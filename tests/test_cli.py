@@ -143,3 +143,56 @@ def test_version_and_help(capsys):
         main(["attribute", "--help"])
     help_text = capsys.readouterr().out
     assert "example:" in help_text and "mechcna/arith-small" in help_text
+
+
+def test_help_imports_neither_torch_nor_pandas():
+    # `mechcna --help` used to spend ~5 s importing torch and TransformerLens (issue 23)
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from mechcna.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['cna', '--help'])\n"
+        "heavy = ('torch', 'transformer_lens', 'pandas', 'plotly')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_quiet_hides_progress_bars_and_the_dev_extra_has_ipywidgets():
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from mechcna.cli import main\n"
+        "main(['top-tokens', '--neuron', '3.266', '--k', '2', '--quiet'])\n"
+        "from tqdm.auto import tqdm\n"
+        "list(tqdm(range(3), desc='Converting and de-quantizing GGUF tensors'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "HF_HUB_DIS"))}
+    run = {"capture_output": True, "text": True, "env": env}
+    out = subprocess.run([sys.executable, "-c", code], check=True, **run)
+    assert "Converting" not in out.stderr and "%|" not in out.stderr
+    noisy = subprocess.run([sys.executable, "-c", code.replace(", '--quiet'", "")], **run)
+    assert "Converting" in noisy.stderr  # the check can fail
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    dev = re.search(r"\ndev = \[(.*?)\n\]", pyproject, flags=re.S)
+    assert dev is not None and '"ipywidgets' in dev.group(1)
+
+
+def test_every_public_name_resolves_lazily():
+    # mechcna/__init__ imports on first use: each name of __all__ must be in its table
+    import mechcna
+
+    for name in mechcna.__all__:
+        assert getattr(mechcna, name) is not None, name
+    assert mechcna.errors.MechcnaError is mechcna.MechcnaError

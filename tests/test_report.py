@@ -32,9 +32,10 @@ def _report() -> Report:
 
 
 def assert_self_contained(page: str, n_figures: int) -> None:
-    """plotly.js exactly once, one drawn div per figure, and no URL outside plotly.js."""
+    """plotly.js exactly once (none without figures), one drawn div per figure, and no URL
+    outside plotly.js."""
     bundle = get_plotlyjs()
-    assert page.count(bundle) == 1
+    assert page.count(bundle) == (1 if n_figures else 0)
     rest = page.replace(bundle, "")
     assert "http://" not in rest and "https://" not in rest
     assert not re.search(r"\b(src|href)\s*=", rest)
@@ -45,7 +46,8 @@ def assert_self_contained(page: str, n_figures: int) -> None:
         assert rest.count(f'Plotly.newPlot("{div}"') == 1
     # nothing in a figure's JSON closes the script early
     scripts = re.findall(r"<script>(.*?)</script>", rest, flags=re.S)
-    assert len(scripts) == n_figures + 1  # the emptied bundle's tag and one per figure
+    # the emptied bundle's tag and one per figure
+    assert len(scripts) == (n_figures + 1 if n_figures else 0)
 
 
 def test_page_holds_every_figure_and_no_external_url(tmp_path):
@@ -191,9 +193,9 @@ def test_provenance_records_a_command_that_runs_and_describes_user_built_models(
     # the demo's default command names the model as it loads, not cfg.model_name
     shipped = mechcna.load_model("mechcna/arith-small", device="cpu")
     assert shipped.cfg.model_name != "mechcna/arith-small"
-    command = shlex.split(
-        demo.build(shipped, progress=False, n_pairs=1).provenance.extra["command"]
-    )
+    prov_demo = demo.build(shipped, progress=False, n_pairs=1).provenance
+    assert prov_demo is not None
+    command = shlex.split(prov_demo.extra["command"])
     assert command[:2] == ["mechcna", "demo"]
     reloaded = mechcna.load_model(command[command.index("--model") + 1], device="cpu")
     assert torch.equal(reloaded.W_U, shipped.W_U)
@@ -203,3 +205,11 @@ def test_provenance_records_a_command_that_runs_and_describes_user_built_models(
     assert source.format == "user-built" and source.source == user.cfg.model_name
     assert source.describe().startswith(f"{user.cfg.model_name} (user-built")
     assert "user-built" in Provenance.from_model(user).extra["source"]
+
+
+def test_a_page_without_figures_does_not_embed_plotly(tmp_path):
+    report = Report("tables only", Provenance(model="toy"))
+    report.table(pd.DataFrame({"a": [1]}), "one table")
+    page = report.write(tmp_path / "out").read_text()
+    assert_self_contained(page, n_figures=0)
+    assert len(page) < 50_000 and "Plotly" not in page

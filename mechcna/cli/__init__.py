@@ -13,12 +13,13 @@ Subcommands are registered with :func:`mechcna.cli.base.command` in the modules 
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from mechcna.cli.base import COMMANDS, DEFAULT_MODEL, Context
 from mechcna.errors import MechcnaError
-from mechcna.report.page import check_out_dir
+from mechcna.report.outdir import check_out_dir
 
 #: Modules whose import registers subcommands (one line per module).
 COMMAND_MODULES: tuple[str, ...] = (
@@ -82,11 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_progress_bars() -> None:
+    """``--quiet``: no progress bars from tqdm (e.g. transformers' GGUF conversion) or the
+    Hugging Face hub. tqdm reads ``TQDM_*`` when it is imported, so this works in a fresh
+    process (the command line), where nothing heavy is imported before the options."""
+    if "tqdm" not in sys.modules:  # else too late, and it would leak into subprocesses
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.quiet:
+        quiet_progress_bars()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         return _run(args, argv)

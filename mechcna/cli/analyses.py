@@ -3,6 +3,7 @@ input comparison, query neurons and layers, feature transfer, the method compari
 tokens and the residual self-check."""
 
 import argparse
+from typing import TYPE_CHECKING
 
 from mechcna.cli.base import (
     Context,
@@ -15,7 +16,10 @@ from mechcna.cli.base import (
     ray_options,
     with_tokens,
 )
-from mechcna.report.page import Report
+
+if TYPE_CHECKING:
+    from mechcna.report.page import Report
+
 
 LEVELS = ("layers", "heads", "ffn", "attention")
 
@@ -38,7 +42,7 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
     "mechcna attribute --prompt '3+5=' --level ffn --top 10 --out runs/attribute",
     _attribute_args,
 )
-def attribute(args: argparse.Namespace, ctx: Context) -> Report:
+def attribute(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses import attribution
 
     prompts, targets = prompts_from(args)
@@ -85,7 +89,7 @@ def _cna_args(p: argparse.ArgumentParser) -> None:
     "mechcna cna --prompt '3+5=' --prompt '2+4=' --head 0.0 --mask-keep --out runs/cna",
     _cna_args,
 )
-def cna(args: argparse.Namespace, ctx: Context) -> Report:
+def cna(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses.comparative import cna_table, compare_neurons, mask_keep_table
     from mechcna.analyses.plotting import experiment_bars
     from mechcna.analyses.tokens import result_tokens
@@ -144,7 +148,7 @@ def _compare_inputs_args(p: argparse.ArgumentParser) -> None:
     "--target nurse",
     _compare_inputs_args,
 )
-def compare_inputs_cmd(args: argparse.Namespace, ctx: Context) -> Report:
+def compare_inputs_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses.comparative import compare_inputs
     from mechcna.analyses.tokens import result_tokens
 
@@ -179,7 +183,7 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     "mechcna query-neurons --prompt '3+5=' --k 30 --top 10",
     _query_args,
 )
-def query_neurons_cmd(args: argparse.Namespace, ctx: Context) -> Report:
+def query_neurons_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses.query import query_neurons
 
     prompts, targets = prompts_from(args)
@@ -204,7 +208,7 @@ def _query_layers_args(p: argparse.ArgumentParser) -> None:
     "mechcna query-layers --prompt '3+5=' --kind attention",
     _query_layers_args,
 )
-def query_layers_cmd(args: argparse.Namespace, ctx: Context) -> Report:
+def query_layers_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses.query import attention_query_layers, ffn_query_layers
 
     prompts, targets = prompts_from(args)
@@ -248,7 +252,7 @@ def _step(text: str) -> tuple[int, int | None, int | None]:
     "mechcna transfer --neuron 1.12 --step 2:*:3 --prompt '3+5='",
     _transfer_args,
 )
-def transfer(args: argparse.Namespace, ctx: Context) -> Report:
+def transfer(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses.transfer import transform_through_attention
 
     source = pair(args.neuron, "LAYER.NEURON") if args.neuron else args.token
@@ -272,7 +276,7 @@ def _methods_args(p: argparse.ArgumentParser) -> None:
     "mechcna methods --prompt '3+5=' --prompt '2+4=' --k 10",
     _methods_args,
 )
-def methods(args: argparse.Namespace, ctx: Context) -> Report:
+def methods(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses.methods import comparison_scores, evaluate_methods
 
     prompts, targets = prompts_from(args)
@@ -302,7 +306,7 @@ def _top_tokens_args(p: argparse.ArgumentParser) -> None:
     "mechcna top-tokens --neuron 3.266 --neuron 3.149 --k 10",
     _top_tokens_args,
 )
-def top_tokens_cmd(args: argparse.Namespace, ctx: Context) -> Report:
+def top_tokens_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.engine.projection import top_tokens
 
     report = ctx.report("Top tokens of FFN value vectors")
@@ -320,7 +324,7 @@ def top_tokens_cmd(args: argparse.Namespace, ctx: Context) -> Report:
     "residual self-check: components sum to the residual, heads and neurons to their layers",
     "mechcna check-model --model mechcna/arith-small",
 )
-def check_model_cmd(args: argparse.Namespace, ctx: Context) -> Report:
+def check_model_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     import pandas as pd
 
     from mechcna.models.check import check_model

@@ -9,20 +9,23 @@ The training data are 2-digit ``+``/``-`` problems with negative answers, as in 
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechcna.cli.base import Context, UsageError, command, with_tokens
-from mechcna.models.view import architecture
-from mechcna.report.page import Report
 
 PAPER_FIGURE2 = "Llama-7B: original 62.96%; LoRA on layers 1-9 about 90%, falling from layer 10."
 PAPER_TABLE11 = (
     "Llama-7B: origin 62.9, LoRA9 89.3, LoRA9 on CNA-pruned 82.3, on random-pruned 17.1."
 )
+
 PAPER_TABLE13 = "Llama-7B: total bias 1.26 -> 0.81 (-35.7%), woman 1.45 -> 1.04, man 1.08 -> 0.59."
 
 
 # ---------------------------------------------------------------------------- shared options
+if TYPE_CHECKING:
+    from mechcna.report.page import Report
+
+
 def _training_args(p: argparse.ArgumentParser, steps: int = 200) -> None:
     """The data and LoRA hyper-parameters shared by ``lora`` and ``prune``."""
     p.add_argument("--train-pairs", type=int, default=200, help="operand pairs per operation")
@@ -57,7 +60,7 @@ def _datasets(args: argparse.Namespace, ctx: Context) -> tuple[Any, Any]:
     return train, test
 
 
-def _save_json(report: Report, results: dict[str, Any]) -> None:
+def _save_json(report: "Report", results: dict[str, Any]) -> None:
     report.attach("results.json", json.dumps(results, indent=1, default=str) + "\n")
 
 
@@ -87,7 +90,7 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     "mechcna lora --layers 0 1 2 3 --train-pairs 200 --steps 200 --out runs/lora",
     _lora_args,
 )
-def lora(args: argparse.Namespace, ctx: Context) -> Report:
+def lora(args: argparse.Namespace, ctx: Context) -> "Report":
     import torch
 
     from mechcna.applications.lora import lora_layer_sweep
@@ -170,10 +173,11 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     "mechcna prune --lora-layer 0 --prune-layers 2 3 --k 4 --out runs/prune",
     _prune_args,
 )
-def prune(args: argparse.Namespace, ctx: Context) -> Report:
+def prune(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.applications.lora import lora_finetune
     from mechcna.applications.lora_analysis import compare_lora
     from mechcna.applications.pruning import pruning_experiment
+    from mechcna.models.view import architecture
     from mechcna.tasks.arithmetic import arithmetic_dataset
 
     model = ctx.model
@@ -236,7 +240,7 @@ def _bias_args(p: argparse.ArgumentParser) -> None:
     "mechcna bias --k 18 --random 3 --out runs/bias",
     _bias_args,
 )
-def bias(args: argparse.Namespace, ctx: Context) -> Report:
+def bias(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.applications.bias import PAPER_TEMPLATES, gender_bias_experiment
     from mechcna.tasks.arithmetic import arithmetic_dataset, arithmetic_problems
 

@@ -3,6 +3,7 @@ hidden-interpretable shallow neurons with its masking test."""
 
 import argparse
 import math
+from typing import TYPE_CHECKING
 
 from mechcna.cli.base import (
     Context,
@@ -17,7 +18,9 @@ from mechcna.cli.base import (
     prompts_from,
     ray_options,
 )
-from mechcna.report.page import Report
+
+if TYPE_CHECKING:
+    from mechcna.report.page import Report
 
 
 def _accuracy_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +34,7 @@ def _accuracy_args(p: argparse.ArgumentParser) -> None:
     "mechcna accuracy --operations + - --digits 1 2 --ablate-head 0.0 --out runs/accuracy",
     _accuracy_args,
 )
-def accuracy(args: argparse.Namespace, ctx: Context) -> Report:
+def accuracy(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses.evaluation import evaluate_accuracy
 
     edits = interventions_from(args)
@@ -76,7 +79,7 @@ _DATASET_DEFAULTS = {"operations": ["+", "-"], "digits": [1, 2], "pairs": 20, "s
     "(or: mechcna head-sweep --prompt '3+5=')",
     _head_sweep_args,
 )
-def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> Report:
+def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses import heads
 
     if args.prompt or args.prompts_file:
@@ -150,7 +153,7 @@ def _zero_shot_args(p: argparse.ArgumentParser) -> None:
     "mechcna zero-shot --thresholds 1 2 3 --mask-test --operations + --digits 1",
     _zero_shot_args,
 )
-def zero_shot(args: argparse.Namespace, ctx: Context) -> Report:
+def zero_shot(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses.evaluation import evaluate_accuracy
     from mechcna.analyses.shallow import hidden_interpretable_neurons, mask_experiment
 

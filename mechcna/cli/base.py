@@ -24,17 +24,19 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from mechcna.errors import MechcnaError
-from mechcna.models.backend import Model
-from mechcna.report.page import Provenance, Report
+
+if TYPE_CHECKING:  # imported on use: `mechcna --help` must not load torch or pandas
+    import pandas as pd
+
+    from mechcna.models.backend import Model
+    from mechcna.report.page import Report
 
 DEFAULT_MODEL = "mechcna/arith-small"
 
-Run = Callable[[argparse.Namespace, "Context"], Report]
+Run = Callable[[argparse.Namespace, "Context"], "Report"]
 Arguments = Callable[[argparse.ArgumentParser], None]
 
 
@@ -87,14 +89,14 @@ class Context:
 
     args: argparse.Namespace
     argv: Sequence[str]
-    _model: Model | None = field(default=None, repr=False)
+    _model: "Model | None" = field(default=None, repr=False)
 
     @property
     def progress(self) -> bool:
         return not self.args.quiet
 
     @property
-    def model(self) -> Model:
+    def model(self) -> "Model":
         if self._model is None:
             from mechcna.models.loading import load_model
 
@@ -107,8 +109,10 @@ class Context:
         """The command as typed (shell-quoted, so it can be pasted back)."""
         return shlex.join(["mechcna", *self.argv])
 
-    def report(self, title: str, intro: str = "", **extra: Any) -> Report:
+    def report(self, title: str, intro: str = "", **extra: Any) -> "Report":
         """A report titled ``title`` with the model's provenance and the command line."""
+        from mechcna.report.page import Provenance, Report
+
         line = self.command_line
         if getattr(self.args, "model", None) is not None:
             prov = Provenance.from_model(self.model, command=line, **extra)
@@ -212,7 +216,7 @@ def interventions_from(args: argparse.Namespace) -> list[Any]:
     return out
 
 
-def with_tokens(model: Model, frame: pd.DataFrame, prompt: str | None = None) -> pd.DataFrame:
+def with_tokens(model: "Model", frame: "pd.DataFrame", prompt: str | None = None) -> "pd.DataFrame":
     """``frame`` (with ``layer`` and ``neuron`` columns) plus the tokens each FFN neuron
     promotes on ``prompt``, sign-aware (:func:`mechcna.analyses.tokens.frame_tokens`)."""
     from mechcna.analyses.tokens import frame_tokens

@@ -7,9 +7,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mechcna.cli.base import Context, command
-from mechcna.report.page import Report
 
 if TYPE_CHECKING:
+    from mechcna.report.page import Report
     from mechcna.reproduce import ReproduceSettings
 
 
@@ -63,7 +63,7 @@ def _settings(args: argparse.Namespace) -> "ReproduceSettings":
     _args,
     out_default="runs/reproduce",
 )
-def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> Report:
+def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.reproduce import expected_times, reproduce
     from mechcna.reproduce.page import build_report, to_markdown
 

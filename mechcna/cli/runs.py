@@ -3,9 +3,12 @@ and training the shipped arithmetic model."""
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mechcna.cli.base import Context, add_prompts, command, prompts_from, with_tokens
-from mechcna.report.page import Report
+
+if TYPE_CHECKING:
+    from mechcna.report.page import Report
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -19,7 +22,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     _demo_args,
     out_default="runs/demo",
 )
-def demo_cmd(args: argparse.Namespace, ctx: Context) -> Report:
+def demo_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     import torch
 
     from mechcna.report import demo
@@ -43,7 +46,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     _report_args,
     out_default="runs/report",
 )
-def report_cmd(args: argparse.Namespace, ctx: Context) -> Report:
+def report_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses import attribution, query, query_overlap
 
     prompts, targets = prompts_from(args)
@@ -105,7 +108,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _train_args,
     model=False,
 )
-def train_arithmetic(args: argparse.Namespace, ctx: Context) -> Report:
+def train_arithmetic(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.applications import training
 
     overrides = {

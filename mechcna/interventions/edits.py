@@ -26,7 +26,6 @@ Example:
     >>> edited = apply_to_weights(model, HeadAblation([(1, 0)]))              # doctest: +SKIP
 """
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,7 +49,7 @@ from mechcna.interventions.positions import position_mask, row_lengths
 from mechcna.models import backend, replica
 from mechcna.models.backend import Model
 from mechcna.models.hooks import hook_name
-from mechcna.models.inputs import as_int, pair
+from mechcna.models.inputs import as_int, edit_value, pair
 from mechcna.models.processing import VALUE_BIAS, require_unprocessed
 from mechcna.models.view import architecture
 
@@ -225,7 +224,7 @@ class NeuronEdit:
     Args:
         neurons: ``(layer, neuron)`` pairs.
         op: ``"zero"``, ``"scale"`` (multiply by ``value``) or ``"set"`` (to ``value``).
-        value: the factor or the value (required by "scale" and "set").
+        value: the factor or the value (required by "scale" and "set", none for "zero").
         positions: positions to edit (default: all).
     """
 
@@ -239,16 +238,7 @@ class NeuronEdit:
         object.__setattr__(self, "positions", _positions(self.positions))
         if self.op not in ("zero", "scale", "set"):
             raise InvalidOptionError(f"op must be 'zero', 'scale' or 'set', not {self.op!r}")
-        if self.op != "zero" and self.value is None:
-            raise InvalidOptionError(f"NeuronEdit(op={self.op!r}) needs a value (value=...)")
-        if self.op == "zero" and self.value not in (None, 0, 0.0):
-            raise InvalidOptionError("op='zero' takes no value: use op='scale' or op='set'")
-        if self.value is not None and not math.isfinite(float(self.value)):
-            raise InvalidOptionError(f"NeuronEdit value must be finite, not {self.value!r}")
-
-    @property
-    def _value(self) -> float:
-        return 0.0 if self.value is None else float(self.value)
+        object.__setattr__(self, "value", edit_value(self.op, self.value))
 
     def _by_layer(self, model: Model) -> dict[int, Tensor]:
         arch = architecture(model)
@@ -259,11 +249,10 @@ class NeuronEdit:
         return {l: torch.tensor(sorted(set(ks))) for l, ks in by_layer.items()}
 
     def _fn(self) -> Callable[[Tensor], Tensor]:
+        v = self.value or 0.0
         if self.op == "zero":
             return torch.zeros_like
-        if self.op == "scale":
-            return lambda sub: sub * self._value
-        return lambda sub: torch.full_like(sub, self._value)
+        return (lambda sub: sub * v) if self.op == "scale" else (lambda s: torch.full_like(s, v))
 
     def fwd_hooks(self, model: Model) -> FwdHooks:
         fn = self._fn()
@@ -281,9 +270,10 @@ class NeuronEdit:
         with torch.no_grad():
             for layer, idx in self._by_layer(model).items():
                 mlp = model.blocks[layer].mlp
+                v = self.value or 0.0
                 if self.op == "set":
-                    backend.live_bias(mlp, "b_out").add_(self._value * mlp.W_out[idx].sum(0))
-                factor = self._value if self.op == "scale" else 0.0
+                    backend.live_bias(mlp, "b_out").add_(v * mlp.W_out[idx].sum(0))
+                factor = v if self.op == "scale" else 0.0
                 mlp.W_out[idx] = mlp.W_out[idx] * factor
 
 

@@ -92,6 +92,18 @@ def non_negative(value: Any, what: str) -> float:
     return value
 
 
+def edit_value(op: str, value: Any) -> float:
+    """The value of a neuron edit: none for ``"zero"`` (stored as 0), a finite number for
+    ``"scale"`` and ``"set"`` (a missing one would silently scale by 0)."""
+    if op == "zero":
+        if value not in (None, 0):
+            raise InvalidOptionError(f"NeuronEdit(op='zero') takes no value, got {value!r}")
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidOptionError(f"NeuronEdit(op={op!r}) needs a finite value=..., not {value!r}")
+    return float(value)
+
+
 def choice(value: Any, options: Iterable[Any], what: str) -> Any:
     """``value`` if it is one of ``options``; else a clear error listing them."""
     opts = tuple(options)

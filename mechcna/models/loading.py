@@ -135,15 +135,9 @@ def load_model(
     from mechcna.models.gguf import KNOWN_MODELS, find_gguf, known_model_path
 
     if not isinstance(source, str | Path | HookedTransformerConfig) or source == "":
-        raise ModelNotFoundError(
-            "load_model needs a model name, a checkpoint folder, a .gguf file or a "
-            f"HookedTransformerConfig, not {source!r}"
-        )
+        raise ModelNotFoundError(f"load_model needs a name, folder, file or config, not {source!r}")
     if not isinstance(processing, WeightProcessing):
-        raise InvalidOptionError(
-            f"processing must be a WeightProcessing (e.g. WeightProcessing(fold_ln=True)), "
-            f"not {processing!r}"
-        )
+        raise InvalidOptionError(f"processing must be a WeightProcessing, not {processing!r}")
     device = check_device(device or default_device())
     dtype = check_dtype(dtype)
     if check_backend(backend) == "bridge":
@@ -392,11 +386,8 @@ def _unknown_model_message(name: str) -> str:
     names += [a for aliases in tl.MODEL_ALIASES.values() for a in aliases]
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-    return (
-        f"unknown model {name!r}: not a TransformerLens model name, a known model, a local "
-        f"directory or a .gguf file; {hint}models that load offline: "
-        f"{', '.join(_known_names())}"
-    )
+    offline = ", ".join(_known_names())
+    return f"unknown model {name!r}; {hint}models that load offline: {offline}"
 
 
 def _known_names() -> list[str]:

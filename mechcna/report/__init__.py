@@ -10,6 +10,20 @@ May import: :mod:`mechcna.applications`, :mod:`mechcna.analyses`, :mod:`mechcna.
 layer.
 """
 
-from mechcna.report.page import OutputPathError, Provenance, Report, check_out_dir
+from typing import TYPE_CHECKING, Any
+
+from mechcna.report.outdir import OutputPathError, check_out_dir
+
+if TYPE_CHECKING:
+    from mechcna.report.page import Provenance, Report
 
 __all__ = ["OutputPathError", "Provenance", "Report", "check_out_dir"]
+
+
+def __getattr__(name: str) -> Any:
+    """``Report`` and ``Provenance`` on first use (they import pandas and plotly)."""
+    if name in ("Report", "Provenance"):
+        from mechcna.report import page
+
+        return getattr(page, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

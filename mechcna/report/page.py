@@ -29,11 +29,10 @@ Example:
 import datetime as _dt
 import html
 import json
-import os
 import platform
 import re
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -45,67 +44,24 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from mechcna.errors import MechcnaError
-
-_VERSION_PACKAGES = ("mechcna", "torch", "transformer-lens", "transformers", "plotly")
-
-
-class OutputPathError(MechcnaError):
-    """An output folder cannot be created or written."""
-
-
-#: The file, in every output folder, listing what mechcna wrote there (one name a line).
-MANIFEST = ".mechcna-files"
-#: What mechcna writes into a folder, for folders written before the manifest existed.
-_KNOWN_OUTPUTS = re.compile(
-    r"index\.html|report\.txt|provenance\.json|results\.json|reproduce\.md|table-\d+-.*\.csv"
+from mechcna.report.outdir import (
+    MANIFEST,
+    OutputPathError,
+    check_out_dir,
+    written_files,
 )
 
+__all__ = [
+    "MANIFEST",
+    "OutputPathError",
+    "Provenance",
+    "Report",
+    "check_out_dir",
+    "package_versions",
+    "written_files",
+]
 
-def written_files(out: Path) -> list[Path]:
-    """The files mechcna wrote into ``out``: those its manifest lists or, without a manifest,
-    those with the names mechcna gives its outputs."""
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        names = manifest.read_text(encoding="utf-8").split("\n")
-        return [out / n for n in names if n and "/" not in n and (out / n).is_file()]
-    return sorted(p for p in out.iterdir() if p.is_file() and _KNOWN_OUTPUTS.fullmatch(p.name))
-
-
-def check_out_dir(path: str | Path, overwrite: bool = False, keep: Collection[str] = ()) -> Path:
-    """Create ``path`` (and parents) if needed and check that it is an empty, writable folder.
-
-    Call it before any computation so a bad ``--out`` fails in milliseconds, not after minutes.
-    A folder that is not empty is refused (old and new results would mix) unless
-    ``overwrite``, which deletes the files mechcna wrote there (:func:`written_files`) and
-    keeps everything else.
-
-    ``keep`` names files this run already wrote there (e.g. a trained checkpoint): they
-    neither count as content nor are deleted.
-
-    Raises:
-        OutputPathError: ``path`` is a file, is not empty (without ``overwrite``), or cannot be
-            created or written.
-    """
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(p.name not in keep for p in out.iterdir()):
-        if not overwrite:
-            raise OutputPathError(
-                f"output folder {out} is not empty; choose a new folder or pass --overwrite "
-                "(overwrite=True) to replace what mechcna wrote there"
-            )
-        for file in written_files(out):
-            if file.name not in keep:
-                file.unlink()
-        (out / MANIFEST).unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputPathError(f"cannot create output folder {out}: {err.strerror}") from err
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise OutputPathError(f"output folder {out} is not writable")
-    return out
+_VERSION_PACKAGES = ("mechcna", "torch", "transformer-lens", "transformers", "plotly")
 
 
 def package_versions() -> dict[str, str]:
@@ -329,7 +285,7 @@ class Report:
                     f'<figure class="table">{_caption(block, f"Table {n_tab}")}{table}</figure>'
                 )
         return _PAGE.format(
-            title=_esc(self.title), css=_CSS, plotlyjs=get_plotlyjs(), body="\n".join(body)
+            title=_esc(self.title), css=_CSS, plotlyjs=self._plotlyjs(), body="\n".join(body)
         )
 
     def attach(self, name: str, text: str) -> None:
@@ -342,6 +298,10 @@ class Report:
         """Files this run already wrote into the output folder (e.g. a trained checkpoint):
         :meth:`write` accepts them there and lists them in the manifest."""
         self._adopted.update(names)
+
+    def _plotlyjs(self) -> str:
+        """plotly.js (4.7 MB) once, and only on a page that has figures."""
+        return f"<script>{get_plotlyjs()}</script>" if self.figures else ""
 
     def write(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write ``index.html``, one CSV per table, ``report.txt``, ``provenance.json`` and the
@@ -434,7 +394,7 @@ _PAGE = """<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
 <style>{css}</style>
-<script>{plotlyjs}</script>
+{plotlyjs}
 </head>
 <body>
 {body}
