@@ -22,9 +22,10 @@ def _args(p: argparse.ArgumentParser) -> None:
         "--preset",
         choices=["quick", "standard", "paper", "full"],
         default=None,
-        help="sizes: quick (minutes, verdicts mostly inconclusive), standard (sized by power, "
-        "about an hour for SmolLM2 on 2 cores), paper (the papers' sizes, hours, resumable), "
-        "full (the earlier default); --quick is --preset quick",
+        help="sizes: quick (minutes, verdicts mostly inconclusive), standard (the default: "
+        "sized by power, about an hour for SmolLM2 on 2 cores), paper (the papers' sizes, "
+        "hours, resumable), full (the earlier, smaller default; too small to decide most "
+        "claims); --quick is --preset quick",
     )
     p.add_argument(
         "--filter-top-k",
@@ -49,7 +50,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> "ReproduceSettings":
     from mechcna.reproduce import ReproduceSettings
 
-    name = args.preset or ("quick" if args.quick else "full")
+    name = args.preset or ("quick" if args.quick else "standard")
     s = ReproduceSettings.named(name)
     if args.filter_top_k:
         s = replace(s, knowledge_top_k=args.filter_top_k)

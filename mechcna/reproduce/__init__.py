@@ -77,7 +77,7 @@ def reproduce(
         paper: ``"attribution"``, ``"arithmetic"`` or ``"both"``.
         quick: use :meth:`ReproduceSettings.quick` (ignored when ``settings`` is given).
         settings: sizes and policies, or a preset name (``"quick"``, ``"standard"``,
-            ``"paper"``, ``"full"``; default :meth:`ReproduceSettings.full`).
+            ``"paper"``, ``"full"``; default :meth:`ReproduceSettings.standard`).
         progress: a progress bar over stages.
         lock: a file to ``flock`` during each stage, released between stages (for machines
             shared with other heavy jobs; stage wall times then exclude the waits).
@@ -93,7 +93,7 @@ def reproduce(
         raise MechcnaError(f"paper must be attribution, arithmetic or both, not {paper!r}")
     if isinstance(settings, str):
         settings = ReproduceSettings.named(settings)
-    s = settings or (ReproduceSettings.quick() if quick else ReproduceSettings.full())
+    s = settings or (ReproduceSettings.quick() if quick else ReproduceSettings.standard())
     _log.info("expected stage times (s):\n%s", expected_times(model, s, paper).round(0))
     saved = (
         Checkpoint(checkpoint, str(model.cfg.model_name), paper, vars(s)) if checkpoint else None

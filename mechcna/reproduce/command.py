@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--preset",
         choices=["quick", "standard", "paper", "full"],
         default=None,
-        help="sizes (see ReproduceSettings); --quick is --preset quick",
+        help="sizes (see ReproduceSettings; default standard); --quick is --preset quick",
     )
     p.add_argument(
         "--filter-top-k",
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, run the stages, write the page; prints the claim table."""
     out = check_out_dir(args.out)  # fail on a bad folder before any work
     model = load_model(args.model, device=args.device)
-    settings = ReproduceSettings.named(args.preset or ("quick" if args.quick else "full"))
+    settings = ReproduceSettings.named(args.preset or ("quick" if args.quick else "standard"))
     if args.filter_top_k:
         settings = replace(settings, knowledge_top_k=args.filter_top_k)
     sys.stdout.write(

@@ -310,7 +310,9 @@ def run_stages(
 
 @dataclass(frozen=True)
 class ReproduceSettings:
-    """Sizes and policies of a reproduction run (``quick()`` and ``full()`` are the presets).
+    """Sizes and policies of a reproduction run (presets ``quick()``, ``standard()``, the
+    default of :func:`mechcna.reproduce.reproduce` and the command line, ``paper()`` and
+    ``full()``; the field defaults are ``full()``'s, the earlier and smaller sizes).
 
     Attribution paper:
         knowledge_top_k: the filter's rank threshold: 10 (the paper's: the gold answer is among
@@ -437,7 +439,8 @@ class ReproduceSettings:
     @classmethod
     def full(cls) -> "ReproduceSettings":
         """The earlier default sizes (about 10 minutes of stage time for SmolLM2-135M; too
-        small to decide most claims: see :meth:`standard`)."""
+        small to decide most claims: see :meth:`standard`, the default now). Kept for
+        comparison with the records made with it."""
         return cls(preset="full")
 
     @classmethod
