@@ -35,6 +35,13 @@ def _args(p: argparse.ArgumentParser) -> None:
         "paper's, the default; 1: the model's top-1 answer)",
     )
     p.add_argument(
+        "--prompt-form",
+        choices=["auto", "zero-shot", "few-shot", "both"],
+        default=None,
+        help="arithmetic prompts (default: the preset's, zero-shot as in the paper): both runs "
+        "every arithmetic stage once per form, side by side, claims labelled with their form",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="save each finished stage under --out and continue from them on a rerun "
@@ -54,6 +61,8 @@ def _settings(args: argparse.Namespace) -> "ReproduceSettings":
     s = ReproduceSettings.named(name)
     if args.filter_top_k:
         s = replace(s, knowledge_top_k=args.filter_top_k)
+    if args.prompt_form:
+        s = replace(s, prompt_form=args.prompt_form)
     return s
 
 
@@ -86,6 +95,7 @@ def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     flags += ["--quick"] * bool(args.quick) + [f"--lock {args.lock}"] * bool(args.lock)
     flags += [f"--preset {args.preset}"] * bool(args.preset)
     flags += [f"--filter-top-k {args.filter_top_k}"] * bool(args.filter_top_k)
+    flags += [f"--prompt-form {args.prompt_form}"] * bool(args.prompt_form)
     command = " ".join(["mechcna reproduce", *flags])
     rep = replace(rep, load_seconds=loaded, command=command)
     report = build_report(rep, ctx.report("reproduce").provenance)

@@ -131,14 +131,20 @@ def reproduce(
             keep("walkthrough", lambda: query.walkthrough_stage(
                 model, get(*data), get(*ffn), get(*att))),
         ]  # fmt: skip
-    if paper in ("arithmetic", "both"):
-        cases, head = ("arithmetic_data", "dataset"), ("heads", "head")
+    for x, f in arith.prompt_forms(s) if paper in ("arithmetic", "both") else []:
+        # one chain per prompt form; with prompt_form="both" stage names end in @<form>
+
+        def form(fn: Callable[[], StageResult], x: str = x) -> Callable[[], StageResult]:
+            return lambda: arith.with_form(fn(), x)
+
+        cases, head = (f"arithmetic_data{x}", "dataset"), (f"heads{x}", "head")
         stages += [
-            keep("arithmetic_data", lambda: arith.arithmetic_stage(model, s)),
-            keep("heads", lambda: arith.head_stage(model, get(*cases), s)),
-            keep("cna", lambda: arith.cna_stage(model, get(*cases), get(*head), s)),
-            keep("shallow", lambda: shallow_stage.shallow_stage(
-                model, get("cna", "cases"), get("heads", "shallow_head"), s)),
+            keep(cases[0], form(lambda f=f: arith.arithmetic_stage(model, f))),
+            keep(head[0], form(lambda f=f, c=cases: arith.head_stage(model, get(*c), f))),
+            keep(f"cna{x}", form(lambda f=f, c=cases, h=head: arith.cna_stage(
+                model, get(*c), get(*h), f))),
+            keep(f"shallow{x}", form(lambda f=f, x=x: shallow_stage.shallow_stage(
+                model, get(f"cna{x}", "cases"), get(f"heads{x}", "shallow_head"), f))),
         ]  # fmt: skip
     results = run_stages(stages, progress, lock)
     settings_dict = {k: v for k, v in vars(s).items()}
