@@ -268,12 +268,12 @@ def test_application_verdicts_from_recorded_runs():
     smol = json.loads((docs / "smollm2" / "results.json").read_text())
     rows = {c.claim.split(" (")[0]: c for c in application_claims(smol)}
     t11 = next(c for k, c in rows.items() if k.startswith("After a fresh LoRA"))
-    assert t11.test.n == 77 and t11.verdict == "does not hold"
+    assert t11.test is not None and t11.test.n == 77 and t11.verdict == "does not hold"
     assert t11.test.estimate == pytest.approx((23 - 22) / 77)
     t10 = next(c for k, c in rows.items() if k.startswith("LoRA on shallow layers"))
     assert t10.verdict == "not measured"
     fig2 = next(c for k, c in rows.items() if k.startswith("LoRA on one attention layer"))
-    assert fig2.verdict == "holds" and fig2.test.n == 77
+    assert fig2.test is not None and fig2.verdict == "holds" and fig2.test.n == 77
     table = verdict_table([docs / r / "results.json" for r in ("shipped", "smollm2")])
     assert set(table["run"]) == {"shipped", "smollm2"} and {"n", "lo", "hi"} <= set(table)
 
