@@ -11,7 +11,7 @@ the search for several ``M`` at once, and :func:`mask_experiment` zeroes each fo
 equally large random set drawn from the same layers and compares accuracy.
 
 Example:
-    >>> search = hidden_interpretable_neurons(model, thresholds=(2, 4, 6))  # doctest: +SKIP
+    >>> search = hidden_interpretable_neurons(model, thresholds=()).selective()  # doctest: +SKIP
     >>> evaluate = lambda m, interventions: accuracy_under(m, interventions)  # doctest: +SKIP
     >>> mask_experiment(model, search, evaluate).to_frame()                # doctest: +SKIP
 
