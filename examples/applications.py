@@ -212,6 +212,7 @@ def main(argv=None) -> int:
             "accuracy": res.accuracy, "n_pruned": res.n_pruned, "n_total": res.n_total,
             "pruned_share": res.pruned_share, "cna_cases": len(prune_ds),
             "lora_layer": best.layers[0], "wall_s": res.wall_s,
+            "correct": {k: [int(c) for c in v] for k, v in res.correct.items()},
         }  # fmt: skip
         emit(
             f"## Table 11 (LoRA layer {best.layers[0]}; pruned {res.n_pruned}/{res.n_total} = "

@@ -331,3 +331,34 @@ def test_per_case_coefficient_increase_averages_to_table10():
         after = sum(abs(float(m[i].flatten()[j])) for j in idx)
         assert float(per[i]) == pytest.approx(100 * (after - before) / before, rel=1e-9)
     assert coefficient_increase(comp, ks=(4,))["top4"] == pytest.approx(float(per.mean()))
+
+
+def test_table11_uses_a_paired_interval_when_cases_are_recorded():
+    """With each case's correctness (table11.correct) the difference gets a paired bootstrap
+    interval, narrower than the unpaired Newcombe one for positively correlated models."""
+    import numpy as np
+
+    from mechcna.reproduce import stats
+    from mechcna.reproduce.application_claims import application_claims
+
+    rng = np.random.default_rng(0)
+    base = rng.random(300) < 0.6
+    cna = base.copy()
+    rand = base & (rng.random(300) < 0.9)  # mostly the same cases, a few more wrong
+    acc = {"pruned_cna": 0.5, "pruned_random": 0.4, "lora_pruned_cna": cna.mean(),
+           "lora_pruned_random": rand.mean()}  # fmt: skip
+    unpaired = {"data": {"test_cases": 300}, "table11": {"accuracy": acc}}
+    per = {"lora_pruned_cna": cna.astype(int).tolist(),
+           "lora_pruned_random": rand.astype(int).tolist()}  # fmt: skip
+    paired = {"data": {"test_cases": 300}, "table11": {"accuracy": acc, "correct": per}}
+    (u,) = application_claims(unpaired)
+    (p,) = application_claims(paired)
+    assert u.test is not None and p.test is not None
+    assert u.test.method == "Newcombe (unpaired)" and p.test.method == "paired bootstrap"
+    assert p.test.estimate == pytest.approx(u.test.estimate, abs=1e-12)
+    assert p.test.hi - p.test.lo < u.test.hi - u.test.lo
+    ref = stats.bootstrap_test(lambda x, y: float(x.mean() - y.mean()), cna.astype(float),
+                               rand.astype(float), threshold=0.2)  # fmt: skip
+    assert (p.test.lo, p.test.hi) == (ref.lo, ref.hi) and p.verdict == "does not hold"
+    (cli,) = application_claims({"accuracy": acc, "correct": per})
+    assert cli.test is not None and cli.test.n == 300  # a `mechcna prune` results.json

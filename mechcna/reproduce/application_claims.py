@@ -15,9 +15,10 @@ The applications (``examples/applications.py``, ``mechcna lora / prune``) write 
   Needs the per-case increases (``table10_per_case``); older files record only the means.
 * **Table 11** (after a fresh LoRA, the CNA-pruned model keeps far more accuracy than the
   randomly pruned one: 82.3 vs 17.1): the accuracy difference, Newcombe's interval, against
-  20 points (under a third of the paper's 65-point gap). The files hold accuracies, not
-  per-case correctness, so the interval treats the two accuracies as independent (the cases
-  are shared: a paired interval would be narrower).
+  20 points (under a third of the paper's 65-point gap): a paired bootstrap over the test
+  cases when the file holds each case's correctness (``table11.correct``, written since
+  issue 21), else Newcombe's interval from the two accuracies as if independent (the cases
+  are shared: the paired interval is narrower).
 
 ``python -m mechcna.reproduce.application_claims results.json [...]`` prints the rows as a
 markdown table (how docs/applications.md's verdict table is made).
@@ -160,15 +161,27 @@ def application_claims(results: Mapping[str, Any], n_layers: int | None = None) 
             "not measured: this run recorded only the mean per LoRA layer, not per case",
             None,
         ))  # fmt: skip
-    t11 = (results.get("table11") or {}).get("accuracy") or results.get("accuracy")
+    block = results.get("table11") or results
+    t11 = block.get("accuracy")
+    n = n or len((block.get("correct") or {}).get("lora_pruned_cna", ()))
     if t11 and n and "lora_pruned_cna" in t11:
         cna, rand = float(t11["lora_pruned_cna"]), float(t11["lora_pruned_random"])
-        t = difference_test(cna, rand, n, PRUNING_MARGIN)
+        per = block.get("correct") or {}
+        if "lora_pruned_cna" in per and "lora_pruned_random" in per:
+            a, b = (
+                np.asarray(per[k], dtype=np.float64)
+                for k in ("lora_pruned_cna", "lora_pruned_random")
+            )
+            t = bootstrap_test(lambda x, y: float(x.mean() - y.mean()), a, b,
+                               threshold=PRUNING_MARGIN)  # fmt: skip
+            how = "paired bootstrap over the test cases"
+        else:
+            t = difference_test(cna, rand, n, PRUNING_MARGIN)
+            how = "Newcombe interval, unpaired"
         out.append(Claim(
             "arithmetic",
             "After a fresh LoRA, the CNA-pruned model keeps far more accuracy than a randomly "
-            f"pruned one (test: accuracy difference above {PRUNING_MARGIN:g}; Newcombe "
-            "interval, unpaired)",
+            f"pruned one (test: accuracy difference above {PRUNING_MARGIN:g}; {how})",
             f"Table 11: {TABLE11['lora_pruned_cna']} vs {TABLE11['lora_pruned_random']}",
             f"{cna:.3f} vs {rand:.3f} on {n} held-out cases (before LoRA: "
             f"{float(t11['pruned_cna']):.3f} vs {float(t11['pruned_random']):.3f})",
