@@ -204,3 +204,40 @@ def test_rows_follow_the_store_device_and_exact_rows_are_compact():
     assert store._exact is not None and store._exact.shape[0] < 6 * 8  # no n_rows x V block
     assert math.isclose(float(store.radius_of(torch.tensor([4]))[0]),
                         float(rows[4].max() - rows[4].min()) / 2)  # fmt: skip
+
+
+# ------------------------------------------------------------------ weight fingerprints
+def test_checksum_sees_one_ulp_and_swaps_past_the_first_chunk():
+    """The per-call weight checksum (chunked for narrow matrices) changes on a one-ulp edit
+    through ``.data`` (which bypasses the version counter) and on a swap of two entries, in
+    any chunk."""
+    from mechcna.models.fingerprint import checksum
+
+    W = torch.nn.Parameter(torch.randn(20000, 48))
+    c0 = checksum(W)
+    old = W.data[15000, 7].clone()
+    W.data[15000, 7] = torch.nextafter(old, torch.tensor(float("inf")))
+    assert W._version == 0 and checksum(W) != c0
+    W.data[15000, 7] = old
+    assert checksum(W) == c0
+    W.data[[3, 19000], 5] = W.data[[19000, 3], 5].clone()
+    assert checksum(W) != c0
+
+
+def test_in_place_edit_through_param_data_gives_fresh_rows():
+    from mechcna import neuron_importance
+    from mechcna.engine.blocks import layer_rows
+    from tests import reference
+    from tests.helpers import PROMPTS, build
+
+    model = build("llama", dtype=torch.float64)
+    cache = BlockCache(disk=False)
+    neuron_importance(model, PROMPTS[:1], cache=cache)
+    before = layer_rows(model, "ffn", 1, cache).store
+    W = model.blocks[1].mlp.W_out
+    W.data[-1, -1] = torch.nextafter(W.data[-1, -1], torch.tensor(float("inf"), dtype=W.dtype))
+    W.data[2] += 0.5  # large enough to see in the scores
+    res = neuron_importance(model, PROMPTS[:1], cache=cache)
+    assert layer_rows(model, "ffn", 1, cache).store is not before
+    ref, _ = reference.literal_ffn_scores(model, model.to_tokens(PROMPTS[0])[0])
+    torch.testing.assert_close(res.scores[0], ref, rtol=0, atol=1e-9)
