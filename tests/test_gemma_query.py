@@ -332,3 +332,15 @@ def test_query_neuron_tokens_match_literal(gemma):
         logits = c * torch.tanh(logits / c) if c > 0 else logits
         values = torch.tensor([value for _, value in got.top], dtype=torch.float64)
         torch.testing.assert_close(values, logits.topk(5).values, atol=ATOL, rtol=0)
+
+
+def test_reproduce_quick_runs_the_query_and_transfer_stages_on_a_gemma3_like_model():
+    """The stages built on these analyses (query, walkthrough, shallow) refused Gemma before;
+    each now runs on the tiny Gemma-3-like model and fills its tables."""
+    from mechcna.reproduce import reproduce
+
+    model = build_gemma("gemma3", dtype=torch.float32)
+    rep = reproduce(model, "both", settings="quick", progress=False)
+    for name in ("query", "walkthrough", "shallow"):
+        tables = rep.stage(name).tables
+        assert tables and all(len(t) > 0 for t in tables.values()), name
