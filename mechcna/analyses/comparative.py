@@ -49,7 +49,6 @@ from mechcna.engine.expansion import EngineStats, Method
 from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError
 from mechcna.interventions.edits import Intervention
 from mechcna.interventions.prompts import Prompts, prepare_prompts
-from mechcna.models.architecture import refuses_post_norms
 from mechcna.models.backend import Model, is_model
 from mechcna.models.processing import WeightProcessing, get_processing, refuses_processing
 from mechcna.models.view import architecture, per_call
@@ -354,7 +353,6 @@ class ValueKeyProducts:
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def value_key_products(
     model: Model,
     neurons: Sequence[tuple[int, int]],
@@ -366,7 +364,11 @@ def value_key_products(
 
     Keys are ``W_in[:, k] * ln2.w`` (``"in"``, the up projection for gated MLPs),
     ``W_gate[:, k] * ln2.w`` (``"gate"``) or their sum (``"both"``). ``coefficients`` (one
-    per neuron) scale the values; the paper leaves open whether ``m`` is included.
+    per neuron) scale the values; the paper leaves open whether ``m`` is included. Under
+    sandwich norms (Gemma 2 and 3) the values are ``W_out`` times the post-feedforward norm
+    weight (:meth:`~mechcna.models.architecture.Architecture.W_out`), and a product is the
+    exact read of the neuron's residual share when ``coefficients`` are divided by that norm's
+    frozen scale (the ``post`` of :func:`~mechcna.analyses.capture.capture`).
     """
     arch = architecture(model)
     neurons = tuple(arch.check_neuron(l, k) for l, k in neurons)
