@@ -18,13 +18,8 @@ import sys
 import torch
 
 import mechcna
-from mechcna.analyses.comparative import (
-    cna_table,
-    compare_neurons,
-    lowest_neuron_table,
-    mask_keep_table,
-    value_key_products,
-)
+from mechcna.analyses.case_ablation import lowest_neuron_table, mask_keep_table
+from mechcna.analyses.comparative import cna_table, compare_neurons, value_key_products
 from mechcna.analyses.key_scores import head_scores, source_position_scores
 from mechcna.analyses.shallow import hidden_interpretable_neurons, mask_experiment
 from mechcna.analyses.transfer import ffn_keys, transform_through_attention

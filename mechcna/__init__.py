@@ -24,12 +24,12 @@ if TYPE_CHECKING:
         layer_importance,
         neuron_importance,
     )
+    from mechcna.analyses.case_ablation import mask_keep_table
     from mechcna.analyses.comparative import (
         NeuronComparison,
         cna_table,
         compare_inputs,
         compare_neurons,
-        mask_keep_table,
     )
     from mechcna.analyses.evaluation import AccuracyResult, evaluate_accuracy
     from mechcna.analyses.head_results import HeadEffects, HeadSweep

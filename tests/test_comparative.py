@@ -6,12 +6,11 @@ import torch
 
 from mechcna import HeadAblation, MechcnaError, NeuronEdit, apply_to_weights, intervene
 from mechcna.analyses.attribution import neuron_importance
+from mechcna.analyses.case_ablation import lowest_neuron_table, mask_keep_table
 from mechcna.analyses.comparative import (
     cna_table,
     compare_inputs,
     compare_neurons,
-    lowest_neuron_table,
-    mask_keep_table,
     value_key_products,
 )
 from mechcna.errors import EmptyInputError, InvalidOptionError

@@ -11,7 +11,8 @@ import torch
 
 import mechcna
 from mechcna import HeadAblation, check_model
-from mechcna.analyses.comparative import compare_neurons, mask_keep_table
+from mechcna.analyses.case_ablation import mask_keep_table
+from mechcna.analyses.comparative import compare_neurons
 from mechcna.engine.projection import project_to_vocab
 from mechcna.errors import NonFiniteError
 from tests.helpers import PROMPTS, build, gpt2_cfg, randomize_biases_and_norms

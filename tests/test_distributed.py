@@ -198,6 +198,108 @@ def test_dataset_cna_with_an_intervention_and_with_a_second_model(cluster, llama
         distributed.compare_neurons(llama_path, prompts, other, load=F64)
 
 
+def test_mask_keep_table_shipped_and_llama_equal_single_process(cluster, shipped, llama,
+                                                               llama_path):  # fmt: skip
+    from mechcna.analyses.case_ablation import mask_keep_table
+    from mechcna.analyses.comparative import compare_neurons
+
+    for model, source, load, prompts, ks, deep in [
+        (shipped, SHIPPED, CPU, ["3+5=", "2+2=", "7-4=", "9-1=", "6+1="], (3, 20), None),
+        (llama, llama_path, F64, [*PROMPTS, "7-4="], (2, 5), [0, 1]),
+    ]:
+        cna = compare_neurons(model, prompts, mechcna.HeadAblation([(1, 0)]))
+        want = mask_keep_table(model, prompts, cna, ks=ks, deep_layers=deep, seed=3,
+                               progress=False)  # fmt: skip
+        got = distributed.mask_keep_table(source, prompts, cna, ks=ks, deep_layers=deep, seed=3,
+                                          load=load, shards=3, progress=False)  # fmt: skip
+        pd.testing.assert_frame_equal(got, want, rtol=0, atol=0)
+        assert got.attrs == want.attrs
+    with pytest.raises(mechcna.MechcnaError, match="prompts for a comparison"):
+        distributed.mask_keep_table(llama_path, PROMPTS[:1], cna, load=F64, ks=(2,))
+
+
+def test_joins_an_existing_cluster_by_address_and_by_ray_address(tmp_path):
+    """A cluster started outside mechcna (``ray start --head``) is joined with ``address=``
+    and with ``RAY_ADDRESS``; results equal one process (run in a child interpreter, since this
+    process already holds the module's local cluster)."""
+    import json
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    start = [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    script = f"""
+import json, os, sys, ray, mechcna
+from mechcna import distributed
+PROMPTS = ["3+5=", "12+7=", "9-4="]
+model = mechcna.load_model("{SHIPPED}", device="cpu")
+want = mechcna.neuron_importance(model, PROMPTS).scores
+out = {{}}
+for how in ("address", "env"):
+    address = "127.0.0.1:{port}" if how == "address" else None
+    if how == "env":
+        os.environ["RAY_ADDRESS"] = "127.0.0.1:{port}"
+    got = distributed.neuron_importance("{SHIPPED}", PROMPTS, address=address, shards=2,
+                                        load={{"device": "cpu"}}, progress=False).scores
+    ctx = ray.get_runtime_context()
+    out[how] = {{"err": float((got - want).abs().max()), "gcs": ctx.gcs_address}}
+    ray.shutdown()
+print(json.dumps(out))
+"""
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for how in ("address", "env"):
+        assert out[how]["gcs"].endswith(f":{port}"), out  # the external cluster, not a new one
+        assert out[how]["err"] <= 1e-4, out
+
+
+def test_reproduce_on_ray_equals_one_process(cluster, shipped):
+    """The arithmetic paper's stages (head sweep, CNA, mask / keep) on 2 Ray workers give the
+    single-process tables and claims."""
+    from dataclasses import replace
+
+    from mechcna.reproduce import RayRun, ReproduceSettings, reproduce
+
+    s = replace(ReproduceSettings.quick(), sweep_cases=12, cna_cases=6, cna_ks=(10,))
+    want = reproduce(shipped, "arithmetic", settings=s, progress=False)
+    distributed.LAST_RUN.clear()
+    got = reproduce(shipped, "arithmetic", settings=s, progress=False,
+                    ray=RayRun(SHIPPED, load=CPU, workers=2))  # fmt: skip
+    assert distributed.LAST_RUN.get("tasks", 0) >= 2  # the work went to the workers
+    assert [r.name for r in got.stages] == [r.name for r in want.stages]
+    for a, b in zip(got.stages, want.stages, strict=True):
+        assert sorted(a.tables) == sorted(b.tables), a.name
+        for name in b.tables:
+            pd.testing.assert_frame_equal(a.tables[name], b.tables[name], rtol=0, atol=1e-4,
+                                          obj=f"{a.name}/{name}")  # fmt: skip
+    cols = ["claim", "n", "verdict"]
+    pd.testing.assert_frame_equal(got.claims[cols], want.claims[cols])
+    num = ["estimate", "lo", "hi"]
+    pd.testing.assert_frame_equal(got.claims[num], want.claims[num], rtol=0, atol=1e-4)
+
+
+def test_reproduce_on_ray_refuses_workers_with_other_weights(cluster, llama_path):
+    from mechcna.reproduce import RayRun
+    from mechcna.reproduce.scale import check_workers
+
+    other = build("llama", dtype=torch.float64, seed=11)
+    with pytest.raises(mechcna.MechcnaError, match="other weights"):
+        check_workers(other, RayRun(llama_path, load=F64))
+    check_workers(mechcna.load_model(llama_path, **F64), RayRun(llama_path, load=F64))
+
+
 # ---------------------------------------------------------------------------- command line
 @pytest.mark.parametrize(
     ("name", "args"),

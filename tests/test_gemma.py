@@ -22,10 +22,7 @@ from mechcna import (
 )
 from mechcna.analyses.comparative import compare_neurons
 from mechcna.analyses.heads import head_sweep
-from mechcna.analyses.key_scores import neuron_scores as key_neuron_scores
 from mechcna.analyses.methods import comparison_scores
-from mechcna.analyses.query import query_neurons
-from mechcna.analyses.transfer import ffn_keys
 from mechcna.errors import ModelCheckError
 from mechcna.models.architecture import Architecture
 from tests.gemma_reference import Literal
@@ -219,18 +216,6 @@ def test_gemma_model_outputs_are_the_soft_capped_logits():
 
     got = project_to_vocab(model, lit.final, lit.s_final[0])
     torch.testing.assert_close(got, lit.logits[0, lit.T], atol=ATOL, rtol=0)
-
-
-def test_unhandled_analyses_refuse_gemma_clearly(gemma):
-    """Analyses not yet checked against sandwich norms refuse before any work, naming what."""
-    calls = {
-        "query_neurons": lambda: query_neurons(gemma, PROMPTS[0], k=2),
-        "ffn_keys": lambda: ffn_keys(gemma, 0, 0),
-        "neuron_scores": lambda: key_neuron_scores(gemma, PROMPTS[0], (1, 0), layer=0, position=0),
-    }
-    for name, call in calls.items():
-        with pytest.raises(UnsupportedArchitectureError, match=rf"{name}\(\).*post-attention"):
-            call()
 
 
 def test_head_sweep_equals_a_deep_copy_with_the_head_zeroed(gemma):

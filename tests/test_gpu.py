@@ -55,6 +55,37 @@ def test_attention_neurons_equal_literal(model):
         torch.testing.assert_close(got, ref.cpu(), rtol=0, atol=1e-4)
 
 
+STORAGES = [torch.int16, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_ffn_and_attention_neurons_with_16_bit_rows_on_the_device(model, storage, monkeypatch):
+    """The certified engine with rows stored on the device in each 16-bit format: every FFN
+    and attention neuron score within the tolerance of the literal, a second call (warm rows)
+    equal to the first, and the rows in device memory. The tiny vocabulary is given small
+    heads so that the truncated moments (one prompt) run on the device too."""
+    from mechcna.engine import moments
+    from mechcna.engine.blocks import BlockCache, layer_rows
+
+    monkeypatch.setattr(moments, "HEADS", (2, 4, 8))
+
+    cache = BlockCache(disk=False, storage=storage)
+    for prompt in PROMPTS:
+        tokens = _tokens(model, prompt)
+        ffn = mechcna.neuron_importance(model, [prompt], cache=cache)
+        again = mechcna.neuron_importance(model, [prompt], cache=cache)
+        ref, _ = reference.literal_ffn_scores(model, tokens)
+        torch.testing.assert_close(ffn.scores[0], ref.cpu(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(again.scores, ffn.scores, rtol=0, atol=2e-6)
+        att = mechcna.attention_neuron_importance(model, [prompt], cache=cache)
+        ref_a, _ = reference.literal_attention_scores(model, tokens)
+        torch.testing.assert_close(att.scores[0, :, : len(tokens)], ref_a.cpu(), rtol=0, atol=1e-4)
+    for kind in ("ffn", "attn"):
+        store = layer_rows(model, kind, 0, cache).store
+        assert store.storage == storage
+        assert store.stored(torch.arange(2)).device.type == torch.device(DEVICE).type
+
+
 def test_layers_and_heads_equal_literal(model):
     layers = mechcna.layer_importance(model, PROMPTS)
     heads = mechcna.head_importance(model, PROMPTS)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import mechcna
-from mechcna.analyses.comparative import compare_neurons, mask_keep_table
+from mechcna.analyses.case_ablation import mask_keep_table
+from mechcna.analyses.comparative import compare_neurons
 from mechcna.analyses.heads import head_sweep
 from mechcna.analyses.methods import evaluate_methods
 from mechcna.analyses.query import query_neurons

@@ -194,7 +194,8 @@ def test_coefficient_fall_is_tested_by_magnitude_and_trend():
 
 
 def test_coefficient_falls_equal_mask_keep_table(shipped):
-    from mechcna.analyses.comparative import compare_neurons, lowest_neuron_table, mask_keep_table
+    from mechcna.analyses.case_ablation import lowest_neuron_table, mask_keep_table
+    from mechcna.analyses.comparative import compare_neurons
     from mechcna.interventions.edits import HeadAblation
 
     s = ReproduceSettings.quick()

@@ -48,8 +48,14 @@ from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.analyses import plotting
 from mechcna.analyses.capture import Capture, Targets, attention_coefficients, capture
 from mechcna.analyses.results import Scores
-from mechcna.engine.blocks import BlockCache, layer_rows
-from mechcna.engine.expansion import EngineStats, Method, exact_rows_logprob, increase_from_rows
+from mechcna.engine.blocks import BlockCache, layer_rows, model_cache
+from mechcna.engine.expansion import (
+    EngineStats,
+    Method,
+    exact_rows_logprob,
+    increase_from_rows,
+    target_offsets,
+)
 from mechcna.engine.projection import (
     compute_dtype,
     linear_part,
@@ -394,18 +400,69 @@ def ffn_scores(
     scores = torch.zeros(n, arch.n_layers, arch.d_mlp, dtype=compute_dtype(arch.dtype))
     offset = logit_offset(arch, paper_compat)
     scale = scale.to(offset.dtype)
+    chosen = _layers(arch, layers)
     with torch.no_grad():
-        for l in tqdm(_layers(arch, layers), desc="FFN layers", disable=not progress):
+        pre = None if rows is not None else _prepare(model, cache, resid_mid, scale, offset,
+                                                     target, chosen, method)  # fmt: skip
+        for i, l in enumerate(tqdm(chosen, desc="FFN layers", disable=not progress)):
             sel = torch.arange(n) if rows is None else rows[:, l].nonzero().flatten()
             if len(sel) == 0:
                 continue
             s = scale[sel.to(scale.device)]
-            base = linear_part(arch, resid_mid[sel, l]) / s[:, None] + offset
+            base, offs = _base(arch, resid_mid, sel, l, s, offset, pre, i)
             coef = (post[sel, l].to(base.dtype) / s[:, None])[:, None]
             imp = _layer_increase(model, "ffn", l, cache, base, coef,
-                                  target[sel.to(target.device)], method, tol, stats)  # fmt: skip
+                                  target[sel.to(target.device)], method, tol, stats,
+                                  offs)  # fmt: skip
             scores[sel, l] = imp[:, 0].cpu()
     return scores
+
+
+#: the most (prompt, layer) pairs whose base logits are formed before the layer loop
+PREPARE_ROWS = 128
+
+
+def _prepare(
+    model: Model,
+    cache: BlockCache | None,
+    resid: Float[Tensor, "prompt layer d_model"],
+    scale: Float[Tensor, " prompt"],
+    offset: Float[Tensor, " d_vocab"],
+    target: Int[Tensor, " prompt"],
+    chosen: list[int],
+    method: Method,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(bases, x, s)`` for every prompt and chosen layer at once (few prompts, certified
+    path): the engine's target offsets (:func:`mechcna.engine.expansion.target_offsets`) read
+    the float64 projector once for all layers instead of once per layer."""
+    arch = architecture(model)
+    n, L = resid.shape[0], len(chosen)
+    if method != "certified" or arch.logit_soft_cap > 0 or L == 0 or n * L > PREPARE_ROWS:
+        return None
+    idx = torch.tensor(chosen, device=resid.device)
+    bases = linear_part(arch, resid[:, idx]) / scale[:, None, None] + offset  # [n, L, V]
+    M = (model_cache(model) if cache is None else cache).projector(model).exact()[0]
+    tgt = target.to(bases.device).repeat_interleave(L)
+    x, s = target_offsets(bases.flatten(0, 1), tgt, M)
+    return bases, x.view(n, L, -1), s.view(n, L)
+
+
+def _base(
+    arch: Architecture,
+    resid: Float[Tensor, "prompt layer d_model"],
+    sel: Int[Tensor, " n"],
+    layer: int,
+    s: Float[Tensor, " n"],
+    offset: Float[Tensor, " d_vocab"],
+    pre: tuple[Tensor, Tensor, Tensor] | None,
+    i: int,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Base logits of layer ``layer`` (the ``i``-th chosen) for prompts ``sel``, and their
+    target offsets when :func:`_prepare` formed them."""
+    if pre is None:
+        return linear_part(arch, resid[sel, layer]) / s[:, None] + offset, None
+    bases, x, so = pre
+    return bases[:, i], (x[:, i], so[:, i])
 
 
 def _layer_increase(
@@ -419,6 +476,7 @@ def _layer_increase(
     method: Method,
     tol: float | None,
     stats: EngineStats | None,
+    offsets: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """One layer's neuron scores through its :class:`~mechcna.engine.blocks.LayerRows`: the whole
     block is computed and kept when the cache can hold it, otherwise only the rows the
@@ -429,7 +487,7 @@ def _layer_increase(
     rows = layer_rows(model, kind, layer, cache)
     fill = rows.cache.can_hold(rows.store)
     imp = increase_from_rows(base, rows, coef, target, method=method, tol=tol, fill=fill,
-                             stats=stats)  # fmt: skip
+                             stats=stats, offsets=offsets)  # fmt: skip
     rows.cache.settle()
     return imp
 
@@ -505,12 +563,16 @@ def attention_neuron_importance(
     )
     stats = EngineStats()
     offset = logit_offset(arch, paper_compat)
+    chosen = _layers(arch, layers)
+    every = torch.arange(n)
     with torch.no_grad():
-        for l in tqdm(_layers(arch, layers), desc="attention layers", disable=not progress):
-            base = linear_part(arch, cap.resid_pre[:, l]) / cap.scale[:, None] + offset
+        pre = _prepare(model, cache, cap.resid_pre, cap.scale, offset, cap.target, chosen, method)
+        for i, l in enumerate(tqdm(chosen, desc="attention layers", disable=not progress)):
+            base, offs = _base(arch, cap.resid_pre, every, l, cap.scale, offset, pre, i)
             a = einops.rearrange(coef[:, l], "prompt pos head d_head -> prompt pos (head d_head)")
             a = a.to(base.dtype) / cap.scale[:, None, None]
-            imp = _layer_increase(model, "attn", l, cache, base, a, cap.target, method, tol, stats)
+            imp = _layer_increase(model, "attn", l, cache, base, a, cap.target, method, tol,
+                                  stats, offs)  # fmt: skip
             scores[:, l] = einops.rearrange(
                 imp, "prompt pos (head d_head) -> prompt pos head d_head", head=arch.n_heads
             ).cpu()

@@ -37,9 +37,8 @@ import einops
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from tqdm.auto import tqdm
 
-from mechcna._types import Bool, Float, Int, Tensor
+from mechcna._types import Bool, Float, Tensor
 from mechcna.analyses import plotting
 from mechcna.analyses.attribution import _meta, ffn_scores
 from mechcna.analyses.capture import Capture, Targets, capture
@@ -48,13 +47,9 @@ from mechcna.analyses.tokens import neuron_tokens
 from mechcna.engine.blocks import BlockCache
 from mechcna.engine.expansion import EngineStats, Method
 from mechcna.errors import EmptyInputError, InvalidOptionError, MechcnaError
-from mechcna.interventions.edits import Intervention, NeuronMask, intervene
-from mechcna.interventions.positions import prompt_lengths
-from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts
-from mechcna.models.architecture import refuses_post_norms
+from mechcna.interventions.edits import Intervention
+from mechcna.interventions.prompts import Prompts, prepare_prompts
 from mechcna.models.backend import Model, is_model
-from mechcna.models.hooks import hook_name
-from mechcna.models.inputs import positive_int
 from mechcna.models.processing import WeightProcessing, get_processing, refuses_processing
 from mechcna.models.view import architecture, per_call
 
@@ -318,178 +313,6 @@ def compare_inputs(
 
 
 # ------------------------------------------------------------------ intervention experiments
-def _run_cases(
-    model: Model,
-    batch: PromptBatch,
-    target: Int[Tensor, " prompt"],
-    mask: Bool[Tensor, "prompt layer neuron"] | None = None,
-    batch_size: int = 64,
-    coefficients: bool = False,
-) -> tuple[Bool[Tensor, " prompt"], Float[Tensor, "prompt layer neuron"] | None]:
-    """Greedy correctness at the scored positions (and coefficients there), under a
-    per-prompt neuron mask, in chunks."""
-    arch = architecture(model)
-    correct, posts = [], []
-    for i in range(0, len(batch), batch_size):
-        sl = slice(i, i + batch_size)
-        tokens, pos = batch.tokens[sl], batch.positions[sl]
-        rows = torch.arange(len(tokens), device=tokens.device)
-        ivs = [] if mask is None else [NeuronMask(mask[sl].to(tokens.device))]
-        store: dict[int, Tensor] = {}
-        hooks = []
-        if coefficients:
-            for l in range(arch.n_layers):
-
-                def keep(act: Tensor, hook, l=l, store=store, rows=rows, pos=pos) -> None:
-                    store[l] = act[rows, pos].detach()
-
-                hooks.append((hook_name("post", l), keep))
-        with torch.no_grad(), intervene(model, *ivs), prompt_lengths(batch.lengths[sl]):
-            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-        correct.append((logits[rows, pos].argmax(-1) == target[sl].to(tokens.device)).cpu())
-        if coefficients:
-            posts.append(torch.stack([store[l] for l in range(arch.n_layers)], 1).cpu())
-    return torch.cat(correct), (torch.cat(posts) if coefficients else None)
-
-
-def _decrease(before: float, after: float) -> float:
-    return 100.0 * (before - after) / before if before else float("nan")
-
-
-def _batch(model: Model, prompts: Prompts, comparison: NeuronComparison) -> PromptBatch:
-    batch = prepare_prompts(model, prompts)
-    if len(batch) != comparison.n_prompts:
-        raise MechcnaError(f"{len(batch)} prompts for a comparison of {comparison.n_prompts}")
-    return batch
-
-
-@per_call
-def mask_keep_table(
-    model: Model,
-    prompts: Prompts,
-    comparison: NeuronComparison,
-    *,
-    ks: Sequence[int] = (100, 50, 30, 20, 10),
-    deep_layers: Iterable[int] | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """The paper's Table 5: accuracy decrease (%) when each case's top-K CNA neurons are
-    zeroed ("mask"), when every other neuron in ``deep_layers`` is zeroed ("keep"), when K
-    random neurons of ``deep_layers`` are zeroed ("random"), and the decrease (%) of the top
-    neurons' coefficients from ``M`` to ``M'`` ("coef").
-
-    ``deep_layers`` defaults to the comparison's :attr:`NeuronComparison.changed_layers`:
-    from the intervened head's layer up, as the paper does (its layers 17-31 for head 17_22).
-
-    Policies (the paper leaves them open): accuracy is greedy next-token accuracy against the
-    comparison's targets over all cases, and the decrease is relative,
-    ``(acc_M - acc_intervened) / acc_M``; "coef" is the mean over cases of
-    ``(sum |m| - sum |m'|) / sum |m|`` over that case's top-K neurons; the random sets are
-    drawn uniformly from ``deep_layers`` with ``seed``. Interventions act at every position.
-
-    Returns:
-        One row per experiment (``mask``, ``keep``, ``random``, ``coef``), one column per K.
-    """
-    arch = architecture(model)
-    batch = _batch(model, prompts, comparison)
-    target = comparison.target_ids
-    chosen = comparison.changed_layers if deep_layers is None else deep_layers
-    deep = sorted({arch.check_layer(l) for l in chosen})
-    if not deep:
-        raise EmptyInputError("deep_layers is empty")
-    for k in ks:
-        if positive_int(k, "K") > len(deep) * arch.d_mlp:
-            raise InvalidOptionError(
-                f"K = {k} is more than the {len(deep) * arch.d_mlp} FFN neurons of the deep layers"
-            )
-    deep_mask = torch.zeros(arch.n_layers, arch.d_mlp, dtype=torch.bool)
-    deep_mask[deep] = True
-    base, _ = _run_cases(model, batch, target, batch_size=batch_size)
-    acc = float(base.double().mean())
-    gen = torch.Generator().manual_seed(seed)
-    table: dict[str, dict[str, float]] = {"mask": {}, "keep": {}, "random": {}, "coef": {}}
-    m = comparison.extras["coefficient"].abs().double()
-    m_o = comparison.extras["coefficient_other"].abs().double()
-    for k in tqdm(ks, desc="K", disable=not progress):
-        top = comparison.top_mask(k)
-        col = f"top{k}"
-        table["mask"][col] = _decrease(acc, _acc(model, batch, target, top, batch_size))
-        keep = deep_mask[None] & ~top
-        table["keep"][col] = _decrease(acc, _acc(model, batch, target, keep, batch_size))
-        rand = torch.zeros_like(top)
-        candidates = deep_mask.flatten().nonzero().flatten()
-        for i in range(len(rand)):
-            pick = candidates[torch.randperm(len(candidates), generator=gen)[:k]]
-            rand[i].view(-1)[pick] = True
-        table["random"][col] = _decrease(acc, _acc(model, batch, target, rand, batch_size))
-        before = (m * top).sum((1, 2))
-        after = (m_o * top).sum((1, 2))
-        table["coef"][col] = float((100.0 * (before - after) / before.clamp_min(1e-30)).mean())
-    frame = pd.DataFrame(table).T
-    frame.attrs["original_accuracy"] = acc
-    return frame
-
-
-def _acc(model, batch, target, mask, batch_size) -> float:
-    correct, _ = _run_cases(model, batch, target, mask, batch_size)
-    return float(correct.double().mean())
-
-
-@per_call
-def lowest_neuron_decreases(
-    model: Model,
-    prompts: Prompts,
-    comparison: NeuronComparison,
-    *,
-    ks: Sequence[int] = (100, 50, 30, 20, 10),
-    batch_size: int = 64,
-) -> dict[int, Float[Tensor, " prompt"]]:
-    """Per K and case, the decrease (%) of the summed absolute coefficients of the *other*
-    top-K CNA neurons at the scored position when the case's lowest-layer top-K neuron (ties:
-    the most important) is zeroed in the original model (the per-case numbers that
-    :func:`lowest_neuron_table` averages)."""
-    batch = _batch(model, prompts, comparison)
-    target = comparison.target_ids
-    _, before = _run_cases(model, batch, target, batch_size=batch_size, coefficients=True)
-    assert before is not None
-    out = {}
-    for k in ks:
-        top = comparison.top_mask(k)
-        lowest = torch.zeros_like(top)
-        for i, neurons in enumerate(comparison.top_sets(k)):
-            layer = min(l for l, _ in neurons)
-            first = next(n for n in neurons if n[0] == layer)  # top_sets is sorted by delta
-            lowest[i, first[0], first[1]] = True
-        _, after = _run_cases(model, batch, target, lowest, batch_size, coefficients=True)
-        assert after is not None
-        rest = top & ~lowest
-        b = (before.abs().double() * rest).sum((1, 2))
-        a = (after.abs().double() * rest).sum((1, 2))
-        out[k] = 100.0 * (b - a) / b.clamp_min(1e-30)
-    return out
-
-
-@per_call
-def lowest_neuron_table(
-    model: Model,
-    prompts: Prompts,
-    comparison: NeuronComparison,
-    *,
-    ks: Sequence[int] = (100, 50, 30, 20, 10),
-    batch_size: int = 64,
-) -> pd.DataFrame:
-    """The paper's Table 6 (prediction enhancing): zero each case's lowest-layer top-K CNA
-    neuron (ties: the most important) in the original model and report the decrease (%) of
-    the summed absolute coefficients of the *other* top-K neurons at the scored position,
-    averaged over cases (policy: the ablated neuron is excluded; absolute values, since the
-    papers' coefficients can be negative; per case: :func:`lowest_neuron_decreases`)."""
-    per_case = lowest_neuron_decreases(model, prompts, comparison, ks=ks, batch_size=batch_size)
-    out = {f"top{k}": float(v.mean()) for k, v in per_case.items()}
-    return pd.DataFrame({"lowest_neuron_ablation": out}).T
-
-
 @dataclass(frozen=True)
 class ValueKeyProducts:
     """Inner products of lower neurons' values with upper neurons' keys (the PE-DAG).
@@ -530,7 +353,6 @@ class ValueKeyProducts:
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def value_key_products(
     model: Model,
     neurons: Sequence[tuple[int, int]],
@@ -542,7 +364,11 @@ def value_key_products(
 
     Keys are ``W_in[:, k] * ln2.w`` (``"in"``, the up projection for gated MLPs),
     ``W_gate[:, k] * ln2.w`` (``"gate"``) or their sum (``"both"``). ``coefficients`` (one
-    per neuron) scale the values; the paper leaves open whether ``m`` is included.
+    per neuron) scale the values; the paper leaves open whether ``m`` is included. Under
+    sandwich norms (Gemma 2 and 3) the values are ``W_out`` times the post-feedforward norm
+    weight (:meth:`~mechcna.models.architecture.Architecture.W_out`), and a product is the
+    exact read of the neuron's residual share when ``coefficients`` are divided by that norm's
+    frozen scale (the ``post`` of :func:`~mechcna.analyses.capture.capture`).
     """
     arch = architecture(model)
     neurons = tuple(arch.check_neuron(l, k) for l, k in neurons)

@@ -6,6 +6,13 @@ The steps of the arithmetic paper's "3+5=" feature-transfer pipeline (ARITH sect
 pieces with a neuron's keys (:func:`~mechcna.analyses.transfer.ffn_keys`), optionally read
 through a path of attention transforms (:mod:`mechcna.analyses.transfer`).
 
+**Sandwich norms** (Gemma 2 and 3): every residual piece is its exact share of the residual
+stream, with the post-norm scales frozen per position: an attention output at query position
+``q`` is divided by the post-attention norm's scale at ``q`` (``W_O`` carries its weight), an
+FFN neuron's ``u_j`` uses its coefficient divided by the post-feedforward norm's scale at its
+position, and a path's last hop lands on the last token (its post-attention scale is frozen
+there). The keys read the pre-MLP norm with its scale left out, as in the notebooks.
+
 Paper items (README, "Paper to code"): ARITH Table 7 and the feature-transfer stage.
 """
 
@@ -33,7 +40,7 @@ from mechcna.analyses.transfer import (
 )
 from mechcna.engine.projection import compute_dtype
 from mechcna.errors import MechcnaError
-from mechcna.models.architecture import Architecture, refuses_post_norms
+from mechcna.models.architecture import Architecture
 from mechcna.models.backend import Model
 from mechcna.models.inputs import positive_int
 from mechcna.models.processing import WeightProcessing, get_processing, refuses_processing
@@ -116,7 +123,8 @@ def _one_prompt(model: Model, prompt: str | Tensor, attention: bool) -> Position
 def _head_position_vectors(
     arch: Architecture, cap: PositionCapture, layer: int, query: int
 ) -> Float[Tensor, "key_pos head_index d_model"]:
-    """``alpha[h, q, p] * v[p, h] @ W_O[h]`` for every source position and head (no ``b_O``)."""
+    """``alpha[h, q, p] * v[p, h] @ W_O[h]`` for every source position and head (no ``b_O``),
+    divided by the post-attention norm's frozen scale at ``q`` under sandwich norms."""
     assert cap.pattern is not None and cap.v is not None
     n = int(cap.batch.lengths[0])
     coef = einops.einsum(
@@ -124,6 +132,8 @@ def _head_position_vectors(
         cap.v[0, layer, :n],
         "head key_pos, key_pos head d_head -> key_pos head d_head",
     )
+    if cap.attn_post_scale is not None:
+        coef = coef / cap.attn_post_scale[0, layer, query].to(coef)
     return einops.einsum(
         coef, arch.W_O(layer).to(coef), "pos head d_head, head d_head d_model -> pos head d_model"
     )
@@ -131,7 +141,6 @@ def _head_position_vectors(
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def source_position_scores(
     model: Model,
     prompt: str | Tensor,
@@ -166,7 +175,6 @@ def source_position_scores(
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def head_scores(
     model: Model,
     prompt: str | Tensor,
@@ -195,7 +203,6 @@ def head_scores(
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def component_scores(
     model: Model,
     prompt: str | Tensor,
@@ -231,7 +238,6 @@ def component_scores(
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def neuron_scores(
     model: Model,
     prompt: str | Tensor,

@@ -21,6 +21,16 @@ activation are credited with the neuron's importance ``Imp``:
 Each analysis is one or two forward passes plus einsum contractions; the only Python loops
 run over layers.
 
+**Sandwich norms** (Gemma 2 and 3): a lower FFN neuron's ``m * W_out`` is its exact share of
+the residual, with the post-feedforward norm's scale frozen at its position (coefficients
+divided by it, ``W_out`` times its weight; :class:`~mechcna.models.architecture.Architecture`);
+the residual components are the post-normed layer outputs, which sum to the residual. On the
+input side the pre-norm's scale at the position is frozen (left out, as in the notebooks):
+every score here is a ratio ``<c, key'> / <x, key'>`` of two reads through the same norm, so
+the frozen scale cancels and there is no alternative to choose. The keys are value or FFN
+weights, never ``W_Q``/``W_K``, so Gemma 3's QK-norm does not enter (the attention pattern is
+the model's own, from the forward pass).
+
 Example:
     >>> q = query_neurons(model, ["Tim Duncan plays the sport of"], k=30)   # doctest: +SKIP
     >>> q.top(10, prompt=0)                                                  # doctest: +SKIP
@@ -59,7 +69,7 @@ from mechcna.engine.projection import compute_dtype
 from mechcna.errors import InvalidOptionError, MechcnaError
 from mechcna.interventions.edits import Intervention
 from mechcna.interventions.prompts import Prompts
-from mechcna.models.architecture import Architecture, refuses_post_norms
+from mechcna.models.architecture import Architecture
 from mechcna.models.backend import Model
 from mechcna.models.inputs import positive_int
 from mechcna.models.processing import refuses_processing
@@ -238,7 +248,6 @@ def _query_scores(
 # ---------------------------------------------------------------------------- 5.3 / 5.4
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def query_neurons(
     model: Model,
     prompts: Prompts,
@@ -289,7 +298,6 @@ def query_neurons(
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def attention_neuron_queries(
     model: Model,
     prompts: Prompts,
@@ -395,7 +403,6 @@ def _shares(
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def ffn_query_layers(
     model: Model,
     prompts: Prompts,
@@ -476,7 +483,6 @@ def ffn_query_layers(
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def attention_query_layers(
     model: Model,
     prompts: Prompts,

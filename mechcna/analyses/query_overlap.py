@@ -25,7 +25,6 @@ from mechcna.analyses.transfer import (
 )
 from mechcna.engine.projection import top_tokens
 from mechcna.errors import MechcnaError
-from mechcna.models.architecture import refuses_post_norms
 from mechcna.models.backend import Model
 from mechcna.models.processing import get_processing, refuses_processing
 from mechcna.models.view import architecture, per_call
@@ -86,7 +85,6 @@ def query_value_overlap(
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def query_neuron_tokens(
     model: Model,
     neuron: tuple[int, int],
@@ -101,6 +99,8 @@ def query_neuron_tokens(
     pre-attention norm of the head's layer applied to the vector alone** (its own RMS/std;
     LayerNorm centring and bias included), the head's V projection with ``b_V``, and ``W_O``;
     then the top and bottom tokens of the result are compared with those of the raw vector.
+    Under sandwich norms the vector is ``W_out[i][j]`` times the post-feedforward norm weight,
+    and the head's output also goes through the real post-attention norm applied to it alone.
     The final-norm scale is a positive scalar and is left at 1 (rankings are unaffected).
     Contrast :func:`mechcna.analyses.transfer.transform_through_attention`, which scales by the
     *residual's* norm and excludes biases (the arithmetic paper's variant).
@@ -117,7 +117,9 @@ def query_neuron_tokens(
         normed = model.blocks[l].ln1(vector[None, None])[0, 0]
         z = einops.einsum(normed, arch.W_V(l)[h], "d_model, d_model d_head -> d_head")
         z = z + arch.b_V(l)[h]
-        out = einops.einsum(z, arch.W_O(l)[h], "d_head, d_head d_model -> d_model")
+        out = einops.einsum(z, arch.W_O_raw(l)[h], "d_head, d_head d_model -> d_model")
+        if arch.post_norms:  # the real post-attention norm, on this output alone
+            out = model.blocks[l].ln1_post(out[None, None])[0, 0]
     pair = (
         top_tokens(model, vector, k, paper_compat=paper_compat),
         top_tokens(model, out, k, paper_compat=paper_compat),

@@ -37,7 +37,6 @@ from mechcna.analyses.transfer import vo_transform
 from mechcna.engine.projection import compute_dtype, linear_part
 from mechcna.errors import InvalidOptionError, MechcnaError
 from mechcna.interventions.edits import Intervention, NeuronEdit
-from mechcna.models.architecture import refuses_post_norms
 from mechcna.models.backend import Model
 from mechcna.models.inputs import positive_int
 from mechcna.models.processing import WeightProcessing, get_processing, refuses_processing
@@ -230,7 +229,6 @@ def _default_split(n_layers: int) -> tuple[list[int], list[int]]:
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def hidden_interpretable_neurons(
     model: Model,
     *,
@@ -250,7 +248,10 @@ def hidden_interpretable_neurons(
     writes), the neuron's raw value vector ``W_out[i][j]`` is sent through the full-layer
     ``VO_l(nrm_l(.))`` of METHODS 8.1 (all heads, no attention weights, no biases) and
     projected with the final norm (no biases). The norm scales are positive scalars and do not
-    change any ranking, so no prompt is needed (scale 1). The neuron's count is the number of
+    change any ranking, so no prompt is needed (scale 1). Under sandwich norms (Gemma 2 and 3)
+    the value vector and ``W_O`` carry the post-norm weights and the post-norm scales are
+    left at 1 (positive scalars again); a final logit soft cap is monotone and changes no
+    ranking either. The neuron's count is the number of
     concept tokens among the ``top`` tokens, aggregated over its attention layers by
     ``aggregate``: ``"max"`` (the best single layer, default) or ``"union"`` (distinct concept
     tokens over all layers).
@@ -277,7 +278,6 @@ def hidden_interpretable_neurons(
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def hidden_interpretable_searches(
     model: Model,
     concept_lists: Mapping[str, Iterable[str] | None],

@@ -12,6 +12,11 @@ linear once the norm scale is frozen:
   for RMSNorm.
 * ``VO_{l,h}(u) = (u @ W_V[l][h]) @ W_O[l][h]`` for one head, and ``VO_l`` the sum over all
   heads, **with no attention weights** (the notebook's "full-layer VO").
+* **Sandwich norms** (Gemma 2 and 3): ``W_O`` is the effective one (times the post-attention
+  norm weight, :class:`~mechcna.models.architecture.Architecture`) and each hop's image is
+  divided by the post-attention norm's scale, frozen at the hop's **destination** position (the
+  next hop's position; for the last hop ``destination``, default the last token), so the map
+  stays linear; without a prompt that scale is 1, like the pre-norm's.
 * **Biases are excluded** (the norm's ``beta``, ``b_V`` and ``b_O``): they do not depend on the
   transferred vector, so leaving them out keeps every map linear, makes the transforms of
   components add up to the transform of their sum, and lets a two-hop path be two one-hop
@@ -57,9 +62,9 @@ from mechcna.errors import MechcnaError, PathOrderError
 from mechcna.interventions.edits import Intervention, intervene
 from mechcna.interventions.positions import prompt_lengths
 from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts, single_token_id
-from mechcna.models.architecture import Architecture, refuses_post_norms
+from mechcna.models.architecture import Architecture
 from mechcna.models.backend import Model
-from mechcna.models.hooks import hook_name
+from mechcna.models.hooks import hook_name, post_scale_name
 from mechcna.models.inputs import positive_int, warn_user_hooks
 from mechcna.models.processing import WeightProcessing, get_processing, refuses_processing
 from mechcna.models.view import architecture, per_call
@@ -77,10 +82,16 @@ class PositionCapture:
         resid_pre: residual entering each layer (``resid_pre[:, 0]`` is the embedding).
         attn_out: attention output (with ``b_O``).
         mlp_out: FFN output (with ``b_out``).
-        post: FFN coefficients (``mlp.hook_post``).
+        post: FFN coefficients (``mlp.hook_post``); under sandwich norms divided by the
+            post-feedforward norm's frozen scale at their position (``mlp_post_scale``), so
+            ``post * Architecture.W_out`` is exactly each neuron's share of ``mlp_out``.
         ln1_scale: the pre-attention norm's scale (ones when the model has no norm).
         pattern: attention probabilities ``[prompt, layer, head, query_pos, key_pos]``.
-        v: values with grouped-query heads expanded ``[prompt, layer, pos, head, d_head]``.
+        v: values with grouped-query heads expanded ``[prompt, layer, pos, head, d_head]``
+            (raw: under sandwich norms divide by ``attn_post_scale`` at the **query**
+            position, where the attention output lands).
+        attn_post_scale, mlp_post_scale: the post-attention / post-feedforward norms' scales
+            ``[prompt, layer, pos]`` (``None`` without sandwich norms).
     """
 
     batch: PromptBatch
@@ -91,6 +102,8 @@ class PositionCapture:
     ln1_scale: Float[Tensor, "prompt layer pos"]
     pattern: Float[Tensor, "prompt layer head_index query_pos key_pos"] | None
     v: Float[Tensor, "prompt layer pos head_index d_head"] | None
+    attn_post_scale: Float[Tensor, "prompt layer pos"] | None = None
+    mlp_post_scale: Float[Tensor, "prompt layer pos"] | None = None
 
     def components(self) -> Float[Tensor, "prompt pos component d_model"]:
         """``[embedding, A0, F0, A1, F1, ...]`` at every position (component ``c`` has label
@@ -129,6 +142,8 @@ def capture_positions(
         hooks += [(hook_name(kind, l), keep(f"{kind}{l}")) for kind in kinds]
         if arch.norm != "none":
             hooks.append((hook_name("scale", l, "ln1"), keep(f"scale{l}")))
+        if arch.post_norms:
+            hooks += [(post_scale_name(l, sub), keep(f"{sub}{l}")) for sub in _POST]
     with torch.no_grad(), intervene(model, *interventions), prompt_lengths(batch.lengths):
         model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
 
@@ -146,16 +161,26 @@ def capture_positions(
         vs = [store[f"v{l}"] for l in range(arch.n_layers)]
         repeat = arch.n_heads // vs[0].shape[2]
         v = torch.stack([x.repeat_interleave(repeat, dim=2) for x in vs], 1)
+    post = stack("post")
+    attn_s = mlp_s = None
+    if arch.post_norms:  # freeze the post-norms' scales per position
+        attn_s, mlp_s = (stack(sub)[..., 0] for sub in _POST)
+        post = post / mlp_s[..., None].to(post.dtype)
     return PositionCapture(
         batch=batch,
         resid_pre=stack("resid_pre"),
         attn_out=stack("attn_out"),
         mlp_out=stack("mlp_out"),
-        post=stack("post"),
+        post=post,
         ln1_scale=scale,
         pattern=pattern,
         v=v,
+        attn_post_scale=attn_s,
+        mlp_post_scale=mlp_s,
     )
+
+
+_POST = ("ln1_post", "ln2_post")
 
 
 def _check_position(cap: PositionCapture, position: int, prompt: int = 0) -> int:
@@ -195,7 +220,6 @@ class FFNKeys:
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def ffn_keys(model: Model, layer: int, neuron: int) -> FFNKeys:
     """Keys of FFN neuron ``(layer, neuron)``: ``W_in`` (up) and ``W_gate`` columns times the
     pre-MLP norm weight ``ln2.w`` (only ``W_in`` for non-gated MLPs)."""
@@ -221,13 +245,20 @@ class _Hop:
     layer: int
     head: int | None
     scale: float
+    post_scale: float = 1.0
 
 
 def _resolve_path(
-    arch: Architecture, path: Sequence[PathStep], cap: PositionCapture | None
+    arch: Architecture,
+    path: Sequence[PathStep],
+    cap: PositionCapture | None,
+    destination: int | None = None,
 ) -> list[_Hop]:
+    """Each step's frozen pre-attention norm scale at its position, and under sandwich norms
+    the post-attention norm's scale at its destination: the next step's position, and for the
+    last step ``destination`` (default: the last token)."""
     hops = []
-    for step in path:
+    for k, step in enumerate(path):
         if len(step) != 3:
             raise MechcnaError(f"path steps are (layer, head_or_None, position), got {step!r}")
         layer, head, position = step
@@ -242,7 +273,12 @@ def _resolve_path(
         else:
             position = _check_position(cap, position)
             scale = float(cap.ln1_scale[0, layer, position])
-        hops.append(_Hop(layer, head, scale))
+        post_scale = 1.0
+        if cap is not None and cap.attn_post_scale is not None:
+            nxt = path[k + 1][2] if k + 1 < len(path) else destination
+            dest = _check_position(cap, -1 if nxt is None else nxt)
+            post_scale = float(cap.attn_post_scale[0, layer, dest])
+        hops.append(_Hop(layer, head, scale, post_scale))
     return hops
 
 
@@ -251,11 +287,12 @@ def _centres(arch: Architecture) -> bool:
 
 
 def _vo(arch: Architecture, hop: _Hop, x: Tensor) -> Tensor:
-    """``VO(nrm(x))`` for one hop, biases excluded."""
+    """``VO(nrm(x))`` for one hop, biases excluded (divided by the frozen post-attention
+    scale under sandwich norms; ``W_O`` already carries the post-norm weight)."""
     if _centres(arch):
         x = x - x.mean(-1, keepdim=True)
     x = x / hop.scale * arch.ln1_w(hop.layer).to(x)
-    W_V, W_O = arch.W_V(hop.layer).to(x), arch.W_O(hop.layer).to(x)
+    W_V, W_O = arch.W_V(hop.layer).to(x), arch.W_O(hop.layer).to(x) / hop.post_scale
     if hop.head is not None:
         z = einops.einsum(x, W_V[hop.head], "... d_model, d_model d_head -> ... d_head")
         return einops.einsum(z, W_O[hop.head], "... d_head, d_head d_model -> ... d_model")
@@ -274,7 +311,6 @@ def _apply(arch: Architecture, hops: Sequence[_Hop], x: Tensor) -> list[Tensor]:
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def vo_transform(
     model: Model,
     vectors: Float[Tensor, "... d_model"],
@@ -282,16 +318,22 @@ def vo_transform(
     head: int | None = None,
     *,
     scale: float = 1.0,
+    post_scale: float = 1.0,
 ) -> Float[Tensor, "... d_model"]:
     """``VO_{l,h}(nrm(v))`` (or the full layer's ``VO_l`` when ``head`` is ``None``).
 
     Args:
         scale: the frozen norm scale ``scale_{l,t}`` (``blocks.l.ln1.hook_scale`` at the
             vector's position); 1 gives the direction only.
+        post_scale: under sandwich norms, the post-attention norm's frozen scale at the
+            destination position (``blocks.l.ln1_post.hook_scale``); ``W_O`` carries the
+            post-norm weight. 1 gives the direction only; ignored without sandwich norms.
     """
     arch = architecture(model)
     layer, head = (arch.check_layer(layer), None) if head is None else arch.check_head(layer, head)
-    return _apply(arch, [_Hop(layer, head, scale)], vectors.to(compute_dtype(arch.dtype)))[-1]
+    post = post_scale if arch.post_norms else 1.0
+    hop = _Hop(layer, head, scale, post)
+    return _apply(arch, [hop], vectors.to(compute_dtype(arch.dtype)))[-1]
 
 
 @dataclass(frozen=True)
@@ -396,7 +438,6 @@ def _step_name(step: PathStep) -> str:
 
 @per_call
 @refuses_processing()
-@refuses_post_norms
 def transform_through_attention(
     model: Model,
     vector_or_neuron: Float[Tensor, "... d_model"] | tuple[int, int] | str,
@@ -404,6 +445,7 @@ def transform_through_attention(
     prompt: str | Tensor | None = None,
     *,
     coefficient: bool = False,
+    destination: int | None = None,
 ) -> AttentionTransform:
     """Transform a vector through a path of attention VO maps, without attention weights.
 
@@ -415,13 +457,19 @@ def transform_through_attention(
 
     Args:
         vector_or_neuron: a ``[..., d_model]`` vector (batch), an FFN neuron
-            ``(layer, neuron)`` (its raw value vector, the ``W_out`` row), or a single token
+            ``(layer, neuron)`` (its raw value vector, the ``W_out`` row, times the
+            post-feedforward norm weight under sandwich norms), or a single token
             whose embedding row of ``W_E`` is used (no positional embedding).
         path: the steps, first applied first.
         prompt: the prompt whose residual scales are used; ``None`` uses scale 1 (token
             rankings are unchanged: the scale is a positive scalar per step).
         coefficient: for a neuron, multiply its value vector by its coefficient ``m`` at the
-            first step's position in ``prompt`` (the notebook's ``u = m * fc2``).
+            first step's position in ``prompt`` (the notebook's ``u = m * fc2``; under
+            sandwich norms ``m`` is divided by the post-feedforward norm's frozen scale there,
+            so ``u`` is the neuron's exact share of the FFN output).
+        destination: under sandwich norms, the position where the last hop's output lands
+            (its post-attention norm scale is frozen there; default: the last token of
+            ``prompt``). Ignored without sandwich norms or without a prompt.
 
     Raises:
         MechcnaError: an empty path, or a layer, head, position or neuron out of range.
@@ -435,7 +483,7 @@ def transform_through_attention(
         if isinstance(prompt, Tensor) and prompt.ndim == 2 and prompt.shape[0] != 1:
             raise MechcnaError("transform_through_attention takes one prompt")
         cap = capture_positions(model, prompt, attention=False)
-    hops = _resolve_path(arch, path, cap)
+    hops = _resolve_path(arch, path, cap, destination)
     dtype = compute_dtype(arch.dtype)
     if isinstance(vector_or_neuron, tuple):
         layer, neuron = arch.check_neuron(*vector_or_neuron)

@@ -90,7 +90,8 @@ def _cna_args(p: argparse.ArgumentParser) -> None:
     _cna_args,
 )
 def cna(args: argparse.Namespace, ctx: Context) -> "Report":
-    from mechcna.analyses.comparative import cna_table, compare_neurons, mask_keep_table
+    from mechcna.analyses.case_ablation import mask_keep_table
+    from mechcna.analyses.comparative import cna_table, compare_neurons
     from mechcna.analyses.plotting import experiment_bars
     from mechcna.analyses.tokens import result_tokens
     from mechcna.interventions.edits import HeadAblation

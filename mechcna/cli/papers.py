@@ -6,7 +6,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from mechcna.cli.base import Context, command
+from mechcna.cli.base import Context, add_ray, command, ray_options
 
 if TYPE_CHECKING:
     from mechcna.report.page import Report
@@ -52,6 +52,7 @@ def _args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a file to flock during each stage, released between stages (shared machines)",
     )
+    add_ray(p)
 
 
 def _settings(args: argparse.Namespace) -> "ReproduceSettings":
@@ -74,8 +75,15 @@ def _settings(args: argparse.Namespace) -> "ReproduceSettings":
     out_default="runs/reproduce",
 )
 def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
-    from mechcna.reproduce import expected_times, reproduce
+    from mechcna.reproduce import RayRun, expected_times, reproduce
     from mechcna.reproduce.page import build_report, to_markdown
+
+    on_ray = ray_options(args)
+    ray = (
+        None
+        if on_ray is None
+        else RayRun(args.model, workers=args.workers, address=args.ray or None)
+    )
 
     start = time.perf_counter()
     model = ctx.model
@@ -89,13 +97,15 @@ def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     resume = args.out if (args.resume or settings.preset == "paper") and args.out else None
     rep = reproduce(
         model, args.paper, settings=settings, progress=ctx.progress, lock=args.lock,
-        checkpoint=resume,
+        checkpoint=resume, ray=ray,
     )  # fmt: skip
     flags = [f"--model {args.model}", f"--paper {args.paper}", f"--out {args.out}"]
     flags += ["--quick"] * bool(args.quick) + [f"--lock {args.lock}"] * bool(args.lock)
     flags += [f"--preset {args.preset}"] * bool(args.preset)
     flags += [f"--filter-top-k {args.filter_top_k}"] * bool(args.filter_top_k)
     flags += [f"--prompt-form {args.prompt_form}"] * bool(args.prompt_form)
+    flags += [f"--ray {args.ray}".rstrip()] * (args.ray is not None)
+    flags += [f"--workers {args.workers}"] * (args.workers is not None)
     command = " ".join(["mechcna reproduce", *flags])
     rep = replace(rep, load_seconds=loaded, command=command)
     report = build_report(rep, ctx.report("reproduce").provenance)

@@ -11,6 +11,8 @@ only when used):
 * :func:`neuron_importance`, :func:`attention_neuron_importance`, :func:`layer_importance`,
   :func:`head_importance`, the method comparison (:func:`comparison_scores`) and dataset CNA
   (:func:`compare_neurons`): sharded by prompts and concatenated along the prompt axis.
+* :func:`mask_keep_table`: the neuron sets drawn once on the caller, the cases sharded, the
+  per-case correctness concatenated before the table is formed.
 
 Each worker holds its own model replica, loaded **on the worker** by name or path with
 :func:`mechcna.load_model` (``load=`` gives its keyword arguments: ``dtype``, ``device``,
@@ -50,6 +52,7 @@ from mechcna.distributed.sharded import (
     head_importance,
     head_sweep,
     layer_importance,
+    mask_keep_table,
     neuron_importance,
 )
 
@@ -62,6 +65,7 @@ __all__ = [
     "head_importance",
     "head_sweep",
     "layer_importance",
+    "mask_keep_table",
     "merge_head_sweeps",
     "merge_scores",
     "neuron_importance",

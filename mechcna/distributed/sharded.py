@@ -380,3 +380,67 @@ neuron_importance = _make("neuron_importance")
 attention_neuron_importance = _make("attention_neuron_importance")
 layer_importance = _make("layer_importance")
 head_importance = _make("head_importance")
+
+
+# ------------------------------------------------------------------------------ mask / keep
+def _mask_keep_shard(
+    model: Any, prompts: Any, targets: Any, plan: Any, batch_size: int
+) -> dict[str, dict[int, Tensor]]:
+    from mechcna.analyses.case_ablation import mask_keep_correct
+
+    return mask_keep_correct(model, prompts, targets, plan, batch_size=batch_size, progress=False)
+
+
+def mask_keep_table(
+    model: ModelSource,
+    prompts: Any,
+    comparison: Any,
+    *,
+    ks: Sequence[int] = (100, 50, 30, 20, 10),
+    deep_layers: Sequence[int] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    shards: int | None = None,
+    load: Mapping[str, Any] | None = None,
+    workers: int | None = None,
+    address: str | None = None,
+    threads: int = 1,
+    gpus: float = 0.0,
+    max_retries: int = 3,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The mask / keep / random table (:func:`mechcna.mask_keep_table`) on a Ray cluster.
+
+    Every neuron set, the random ones included, is drawn here once
+    (:func:`~mechcna.analyses.case_ablation.mask_keep_plan`); the cases are split into
+    ``shards`` (default: one per worker), each worker scores its cases' correctness under every
+    set, and the table is formed from the concatenated correctness: the same table as one
+    process (each case's forward passes do not depend on the other cases of its batch).
+    The other keyword arguments are :func:`run_shards`'s.
+    """
+    from mechcna.analyses.case_ablation import mask_keep_frame, mask_keep_plan
+
+    source = _check_source(model)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    n = _n_prompts(prompts)
+    if n != comparison.n_prompts:
+        raise MechcnaError(f"{n} prompts for a comparison of {comparison.n_prompts}")
+    plan = mask_keep_plan(comparison, ks=ks, deep_layers=deep_layers, seed=seed)
+    ray = connect(address)
+    if workers is None:
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+    groups = _split(n, shards or workers)
+    targets = comparison.target_ids
+    jobs = [
+        {"prompts": _take(prompts, g), "targets": _take(targets, g), "plan": plan.take(g),
+         "batch_size": batch_size}
+        for g in groups
+    ]  # fmt: skip
+    parts = run_shards(
+        source, _mask_keep_shard, jobs, load=load, weights=[len(g) for g in groups],
+        workers=workers, address=address, threads=threads, gpus=gpus, max_retries=max_retries,
+        progress=progress, desc="mask_keep_table (cases)",
+    )  # fmt: skip
+    correct = {e: {k: torch.cat([p[e][k] for p in parts]) for k in parts[0][e]} for e in parts[0]}
+    return mask_keep_frame(correct, plan)

@@ -38,7 +38,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from mechcna._types import Float, Tensor
 from mechcna.engine.projection import DirectionBlock, compute_dtype, direction_block
-from mechcna.engine.rows import RowStore, default_disk_dir, open_row_store, parse_bytes
+from mechcna.engine.rows import (
+    DISK_FORMATS,
+    LEVELS,
+    RowStore,
+    default_disk_dir,
+    open_row_store,
+    parse_bytes,
+)
 from mechcna.errors import MechcnaError
 from mechcna.models.architecture import Architecture
 from mechcna.models.backend import Model
@@ -46,6 +53,8 @@ from mechcna.models.fingerprint import content_key
 from mechcna.models.view import architecture
 
 MIN_BUDGET = 256 * 2**20
+#: the part of a row store's key naming its 16-bit format (int16 keeps the historical tag)
+_STORAGE_TAG = {torch.int16: "16", torch.float16: "-f16", torch.bfloat16: "-bf16"}
 FORMAT = "mechcna-rows-3"
 
 
@@ -157,12 +166,24 @@ class BlockCache:
             precision.
         disk: a directory for memory-mapped row files, ``False`` for none, ``None`` for the
             default (:func:`mechcna.engine.rows.default_disk_dir`; off when
-            ``MECHCNA_DISK_CACHE=0``).
+            ``MECHCNA_DISK_CACHE=0``). Only models on the CPU use it: on another device
+            (CUDA) the rows live in that device's memory.
+        storage: the 16-bit format of ``half`` rows: ``torch.int16`` (default: fixed point,
+            the finest), ``torch.float16`` or ``torch.bfloat16`` (memory only); the engine's
+            bound covers the rounding of each (:meth:`mechcna.engine.rows.RowStore.eta`).
     """
 
     def __init__(
-        self, budget: int | None = None, *, half: bool = True, disk: str | Path | bool | None = None
+        self,
+        budget: int | None = None,
+        *,
+        half: bool = True,
+        disk: str | Path | bool | None = None,
+        storage: torch.dtype = torch.int16,
     ):
+        if storage not in LEVELS:
+            raise MechcnaError(f"storage must be one of {list(LEVELS)}, got {storage}")
+        self.storage = storage
         self.budget = default_budget() if budget is None else int(budget)
         if self.budget < 0:
             raise MechcnaError(f"budget must be >= 0 bytes, got {budget}")
@@ -204,8 +225,17 @@ class BlockCache:
         self._admit(key, block, slot)
         return block
 
-    def rows(self, key: tuple, slot: tuple, n_rows: int, d_vocab: int, dtype: torch.dtype):
-        """The :class:`RowStore` for ``key`` (opened from disk or created empty)."""
+    def rows(
+        self,
+        key: tuple,
+        slot: tuple,
+        n_rows: int,
+        d_vocab: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> RowStore:
+        """The :class:`RowStore` for ``key`` (opened from disk or created empty), its rows on
+        ``device`` (in memory when that is not the CPU)."""
         store = self._entries.get(key)
         if isinstance(store, RowStore):
             self.hits += 1
@@ -213,8 +243,10 @@ class BlockCache:
             return store
         self.misses += 1
         half = self.half and dtype == torch.float32
-        storage = torch.int16 if half else dtype
-        store = open_row_store(key[-1], n_rows, d_vocab, storage, dtype, self.disk)
+        storage = self.storage if half else dtype
+        device = torch.device(device)
+        disk = self.disk if device.type == "cpu" and storage in DISK_FORMATS else None
+        store = open_row_store(key[-1], n_rows, d_vocab, storage, dtype, disk, device)
         self._admit(key, store, slot)
         return store
 
@@ -300,8 +332,9 @@ def layer_rows(model: Model, kind: str, layer: int, cache: BlockCache | None = N
     cache = model_cache(model) if cache is None else cache
     dtype = compute_dtype(arch.dtype)
     W = _vectors(arch, kind, layer)
-    key = _key(arch, kind, layer, "rows" + ("16" if cache.half else ""))
-    store = cache.rows(key, (kind, layer), W.shape[0], arch.d_vocab, dtype)
+    kind_of_rows = "rows" + (_STORAGE_TAG[cache.storage] if cache.half else "")
+    key = _key(arch, kind, layer, kind_of_rows)
+    store = cache.rows(key, (kind, layer), W.shape[0], arch.d_vocab, dtype, W.device)
     return LayerRows(W.to(dtype), store, cache.projector(model), cache)
 
 

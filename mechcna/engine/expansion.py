@@ -91,6 +91,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from mechcna._types import Float, Int, Tensor
+from mechcna.engine.moments import U64, central_moments, moment_errors, raw_moments
+from mechcna.engine.moments import gamma as _gamma
 from mechcna.engine.projection import DirectionBlock
 from mechcna.models.inputs import tolerance
 
@@ -118,18 +120,6 @@ def default_tol(dtype: torch.dtype) -> float:
     return 1e-12 if dtype == torch.float64 else 1e-6
 
 
-#: unit roundoff of float64
-U64 = 2.0**-53
-
-
-def _gamma(n: int) -> float:
-    """Bound on the relative rounding error of a float64 sum or dot product of ``n`` terms
-    (``n u / (1 - n u)``), plus ``1100 u`` for the rounding of the probabilities
-    ``exp(z - log_norm)`` (relative ``u |z_j - log_norm|``; tokens further than 1000 nats
-    below the top have a probability below ``e^-1000``, zero in any float format)."""
-    return 1.01 * (n + 1100) * U64
-
-
 def _probs(base_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(z, log_norm, p)`` in float64, ``p`` normalised to sum 1 (a common factor of ``p``
     is a shift of ``z``, which changes no log-probability)."""
@@ -137,34 +127,6 @@ def _probs(base_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     log_norm = torch.logsumexp(z, -1)
     p = torch.exp(z - log_norm[:, None])
     return z, log_norm, p / p.sum(-1, keepdim=True)
-
-
-def _raw_moments(
-    p: Float[Tensor, "batch d_vocab"], y: Tensor, third: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``(m1, m2, k2, k3)`` of the rows ``y`` (any dtype, converted to float64) under ``p``.
-
-    In float64 the raw moments of values whose squares (and cubes) are exact (int16 levels,
-    float32 rows) are within ``gamma`` of their sums of absolute values, so the cancellation
-    ``m2 - m1^2`` costs at most ``6 gamma m2`` absolute (:func:`_moment_errors`)."""
-    y = y.to(torch.float64)
-    sq = y * y
-    m1 = p @ y.T
-    m2 = p @ sq.T
-    k2 = m2 - m1 * m1
-    k3 = None
-    if third:
-        m3 = p @ sq.mul_(y).T
-        k3 = m3 - 3 * m1 * m2 + 2 * m1**3
-    return m1, m2, k2, k3
-
-
-def _moment_errors(m2: Tensor, R: Tensor, V: int) -> tuple[Tensor, Tensor]:
-    """Bounds on the float64 rounding of ``k2`` and ``k3`` from raw moments of rows with
-    ``|y| <= R`` over ``V`` tokens: ``|dk2| <= 6 g m2`` and ``|dk3| <= 16 g R m2`` (each raw
-    moment is within ``g sum p |y|^n <= g R^(n-2) m2`` and ``|m1|^2 <= m2``)."""
-    g = _gamma(V) + 4 * U64
-    return 6 * g * m2, 16 * g * R * m2
 
 
 def cumulants(
@@ -176,7 +138,7 @@ def cumulants(
     p = p / p.sum(-1, keepdim=True)
     m1, k2, k3 = [], [], []
     for i in range(0, U.shape[0], chunk):
-        r1, _, c2, c3 = _raw_moments(p, U[i : i + chunk], third=True)
+        r1, _, c2, c3 = raw_moments(p, U[i : i + chunk], third=True)
         m1.append(r1)
         k2.append(c2)
         k3.append(c3)
@@ -191,7 +153,7 @@ def _off_target(
     ``u_w - k1 = sum_j q_j (u_w - u_j) = s u_w - q . u`` has rounding error at most
     ``2 g s max|u|``: proportional to the small mass off the target."""
     q = p.clone()
-    q[torch.arange(len(target)), target.to(p.device)] = 0
+    q[torch.arange(len(target), device=p.device), target.to(p.device)] = 0
     return q, q.sum(-1)
 
 
@@ -241,11 +203,11 @@ def logprob_increase(
         q, s = _off_target(p, tgt)
         k1s, k2s, k3s, dk2s, dk3s = [], [], [], [], []
         for i in range(0, U.shape[0], chunk):
-            m1, m2, c2, c3 = _raw_moments(q, U[i : i + chunk], third=False)
+            m1, m2, c2, c3 = raw_moments(q, U[i : i + chunk], third=False)
             del m2, c2, c3
             k1s.append(m1)  # q . u
-            _, m2, c2, c3 = _raw_moments(p, U[i : i + chunk], third=True)
-            dk2, dk3 = _moment_errors(m2, R[i : i + chunk], V)
+            _, m2, c2, c3 = raw_moments(p, U[i : i + chunk], third=True)
+            dk2, dk3 = moment_errors(m2, R[i : i + chunk], V)
             k2s.append(c2)
             k3s.append(c3)
             dk2s.append(dk2)
@@ -294,51 +256,12 @@ def expansion_radius(tol: float) -> float:
     return math.pow(96 * tol, 0.25)
 
 
-def _central_moments(
-    p: Float[Tensor, "batch d_vocab"], store: "RowStore", sel: Int[Tensor, " n"], third: bool
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """``(k2, dk2, k3, dk3)``: variance and (with ``third``) third central moment of the
-    stored rows ``sel`` under each distribution (float64 ``p``), in the rows' units, with
-    bounds on their float64 rounding (:func:`_moment_errors`).
-
-    One pass over the stored rows, ``chunk`` rows at a time converted to float64 while they
-    are in cache (int16 levels and float32 values convert exactly, and their squares and
-    cubes are exact in float64)."""
-    # small chunks keep the float64 copies in cache (a few MB); a batch of prompts wants
-    # larger ones for its matrix product (measured at SmolLM2's size, 1536 x 49152 int16
-    # rows: one prompt 0.066 s per layer with 8-16 rows, 0.087 s with 32; 8 prompts 0.19 s
-    # with 16-32 rows)
-    chunk = 16 if p.shape[0] <= 2 else 32
-    V = p.shape[1]
-    k2s, m2s, k3s = [], [], []
-    whole = len(sel) == store.n_rows  # sel is then arange: read contiguous slices
-    for i in range(0, len(sel), chunk):
-        part = slice(i, i + chunk) if whole else sel[i : i + chunk]
-        _, m2, k2, k3 = _raw_moments(p, store.stored(part), third)
-        k2s.append(k2)
-        m2s.append(m2)
-        if k3 is not None:
-            k3s.append(k3)
-    empty = p.new_zeros(p.shape[0], 0)
-    k2 = torch.cat(k2s, 1) if k2s else empty
-    m2 = torch.cat(m2s, 1) if m2s else empty
-    k3 = (torch.cat(k3s, 1) if k3s else empty) if third else None
-    step = store.step(sel).to(torch.float64)
-    # |stored value| <= levels (rounded formats) or radius (rounded to the storage dtype)
-    R = store.levels if store.normalised else store.radius[sel] * (1 + 2.0**-20)
-    dk2, dk3 = _moment_errors(m2, torch.as_tensor(R, dtype=torch.float64), V)
-    slack = 1 + 16 * U64  # rescaling by the step
-    k2, dk2 = k2 * step**2, dk2 * step**2 * slack
-    if k3 is not None:
-        k3, dk3 = k3 * step**3, dk3 * step**3 * slack + k3.abs() * step**3 * 8 * U64
-    return k2, dk2, k3, (dk3 if third else None)
-
-
 def _exact_rows64(rows: "LayerRows", idx: Int[Tensor, " n"], chunk: int = 256) -> Tensor:
     """Exact rows ``W[idx] @ M64`` in float64 (``M64``: :meth:`Projector.exact`, the
     vocabulary-centred projector; rows differ from ``W @ M`` by a constant per row)."""
     M = rows.projector.exact()[0]
     W = rows.W
+    idx = idx.to(W.device)
     out = [W[idx[i : i + chunk]].to(torch.float64) @ M for i in range(0, len(idx), chunk)]
     if len(out) == 1:
         return out[0]
@@ -357,7 +280,8 @@ def _row_eta(rows: "LayerRows", W64: Tensor, sel: Int[Tensor, " n"]) -> Tensor:
     store = rows.store
     _, _, col_norm = rows.projector.exact()
     d = W64.shape[1]
-    comp = _gamma(d) * W64[sel].norm(dim=1) * col_norm + 4 * U64 * store.radius[sel]
+    sel = sel.to(W64.device)
+    comp = _gamma(d) * W64[sel].norm(dim=1) * col_norm + 4 * U64 * store.radius_of(sel)
     return store.eta(sel).to(torch.float64) + comp
 
 
@@ -383,6 +307,29 @@ def _covariance_k2(
     return torch.stack(out), torch.stack(err)
 
 
+def target_offsets(
+    base_logits: Float[Tensor, "n d_vocab"],
+    target: Int[Tensor, " n"],
+    M: Float[Tensor, "d_model d_vocab"],
+    budget: int = 2**26,
+) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, " n"]]:
+    """``(x, s)`` per row of ``base_logits``: ``x = sum_j q_j (M_w - M_j)`` and ``s = 1 - p_w``
+    (:func:`_off_target`; ``M`` the float64 projector of :meth:`Projector.exact`), so that
+    ``u_w - k1 = w . x`` for every neuron ``w``. Many rows (e.g. every layer of a prompt) are
+    done in one matrix product per ``budget`` bytes, which reads ``M`` once instead of once
+    per layer."""
+    V = base_logits.shape[-1]
+    step = max(1, budget // (24 * V))
+    xs, ss = [], []
+    for i in range(0, base_logits.shape[0], step):
+        _, _, p = _probs(base_logits[i : i + step])
+        tgt = target[i : i + step].to(M.device)
+        q, s = _off_target(p, tgt)
+        xs.append(s[:, None] * M[:, tgt].T - q @ M.T)
+        ss.append(s)
+    return torch.cat(xs), torch.cat(ss)
+
+
 def increase_from_rows(
     base_logits: Float[Tensor, "batch d_vocab"],
     rows: "LayerRows",
@@ -395,6 +342,7 @@ def increase_from_rows(
     chunk: int = 1024,
     exact_chunk: int = 128,
     stats: EngineStats | None = None,
+    offsets: tuple[Tensor, Tensor] | None = None,
 ) -> Float[Tensor, "batch extra row"]:
     """:func:`logprob_increase` for one layer's neurons given as :class:`LayerRows`.
 
@@ -404,6 +352,8 @@ def increase_from_rows(
         fill: compute and store every missing row first (the cache can hold the layer);
             otherwise rows are computed only for the neurons the second-order expansion
             cannot certify (see the module docstring).
+        offsets: ``(x, s)`` of :func:`target_offsets` for these base logits and targets,
+            when computed beforehand for many layers at once.
 
     Returns:
         ``[batch, extra, row]`` log-probability increases (natural log), evaluated in float64
@@ -417,8 +367,8 @@ def increase_from_rows(
     z, log_norm, p = _probs(base_logits)
     tgt = target.to(M.device)
     # u_w - k1 = w . sum_j q_j (M_w - M_j), formed without cancellation (see _off_target)
-    q, s = _off_target(p, tgt)
-    x = s[:, None] * M[:, tgt].T - q @ M.T  # [batch, d_model]
+    x, s = target_offsets(base_logits, tgt, M) if offsets is None else offsets
+    x, s = x.to(torch.float64), s.to(torch.float64)
     d1 = x @ W.T
     Wabs = W.abs()
     dd1 = _gamma(d) * (x.abs() @ Wabs.T) + 2.02 * _gamma(V) * s[:, None] * (Wabs @ col_max)
@@ -430,6 +380,7 @@ def increase_from_rows(
         fail = coef != 0
     else:
         store.verify()  # rows read from disk for the first time are checked first
+        dev = p.device
         if fill and not bool(store.known.all()):
             missing = (~store.known).nonzero().flatten()
             for i in range(0, len(missing), 128):  # 50 MB of float64 rows: stays in cache
@@ -437,19 +388,20 @@ def increase_from_rows(
         k2 = dk2 = None
         store.verify()  # rows another process added meanwhile
         if bool(store.known.all()):
-            sel = torch.arange(n_rows)
+            sel = torch.arange(n_rows, device=dev)
         else:
             k2, dk2 = _covariance_k2(p, M, col_max, W)
-            eta = _row_eta(rows, W, torch.arange(n_rows))
-            known_width = 2 * (store.radius + eta)
+            everyone = torch.arange(n_rows, device=dev)
+            eta = _row_eta(rows, W, everyone)
+            known_width = 2 * (store.radius_of(everyone) + eta)
             bound_width = rows.projector.range_bound(rows.W).to(torch.float64) * (1 + 1e-6)
-            width = torch.where(store.known, known_width, bound_width)
+            width = torch.where(store.known.to(dev), known_width, bound_width)
             out = a * d1[:, None] - a * a * (k2.clamp_min(0) / 2)[:, None]
             bound3 = aa**3 * width * (k2 + dk2)[:, None] * torch.exp(aa * width) / 6
             bound3 = bound3 + aa * dd1[:, None] + aa**2 * (dk2 / 2)[:, None]
             bound3 = bound3 + 4 * U64 * (a * d1[:, None]).abs() + 4 * U64 * out.abs()
             sel = (bound3 > tol).any(0).any(0).nonzero().flatten()
-            missing = sel[~store.known[sel]]
+            missing = sel[~store.known.to(dev)[sel]]
             for i in range(0, len(missing), chunk):
                 part = missing[i : i + chunk]
                 exact = _exact_rows64(rows, part)
@@ -466,19 +418,20 @@ def increase_from_rows(
     if len(idx):
         uniq, inverse = torch.unique(idx[:, 2], return_inverse=True)
         store.verify()
-        if not store.rounded and bool(store.known[uniq].all()):
+        host = uniq.cpu()  # bookkeeping masks live on the host
+        if not store.rounded and bool(store.known[host].all()):
             U = store.get(uniq)  # float64 rows as computed (centred: a shift per row)
         else:
-            kept = store.exact_known[uniq]
-            todo = uniq[[int(r) not in fresh and not bool(k) for r, k in zip(uniq, kept)]]
+            kept = store.exact_known[host]
+            todo = host[[int(r) not in fresh and not bool(k) for r, k in zip(host, kept)]]
             fresh.update(zip(todo.tolist(), _exact_rows64(rows, todo), strict=True))
-            new = uniq[~kept]
+            new = host[~kept]
             if len(new):
                 store.put_exact(new, torch.stack([fresh[int(r)] for r in new.tolist()]))
             U = (
-                store.get_exact(uniq)
+                store.get_exact(host).to(z.device)
                 if store.rounded
-                else torch.stack([fresh[int(r)] for r in uniq.tolist()])
+                else torch.stack([fresh[int(r)] for r in host.tolist()])
             )
         for i in range(0, idx.shape[0], exact_chunk):
             b, e, r = idx[i : i + exact_chunk].unbind(1)
@@ -506,7 +459,10 @@ def _third_order(
     """Third-order values (in place in ``out``, float64) for rows ``sel`` from stored rows;
     returns the ``[batch, extra, len(sel)]`` mask of items the bound does not certify."""
     eta = eta[None]
-    k2y, dk2y, _, _ = _central_moments(p, store, sel, third=False)
+    radius = store.radius_of(sel).to(p.device)
+    # |a| R per prompt and row: how far each row's moments may be truncated (moments.py)
+    reach = a[:, :, sel].abs().amax(1) * radius * (1 + 2.0**-20)
+    k2y, dk2y, _, _ = central_moments(p, store, sel, False, reach, tol)
     sdy = (k2y + dk2y).clamp_min(0).sqrt()  # >= sd(y) despite rounding
     S = sdy + 2 * eta  # >= sd(u)
     if k2_exact is None or dk2_exact is None:  # k2 from the stored rows: its error enters
@@ -515,7 +471,7 @@ def _third_order(
     else:
         k2, dk2 = k2_exact[:, sel].clamp_min(0), dk2_exact[:, sel]
         k2_max = k2_exact[:, sel] + dk2
-    r = 2 * (store.radius[sel] + eta)  # >= the exact row's range
+    r = 2 * (radius + eta)  # >= the exact row's range
     x, ax = a[:, :, sel], a[:, :, sel].abs()
     grow = torch.exp(ax * r)
     first = x * d1[:, None, sel]
@@ -529,7 +485,7 @@ def _third_order(
     k3 = torch.zeros_like(k2y)
     dk3y = torch.zeros_like(k2y)
     if bool(need.any()):
-        _, _, k3n, dk3n = _central_moments(p, store, sel[need], third=True)
+        _, _, k3n, dk3n = central_moments(p, store, sel[need], True, reach[:, need], tol)
         k3[:, need], dk3y[:, need] = k3n, dk3n  # type: ignore[assignment]
     dk3 = 6 * eta * S**2 + 12 * eta**2 * S + 8 * eta**3 + dk3y
     third = second - x**3 * (k3 / 6)[:, None]

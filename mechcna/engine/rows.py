@@ -89,10 +89,10 @@ def disk_limit() -> int:
     return parse_bytes(env) if env else DEFAULT_DISK_BYTES
 
 
-_NP = {torch.int16: np.int16, torch.float16: np.float16, torch.float32: np.float32,
+DISK_FORMATS = _NP = {torch.int16: np.int16, torch.float16: np.float16, torch.float32: np.float32,
        torch.float64: np.float64}  # fmt: skip
 #: stored value per unit of ``U / radius`` for the rounded storage formats
-LEVELS = {torch.int16: 32767.0, torch.float16: 1.0}
+LEVELS = {torch.int16: 32767.0, torch.float16: 1.0, torch.bfloat16: 1.0}
 
 
 class RowStore:
@@ -105,7 +105,11 @@ class RowStore:
         storage: torch.dtype,
         dtype: torch.dtype,
         path: Path | None = None,
+        device: torch.device | str | None = None,
     ):
+        self.device = torch.device("cpu" if device is None else device)
+        if path is not None and (self.device.type != "cpu" or storage not in _NP):
+            raise MechcnaError(f"a disk-backed row store needs CPU rows in {list(_NP)}")
         self.n_rows, self.d_vocab = n_rows, d_vocab
         self.storage, self.dtype = storage, dtype
         self.normalised = storage != dtype
@@ -117,9 +121,11 @@ class RowStore:
         self.centre: Float[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.float64)
         self._U: Tensor | None = None
         self._map: np.memmap | None = None
-        # exact rows (float64, memory only) of neurons that needed the exact sum, kept when
-        # rows are stored rounded so that the next prompt need not recompute them
+        # exact rows (float64, memory only, on the store's device) of neurons that needed the
+        # exact sum, kept when rows are stored rounded so that the next prompt need not
+        # recompute them: row k is self._exact[self._slot[k]]
         self._exact: Tensor | None = None
+        self._slot = torch.full((n_rows,), -1, dtype=torch.long)
         self.exact_known: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
         # file-backed stores: a CRC-32 per row (in the metadata) and the rows whose content
         # this process has checked against it (or written itself)
@@ -178,7 +184,8 @@ class RowStore:
 
     def _tensor(self) -> Tensor:
         if self._U is None:  # lazily allocated: pages are touched only for computed rows
-            self._U = torch.empty(self.n_rows, self.d_vocab, dtype=self.storage)
+            self._U = torch.empty(self.n_rows, self.d_vocab, dtype=self.storage,
+                                  device=self.device)  # fmt: skip
         return self._U
 
     @property
@@ -193,6 +200,7 @@ class RowStore:
         self._U, self._map, self._exact = None, None, None
         self.known = torch.zeros_like(self.known)
         self.exact_known = torch.zeros_like(self.exact_known)
+        self._slot = torch.full_like(self._slot, -1)
         self.verified = torch.zeros_like(self.verified)
         if self._in_use is not None:  # the file may now be pruned
             self._in_use.close()
@@ -229,29 +237,49 @@ class RowStore:
         """Keep exact float64 rows (only for a store whose rows are rounded)."""
         if not self.rounded or len(idx) == 0:
             return
-        if self._exact is None:
-            self._exact = torch.empty(self.n_rows, self.d_vocab, dtype=torch.float64)
-        self._exact[idx.cpu()] = rows.cpu()
-        self.exact_known[idx.cpu()] = True
+        idx = idx.cpu()
+        new = idx[~self.exact_known[idx]]
+        if len(new) < len(idx):  # rows already kept are equal: keep the first copy
+            rows = rows[(~self.exact_known[idx]).to(rows.device)]
+        if len(new) == 0:
+            return
+        rows = rows.to(device=self.device, dtype=torch.float64)
+        used = int(self.exact_known.sum())
+        if self._exact is None or self._exact.shape[0] < used + len(new):
+            grown = torch.empty(max(2 * (used + len(new)), 16), self.d_vocab,
+                                dtype=torch.float64, device=self.device)  # fmt: skip
+            if self._exact is not None and used:
+                grown[:used] = self._exact[:used]
+            self._exact = grown
+        self._exact[used : used + len(new)] = rows
+        self._slot[new] = torch.arange(used, used + len(new))
+        self.exact_known[new] = True
 
     def get_exact(self, idx: Int[Tensor, " n"]) -> Float[Tensor, "n d_vocab"]:
+        """Kept exact rows ``idx`` (float64, on the store's device)."""
         assert self._exact is not None
-        return self._exact[idx.cpu()]
+        return self._exact[self._slot[idx.cpu()].to(self.device)]
 
     # ------------------------------------------------------------------ rows
     def eta(self, idx: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
         """Per-entry bound on ``|stored row - row given to fill|`` for rows ``idx`` (float64;
         rows are centred and scaled in float64, so only the storage rounding counts)."""
         if self.storage == torch.int16:
-            return self.radius[idx] * (0.51 / self.levels)
-        return self.radius[idx] * (unit_roundoff(self.storage) * 1.01)
+            return self.radius_of(idx) * (0.51 / self.levels)
+        return self.radius_of(idx) * (unit_roundoff(self.storage) * 1.01)
+
+    def radius_of(self, idx: Int[Tensor, " n"] | slice) -> Float[Tensor, " n"]:
+        """Radii of rows ``idx`` (float64, on the device of ``idx``; the store's device
+        for a slice)."""
+        if isinstance(idx, slice):
+            return self.radius[idx].to(self.device)
+        return self.radius[idx.cpu()].to(idx.device)
 
     def step(self, idx: Int[Tensor, " n"] | slice) -> Float[Tensor, " n"]:
         """Per-row factor (float64) from a stored value to the centred row
-        (``radius / levels``)."""
-        if not self.normalised:
-            return torch.ones(len(self.radius[idx]), dtype=torch.float64)
-        return self.radius[idx] / self.levels
+        (``radius / levels``), on the device of ``idx``."""
+        radius = self.radius_of(idx)
+        return torch.ones_like(radius) if not self.normalised else radius / self.levels
 
     def fill(
         self, idx: Int[Tensor, " n"], rows: Float[Tensor, "n d_vocab"], chunk: int = 64
@@ -281,7 +309,8 @@ class RowStore:
             if run:
                 target[first + i : first + i + len(U)].copy_(U)
             else:
-                target[idx[i : i + chunk]] = U.to(self.storage).cpu()
+                where = idx[i : i + chunk].to(target.device)
+                target[where] = U.to(device=target.device, dtype=self.storage)
         self.radius[idx], self.centre[idx] = radius.cpu(), centre.cpu()
         self.known[idx] = True
         if self._map is not None:
@@ -291,16 +320,26 @@ class RowStore:
             self._map.flush()  # the rows reach the file before the metadata names them
             self._save_meta()
 
-    def stored(self, idx: Int[Tensor, " n"] | slice) -> Tensor:
-        """Rows ``idx`` as stored (divided by their radius when rounded), in the storage dtype."""
-        return self._tensor()[idx if isinstance(idx, slice) else idx.cpu()]
+    def stored(
+        self, idx: Int[Tensor, " n"] | slice, cols: Int[Tensor, " k"] | None = None
+    ) -> Tensor:
+        """Rows ``idx`` as stored (divided by their radius when rounded), in the storage dtype
+        on the store's device; with ``cols`` only those vocabulary columns (one gather)."""
+        U = self._tensor()
+        if cols is not None:
+            cols = cols.to(U.device)
+            if isinstance(idx, slice):
+                return U[idx].index_select(1, cols)
+            return U[idx.to(U.device)[:, None], cols[None, :]]
+        return U[idx if isinstance(idx, slice) else idx.to(U.device)]
 
     def get(self, idx: Int[Tensor, " n"] | slice) -> Float[Tensor, "n d_vocab"]:
         """Centred rows ``idx`` (all must be known) in the compute dtype."""
-        rows = self._tensor()[idx if isinstance(idx, slice) else idx.cpu()]
+        rows = self.stored(idx)
         if not self.normalised:
             return rows.to(self.dtype)
-        U = rows.to(torch.float64).mul_(self.step(idx)[:, None])
+        step = self.step(idx if isinstance(idx, slice) else idx.to(rows.device))
+        U = rows.to(torch.float64).mul_(step[:, None])
         return U.to(self.dtype)
 
     # ------------------------------------------------------------------ metadata on disk
@@ -376,15 +415,17 @@ def open_row_store(
     storage: torch.dtype,
     dtype: torch.dtype,
     directory: Path | None,
+    device: torch.device | str = "cpu",
 ) -> RowStore:
-    """A :class:`RowStore`, file-backed under ``directory`` when one is given and usable."""
-    if directory is not None:
+    """A :class:`RowStore`, file-backed under ``directory`` when one is given and usable
+    (CPU rows only), else in the memory of ``device``."""
+    if directory is not None and torch.device(device).type == "cpu" and storage in _NP:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             return RowStore(n_rows, d_vocab, storage, dtype, directory / key)
         except OSError:
             pass  # an unusable directory: fall back to memory
-    return RowStore(n_rows, d_vocab, storage, dtype)
+    return RowStore(n_rows, d_vocab, storage, dtype, device=device)
 
 
 def prune(directory: Path, keep: Path | None = None, limit: int | None = None) -> None:

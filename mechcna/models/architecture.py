@@ -255,32 +255,20 @@ class Architecture:
         return w if w is not None else self._ones()
 
 
-def _refusing(post_norms: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(fn)
-        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
-            model = args[0] if args else kwargs.get("model")
-            cfg = getattr(model, "cfg", None)
-            what = []
-            if post_norms and getattr(cfg, "use_normalization_before_and_after", False):
-                what.append("post-attention/post-feedforward norms (Gemma 2 and 3)")
-            if getattr(cfg, "output_logits_soft_cap", -1.0) > 0:
-                what.append("a final logit soft cap (Gemma 2)")
-            if what:
-                raise UnsupportedArchitectureError(
-                    f"{fn.__name__}() does not support {' or '.join(what)} yet; layer, head, "
-                    "FFN-neuron and attention-neuron importance and CNA (compare_neurons, "
-                    "compare_inputs) do"
-                )
-            return fn(*args, **kwargs)
+def refuses_soft_cap(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorate an analysis (first argument: the model) that handles sandwich norms but not a
+    final logit soft cap: such models are refused before any work."""
 
-        return inner
+    @functools.wraps(fn)
+    def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+        model = args[0] if args else kwargs.get("model")
+        cfg = getattr(model, "cfg", None)
+        if getattr(cfg, "output_logits_soft_cap", -1.0) > 0:
+            raise UnsupportedArchitectureError(
+                f"{fn.__name__}() does not support a final logit soft cap (Gemma 2) yet; layer, "
+                "head, FFN-neuron and attention-neuron importance, CNA (compare_neurons, "
+                "compare_inputs), query neurons and key scores do"
+            )
+        return fn(*args, **kwargs)
 
-    return wrap
-
-
-#: Decorate an analysis (first argument: the model) that does not yet handle sandwich norms
-#: or a final logit soft cap: such models are refused before any work.
-refuses_post_norms = _refusing(post_norms=True)
-#: Decorate an analysis that handles sandwich norms but not a final logit soft cap.
-refuses_soft_cap = _refusing(post_norms=False)
+    return inner

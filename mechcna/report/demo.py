@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 
 from mechcna.analyses.attribution import layer_importance, neuron_importance
-from mechcna.analyses.comparative import cna_table, compare_inputs, compare_neurons, mask_keep_table
+from mechcna.analyses.case_ablation import mask_keep_table
+from mechcna.analyses.comparative import cna_table, compare_inputs, compare_neurons
 from mechcna.analyses.evaluation import evaluate_accuracy
 from mechcna.analyses.heads import head_sweep
 from mechcna.analyses.plotting import experiment_bars

@@ -42,6 +42,7 @@ from mechcna.reproduce.core import (
 )
 from mechcna.reproduce.page import build_report, to_markdown, write_markdown, write_report
 from mechcna.reproduce.plan import Checkpoint, expected_times
+from mechcna.reproduce.scale import RayRun, check_workers, on_ray, refuse_without_ray_extra
 
 _log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ Which = Literal["attribution", "arithmetic", "both"]
 
 __all__ = [
     "Claim",
+    "RayRun",
     "ReproduceSettings",
     "Reproduction",
     "StageResult",
@@ -70,6 +72,7 @@ def reproduce(
     progress: bool = True,
     lock: str | Path | None = None,
     checkpoint: str | Path | None = None,
+    ray: RayRun | None = None,
 ) -> Reproduction:
     """Run the papers' stages on ``model`` and collect tables, figures, claims and timings.
 
@@ -83,6 +86,11 @@ def reproduce(
             shared with other heavy jobs; stage wall times then exclude the waits).
         checkpoint: a folder where each finished stage is saved (:class:`plan.Checkpoint`);
             a rerun with the same model, paper and settings loads those and continues.
+        ray: run the dataset-level work (head sweep, dataset CNA, mask / keep, value neurons,
+            the method comparison) on a Ray cluster (:class:`mechcna.reproduce.scale.RayRun`:
+            the model's name or path, loaded on each worker); the workers' weights are
+            checked against ``model`` first. Results equal one process (see
+            :mod:`mechcna.reproduce.scale`).
 
     The expected time per stage (:func:`plan.expected_times`) is logged before the start.
 
@@ -146,7 +154,11 @@ def reproduce(
             keep(f"shallow{x}", form(lambda f=f, x=x: shallow_stage.shallow_stage(
                 model, get(f"cna{x}", "cases"), get(f"heads{x}", "shallow_head"), f))),
         ]  # fmt: skip
-    results = run_stages(stages, progress, lock)
+    refuse_without_ray_extra(ray)
+    if ray is not None:
+        check_workers(model, ray)
+    with on_ray(ray):
+        results = run_stages(stages, progress, lock)
     settings_dict = {k: v for k, v in vars(s).items()}
     return Reproduction(
         str(model.cfg.model_name), settings_dict, tuple(results),

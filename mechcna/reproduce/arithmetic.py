@@ -17,17 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechcna.analyses.comparative import (
-    NeuronComparison,
-    _run_cases,
-    cna_table,
-    compare_neurons,
-    lowest_neuron_decreases,
-    mask_keep_table,
-)
+from mechcna.analyses.case_ablation import _run_cases, lowest_neuron_decreases
+from mechcna.analyses.comparative import NeuronComparison, cna_table
 from mechcna.analyses.evaluation import evaluate_accuracy
 from mechcna.analyses.head_results import HeadSweep
-from mechcna.analyses.heads import head_sweep
 from mechcna.errors import MechcnaError
 from mechcna.interventions.edits import HeadAblation
 from mechcna.interventions.prompts import prepare_prompts
@@ -35,6 +28,7 @@ from mechcna.models.backend import Model
 from mechcna.reproduce import claim_tests as ct
 from mechcna.reproduce import paper, stats
 from mechcna.reproduce.core import ReproduceSettings, StageBuilder, StageResult, stage
+from mechcna.reproduce.scale import compare_neurons, head_sweep, mask_keep_table
 from mechcna.tasks.arithmetic import ArithmeticDataset, arithmetic_dataset, arithmetic_problems
 
 PAPER = "arithmetic"

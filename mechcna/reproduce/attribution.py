@@ -28,16 +28,19 @@ from mechcna.analyses import plotting
 from mechcna.analyses.attribution import (
     AttentionNeuronImportance,
     NeuronImportance,
-    attention_neuron_importance,
     layer_importance,
-    neuron_importance,
 )
-from mechcna.analyses.methods import METHODS, ComparisonScores, comparison_scores
+from mechcna.analyses.methods import METHODS, ComparisonScores
 from mechcna.interventions.edits import AttentionNeuronEdit, Intervention, NeuronEdit, intervene
 from mechcna.interventions.prompts import prepare_prompts, single_token_id
 from mechcna.models.backend import Model
 from mechcna.reproduce import paper, stats
 from mechcna.reproduce.core import ReproduceSettings, StageResult, stage
+from mechcna.reproduce.scale import (
+    attention_neuron_importance,
+    comparison_scores,
+    neuron_importance,
+)
 from mechcna.tasks.arithmetic import arithmetic_dataset
 from mechcna.tasks.knowledge import (
     KnowledgeDataset,

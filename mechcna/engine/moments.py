@@ -1,0 +1,188 @@
+"""Moments of stored rows under base distributions, with certified bounds on their error.
+
+The certified engine (:mod:`mechcna.engine.expansion`) needs, per prompt and neuron, the
+variance ``k2`` (and for some neurons the third central moment ``k3``) of the neuron's stored
+vocabulary row ``y`` under the base distribution ``p``. This module forms them in float64 and
+bounds their error, which the engine adds to its certificate:
+
+* **Rounding** (issue 20): raw moments ``m_n = p . y^n`` of values whose powers are exact in
+  float64 (int16 levels, float16/bfloat16/float32 values) are within ``g p . |y|^n`` of the
+  exact sums, ``g = gamma(V) + 4 u`` (:func:`gamma`), so ``|dk2| <= 6 g m2`` and
+  ``|dk3| <= 16 g R m2`` for ``|y| <= R`` (:func:`moment_errors`; ``(p . |y|)^2 <= m2`` by
+  Jensen, also for a sub-probability ``p``).
+* **Truncation to the probable tokens** (issue 20, speed): for one prompt (or a few) the sums
+  run over the union ``H`` of each prompt's ``K`` most probable tokens only, ``K`` chosen per
+  neuron from :data:`HEADS`. With ``delta >= sum_{j not in H} p_j`` (each prompt's tail mass
+  beyond its own top ``K``) and ``|y| <= R``, the omitted parts of the raw moments satisfy
+  ``|t1| <= delta R``, ``0 <= t2 <= delta R^2`` and ``|t3| <= delta R^3``; with the head sums
+  ``S1, S2, S3`` (``|S1| <= R``, ``S2 <= R^2``):
+
+  ``|(m2 - m1^2) - (S2 - S1^2)| = |t2 - t1 (m1 + S1)| <= (3 + delta) delta R^2``,
+  ``|k3 - (S3 - 3 S1 S2 + 2 S1^3)| <= (13 + 15 delta + 6 delta^2) delta R^3``
+
+  (``|m1 m2 - S1 S2| <= (2 + delta) delta R^3``, ``|m1^3 - S1^3| <= 3 (1 + delta)^2 delta R^3``).
+  Neurons whose coefficient times range is large take a larger ``K`` or every token: the
+  choice only affects how many scores the expansion certifies, never their correctness.
+
+Every tensor follows the device of ``p`` (the model's device); stored rows are moved there
+chunk by chunk when the store lives elsewhere.
+"""
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from mechcna._types import Float, Int, Tensor
+
+if TYPE_CHECKING:
+    from mechcna.engine.rows import RowStore
+
+#: unit roundoff of float64
+U64 = 2.0**-53
+
+#: token counts tried for the truncated sums (each prompt's most probable tokens)
+HEADS = (256, 1024, 4096, 16384)
+
+#: the most prompts for which truncated sums are used (a larger batch reads every token
+#: once for all prompts in one matrix product, which is cheaper per prompt)
+MAX_HEAD_BATCH = 4
+
+#: elements of float64 rows converted per chunk (4 MB: the conversion stays in cache)
+CHUNK_ELEMENTS = 2**19
+
+
+def gamma(n: int) -> float:
+    """Bound on the relative rounding error of a float64 sum or dot product of ``n`` terms
+    (``n u / (1 - n u)``), plus ``1100 u`` for the rounding of the probabilities
+    ``exp(z - log_norm)`` (relative ``u |z_j - log_norm|``; tokens further than 1000 nats
+    below the top have a probability below ``e^-1000``, zero in any float format)."""
+    return 1.01 * (n + 1100) * U64
+
+
+def raw_moments(
+    p: Float[Tensor, "batch d_vocab"], y: Tensor, third: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(m1, m2, k2, k3)`` of the rows ``y`` (any dtype, converted to float64 on ``p``'s
+    device) under ``p`` (float64; a sub-probability for truncated sums)."""
+    y = y.to(device=p.device, dtype=torch.float64)
+    sq = y * y
+    m1 = p @ y.T
+    m2 = p @ sq.T
+    k2 = m2 - m1 * m1
+    k3 = None
+    if third:
+        m3 = p @ sq.mul_(y).T
+        k3 = m3 - 3 * m1 * m2 + 2 * m1**3
+    return m1, m2, k2, k3
+
+
+def moment_errors(m2: Tensor, R: Tensor, V: int) -> tuple[Tensor, Tensor]:
+    """Bounds on the float64 rounding of ``k2`` and ``k3`` from raw moments of rows with
+    ``|y| <= R`` over ``V`` tokens: ``|dk2| <= 6 g m2`` and ``|dk3| <= 16 g R m2``."""
+    g = gamma(V) + 4 * U64
+    return 6 * g * m2, 16 * g * R * m2
+
+
+def _bounds_of(store: "RowStore", sel: Int[Tensor, " n"], dev: torch.device) -> Tensor:
+    """``R`` with ``|stored value| <= R`` per row: the levels (rounded formats) or the radius
+    (rounded to the storage dtype), float64 on ``dev``."""
+    if store.normalised:
+        return torch.full((len(sel),), store.levels, dtype=torch.float64, device=dev)
+    return store.radius_of(sel).to(dev) * (1 + 2.0**-20)
+
+
+def head_plan(
+    p: Float[Tensor, "batch d_vocab"], reach: Float[Tensor, "batch n"] | None, tol: float, n: int
+) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+    """``[(rows, cols, delta)]``: the rows (a mask over the ``n`` rows) whose moments are
+    summed over the token columns ``cols`` (``None``: every token), and ``delta[batch]``, an
+    upper bound on each prompt's probability mass outside ``cols``.
+
+    ``reach[b, k]`` is ``|a| R`` (coefficient times the row's bound in real units) for prompt
+    ``b`` and row ``k``; a row takes the smallest head whose truncation error adds at most
+    ``tol / 8`` to the bound for every prompt."""
+    B, V = p.shape
+    every = torch.zeros(B, dtype=torch.float64, device=p.device)
+    tiers = [K for K in HEADS if 4 * K <= V]
+    if reach is None or B > MAX_HEAD_BATCH or not tiers or n == 0:
+        return [(torch.ones(n, dtype=torch.bool, device=p.device), None, every)]
+    ps, order = p.sort(-1, descending=True)
+    tail = ps.flip(-1).cumsum(-1).flip(-1)  # tail[:, k] = mass beyond the top k (all >= 0)
+    x = reach.to(torch.float64)
+    assigned = torch.full((n,), len(tiers), dtype=torch.long, device=p.device)
+    deltas = []
+    for t, K in enumerate(tiers):
+        d = (tail[:, K] * (1 + 1e-9))[:, None]  # covers the cumsum's rounding
+        deltas.append(d[:, 0])
+        cost = d * ((3 + d) * x**2 / 2 + (13 + 15 * d + 6 * d * d) * x**3 / 6)
+        ok = (cost <= tol / 8).all(0) & (assigned == len(tiers))
+        assigned[ok] = t
+    plan = []
+    for t, K in enumerate(tiers):
+        mask = assigned == t
+        if bool(mask.any()):
+            cols = torch.unique(order[:, :K])  # sorted: reads each row front to back
+            plan.append((mask, cols, deltas[t]))
+    mask = assigned == len(tiers)
+    if bool(mask.any()):
+        plan.append((mask, None, every))
+    return plan
+
+
+def central_moments(
+    p: Float[Tensor, "batch d_vocab"],
+    store: "RowStore",
+    sel: Int[Tensor, " n"],
+    third: bool,
+    reach: Float[Tensor, "batch n"] | None = None,
+    tol: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(k2, dk2, k3, dk3)``: variance and (with ``third``) third central moment of the
+    stored rows ``sel`` under each distribution (float64 ``p``), in the rows' real units,
+    with bounds on their error (rounding and truncation, see the module docstring).
+
+    ``reach`` (``|a| R`` per prompt and row) lets rows of neurons with small coefficients be
+    summed over each prompt's most probable tokens only (:func:`head_plan`); without it every
+    token is read."""
+    dev = p.device
+    B, V = p.shape
+    n = len(sel)
+    k2 = torch.zeros(B, n, dtype=torch.float64, device=dev)
+    if n == 0:
+        return k2, k2.clone(), (k2.clone() if third else None), (k2.clone() if third else None)
+    dk2 = torch.zeros_like(k2)
+    k3 = torch.zeros_like(k2) if third else None
+    dk3 = torch.zeros_like(k2) if third else None
+    R_all = _bounds_of(store, sel, dev)
+    for mask, cols, delta in head_plan(p, reach, tol, n):
+        rows = sel[mask.to(sel.device)]
+        width = V if cols is None else len(cols)
+        pk = p if cols is None else p[:, cols]
+        # a full layer read in row order is a run of contiguous slices
+        whole = cols is None and len(rows) == store.n_rows
+        chunk = max(16, CHUNK_ELEMENTS // width) if B <= 2 else max(32, CHUNK_ELEMENTS // width)
+        parts: list[list[Tensor]] = [[], [], []]
+        for i in range(0, len(rows), chunk):
+            idx = slice(i, i + chunk) if whole else rows[i : i + chunk]
+            _, m2, c2, c3 = raw_moments(pk, store.stored(idx, cols), third)
+            parts[0].append(m2)
+            parts[1].append(c2)
+            if c3 is not None:
+                parts[2].append(c3)
+        m2 = torch.cat(parts[0], 1)
+        R = R_all[mask]
+        e2, e3 = moment_errors(m2, R, width)
+        d = delta[:, None]
+        e2 = e2 + (3 + d) * d * R**2
+        k2[:, mask], dk2[:, mask] = torch.cat(parts[1], 1), e2
+        if third:
+            assert k3 is not None and dk3 is not None
+            e3 = e3 + (13 + 15 * d + 6 * d * d) * d * R**3
+            k3[:, mask], dk3[:, mask] = torch.cat(parts[2], 1), e3
+    step = store.step(sel).to(dev)
+    slack = 1 + 16 * U64  # rescaling by the step
+    k2, dk2 = k2 * step**2, dk2 * step**2 * slack
+    if third:
+        assert k3 is not None and dk3 is not None
+        k3, dk3 = k3 * step**3, dk3 * step**3 * slack + k3.abs() * step**3 * 8 * U64
+    return k2, dk2, k3, dk3
