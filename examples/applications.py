@@ -25,11 +25,14 @@ import mechcna
 from mechcna.applications.bias import gender_bias_experiment
 from mechcna.applications.lora import LoraSweep, lora_layer_sweep
 from mechcna.applications.lora_analysis import (
+    coefficient_increase_per_case,
     coefficient_increase_table,
     coefficient_table,
     compare_lora,
 )
 from mechcna.applications.pruning import pruning_experiment
+from mechcna.reproduce.application_claims import application_claims
+from mechcna.reproduce.core import claims_frame
 from mechcna.tasks import occupations
 from mechcna.tasks.arithmetic import arithmetic_problems
 
@@ -178,6 +181,12 @@ def main(argv=None) -> int:
         tables["table9"], tables["table10"] = t9, t10
         results["table9"] = t9.to_dict("records")
         results["table10"] = t10.reset_index().to_dict("records")
+        # per case, for the verdicts (mechcna.reproduce.application_claims)
+        results["n_layers"] = int(model.cfg.n_layers)
+        results["table10_per_case"] = {
+            l: {k: v.tolist() for k, v in coefficient_increase_per_case(c).items()}
+            for l, c in comps.items()
+        }
         emit("## Table 9 (coefficients on 3+5=; neurons ranked by LoRA layer", best.layers[0], ")")
         emit(md(t9))
         emit("## Table 10 (% coefficient increase of the top-K CNA neurons)")
@@ -203,6 +212,7 @@ def main(argv=None) -> int:
             "accuracy": res.accuracy, "n_pruned": res.n_pruned, "n_total": res.n_total,
             "pruned_share": res.pruned_share, "cna_cases": len(prune_ds),
             "lora_layer": best.layers[0], "wall_s": res.wall_s,
+            "correct": {k: [int(c) for c in v] for k, v in res.correct.items()},
         }  # fmt: skip
         emit(
             f"## Table 11 (LoRA layer {best.layers[0]}; pruned {res.n_pruned}/{res.n_total} = "
@@ -280,6 +290,9 @@ def _save(out, tables, results, walls) -> dict:
 def _finish(out, model, tables, results, walls, sweep) -> int:
     """Save, then rebuild the report from every stage's CSVs."""
     merged = _save(out, tables, results, walls)
+    verdicts = claims_frame(application_claims(merged))  # n, interval, verdict per claim
+    verdicts.to_csv(out / "verdicts.csv", index=False)
+    emit("## Verdicts\n" + md(verdicts.drop(columns=["paper"])))
     every = {
         name: pd.read_csv(out / f"{name}.csv", index_col=0)
         for name in CAPTIONS

@@ -136,6 +136,12 @@ def test_keep_set_is_union_of_case_tops_and_experiment_runs(kind):
         "origin", "lora", "pruned_cna", "pruned_random", "lora_pruned_cna", "lora_pruned_random",
     }  # fmt: skip
     assert 0 < res.pruned_share < 1 and res.plot().data
+    # per-case correctness of every pruned model (for paired intervals), averaging to its accuracy
+    assert set(res.correct) == {"pruned_cna", "pruned_random", "lora_pruned_cna",
+                                "lora_pruned_random"}  # fmt: skip
+    for name, per in res.correct.items():
+        assert len(per) == len(data)
+        assert sum(per) / len(per) == pytest.approx(res.accuracy[name], abs=1e-6)
 
 
 def test_bias_metric_by_hand():

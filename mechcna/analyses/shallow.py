@@ -11,7 +11,7 @@ the search for several ``M`` at once, and :func:`mask_experiment` zeroes each fo
 equally large random set drawn from the same layers and compares accuracy.
 
 Example:
-    >>> search = hidden_interpretable_neurons(model, thresholds=(2, 4, 6))  # doctest: +SKIP
+    >>> search = hidden_interpretable_neurons(model, thresholds=()).selective()  # doctest: +SKIP
     >>> evaluate = lambda m, interventions: accuracy_under(m, interventions)  # doctest: +SKIP
     >>> mask_experiment(model, search, evaluate).to_frame()                # doctest: +SKIP
 
@@ -19,11 +19,13 @@ Paper items (README, "Paper to code"): ARITH Table 8 (zero-shot hidden-interpret
 neurons and their masking test).
 """
 
+import logging
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
@@ -39,6 +41,8 @@ from mechcna.models.backend import Model
 from mechcna.models.inputs import positive_int
 from mechcna.models.processing import WeightProcessing, get_processing, refuses_processing
 from mechcna.models.view import architecture, per_call
+
+_log = logging.getLogger(__name__)
 
 DIGITS = tuple("0123456789")
 NUMBER_WORDS = (
@@ -63,6 +67,20 @@ OPERATORS = tuple("+ - * / = × ÷ − ± %".split()) + tuple(
 )
 #: The default concept list of :func:`concept_tokens` (our assumption: the paper gives none).
 DEFAULT_CONCEPTS: tuple[str, ...] = DIGITS + tuple(NUMBER_WORDS) + ROMAN + SCRIPTS + OPERATORS
+#: Concepts that are also common English words, frequent subword pieces or punctuation in a
+#: sense that is not a number or an operation ("one" the pronoun, "second" the ordinal and the
+#: unit, "times" as in "at times", "product", "total", "add"; "dos", "tre", "sei", "uno",
+#: "dix", "sept", "otto" as English words, names and subwords; "-", "/", "*", "%" as prose
+#: and code punctuation). A random direction's top tokens hold these by chance far more often
+#: than number words, which inflates the zero-shot counts (issue 21).
+COMMON_WORDS: frozenset[str] = frozenset(
+    "one first second once double half quarter times total product difference ratio sum add "
+    "added equal equals dos tre sei uno dix sept otto - / * %".split()
+)
+#: :data:`DEFAULT_CONCEPTS` without :data:`COMMON_WORDS`.
+PRUNED_CONCEPTS: tuple[str, ...] = tuple(
+    c for c in DEFAULT_CONCEPTS if c.lower() not in COMMON_WORDS
+)
 
 
 @per_call
@@ -134,12 +152,34 @@ class ZeroShotSearch:
         """``{M: neurons}`` for every threshold."""
         return {m: self.neurons(m) for m in self.thresholds}
 
+    @property
+    def n_searched(self) -> int:
+        """How many neurons were searched (the pool of the sets)."""
+        return int((self.counts >= 0).sum())
+
+    def selective(self, share: float = 0.05, extra: int = 2) -> "ZeroShotSearch":
+        """The search with thresholds that select: the smallest ``M >= 1`` whose set is at most
+        ``share`` of the searched neurons and the ``extra`` next ones (at most ``top``), by
+        :func:`selective_thresholds`. On a small vocabulary the paper's M = 0-3 of the top
+        50 select every neuron (no finding, and no random baseline)."""
+        searched = self.counts[self.counts >= 0].numpy()
+        ms = selective_thresholds(searched, self.n_searched, share, extra, self.top)
+        out = replace(self, thresholds=ms)
+        _warn_if_everything(out)
+        return out
+
     def summary(self) -> pd.DataFrame:
-        """One row per threshold: ``M`` and the number of neurons."""
+        """One row per threshold: ``M``, the number of neurons, their share of the searched
+        pool (%) and whether the set is the whole pool (then zeroing it and zeroing an equally
+        large random set of the same layers are the same experiment)."""
+        sizes = [len(self.neurons(m)) for m in self.thresholds]
+        pool = self.n_searched
         return pd.DataFrame(
             {
                 "M": list(self.thresholds),
-                "n_neurons": [len(self.neurons(m)) for m in self.thresholds],
+                "n_neurons": sizes,
+                "share of searched %": [100 * n / max(pool, 1) for n in sizes],
+                "selects everything": [n == pool for n in sizes],
             }
         )
 
@@ -162,6 +202,24 @@ class ZeroShotSearch:
 
     def plot(self) -> go.Figure:
         return plotting.zero_shot_lines(self)
+
+
+def selective_thresholds(
+    counts: Int[np.ndarray, " neuron"],
+    pool: int,
+    share: float = 0.05,
+    extra: int = 2,
+    top: int | None = None,
+) -> tuple[int, ...]:
+    """Thresholds ``M`` for the zero-shot search: the smallest ``M >= 1`` whose set
+    (count ``>= M``) is at most ``share`` of the ``pool``, and the ``extra`` next ones (so
+    both readings ``>= M`` and ``> M`` = ``>= M+1`` are shown), at most ``top``. Falls back
+    to the largest count when no ``M`` is that selective."""
+    counts = np.asarray(counts)
+    most = max(int(counts.max()) if counts.size else 1, 1)
+    m0 = next((m for m in range(1, most + 1) if (counts >= m).sum() <= share * pool), most)
+    last = m0 + extra if top is None else min(m0 + extra, top)
+    return tuple(range(m0, last + 1))
 
 
 def _default_split(n_layers: int) -> tuple[list[int], list[int]]:
@@ -212,6 +270,31 @@ def hidden_interpretable_neurons(
         chunk: neurons per projection batch (memory: ``chunk x d_vocab`` floats).
         progress: show a progress bar over neuron layers.
     """
+    return hidden_interpretable_searches(
+        model, {"": concepts}, neuron_layers=neuron_layers, attention_layers=attention_layers,
+        top=top, thresholds=thresholds, aggregate=aggregate, chunk=chunk, progress=progress,
+    )[""]  # fmt: skip
+
+
+@per_call
+@refuses_processing()
+def hidden_interpretable_searches(
+    model: Model,
+    concept_lists: Mapping[str, Iterable[str] | None],
+    *,
+    neuron_layers: Iterable[int] | None = None,
+    attention_layers: Iterable[int] | None = None,
+    top: int = 50,
+    thresholds: Sequence[int] = (0, 1, 2, 3),
+    aggregate: Literal["max", "union"] = "max",
+    chunk: int = 2048,
+    progress: bool = False,
+) -> dict[str, ZeroShotSearch]:
+    """:func:`hidden_interpretable_neurons` for several concept lists in one pass: each
+    neuron's transformed vector is projected and ranked once, and its top tokens counted
+    against every list (e.g. ``{"all": None, "pruned": PRUNED_CONCEPTS}``: the default list
+    with and without :data:`COMMON_WORDS`). Returns one search per list, each equal to
+    :func:`hidden_interpretable_neurons` with that list."""
     arch = architecture(model)
     default_n, default_a = _default_split(arch.n_layers)
     n_layers = sorted({arch.check_layer(l) for l in (neuron_layers or default_n)})
@@ -223,11 +306,15 @@ def hidden_interpretable_neurons(
             raise InvalidOptionError(f"thresholds M are counts of tokens (0 or more), not {m!r}")
     if not 0 < top <= arch.d_vocab:
         raise MechcnaError(f"top must be in 1..{arch.d_vocab}, got {top}")
-    ids = sorted(concept_tokens(model, concepts))
-    is_concept = torch.zeros(arch.d_vocab, dtype=torch.bool, device=arch.device)
-    is_concept[ids] = True
-    counts = torch.full((arch.n_layers, arch.d_mlp), -1, dtype=torch.long)
-    best = torch.full((arch.n_layers, arch.d_mlp), -1, dtype=torch.long)
+    if not concept_lists:
+        raise MechcnaError("concept_lists is empty")
+    names = list(concept_lists)
+    ids = {k: sorted(concept_tokens(model, c)) for k, c in concept_lists.items()}
+    is_concept = torch.zeros(len(names), arch.d_vocab, dtype=torch.bool, device=arch.device)
+    for i, k in enumerate(names):
+        is_concept[i, ids[k]] = True
+    counts = torch.full((len(names), arch.n_layers, arch.d_mlp), -1, dtype=torch.long)
+    best = torch.full((len(names), arch.n_layers, arch.d_mlp), -1, dtype=torch.long)
     dtype = compute_dtype(arch.dtype)
     with torch.no_grad():
         for i in tqdm(n_layers, desc="neuron layers", disable=not progress):
@@ -235,37 +322,58 @@ def hidden_interpretable_neurons(
             W_out = arch.W_out(i).detach().to(dtype)
             for start in range(0, arch.d_mlp, chunk):
                 rows = W_out[start : start + chunk]
-                per_layer = torch.zeros(len(readers), rows.shape[0], dtype=torch.long)
+                stop = start + rows.shape[0]
+                per_layer = torch.zeros(len(names), len(readers), rows.shape[0], dtype=torch.long)
                 per_layer = per_layer.to(arch.device)
-                union = torch.zeros(rows.shape[0], arch.d_vocab, dtype=torch.bool)
-                union = union.to(arch.device) if aggregate == "union" else None
+                union = None
+                if aggregate == "union":
+                    union = torch.zeros(len(names), rows.shape[0], arch.d_vocab, dtype=torch.bool)
+                    union = union.to(arch.device)
                 for r, l in enumerate(readers):
                     logits = linear_part(arch, vo_transform(model, rows, l))
                     top_ids = logits.topk(top, -1).indices
-                    per_layer[r] = is_concept[top_ids].sum(-1)
-                    if union is not None:
-                        union.scatter_(1, top_ids, is_concept[top_ids])
-                if not readers:
-                    c = torch.zeros(rows.shape[0], dtype=torch.long)
-                    b = torch.full_like(c, -1)
-                else:
-                    best_count, arg = per_layer.max(0)
-                    c = best_count if union is None else union.sum(-1)
-                    b = torch.tensor(readers, device=arg.device)[arg]
-                    b = torch.where(c > 0, b, -1)
-                counts[i, start : start + rows.shape[0]] = c.cpu()
-                best[i, start : start + rows.shape[0]] = b.cpu()
-    return ZeroShotSearch(
-        counts=counts,
-        best_layer=best,
-        neuron_layers=tuple(n_layers),
-        attention_layers=tuple(a_layers),
-        concept_ids=tuple(ids),
-        top=top,
-        thresholds=tuple(int(m) for m in thresholds),
-        aggregate=aggregate,
-        processing=get_processing(model),
-    )
+                    for c in range(len(names)):
+                        hit = is_concept[c][top_ids]
+                        per_layer[c, r] = hit.sum(-1)
+                        if union is not None:
+                            union[c].scatter_(1, top_ids, hit)
+                for c in range(len(names)):
+                    if not readers:
+                        n = torch.zeros(rows.shape[0], dtype=torch.long)
+                        b = torch.full_like(n, -1)
+                    else:
+                        best_count, arg = per_layer[c].max(0)
+                        n = best_count if union is None else union[c].sum(-1)
+                        b = torch.tensor(readers, device=arg.device)[arg]
+                        b = torch.where(n > 0, b, -1)
+                    counts[c, i, start:stop] = n.cpu()
+                    best[c, i, start:stop] = b.cpu()
+    out = {}
+    for c, k in enumerate(names):
+        out[k] = ZeroShotSearch(
+            counts=counts[c].clone(),
+            best_layer=best[c].clone(),
+            neuron_layers=tuple(n_layers),
+            attention_layers=tuple(a_layers),
+            concept_ids=tuple(ids[k]),
+            top=top,
+            thresholds=tuple(int(m) for m in thresholds),
+            aggregate=aggregate,
+            processing=get_processing(model),
+        )
+        _warn_if_everything(out[k])
+    return out
+
+
+def _warn_if_everything(search: ZeroShotSearch) -> None:
+    every = [m for m in search.thresholds if len(search.neurons(m)) == search.n_searched]
+    if every and search.n_searched:
+        _log.warning(
+            "the zero-shot search selects every one of the %d searched neurons for M in %s "
+            "(top-%d tokens, %d concept tokens): those sets are no finding, and a random set "
+            "of the same size is the same set; use a larger M or fewer top tokens",
+            search.n_searched, every, search.top, len(search.concept_ids),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -344,10 +452,15 @@ def mask_experiment(
                 raise MechcnaError(f"set {name!r} is larger than the random pool")
             drawn = rng.sample(pool, len(neurons))
             racc = float(evaluate(model, [NeuronEdit(drawn)])) if drawn else base
+            everything = bool(neurons) and len(neurons) == len(pool)
+            if everything:
+                _log.warning("set %r is every neuron of the random pool: found and random are "
+                             "the same set", name)  # fmt: skip
             row |= {
                 "random_accuracy": racc,
                 "random_decrease": base - racc,
                 "random_relative_decrease": 100 * (base - racc) / base if base else float("nan"),
+                "selects everything": everything,
             }
         rows.append(row)
     return MaskExperiment(base, tuple(rows), get_processing(model))

@@ -135,11 +135,11 @@ def _top1(model: Model, prompts: Prompts) -> Tensor:
     return logits[rows, batch.positions.to(logits.device)].argmax(-1)
 
 
-def coefficient_increase(
+def coefficient_increase_per_case(
     comparison: LoraComparison, ks: Sequence[int] = (50, 30, 20, 10)
-) -> dict[str, float]:
-    """Table 10's cells for one LoRA model: mean over cases of the % increase of the summed
-    absolute coefficients of each case's top-K CNA neurons, from original to LoRA."""
+) -> dict[str, Float[Tensor, " prompt"]]:
+    """Per case: the % increase of the summed absolute coefficients of the case's top-K CNA
+    neurons, from original to LoRA (``{"top50": [prompt], ...}``)."""
     if not ks or any(k < 1 for k in ks):
         raise MechcnaError(f"ks must be positive, not {list(ks)}")
     m_o = comparison.coefficient_original.abs().double()
@@ -149,8 +149,17 @@ def coefficient_increase(
         top = comparison.comparison.top_mask(k)
         before = (m_o * top).sum((1, 2))
         after = (m_l * top).sum((1, 2))
-        out[f"top{k}"] = float((100.0 * (after - before) / before.clamp_min(1e-30)).mean())
+        out[f"top{k}"] = 100.0 * (after - before) / before.clamp_min(1e-30)
     return out
+
+
+def coefficient_increase(
+    comparison: LoraComparison, ks: Sequence[int] = (50, 30, 20, 10)
+) -> dict[str, float]:
+    """Table 10's cells for one LoRA model: mean over cases of the % increase of the summed
+    absolute coefficients of each case's top-K CNA neurons, from original to LoRA."""
+    per_case = coefficient_increase_per_case(comparison, ks)
+    return {k: float(v.mean()) for k, v in per_case.items()}
 
 
 def coefficient_increase_table(

@@ -86,6 +86,8 @@ class PruningResult:
         keep: the CNA-kept neurons of those layers.
         wall_s: wall time per stage (``cna``, ``lora_pruned_cna``, ``lora_pruned_random``).
         settings: k, seed, LoRA settings.
+        correct: per test case, whether each pruned model (``pruned_cna``, ``pruned_random``,
+            ``lora_pruned_cna``, ``lora_pruned_random``) answers it (for paired intervals).
     """
 
     accuracy: dict[str, float]
@@ -95,6 +97,7 @@ class PruningResult:
     keep: tuple[Neuron, ...] = field(repr=False)
     wall_s: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    correct: dict[str, tuple[bool, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def pruned_share(self) -> float:
@@ -161,9 +164,12 @@ def pruning_experiment(
     }
     if lora_accuracy is not None:
         acc["lora"] = lora_accuracy
+    correct: dict[str, tuple[bool, ...]] = {}
     for name, kept in (("cna", keep), ("random", rand)):
         pruned = prune_model(model, kept, layers)
-        acc[f"pruned_{name}"] = evaluate_accuracy(pruned, test, progress=False).accuracy
+        before = evaluate_accuracy(pruned, test, progress=False)
+        acc[f"pruned_{name}"] = before.accuracy
+        correct[f"pruned_{name}"] = tuple(bool(c) for c in before.correct.tolist())
         t0 = time.perf_counter()
         run = lora_finetune(
             pruned, lora_layer, train, test=test, accuracy_before=acc[f"pruned_{name}"],
@@ -171,8 +177,11 @@ def pruning_experiment(
         )  # fmt: skip
         acc[f"lora_pruned_{name}"] = run.accuracy_after
         wall[f"lora_pruned_{name}"] = time.perf_counter() - t0
+        if run.model is not None:  # per case, for a paired interval of the difference
+            after = evaluate_accuracy(run.model, test, progress=False).correct
+            correct[f"lora_pruned_{name}"] = tuple(bool(c) for c in after.tolist())
         del pruned, run
     return PruningResult(
         acc, n_total - len(keep), n_total, layers, tuple(keep), wall,
-        {"k": k, "seed": seed, "lora_layer": lora_layer, **lora},
+        {"k": k, "seed": seed, "lora_layer": lora_layer, **lora}, correct,
     )  # fmt: skip

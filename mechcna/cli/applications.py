@@ -213,6 +213,7 @@ def prune(args: argparse.Namespace, ctx: Context) -> "Report":
         "accuracy": res.accuracy, "n_pruned": res.n_pruned, "n_total": res.n_total,
         "pruned_share": res.pruned_share, "layers": list(res.layers), "cna_cases": len(cases),
         "wall_s": res.wall_s, "settings": res.settings,
+        "correct": {k: [int(c) for c in v] for k, v in res.correct.items()},
     })  # fmt: skip
     return report
 

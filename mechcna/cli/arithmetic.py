@@ -139,8 +139,27 @@ def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
 
 
 def _zero_shot_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--thresholds", nargs="+", type=int, default=[0, 1, 2, 3], help="values of M")
-    p.add_argument("--tokens", type=int, default=50, help="top tokens inspected (paper: 50)")
+    p.add_argument(
+        "--thresholds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="values of M (default: the smallest M whose set is at most 5%% of the searched "
+        "neurons and the next two; the paper's 0-3 select every neuron of a small model)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="top tokens inspected (default: the paper's 50, or 10 for a vocabulary under 1,000)",
+    )
+    p.add_argument(
+        "--concepts",
+        choices=["all", "pruned"],
+        default="all",
+        help="concept list: all (digits, number words, operators) or pruned (without common "
+        "English words such as one, second, times, product)",
+    )
     p.add_argument("--aggregate", choices=["max", "union"], default="max")
     p.add_argument("--mask-test", action="store_true", help="zero each set vs a random one")
     add_dataset(p)
@@ -150,18 +169,25 @@ def _zero_shot_args(p: argparse.ArgumentParser) -> None:
 @command(
     "zero-shot",
     "search shallow FFN neurons whose attention-moved value vectors show number tokens",
-    "mechcna zero-shot --thresholds 1 2 3 --mask-test --operations + --digits 1",
+    "mechcna zero-shot --mask-test --operations + --digits 1",
     _zero_shot_args,
 )
 def zero_shot(args: argparse.Namespace, ctx: Context) -> "Report":
     from mechcna.analyses.evaluation import evaluate_accuracy
-    from mechcna.analyses.shallow import hidden_interpretable_neurons, mask_experiment
+    from mechcna.analyses.shallow import (
+        PRUNED_CONCEPTS,
+        hidden_interpretable_neurons,
+        mask_experiment,
+    )
 
     model = ctx.model
+    tokens = args.tokens or (50 if model.cfg.d_vocab >= 1000 else 10)
     search = hidden_interpretable_neurons(
-        model, top=args.tokens, thresholds=args.thresholds, aggregate=args.aggregate,
-        progress=ctx.progress,
+        model, top=tokens, thresholds=args.thresholds or (), aggregate=args.aggregate,
+        concepts=PRUNED_CONCEPTS if args.concepts == "pruned" else None, progress=ctx.progress,
     )  # fmt: skip
+    if args.thresholds is None:
+        search = search.selective()
     report = ctx.report("Zero-shot search for hidden-interpretable shallow neurons")
     report.table(search.summary(), "neurons with at least M concept tokens", "ARITH Table 8")
     report.table(search.top_neurons(args.top), "searched neurons with the most concept tokens")

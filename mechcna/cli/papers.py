@@ -22,9 +22,10 @@ def _args(p: argparse.ArgumentParser) -> None:
         "--preset",
         choices=["quick", "standard", "paper", "full"],
         default=None,
-        help="sizes: quick (minutes, verdicts mostly inconclusive), standard (sized by power, "
-        "about an hour for SmolLM2 on 2 cores), paper (the papers' sizes, hours, resumable), "
-        "full (the earlier default); --quick is --preset quick",
+        help="sizes: quick (minutes, verdicts mostly inconclusive), standard (the default: "
+        "sized by power, about an hour for SmolLM2 on 2 cores), paper (the papers' sizes, "
+        "hours, resumable), full (the earlier, smaller default; too small to decide most "
+        "claims); --quick is --preset quick",
     )
     p.add_argument(
         "--filter-top-k",
@@ -32,6 +33,13 @@ def _args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="knowledge filter: keep prompts whose gold answer is in the top K (10: the "
         "paper's, the default; 1: the model's top-1 answer)",
+    )
+    p.add_argument(
+        "--prompt-form",
+        choices=["auto", "zero-shot", "few-shot", "both"],
+        default=None,
+        help="arithmetic prompts (default: the preset's, zero-shot as in the paper): both runs "
+        "every arithmetic stage once per form, side by side, claims labelled with their form",
     )
     p.add_argument(
         "--resume",
@@ -50,10 +58,12 @@ def _args(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> "ReproduceSettings":
     from mechcna.reproduce import ReproduceSettings
 
-    name = args.preset or ("quick" if args.quick else "full")
+    name = args.preset or ("quick" if args.quick else "standard")
     s = ReproduceSettings.named(name)
     if args.filter_top_k:
         s = replace(s, knowledge_top_k=args.filter_top_k)
+    if args.prompt_form:
+        s = replace(s, prompt_form=args.prompt_form)
     return s
 
 
@@ -93,6 +103,7 @@ def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     flags += ["--quick"] * bool(args.quick) + [f"--lock {args.lock}"] * bool(args.lock)
     flags += [f"--preset {args.preset}"] * bool(args.preset)
     flags += [f"--filter-top-k {args.filter_top_k}"] * bool(args.filter_top_k)
+    flags += [f"--prompt-form {args.prompt_form}"] * bool(args.prompt_form)
     flags += [f"--ray {args.ray}".rstrip()] * (args.ray is not None)
     flags += [f"--workers {args.workers}"] * (args.workers is not None)
     command = " ".join(["mechcna reproduce", *flags])

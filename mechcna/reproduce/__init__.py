@@ -80,7 +80,7 @@ def reproduce(
         paper: ``"attribution"``, ``"arithmetic"`` or ``"both"``.
         quick: use :meth:`ReproduceSettings.quick` (ignored when ``settings`` is given).
         settings: sizes and policies, or a preset name (``"quick"``, ``"standard"``,
-            ``"paper"``, ``"full"``; default :meth:`ReproduceSettings.full`).
+            ``"paper"``, ``"full"``; default :meth:`ReproduceSettings.standard`).
         progress: a progress bar over stages.
         lock: a file to ``flock`` during each stage, released between stages (for machines
             shared with other heavy jobs; stage wall times then exclude the waits).
@@ -101,7 +101,7 @@ def reproduce(
         raise MechcnaError(f"paper must be attribution, arithmetic or both, not {paper!r}")
     if isinstance(settings, str):
         settings = ReproduceSettings.named(settings)
-    s = settings or (ReproduceSettings.quick() if quick else ReproduceSettings.full())
+    s = settings or (ReproduceSettings.quick() if quick else ReproduceSettings.standard())
     _log.info("expected stage times (s):\n%s", expected_times(model, s, paper).round(0))
     saved = (
         Checkpoint(checkpoint, str(model.cfg.model_name), paper, vars(s)) if checkpoint else None
@@ -139,14 +139,20 @@ def reproduce(
             keep("walkthrough", lambda: query.walkthrough_stage(
                 model, get(*data), get(*ffn), get(*att))),
         ]  # fmt: skip
-    if paper in ("arithmetic", "both"):
-        cases, head = ("arithmetic_data", "dataset"), ("heads", "head")
+    for x, f in arith.prompt_forms(s) if paper in ("arithmetic", "both") else []:
+        # one chain per prompt form; with prompt_form="both" stage names end in @<form>
+
+        def form(fn: Callable[[], StageResult], x: str = x) -> Callable[[], StageResult]:
+            return lambda: arith.with_form(fn(), x)
+
+        cases, head = (f"arithmetic_data{x}", "dataset"), (f"heads{x}", "head")
         stages += [
-            keep("arithmetic_data", lambda: arith.arithmetic_stage(model, s)),
-            keep("heads", lambda: arith.head_stage(model, get(*cases), s)),
-            keep("cna", lambda: arith.cna_stage(model, get(*cases), get(*head), s)),
-            keep("shallow", lambda: shallow_stage.shallow_stage(
-                model, get("cna", "cases"), get("heads", "shallow_head"), s)),
+            keep(cases[0], form(lambda f=f: arith.arithmetic_stage(model, f))),
+            keep(head[0], form(lambda f=f, c=cases: arith.head_stage(model, get(*c), f))),
+            keep(f"cna{x}", form(lambda f=f, c=cases, h=head: arith.cna_stage(
+                model, get(*c), get(*h), f))),
+            keep(f"shallow{x}", form(lambda f=f, x=x: shallow_stage.shallow_stage(
+                model, get(f"cna{x}", "cases"), get(f"heads{x}", "shallow_head"), f))),
         ]  # fmt: skip
     refuse_without_ray_extra(ray)
     if ray is not None:

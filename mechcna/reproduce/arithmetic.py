@@ -65,6 +65,26 @@ def apply_prompt_form(
     return ArithmeticDataset(cases, dataset.policies | {"prompt_form": form, "shots": shots})
 
 
+def prompt_forms(settings: ReproduceSettings) -> list[tuple[str, ReproduceSettings]]:
+    """The arithmetic chains a run makes: ``[("", settings)]`` for one prompt form, or
+    ``[("@zero-shot", zero-shot settings), ("@few-shot", few-shot settings)]`` for
+    ``prompt_form="both"`` (the suffix names the chain's stages)."""
+    if settings.prompt_form != "both":
+        return [("", settings)]
+    return [(f"@{f}", replace(settings, prompt_form=f)) for f in ("zero-shot", "few-shot")]
+
+
+def with_form(result: StageResult, suffix: str) -> StageResult:
+    """``result`` of one chain of a ``prompt_form="both"`` run: its name and title carry the
+    form (``heads@few-shot``) and each claim starts with ``[few-shot prompts]``."""
+    if not suffix:
+        return result
+    form = suffix.lstrip("@")
+    claims = tuple(replace(c, claim=f"[{form} prompts] {c.claim}") for c in result.claims)
+    return replace(result, name=result.name + suffix, title=f"{result.title} ({form} prompts)",
+                   claims=claims)  # fmt: skip
+
+
 def _subsample(dataset: ArithmeticDataset, n: int | None, seed: int) -> ArithmeticDataset:
     if n is None or len(dataset) <= n:
         return dataset

@@ -194,7 +194,8 @@ def value_neuron_stage(
                 f"{kind} value neurons concentrate in medium-deep layers (test: over half of "
                 f"each prompt's top-{k} {kind} value neurons are in the upper half of the "
                 "layers; bootstrap over prompts)",
-                f"Figure 2: most top {kind} value neurons in medium-deep layers (Llama-7B, GPT-2)",
+                f"Figure 2: most top {kind} value neurons in medium-deep layers (Llama-7B, GPT-2) "
+                "(secondary source)",
                 f"upper half holds {100 * test.estimate:.0f}% of top {kind} value neurons",
                 test,
             )
@@ -212,7 +213,8 @@ def value_neuron_stage(
         st.claim(
             "Both attention and FFN layers store knowledge (test: the smaller of the two has "
             "more than 20% of the summed positive layer importance)",
-            "Table 3: sizeable importance sums for both attention and FFN layers in every type",
+            "Table 3: sizeable importance sums for both attention and FFN layers in every type "
+            "(secondary source)",
             f"attention {100 * share:.0f}% / FFN {100 * (1 - share):.0f}% of positive importance",
             test,
         )

@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float
 from scipy import stats as sps
 
 from mechcna.analyses.head_results import HeadSweep
+from mechcna.analyses.shallow import selective_thresholds
 from mechcna.reproduce.stats import Side, Test, bootstrap_test, relative_decrease
 
 
@@ -170,18 +171,9 @@ def chance_rate(d_vocab: int, n_concepts: int, top: int, m: int, readers: int = 
     return 1.0 - (1.0 - one) ** max(readers, 1)
 
 
-def auto_thresholds(
-    counts: np.ndarray, pool: int, share: float = 0.05, extra: int = 2, top: int | None = None
-) -> tuple[int, ...]:
-    """Thresholds ``M`` for the zero-shot search: the smallest ``M >= 1`` whose set
-    (count ``>= M``) is at most ``share`` of the ``pool``, and the ``extra`` next ones (so
-    both readings ``>= M`` and ``> M`` = ``>= M+1`` are shown). Falls back to the largest
-    count when no ``M`` is that selective."""
-    counts = np.asarray(counts)
-    most = max(int(counts.max()) if counts.size else 1, 1)
-    m0 = next((m for m in range(1, most + 1) if (counts >= m).sum() <= share * pool), most)
-    last = m0 + extra if top is None else min(m0 + extra, top)
-    return tuple(range(m0, last + 1))
+#: Thresholds ``M`` whose sets are a few percent of the pool
+#: (:func:`mechcna.analyses.shallow.selective_thresholds`).
+auto_thresholds = selective_thresholds
 
 
 def number_concepts() -> set[str]:

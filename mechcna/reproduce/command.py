@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--preset",
         choices=["quick", "standard", "paper", "full"],
         default=None,
-        help="sizes (see ReproduceSettings); --quick is --preset quick",
+        help="sizes (see ReproduceSettings; default standard); --quick is --preset quick",
     )
     p.add_argument(
         "--filter-top-k",
@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="knowledge filter rank (10: the paper's, default; 1: top-1)",
     )
+    forms = ["auto", "zero-shot", "few-shot", "both"]
+    p.add_argument("--prompt-form", choices=forms, help="arithmetic prompts (both: side by side)")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -52,9 +54,11 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, run the stages, write the page; prints the claim table."""
     out = check_out_dir(args.out)  # fail on a bad folder before any work
     model = load_model(args.model, device=args.device)
-    settings = ReproduceSettings.named(args.preset or ("quick" if args.quick else "full"))
+    settings = ReproduceSettings.named(args.preset or ("quick" if args.quick else "standard"))
     if args.filter_top_k:
         settings = replace(settings, knowledge_top_k=args.filter_top_k)
+    if args.prompt_form:
+        settings = replace(settings, prompt_form=args.prompt_form)
     sys.stdout.write(
         "expected stage times (s, rough, 2-core CPU):\n"
         + expected_times(model, settings, args.paper).round(1).to_string(index=False)
@@ -65,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
                     lock=args.lock, checkpoint=resume)  # fmt: skip
     command = f"mechcna reproduce --model {args.model} --paper {args.paper}"
     command += " --quick" * bool(args.quick) + f" --preset {args.preset}" * bool(args.preset)
+    command += f" --prompt-form {args.prompt_form}" * bool(args.prompt_form)
     prov = Provenance.from_model(model, command=command)
     page = write_report(rep, out, prov)
     frame = rep.claims[["claim", "n", "estimate", "lo", "hi", "test", "verdict"]]

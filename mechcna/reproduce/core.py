@@ -310,7 +310,9 @@ def run_stages(
 
 @dataclass(frozen=True)
 class ReproduceSettings:
-    """Sizes and policies of a reproduction run (``quick()`` and ``full()`` are the presets).
+    """Sizes and policies of a reproduction run (presets ``quick()``, ``standard()``, the
+    default of :func:`mechcna.reproduce.reproduce` and the command line, ``paper()`` and
+    ``full()``; the field defaults are ``full()``'s, the earlier and smaller sizes).
 
     Attribution paper:
         knowledge_top_k: the filter's rank threshold: 10 (the paper's: the gold answer is among
@@ -332,9 +334,13 @@ class ReproduceSettings:
     Arithmetic paper:
         operations, digits, templates: the dataset cells (1,600 sentences in the paper).
         n_pairs: operand pairs per (operation, digits) cell.
-        prompt_form: ``"zero-shot"``, ``"few-shot"`` (``shots`` solved examples of the same
-            operation, digits and template before each prompt, one per line) or ``"auto"``
-            (few-shot when the tokenizer has a newline token, else zero-shot).
+        prompt_form: ``"zero-shot"`` (the paper's), ``"few-shot"`` (``shots`` solved examples
+            of the same operation, digits and template before each prompt, one per line),
+            ``"auto"`` (few-shot when the tokenizer has a newline token, else zero-shot) or
+            ``"both"``: every arithmetic stage runs once per form (stages ``heads@zero-shot``,
+            ``heads@few-shot``, ...; each claim labelled with its form), side by side. Zeroing
+            neurons at every position also hits the solved examples of a few-shot prefix, so
+            the two forms can disagree.
         sweep_cases: at most this many cases in the head sweep (``None``: all); they are split
             into a selection half (the top head is chosen there) and an evaluation half (its
             claim is scored there).
@@ -347,6 +353,9 @@ class ReproduceSettings:
         thresholds: the M of Table 8 (``None``: the smallest M whose set is at most
             ``zero_shot_share`` of the searched pool, and the next two).
         zero_shot_share: see ``thresholds`` (the paper's sets are 0.3-5.9% of its pool).
+        zero_shot_concepts: the concept list of Table 8: ``"all"`` (the default list of
+            :mod:`mechcna.analyses.shallow`), ``"pruned"`` (without its common English words,
+            ``COMMON_WORDS``) or ``"both"`` (one table and claim each, from one search pass).
         zero_shot_layers: attention layers that transform shallow neurons (``None``: the
             ``zero_shot_readers`` layers up to and including the head's layer; the paper used
             all of 0-16 for head 17_22, each reader costs a vocabulary projection of every
@@ -373,7 +382,7 @@ class ReproduceSettings:
     digits: tuple[int, ...] = (1, 2)
     templates: tuple[int, ...] = (4,)
     n_pairs: int = 10
-    prompt_form: Literal["auto", "zero-shot", "few-shot"] = "auto"
+    prompt_form: Literal["auto", "zero-shot", "few-shot", "both"] = "auto"
     shots: int = 2
     sweep_cases: int | None = 16
     cna_cases: int | None = 6
@@ -384,6 +393,7 @@ class ReproduceSettings:
     zero_shot_layers: tuple[int, ...] | None = None
     zero_shot_readers: int | None = 2
     zero_shot_share: float = 0.05
+    zero_shot_concepts: Literal["all", "pruned", "both"] = "both"
     random_draws: int = 5
     seed: int = 0
     preset: str = "custom"
@@ -437,7 +447,8 @@ class ReproduceSettings:
     @classmethod
     def full(cls) -> "ReproduceSettings":
         """The earlier default sizes (about 10 minutes of stage time for SmolLM2-135M; too
-        small to decide most claims: see :meth:`standard`)."""
+        small to decide most claims: see :meth:`standard`, the default now). Kept for
+        comparison with the records made with it."""
         return cls(preset="full")
 
     @classmethod

@@ -41,7 +41,17 @@ PAPER_REFS: dict[tuple[str, str], str] = {
     ("shallow", "table7"): "ARITH Table 7 (operand rows)",
     ("shallow", "table7_neurons"): "ARITH Table 7 (neuron rows)",
     ("shallow", "table8"): "ARITH Table 8",
+    ("shallow", "table8_pruned"): "ARITH Table 8 (concepts without common English words)",
+    ("shallow", "table7_neurons_pruned"): "ARITH Table 7 (neuron rows, pruned concepts)",
+    ("shallow", "zero_shot"): "ARITH Table 8",
+    ("shallow", "zero_shot_pruned"): "ARITH Table 8 (pruned concepts)",
 }
+
+
+def _ref(stage: str, key: str) -> str | None:
+    """The paper reference of a stage's table or figure (a ``prompt_form="both"`` stage such
+    as ``heads@few-shot`` has its base stage's)."""
+    return PAPER_REFS.get((stage.split("@")[0], key))
 
 
 VERDICT_NOTE = (
@@ -102,7 +112,7 @@ def to_markdown(rep: Reproduction) -> str:
         lines += [f"### {st.title} ({st.seconds:.1f} s)", ""]
         lines += [n + "\n" for n in st.notes]
         for key, table in st.tables.items():
-            ref = PAPER_REFS.get((st.name, key))
+            ref = _ref(st.name, key)
             index = not isinstance(table.index, pd.RangeIndex)
             lines += [f"**{key}**" + (f" ({ref})" if ref else ""), ""]
             lines += [markdown_table(table, index), ""]
@@ -140,10 +150,10 @@ def build_report(rep: Reproduction, provenance: Provenance | None = None) -> Rep
         report.section(f"{st.title} ({st.seconds:.1f} s)", "\n\n".join(st.notes))
         for key, table in st.tables.items():
             index = not isinstance(table.index, pd.RangeIndex)
-            report.table(table, f"{st.name}: {key}", PAPER_REFS.get((st.name, key)),
+            report.table(table, f"{st.name}: {key}", _ref(st.name, key),
                          name=f"{st.name}-{key}", index=index)  # fmt: skip
         for key, fig in st.figures.items():
-            report.figure(fig, f"{st.name}: {key}", PAPER_REFS.get((st.name, key)))
+            report.figure(fig, f"{st.name}: {key}", _ref(st.name, key))
     return report
 
 

@@ -84,7 +84,9 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
             )
         )
         sweep = cases if s.sweep_cases is None else min(cases, s.sweep_cases)
-        few = 2.0 if s.prompt_form != "zero-shot" else 1.0
+        # few-shot prompts cost about twice as much; "both" runs a zero-shot and a few-shot chain
+        few = {"zero-shot": 1.0, "both": 3.0}.get(s.prompt_form, 2.0)
+        chains = 2 if s.prompt_form == "both" else 1
         heads = model.cfg.n_layers * model.cfg.n_heads
         cna = 0.8 * (100 if s.cna_split == "all" else cases / max(len(s.digits), 1) / 2)
         cna = cna if s.cna_cases is None else min(cna, s.cna_cases)
@@ -95,7 +97,7 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
             ("arithmetic", "arithmetic_data", u["arithmetic_data"] * cases * few),
             ("arithmetic", "heads", u["heads"] * sweep * heads * few),
             ("arithmetic", "cna", u["cna"] * cna * passes * few),
-            ("arithmetic", "shallow", u["shallow"] * layer * readers / 2),
+            ("arithmetic", "shallow", chains * u["shallow"] * layer * readers / 2),
         ]
     frame = pd.DataFrame(rows, columns=["paper", "stage", "expected seconds"])
     frame["expected seconds"] *= scale

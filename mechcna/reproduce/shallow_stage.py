@@ -10,8 +10,9 @@ import pandas as pd
 
 from mechcna.analyses.evaluation import evaluate_accuracy
 from mechcna.analyses.shallow import (
+    PRUNED_CONCEPTS,
     ZeroShotSearch,
-    hidden_interpretable_neurons,
+    hidden_interpretable_searches,
 )
 from mechcna.analyses.transfer import transform_through_attention
 from mechcna.engine.projection import top_tokens
@@ -72,25 +73,43 @@ def operand_tokens_table(
     return pd.DataFrame(rows), counts
 
 
-def _search(
+def _searches(
     model: Model, layer: int, settings: ReproduceSettings
-) -> tuple[ZeroShotSearch, int, tuple[int, ...]]:
+) -> dict[str, tuple[ZeroShotSearch, int, tuple[int, ...]]]:
+    """The zero-shot search below ``layer`` for each concept list of
+    ``settings.zero_shot_concepts`` (``"all"``: the default list; ``"pruned"``: without common
+    English words, :data:`~mechcna.analyses.shallow.COMMON_WORDS`), in one pass: ``{list:
+    (search, pool size, thresholds)}``, the thresholds chosen per list unless set."""
     big = model.cfg.d_vocab >= 1000
     top = settings.zero_shot_top or (50 if big else 10)
     n_read = settings.zero_shot_readers
     first = 0 if n_read is None else max(0, layer + 1 - n_read)
     readers = settings.zero_shot_layers or tuple(range(first, layer + 1))
-    search = hidden_interpretable_neurons(
-        model, neuron_layers=range(layer), attention_layers=readers, top=top,
-        thresholds=settings.thresholds or (1,),
+    which = settings.zero_shot_concepts
+    lists = {"all": None, "pruned": PRUNED_CONCEPTS}
+    names = ["all", "pruned"] if which == "both" else [which]
+    if any(n not in lists for n in names):
+        raise MechcnaError(f"zero_shot_concepts must be all, pruned or both, not {which!r}")
+    found = hidden_interpretable_searches(
+        model, {n: lists[n] for n in names}, neuron_layers=range(layer), attention_layers=readers,
+        top=top, thresholds=settings.thresholds or (),
     )  # fmt: skip
-    pool = len(search.neuron_layers) * int(model.cfg.d_mlp or 0)
-    if settings.thresholds is None:
-        searched = search.counts[search.counts >= 0].numpy()
-        search = replace(
-            search, thresholds=ct.auto_thresholds(searched, pool, settings.zero_shot_share, top=top)
-        )
-    return search, pool, search.thresholds
+    pool = len(range(layer)) * int(model.cfg.d_mlp or 0)
+    out = {}
+    for name, search in found.items():
+        if settings.thresholds is None:
+            searched = search.counts[search.counts >= 0].numpy()
+            ms = ct.auto_thresholds(searched, pool, settings.zero_shot_share, top=top)
+            search = replace(search, thresholds=ms)
+        out[name] = (search, pool, search.thresholds)
+    return out
+
+
+def _search(
+    model: Model, layer: int, settings: ReproduceSettings
+) -> tuple[ZeroShotSearch, int, tuple[int, ...]]:
+    """The first concept list's search of :func:`_searches`."""
+    return next(iter(_searches(model, layer, settings).values()))
 
 
 def zero_shot_table(
@@ -98,8 +117,10 @@ def zero_shot_table(
     cases: ArithmeticDataset,
     layer: int,
     settings: ReproduceSettings,
+    searched: tuple[ZeroShotSearch, int, tuple[int, ...]] | None = None,
 ) -> tuple[pd.DataFrame, ZeroShotSearch, dict]:
-    """Table 8: the zero-shot search below ``layer`` and its masking test on ``cases``.
+    """Table 8: the zero-shot search below ``layer`` (``searched``, or :func:`_search`) and its
+    masking test on ``cases``.
 
     One row per ``M`` (``settings.thresholds``, or by default the smallest ``M`` whose set is
     at most ``zero_shot_share`` of the pool and the next two, so both readings ``>= M`` and
@@ -113,7 +134,7 @@ def zero_shot_table(
 
     from mechcna.interventions.edits import NeuronEdit
 
-    search, pool, thresholds = _search(model, layer, settings)
+    search, pool, thresholds = searched or _search(model, layer, settings)
     d_mlp = int(model.cfg.d_mlp or 0)
     pool_neurons = [(l, j) for l in search.neuron_layers for j in range(d_mlp)]
     n_readers = len(search.attention_layers)
@@ -205,28 +226,51 @@ def shallow_stage(
         st.tables["table7"] = t7
         _operand_claim(st, layer, counts, settings)
         if layer > 0 and len(cases):
-            t8, search, per_case = zero_shot_table(model, cases, layer, settings)
-            st.tables["table8"] = t8
-            st.tables["table7_neurons"] = hidden_neuron_rows(model, search)
-            st.figures["zero_shot"] = search.plot()
-            st.data["zero_shot"] = per_case
-            pool = len(search.neuron_layers) * int(model.cfg.d_mlp or 0)
-            _zero_shot_claim(st, t8, per_case, pool, settings)
-            everything = t8.loc[t8["selects everything"], "M (count >= M)"].tolist()
-            st.notes.append(
-                f"Neurons of layers 0-{layer - 1} through attention layers "
-                f"{list(search.attention_layers)} (full-layer VO, scale 1), top-{search.top} "
-                f"tokens, {len(search.concept_ids)} concept tokens, M in "
-                f"{list(search.thresholds)} (chosen so the sets are a few percent of the "
-                f"{pool}-neuron pool unless set); accuracy over the {len(cases)} CNA cases; "
-                f"{settings.random_draws} random sets per M. 'chance rate' is the probability "
-                "that a random direction reaches M concepts through at least one reader."
-                + (f" The search selects every neuron for M in {everything}: found and random "
-                   "are then the same set." if everything else "")
-            )  # fmt: skip
+            for name, searched in _searches(model, layer, settings).items():
+                _zero_shot_part(st, model, cases, layer, settings, name, searched)
         else:
             st.notes.append("Zero-shot search skipped: no layer below the head, or no case.")
     return st.result()
+
+
+#: How each concept list is named in table keys, claims and notes.
+_LISTS = {
+    "all": ("", "the default concept list"),
+    "pruned": ("_pruned", "the concept list without common English words (COMMON_WORDS)"),
+}
+
+
+def _zero_shot_part(
+    st: StageBuilder,
+    model: Model,
+    cases: ArithmeticDataset,
+    layer: int,
+    settings: ReproduceSettings,
+    name: str,
+    searched: tuple[ZeroShotSearch, int, tuple[int, ...]],
+) -> None:
+    """Table 8, its neuron rows, figure, claim and note for one concept list."""
+    suffix, words = _LISTS[name]
+    t8, search, per_case = zero_shot_table(model, cases, layer, settings, searched)
+    t8.insert(0, "concepts", f"{name} ({len(search.concept_ids)} tokens)")
+    st.tables[f"table8{suffix}"] = t8
+    st.tables[f"table7_neurons{suffix}"] = hidden_neuron_rows(model, search)
+    st.figures[f"zero_shot{suffix}"] = search.plot()
+    st.data[f"zero_shot{suffix}"] = per_case
+    pool = searched[1]
+    _zero_shot_claim(st, t8, per_case, pool, settings, "" if not suffix else words)
+    everything = t8.loc[t8["selects everything"], "M (count >= M)"].tolist()
+    st.notes.append(
+        f"Table 8 with {words}: neurons of layers 0-{layer - 1} through attention layers "
+        f"{list(search.attention_layers)} (full-layer VO, scale 1), top-{search.top} "
+        f"tokens, {len(search.concept_ids)} concept tokens, M in "
+        f"{list(search.thresholds)} (chosen so the sets are a few percent of the "
+        f"{pool}-neuron pool unless set); accuracy over the {len(cases)} CNA cases; "
+        f"{settings.random_draws} random sets per M. 'chance rate' is the probability "
+        "that a random direction reaches M concepts through at least one reader."
+        + (f" The search selects every neuron for M in {everything}: found and random "
+           "are then the same set." if everything else "")
+    )  # fmt: skip
 
 
 def _operand_claim(st: StageBuilder, layer: int, counts: dict, settings: ReproduceSettings) -> None:
@@ -259,13 +303,20 @@ def _operand_claim(st: StageBuilder, layer: int, counts: dict, settings: Reprodu
 
 
 def _zero_shot_claim(
-    st: StageBuilder, t8: pd.DataFrame, per_case: dict, pool: int, settings: ReproduceSettings
+    st: StageBuilder,
+    t8: pd.DataFrame,
+    per_case: dict,
+    pool: int,
+    settings: ReproduceSettings,
+    concepts: str = "",
 ) -> None:
+    """The Table 8 claim; ``concepts`` names a concept list other than the default one."""
+    which = f" (found with {concepts})" if concepts else ""
     tested = t8[(t8["n_neurons"] > 0) & (t8["n_neurons"] < pool)]
     if not len(tested):
         why = "every set is empty or selects every searched neuron"
-        st.claim("Zeroing the hidden-interpretable shallow neurons hurts more than zeroing an "
-                 "equally large random set", f"M=2: 1,953 neurons -53.9% vs random "
+        st.claim(f"Zeroing the hidden-interpretable shallow neurons{which} hurts more than "
+                 "zeroing an equally large random set", f"M=2: 1,953 neurons -53.9% vs random "
                  f"-{paper.ZERO_SHOT_RANDOM}% (Table 8)", why, None)  # fmt: skip
         return
     row = tested.iloc[0]
@@ -284,8 +335,8 @@ def _zero_shot_claim(
         for _, r in tested.iterrows()
     )
     st.claim(
-        "Zeroing the hidden-interpretable shallow neurons hurts more than zeroing an equally "
-        f"large random set (test: M={m}, the first set at most a few percent of the pool; "
+        f"Zeroing the hidden-interpretable shallow neurons{which} hurts more than zeroing an "
+        f"equally large random set (test: M={m}, the first set at most a few percent of the pool; "
         "estimate = found minus mean random decrease, in points)",
         f"M=2: 1,953 neurons (1.1% of the pool) -53.9% vs random -{paper.ZERO_SHOT_RANDOM}% "
         "(Table 8)",
