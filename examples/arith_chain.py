@@ -1,4 +1,4 @@
-"""The four-stage arithmetic chain on the shipped model (ARITH sections 3-4, METHODS 6-8).
+"""The four-stage arithmetic chain on the shipped model (ARITH sections 3-4, docs/methods.md 6-8).
 
 Run: ``.venv/bin/python examples/arith_chain.py [--head L.H] > docs/arith_chain.md``
 

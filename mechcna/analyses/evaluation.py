@@ -1,7 +1,7 @@
 """Arithmetic accuracy: greedy next-token accuracy on teacher-forced cases (ARITH section 3).
 
 The paper measures how much zeroing a head lowers arithmetic accuracy (Tables 1 to 3 and
-24 to 27; METHODS.md 6.2). Accuracy is taken per teacher-forced case: the model is correct
+24 to 27; docs/methods.md 6.2). Accuracy is taken per teacher-forced case: the model is correct
 when the argmax of its next-token distribution at the prompt's last token is the expected
 answer token. :func:`evaluate_accuracy` computes it for a whole
 :class:`~mechcna.tasks.arithmetic.ArithmeticDataset` in right-padded batches, optionally under

@@ -5,7 +5,7 @@ correctness and target log-probability next to the unablated baseline, and aggre
 label cell (operation, digits, template, ...) into the forms of the paper's Tables 1, 2 and 24
 to 27 (original accuracy, top heads with their accuracies, relative decrease) and layer x head
 heatmaps. :class:`HeadEffects` is the one-prompt version of :func:`mechcna.
-single_prompt_head_effects` (METHODS.md 6.1).
+single_prompt_head_effects` (docs/methods.md 6.1).
 
 Example:
     >>> sweep = mechcna.head_sweep(model, dataset)                    # doctest: +SKIP
@@ -304,7 +304,7 @@ class HeadSweep:
 # --------------------------------------------------------------------- single prompt
 @dataclass(frozen=True, eq=False)
 class HeadEffects:
-    """The target's probability after ablating each head, on one prompt (METHODS 6.1).
+    """The target's probability after ablating each head, on one prompt (docs/methods.md 6.1).
 
     Attributes:
         heads: the ablated ``(layer, head)`` pairs.

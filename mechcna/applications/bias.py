@@ -50,7 +50,7 @@ from mechcna.tasks.arithmetic import ArithmeticDataset
 GENDERS: tuple[str, str] = ("woman", "man")
 #: ARITH Table 22: the eight prompt templates; ``{g}`` is the gender word.
 PAPER_TEMPLATES: tuple[str, ...] = (*occupations.TEMPLATES, "The work of a {g} involves")
-#: ARITH Table 23 (as recovered; METHODS.md 9): woman-biased professions.
+#: ARITH Table 23 (as recovered; docs/methods.md 9): woman-biased professions.
 PAPER_WOMAN: tuple[str, ...] = (
     "cleaner", "nurse", "secretary", "domestic helper", "maid", "reception", "seller",
     "server", "librarian", "pharmacist", "translator", "beautician", "dental assistant",

@@ -1,4 +1,4 @@
-"""LoRA on one attention layer at a time, and what it changes (ARITH section 5; METHODS.md 9).
+"""LoRA on one attention layer at a time, and what it changes (ARITH section 5; docs/methods.md 9).
 
 The arithmetic paper fine-tunes Llama-7B with LoRA on **one** attention layer at a time on
 2-digit arithmetic with negatives, and finds that shallow-layer LoRAs raise accuracy most

@@ -1,4 +1,4 @@
-"""Pruning guided by Comparative Neuron Analysis (ARITH section 5, Table 11; METHODS.md 9).
+"""Pruning guided by Comparative Neuron Analysis (ARITH section 5, Table 11; docs/methods.md 9).
 
 The paper runs CNA between the original model and its layer-9 LoRA model on every 1-digit
 ``+ - * /`` case, keeps the union of each case's top-500 neurons, zeroes every other FFN neuron

@@ -1,4 +1,4 @@
-"""Subcommands for the arithmetic paper's applications (ARITH section 5 and 6.2; METHODS.md 9):
+"""Subcommands for the arithmetic paper's applications (ARITH section 5 and 6.2; docs/methods.md 9):
 LoRA on one attention layer at a time and its CNA (Figure 2, Tables 9-10), CNA-guided pruning
 (Table 11) and gender-bias editing (Tables 12-13).
 

@@ -1,6 +1,6 @@
 """Projection into the vocabulary with a frozen final norm: the papers' ``bs`` values.
 
-METHODS.md section 3. Every score in mechcna goes through one map, which sends a
+docs/methods.md section 3. Every score in mechcna goes through one map, which sends a
 residual-space vector ``v`` to vocabulary logits using the final norm's scale ``s`` **frozen**
 from the real forward pass at the scored position (it is not recomputed for partial sums):
 

@@ -359,7 +359,7 @@ class NeuronMask:
 @dataclass(frozen=True, eq=False)
 class AttentionNeuronEdit:
     """Remove attention neurons' contributions at one query position (ATTR's intervention on
-    "value attention neurons"; METHODS 4.5 and 4.6).
+    "value attention neurons"; docs/methods.md 4.5 and 4.6).
 
     Neuron ``(layer, source_pos, head, dim)`` writes ``pattern[head, T, source_pos] *
     v[source_pos, head, dim]`` into ``z[T, head, dim]`` (then row ``dim`` of ``W_O[head]``); this

@@ -15,7 +15,7 @@
 
 Weight processing (folding LayerNorm, centring, folding value biases) changes raw inner
 products and some scores, so the default is **no processing**: scores then follow the papers'
-definitions (METHODS.md sections 3 and 10). Whatever was applied is recorded on the model and
+definitions (docs/methods.md sections 3 and 10). Whatever was applied is recorded on the model and
 read back with :func:`get_processing`.
 
 BOS follows the model's own tokenizer: a prompt gets a BOS token exactly when the Hugging Face

@@ -156,13 +156,13 @@ def build(
             }
         ),
         "log-probability increase of each layer's attention and FFN output",
-        paper_ref="ARITH notebook layer bars (METHODS 4.1)",
+        paper_ref="ARITH notebook layer bars (docs/methods.md 4.1)",
         name="layers",
     )
     report.figure(
         layers.plot(0),
         "log-probability increase of each attention and FFN layer",
-        paper_ref="ARITH notebook layer bars (METHODS 4.1)",
+        paper_ref="ARITH notebook layer bars (docs/methods.md 4.1)",
     )
     ffn = neuron_importance(model, [prompt])
     report.table(

@@ -1,4 +1,4 @@
-"""The attribution paper's query-side stages and its one-prompt walk-through (METHODS.md 5, 11).
+"""The attribution paper's query-side stages and one-prompt walk-through (docs/methods.md 5, 11).
 
 * :func:`query_stage`: query layers of the top FFN and attention value neurons per knowledge
   type (Figures 6-7) and query-only vs query-value neurons per layer (section 5.5).
