@@ -204,8 +204,8 @@ def _cases() -> list[Case]:
              E.InvalidOptionError),
         Case("M' is M", "compare_neurons(model, prompts, model)",
              lambda: mechcna.compare_neurons(m(), PROMPTS, m()), E.InvalidOptionError),  # type: ignore[arg-type]
-        Case("scale without a value", 'NeuronEdit([(0, 1)], op="scale")',
-             lambda: mechcna.NeuronEdit([(0, 1)], op="scale"), E.InvalidOptionError),
+        Case("scale without a value", 'NeuronEdit([(0, 1)], mode="scale")',
+             lambda: mechcna.NeuronEdit([(0, 1)], mode="scale"), E.InvalidOptionError),
         Case("tolerance NaN", 'neuron_importance(model, prompts, tol=float("nan"))',
              lambda: mechcna.neuron_importance(m(), PROMPTS, tol=float("nan")),
              E.InvalidOptionError),

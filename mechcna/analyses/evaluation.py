@@ -133,9 +133,9 @@ class AccuracyResult:
 def describe_intervention(iv: Intervention) -> str:
     """A short description, e.g. ``HeadAblation(zero: 3.0, 4.1)`` (not the full repr)."""
     parts = []
-    for attr in ("mode", "op"):
-        if isinstance(getattr(iv, attr, None), str):
-            parts.append(str(getattr(iv, attr)))
+    mode = getattr(iv, "mode", None)
+    if isinstance(mode, str):
+        parts.append(mode)
     for attr in ("heads", "neurons"):
         items = getattr(iv, attr, None)
         if isinstance(items, tuple | list) and items:
