@@ -65,6 +65,7 @@ def test_page_holds_every_figure_and_no_external_url(tmp_path):
     csvs = sorted(p.name for p in page_path.parent.glob("*.csv"))
     assert csvs == ["table-01-accuracy-per-cell.csv", "table-02-mask-table.csv"]
     pd.testing.assert_frame_equal(pd.read_csv(page_path.parent / csvs[0]), report.tables[0])
+    assert report.tables[0]["accuracy %"].tolist() == [100.0, 50.0]  # percent on every page
     assert list(pd.read_csv(page_path.parent / csvs[1]).columns) == ["index", "k"]
     text = (page_path.parent / "report.txt").read_text()
     assert "== Accuracy" in text and "accuracy per cell [paper: ARITH Table 1]" in text
@@ -213,3 +214,48 @@ def test_a_page_without_figures_does_not_embed_plotly(tmp_path):
     page = report.write(tmp_path / "out").read_text()
     assert_self_contained(page, n_figures=0)
     assert len(page) < 50_000 and "Plotly" not in page
+
+
+def test_accuracy_is_in_percent_on_every_page(tmp_path):
+    """Accuracy columns are fractions in the library and percent on a page (one unit)."""
+    from mechcna.cli import main
+    from mechcna.report.page import percent_accuracy
+
+    frame = pd.DataFrame(
+        {
+            "head": ["0.0", "1.1"],
+            "accuracy": [0.25, 1.0],
+            "base_accuracy": [0.5, 0.5],
+            "delta_accuracy": [-0.25, 0.5],
+            "gain": [0.1, 0.2],
+            "accuracy %": [25.0, 100.0],
+            "relative_decrease %": [50.0, -100.0],
+            "n": [4, 4],
+        }
+    )
+    shown = percent_accuracy(frame)
+    assert list(shown.columns) == [
+        "head", "accuracy %", "base_accuracy %", "delta_accuracy %", "gain %",
+        "accuracy %", "relative_decrease %", "n",
+    ]  # fmt: skip
+    assert shown.iloc[:, 1].tolist() == [25.0, 100.0] and shown.iloc[:, 3].tolist() == [-25, 50]
+    assert shown.iloc[:, 4].tolist() == pytest.approx([10.0, 20.0])
+    assert shown.iloc[:, 5].tolist() == [25.0, 100.0] and shown["n"].tolist() == [4, 4]
+    assert frame["accuracy"].tolist() == [0.25, 1.0]  # the caller's frame is untouched
+
+    out = tmp_path / "acc"
+    args = ["accuracy", "--operations", "+", "--digits", "1", "--pairs", "3", "--quiet"]
+    assert main([*args, "--ablate-head", "0.0", "--out", str(out)]) == 0
+    import mechcna
+
+    model = mechcna.load_model("mechcna/arith-small")
+    data = mechcna.arithmetic_dataset(operations="+", digits=1, n_pairs=3, tokenizer=model)
+    base = mechcna.evaluate_accuracy(model, data, progress=False)
+    per_cell = pd.read_csv(out / "table-01-accuracy-per-cell.csv")
+    assert per_cell["accuracy %"].tolist() == pytest.approx(
+        (100 * base.to_frame(("operation", "digits"))["accuracy"]).tolist()
+    )
+    for csv in out.glob("*.csv"):
+        cols = [c for c in pd.read_csv(csv).columns if "accuracy" in c]
+        assert cols and all(c.endswith("%") for c in cols), (csv.name, cols)
+    assert f"overall accuracy {100 * base.accuracy:.1f}%" in (out / "report.txt").read_text()

@@ -276,7 +276,7 @@ class HeadSweep:
         Args:
             operation: shorthand for ``cell={"operation": operation}``.
             cell: the cases to aggregate (default: all).
-            value: ``"delta_accuracy"``/``"accuracy"`` (fractions) or
+            value: ``"delta_accuracy"``/``"accuracy"`` (shown in percent) or
                 ``"delta_logprob"``/``"logprob"`` (mean target log-prob, nats).
         """
         if operation is not None:
@@ -285,10 +285,11 @@ class HeadSweep:
             cell = {**(cell or {}), "operation": operation}
         df = self.summary(cell)
         z = np.full((self.n_layers, self.n_heads), np.nan)
-        z[df["layer"].to_numpy(), df["head_index"].to_numpy()] = df[value].to_numpy()
+        unit = 100.0 if value.endswith("accuracy") else 1.0  # accuracy in percent
+        z[df["layer"].to_numpy(), df["head_index"].to_numpy()] = unit * df[value].to_numpy()
         words = {
-            "delta_accuracy": "change of accuracy",
-            "accuracy": "accuracy",
+            "delta_accuracy": "change of accuracy (points)",
+            "accuracy": "accuracy (%)",
             "delta_logprob": "change of mean log p(target)",
             "logprob": "mean log p(target)",
         }[value]
@@ -296,8 +297,9 @@ class HeadSweep:
             f"{words} when each head is {self.mode}-ablated "
             f"({plotting.cell_words(cell)}, {int(self._mask(cell).sum())} cases, {self.model_name})"
         )
+        bar = f"{value} %" if unit == 100.0 else value
         return plotting.layer_head_heatmap(
-            z, self.n_layers, self.n_heads, title, value.startswith("delta"), value
+            z, self.n_layers, self.n_heads, title, value.startswith("delta"), bar
         )
 
 

@@ -381,14 +381,18 @@ class LoraSweep:
         return pd.DataFrame(rows)
 
     def plot(self) -> go.Figure:
-        """Test accuracy against the LoRA layer, with the original model as a line."""
+        """Test accuracy (%) against the LoRA layer, with the original model as a line."""
         frame = self.to_frame()
-        fig = go.Figure(go.Scatter(x=frame["layer"], y=frame["accuracy"], mode="lines+markers"))
-        fig.add_hline(y=self.original_accuracy, line_dash="dash", annotation_text="original model")
+        fig = go.Figure(
+            go.Scatter(x=frame["layer"], y=100 * frame["accuracy"], mode="lines+markers")
+        )
+        fig.add_hline(
+            y=100 * self.original_accuracy, line_dash="dash", annotation_text="original model"
+        )
         fig.update_layout(
             title=f"{self.model_name}: accuracy after LoRA on one attention layer",
             xaxis={"title": "LoRA layer", "tickmode": "linear", "dtick": 1},
-            yaxis={"title": "test accuracy", "range": [0, 1]},
+            yaxis={"title": "test accuracy (%)", "range": [0, 100]},
         )
         return fig
 

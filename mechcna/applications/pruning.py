@@ -108,14 +108,14 @@ class PruningResult:
         )
 
     def plot(self) -> go.Figure:
-        """Bar chart of the accuracies."""
+        """Bar chart of the accuracies (%)."""
         frame = self.to_frame()
-        fig = go.Figure(go.Bar(x=frame["model"], y=frame["accuracy"]))
+        fig = go.Figure(go.Bar(x=frame["model"], y=100 * frame["accuracy"]))
         fig.update_layout(
             title=f"CNA-guided pruning: {self.n_pruned}/{self.n_total} neurons of layers "
             f"{list(self.layers)} zeroed ({100 * self.pruned_share:.1f}%)",
             xaxis_title="model",
-            yaxis={"title": "test accuracy", "range": [0, 1]},
+            yaxis={"title": "test accuracy (%)", "range": [0, 100]},
         )
         return fig
 

@@ -41,18 +41,18 @@ def accuracy(args: argparse.Namespace, ctx: Context) -> "Report":
     data = dataset_from(args, ctx)
     base = evaluate_accuracy(ctx.model, data, progress=ctx.progress)
     report = ctx.report("Arithmetic accuracy", n_cases=len(data), split=args.split)
-    report.text(f"{len(data)} teacher-forced cases; overall accuracy {base.accuracy:.3f}.")
+    report.text(f"{len(data)} teacher-forced cases; overall accuracy {100 * base.accuracy:.1f}%.")
     cells = ("operation", "digits")
     report.table(base.to_frame(cells), "accuracy per cell", "ARITH Table 1, column 'ori'")
     report.figure(base.plot(), "accuracy per (operation, digits, template) cell")
     if edits:
         cut = evaluate_accuracy(ctx.model, data, edits, progress=ctx.progress)
         what = ", ".join(str(e) for e in edits)
-        report.section(f"Under {what}", f"Overall accuracy {cut.accuracy:.3f}.")
+        report.section(f"Under {what}", f"Overall accuracy {100 * cut.accuracy:.1f}%.")
         frame = base.to_frame(cells).merge(
             cut.to_frame(cells), on=[*cells, "n"], suffixes=("", "_int")
         )
-        frame["relative_decrease_%"] = (
+        frame["relative_decrease %"] = (
             100 * (frame["accuracy"] - frame["accuracy_int"]) / frame["accuracy"]
         )
         report.table(frame, "accuracy before and after the intervention", "ARITH Table 2")
