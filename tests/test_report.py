@@ -194,8 +194,12 @@ def test_provenance_records_a_command_that_runs_and_describes_user_built_models(
     # the demo's default command names the model as it loads, not cfg.model_name
     shipped = mechcna.load_model("mechcna/arith-small", device="cpu")
     assert shipped.cfg.model_name != "mechcna/arith-small"
-    prov_demo = demo.build(shipped, progress=False, n_pairs=1).provenance
+    page = demo.build(shipped, progress=False, n_pairs=1)
+    prov_demo = page.provenance
     assert prov_demo is not None
+    # every figure and table of the demo names the paper item it shows
+    shown = [b for b in page._blocks if b.kind in ("figure", "table")]
+    assert len(shown) >= 15 and [b.caption for b in shown if not b.paper_ref] == []
     command = shlex.split(prov_demo.extra["command"])
     assert command[:2] == ["mechcna", "demo"]
     reloaded = mechcna.load_model(command[command.index("--model") + 1], device="cpu")

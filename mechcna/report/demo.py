@@ -110,7 +110,11 @@ def build(
         paper_ref="ARITH Table 1, column 'ori'",
         name="accuracy",
     )
-    report.figure(acc.plot(), "accuracy per (operation, digits, template) cell")
+    report.figure(
+        acc.plot(),
+        "accuracy per (operation, digits, template) cell",
+        paper_ref="ARITH section 3, Table 1 column 'ori' per cell (docs/methods.md 6.2)",
+    )
 
     sweep = head_sweep(model, data, progress=progress)
     report.section(
@@ -193,6 +197,7 @@ def build(
     report.table(
         cna.counts(10).head(8),
         "neurons most often in a case's top-10 CNA neurons",
+        paper_ref="ARITH Table 4 over all cases (docs/methods.md 7.1)",
         name="cna-counts",
     )
     top15 = cna.top(15)["label"].tolist()
@@ -248,4 +253,5 @@ def _gender(model: Model, report: Report) -> None:
     report.figure(
         pair.plot(prompt=0, k=15, tokens=tokens, names=("'woman'", "'man'")),
         "importance after 'woman' and after 'man', and their difference",
+        paper_ref="ARITH Table 12 (docs/methods.md 9.3)",
     )
