@@ -448,7 +448,7 @@ def transform_through_attention(
             vector = vector * cap.post[0, layer, pos, neuron].to(dtype)
             label += f" x m@{pos}"
     elif isinstance(vector_or_neuron, str):
-        token = single_token_id(model, vector_or_neuron)
+        token = single_token_id(model, vector_or_neuron, what="token")
         vector = model.W_E[token].detach().to(dtype)
         label = f"token {vector_or_neuron!r}"
     else:

@@ -241,12 +241,17 @@ def _bias_args(p: argparse.ArgumentParser) -> None:
     _bias_args,
 )
 def bias(args: argparse.Namespace, ctx: Context) -> "Report":
-    from mechcna.applications.bias import PAPER_TEMPLATES, gender_bias_experiment
+    from mechcna.applications.bias import (
+        PAPER_TEMPLATES,
+        gender_bias_experiment,
+        refuse_unknown_professions,
+    )
     from mechcna.tasks.arithmetic import arithmetic_dataset, arithmetic_problems
 
     if any("{g}" not in t for t in args.template):
         raise UsageError("every --template needs a {g} where the gender goes")
     model = ctx.model
+    refuse_unknown_professions(model, args.profession)  # before any computation
     templates = args.template or list(PAPER_TEMPLATES)
     cost = arithmetic_dataset(
         ["+", "-"], 2, n_pairs=args.cost_pairs, tokenizer=model, split="heldout", seed=2
