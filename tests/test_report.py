@@ -197,6 +197,24 @@ def test_provenance_records_a_command_that_runs_and_describes_user_built_models(
     page = demo.build(shipped, progress=False, n_pairs=1)
     prov_demo = page.provenance
     assert prov_demo is not None
+    # the demo and `mechcna attribute` show the same sign-aware tokens for the same neuron
+    ffn_table = next(b.payload for b in page._blocks if b.name == "top-ffn-neurons")
+    out = tmp_path / "attr"
+    assert (
+        main(["attribute", "--prompt", "3+5=", "--level", "ffn", "--quiet", "--out", str(out)]) == 0
+    )
+    attr_table = pd.read_csv(out / "table-01-ffn-0.csv").head(len(ffn_table))
+    assert attr_table["label"].tolist() == ffn_table["label"].tolist()
+    assert attr_table["top_tokens"].tolist() == ffn_table["top_tokens"].tolist()
+    row = ffn_table.iloc[0]
+    neuron = (int(row["layer"]), int(row["neuron"]))
+    words = mechcna.top_tokens(shipped, neuron, 10, coefficient=float(row["coefficient"]))
+    assert row["top_tokens"] == ", ".join(words.top()["token"])
+    # accuracy on the demo page: percent, once (not a percent multiplied again)
+    for table in page.tables:
+        cols = [c for c in table.columns if "accuracy" in str(c)]
+        assert all(str(c).endswith("%") for c in cols), cols
+        assert ((table[cols].abs() <= 100) & table[cols].notna()).all().all(), cols
     # every figure and table of the demo names the paper item it shows
     shown = [b for b in page._blocks if b.kind in ("figure", "table")]
     assert len(shown) >= 15 and [b.caption for b in shown if not b.paper_ref] == []
@@ -260,6 +278,8 @@ def test_accuracy_is_in_percent_on_every_page(tmp_path):
         (100 * base.to_frame(("operation", "digits"))["accuracy"]).tolist()
     )
     for csv in out.glob("*.csv"):
-        cols = [c for c in pd.read_csv(csv).columns if "accuracy" in c]
+        table = pd.read_csv(csv)
+        cols = [c for c in table.columns if "accuracy" in c]
         assert cols and all(c.endswith("%") for c in cols), (csv.name, cols)
+        assert ((table[cols] >= 0) & (table[cols] <= 100)).all().all(), csv.name
     assert f"overall accuracy {100 * base.accuracy:.1f}%" in (out / "report.txt").read_text()

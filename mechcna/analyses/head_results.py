@@ -260,7 +260,8 @@ class HeadSweep:
                 scores = ranked[column].to_numpy(dtype=float)[:k]
                 for j, (name_j, score) in enumerate(zip(names, scores), start=1):
                     record[f"head_{j}"] = name_j
-                    record[f"{values}_{j}"] = scale * float(score)
+                    unit = " %" if values == "accuracy" else ""  # pages show it as is
+                    record[f"{values}_{j}{unit}"] = scale * float(score)
             records.append(record)
         return pd.DataFrame.from_records(records).set_index("cell")
 

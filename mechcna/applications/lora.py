@@ -220,7 +220,7 @@ class LoraResult:
         fig = go.Figure(go.Scatter(x=frame["step"], y=frame["loss"], mode="lines"))
         fig.update_layout(
             title=f"LoRA on layer(s) {self.summary()['layers']}: accuracy "
-            f"{self.accuracy_before:.3f} -> {self.accuracy_after:.3f}",
+            f"{100 * self.accuracy_before:.1f}% -> {100 * self.accuracy_after:.1f}%",
             xaxis_title="step",
             yaxis_title="training loss (nats)",
         )

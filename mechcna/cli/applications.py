@@ -112,7 +112,7 @@ def lora(args: argparse.Namespace, ctx: Context) -> "Report":
     report.section(
         "Figure 2: accuracy after LoRA on each layer",
         f"{len(train)} training / {len(test)} held-out cases (2-digit + and - with negatives); "
-        f"original accuracy {sweep.original_accuracy:.3f}. Paper: {PAPER_FIGURE2}",
+        f"original accuracy {100 * sweep.original_accuracy:.1f}%. Paper: {PAPER_FIGURE2}",
     )
     fig2 = sweep.to_frame()
     report.table(fig2, "held-out accuracy per LoRA layer", "ARITH Fig. 2", name="figure2")

@@ -127,7 +127,7 @@ def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
         by = "operation"
     accuracy = float(sweep.base_correct.double().mean())
     report = ctx.report("Arithmetic heads: every head ablated", n_cases=sweep.n_cases)
-    report.text(f"{sweep.n_cases} cases, unablated accuracy {accuracy:.3f}.")
+    report.text(f"{sweep.n_cases} cases, unablated accuracy {100 * accuracy:.1f}%.")
     report.table(
         sweep.table(by=by, k=3).round(1), "the heads whose ablation lowers accuracy most, with the "
         "accuracy (%) left", paper_ref="ARITH Tables 1-2, 24-27", index=True,

@@ -170,9 +170,11 @@ def build(
     )
     ffn = neuron_importance(model, [prompt])
     report.table(
-        ffn.top(5, prompt=0),
-        "top FFN neurons by log-probability increase",
-        paper_ref="ATTR notebooks, top FFN value neurons",
+        frame_tokens(model, ffn.top(5, prompt=0)),
+        f"top FFN neurons of {prompt!r} by log-probability increase, with the tokens each "
+        "promotes here (sign-aware: a negative coefficient promotes its value vector's bottom "
+        "tokens)",
+        paper_ref="ATTR notebooks, top FFN value neurons (docs/methods.md 4.4)",
         name="top-ffn-neurons",
     )
 
