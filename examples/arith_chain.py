@@ -1,4 +1,4 @@
-"""The four-stage arithmetic chain on the shipped model (ARITH sections 3-4, METHODS 6-8).
+"""The four-stage arithmetic chain on the shipped model (ARITH sections 3-4, docs/methods.md 6-8).
 
 Run: ``.venv/bin/python examples/arith_chain.py [--head L.H] > docs/arith_chain.md``
 
@@ -75,7 +75,7 @@ def main() -> None:
     out("Neurons most often in a case's top-10, with their tokens:\n\n")
     counts = cna.counts(10).head(10)
     counts["tokens"] = [
-        ", ".join(t for t, _ in mechcna.top_tokens(model, (int(l), int(n)), 8).top)
+        ", ".join(mechcna.top_tokens(model, (int(l), int(n)), 8).top()["token"])
         for l, n in zip(counts["layer"], counts["neuron"], strict=True)
     ]
     out(counts.round(3).to_string(index=False) + "\n\n")

@@ -90,6 +90,18 @@ def _checkpoint(damage: str) -> object:
         return cli(["attribute", "--model", str(folder), "--prompt", "3+5=", "--quiet"])()
 
 
+def _shipped() -> Any:
+    if "shipped" not in _MODELS:
+        _MODELS["shipped"] = mechcna.load_model("mechcna/arith-small", device="cpu")
+    return _MODELS["shipped"]
+
+
+def _bias_experiment(professions: list[str]) -> object:
+    from mechcna.applications.bias import gender_bias_experiment
+
+    return gender_bias_experiment(_shipped(), professions=professions, n_random=0)
+
+
 def _empty_prompts_file() -> object:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "prompts.txt"
@@ -204,8 +216,8 @@ def _cases() -> list[Case]:
              E.InvalidOptionError),
         Case("M' is M", "compare_neurons(model, prompts, model)",
              lambda: mechcna.compare_neurons(m(), PROMPTS, m()), E.InvalidOptionError),  # type: ignore[arg-type]
-        Case("scale without a value", 'NeuronEdit([(0, 1)], op="scale")',
-             lambda: mechcna.NeuronEdit([(0, 1)], op="scale"), E.InvalidOptionError),
+        Case("scale without a value", 'NeuronEdit([(0, 1)], mode="scale")',
+             lambda: mechcna.NeuronEdit([(0, 1)], mode="scale"), E.InvalidOptionError),
         Case("tolerance NaN", 'neuron_importance(model, prompts, tol=float("nan"))',
              lambda: mechcna.neuron_importance(m(), PROMPTS, tol=float("nan")),
              E.InvalidOptionError),
@@ -255,6 +267,20 @@ def _cases() -> list[Case]:
              cli(["attribute", "--model", "gpt3-small", "--prompt", "1"]), CliError),
         Case("CLI: empty prompts file", "mechcna attribute --prompts-file empty.txt",
              _empty_prompts_file, CliError),
+        Case("word not in the vocabulary", 'transform_through_attention(shipped, "zebra", ...)',
+             lambda: mechcna.transform_through_attention(_shipped(), "zebra", [(2, None, 3)]),
+             E.TokenizationError),
+        Case("profession not in the vocabulary",
+             'gender_bias_experiment(shipped, professions=["astronaut"])',
+             lambda: _bias_experiment(["nurse", "astronaut"]), E.TokenizationError),
+        Case("CLI: token not in the vocabulary",
+             "mechcna transfer --token zebra --step 2:*:3 --prompt 3+5=",
+             cli(["transfer", "--token", "zebra", "--step", "2:*:3", "--prompt", "3+5="]),
+             CliError),
+        Case("CLI: token of two tokens", "mechcna transfer --token 12 --step 2:*:3",
+             cli(["transfer", "--token", "12", "--step", "2:*:3"]), CliError),
+        Case("CLI: profession not in the vocabulary", "mechcna bias --profession astronaut",
+             cli(["bias", "--profession", "astronaut"]), CliError),
     ]  # fmt: skip
 
 

@@ -304,3 +304,47 @@ def test_gguf_file_on_bridge(tmp_path, monkeypatch):
         hooked = get_provenance(load_model(path, device="cpu"))
         assert hooked is not None
         assert (hooked.sha256, hooked.tensor_types) == (source.sha256, source.tensor_types)
+
+
+def test_checkpoint_without_tokenizer_files_loads_on_every_backend(checkpoint, tmp_path):
+    """A local Hugging Face checkpoint holding only weights and config loads on the bridge as
+    on the hooked backend: no tokenizer (token ids only, no BOS), the model's own logits, and
+    layer scores that telescope to its log-probability; a string prompt is one clear error."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from mechcna.engine.projection import final_norm_state
+
+    _, path = checkpoint
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(path / name, bare / name)
+    hf = AutoModelForCausalLM.from_pretrained(bare, local_files_only=True).eval()
+    tokens = torch.tensor([[1, 5, 7, 9, 4]])
+    with torch.no_grad():
+        expect = hf(tokens).logits[0].log_softmax(-1)
+    backends = ["bridge", "hooked"] if hooked_available() else ["bridge"]
+    layers = []
+    for backend in backends:
+        model = load_model(bare, device="cpu", backend=backend)
+        assert model.tokenizer is None and backend_of(model) == backend
+        source = mechcna.get_provenance(model)
+        assert source.describe().endswith("(huggingface; no BOS: no tokenizer)")
+        with torch.no_grad():
+            got = model(tokens)[0].log_softmax(-1)
+        torch.testing.assert_close(got, expect, atol=TOL, rtol=0)
+        res = mechcna.layer_importance(model, tokens)
+        target = int(expect[-1].argmax())
+        with torch.no_grad():
+            embed = model.run_with_cache(tokens)[1]["blocks.0.hook_resid_pre"][0, -1]
+        scale = final_norm_state(model, tokens).scale[0]
+        base = mechcna.project_to_vocab(model, embed, scale).detach()
+        total = float(expect[-1, target] - base.double().log_softmax(-1)[target])
+        assert float(res.scores.sum()) == pytest.approx(total, abs=1e-4)
+        layers.append(res.scores)
+        with pytest.raises(mechcna.errors.TokenizationError, match="no tokenizer"):
+            mechcna.layer_importance(model, "3+5=")
+    for other in layers[1:]:
+        torch.testing.assert_close(other, layers[0], atol=TOL, rtol=0)

@@ -25,8 +25,8 @@ def _interventions(model):
         HeadAblation([(0, 1), (1, 3)]),
         HeadAblation.mean_over(model, [(1, 0), (0, 2)], ref),
         NeuronEdit([(0, 3), (1, 7), (1, 8)]),
-        NeuronEdit([(1, 2)], op="scale", value=2.5),
-        NeuronEdit([(0, 4)], op="set", value=-1.5),
+        NeuronEdit([(1, 2)], mode="scale", value=2.5),
+        NeuronEdit([(0, 4)], mode="set", value=-1.5),
         KeepNeurons([(1, 0), (1, 5)], layers=[1]),
     ]
 
@@ -142,3 +142,43 @@ def test_bad_input_errors(model):
             pass
     with pytest.raises(MechcnaError, match="not an intervention"):
         collect_hooks(model, ["zero head 0"])
+
+
+def test_neuron_edit_and_head_ablation_share_the_mode_keyword():
+    """One vocabulary: ``mode=`` for both; ``NeuronEdit(op=)`` still works, with a warning,
+    and edits exactly as ``mode=`` (a scaled coefficient, checked against the hook's input)."""
+    model = build("gpt2", dtype=torch.float64)
+    assert HeadAblation([(0, 1)], mode="zero").mode == NeuronEdit([(0, 1)], mode="zero").mode
+    new = NeuronEdit([(1, 2)], mode="scale", value=2.5)
+    with pytest.warns(DeprecationWarning, match="mode="):
+        old = NeuronEdit([(1, 2)], op="scale", value=2.5)
+    assert (old.mode, old.value, old.neurons) == (new.mode, new.value, new.neurons)
+    assert "mode='scale'" in repr(new) and old.op == "scale"
+    tokens = _tokens(model)
+    seen = {}
+
+    def grab(post, hook):
+        seen["post"] = post.clone()
+
+    name = hook_name("post", 1)
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(name, grab)])
+        clean = seen["post"]
+        for edit in (old, new):
+            with intervene(model, edit):
+                out = model.run_with_hooks(tokens, fwd_hooks=[])
+            torch.testing.assert_close(
+                out, apply_to_weights(model, edit)(tokens), atol=1e-10, rtol=0
+            )
+        expect = clean.clone()
+        expect[..., 2] *= 2.5
+        edited = {}
+        with intervene(model, new):
+            model.run_with_hooks(
+                tokens, fwd_hooks=[(name, lambda p, hook: edited.setdefault("p", p.clone()))]
+            )
+    torch.testing.assert_close(edited["p"], expect, atol=1e-12, rtol=0)
+    with pytest.raises(MechcnaError, match="give mode"), pytest.warns(DeprecationWarning):
+        NeuronEdit([(0, 1)], mode="set", value=1.0, op="scale")
+    with pytest.raises(MechcnaError, match="mode must be"):
+        NeuronEdit([(0, 1)], mode="double")

@@ -187,3 +187,23 @@ def test_unsupported_hf_family(tmp_path):
 def test_processing_on_random_config_rejected():
     with pytest.raises(UnsupportedArchitectureError):
         load_model(gpt2_cfg(), device="cpu", processing=WeightProcessing(fold_ln=True))
+
+
+def test_loading_prints_no_device_moves(tmp_path, capfd):
+    """TransformerLens prints "Moving model to device" on every load; load_model drops those
+    lines (and only those) from standard output."""
+    import sys
+
+    from mechcna.models.quiet import no_device_prints
+
+    path = save_checkpoint(build("llama"), tmp_path / "tiny")
+    capfd.readouterr()
+    load_model(path, device="cpu")
+    load_model("mechcna/arith-small", device="cpu")
+    out = capfd.readouterr().out
+    assert "Moving model" not in out and "Changing model dtype" not in out
+    with no_device_prints():
+        print("Moving model to device: ", "cpu")
+        print("kept", "line")
+        sys.stdout.write("tail without newline")
+    assert capfd.readouterr().out == "kept line\ntail without newline"

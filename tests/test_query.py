@@ -1,4 +1,4 @@
-"""Query side (METHODS 5): vectorised scores against literal loops written from the spec."""
+"""Query side (docs/methods.md 5): vectorised scores against literal loops written from the spec."""
 
 import plotly.graph_objects as go
 import pytest
@@ -41,7 +41,8 @@ def _literal_top_attention(att, model, k):
 
 @torch.no_grad()
 def _literal_query(model, cache, neurons):
-    """METHODS 5.3 literally: Q(i,j) += <m[i][p,j] W_out[i][j], key'> / <x_in[l][p], key'> Imp."""
+    """docs/methods.md 5.3 literally:
+    Q(i,j) += <m[i][p,j] W_out[i][j], key'> / <x_in[l][p], key'> Imp."""
     L, N = model.cfg.n_layers, model.cfg.d_mlp
     Q = torch.zeros(L, N, dtype=torch.float64)
     for imp, (l, p, h, d) in neurons:

@@ -65,6 +65,7 @@ def test_page_holds_every_figure_and_no_external_url(tmp_path):
     csvs = sorted(p.name for p in page_path.parent.glob("*.csv"))
     assert csvs == ["table-01-accuracy-per-cell.csv", "table-02-mask-table.csv"]
     pd.testing.assert_frame_equal(pd.read_csv(page_path.parent / csvs[0]), report.tables[0])
+    assert report.tables[0]["accuracy %"].tolist() == [100.0, 50.0]  # percent on every page
     assert list(pd.read_csv(page_path.parent / csvs[1]).columns) == ["index", "k"]
     text = (page_path.parent / "report.txt").read_text()
     assert "== Accuracy" in text and "accuracy per cell [paper: ARITH Table 1]" in text
@@ -193,8 +194,30 @@ def test_provenance_records_a_command_that_runs_and_describes_user_built_models(
     # the demo's default command names the model as it loads, not cfg.model_name
     shipped = mechcna.load_model("mechcna/arith-small", device="cpu")
     assert shipped.cfg.model_name != "mechcna/arith-small"
-    prov_demo = demo.build(shipped, progress=False, n_pairs=1).provenance
+    page = demo.build(shipped, progress=False, n_pairs=1)
+    prov_demo = page.provenance
     assert prov_demo is not None
+    # the demo and `mechcna attribute` show the same sign-aware tokens for the same neuron
+    ffn_table = next(b.payload for b in page._blocks if b.name == "top-ffn-neurons")
+    out = tmp_path / "attr"
+    assert (
+        main(["attribute", "--prompt", "3+5=", "--level", "ffn", "--quiet", "--out", str(out)]) == 0
+    )
+    attr_table = pd.read_csv(out / "table-01-ffn-0.csv").head(len(ffn_table))
+    assert attr_table["label"].tolist() == ffn_table["label"].tolist()
+    assert attr_table["top_tokens"].tolist() == ffn_table["top_tokens"].tolist()
+    row = ffn_table.iloc[0]
+    neuron = (int(row["layer"]), int(row["neuron"]))
+    words = mechcna.top_tokens(shipped, neuron, 10, coefficient=float(row["coefficient"]))
+    assert row["top_tokens"] == ", ".join(words.top()["token"])
+    # accuracy on the demo page: percent, once (not a percent multiplied again)
+    for table in page.tables:
+        cols = [c for c in table.columns if "accuracy" in str(c)]
+        assert all(str(c).endswith("%") for c in cols), cols
+        assert ((table[cols].abs() <= 100) & table[cols].notna()).all().all(), cols
+    # every figure and table of the demo names the paper item it shows
+    shown = [b for b in page._blocks if b.kind in ("figure", "table")]
+    assert len(shown) >= 15 and [b.caption for b in shown if not b.paper_ref] == []
     command = shlex.split(prov_demo.extra["command"])
     assert command[:2] == ["mechcna", "demo"]
     reloaded = mechcna.load_model(command[command.index("--model") + 1], device="cpu")
@@ -213,3 +236,50 @@ def test_a_page_without_figures_does_not_embed_plotly(tmp_path):
     page = report.write(tmp_path / "out").read_text()
     assert_self_contained(page, n_figures=0)
     assert len(page) < 50_000 and "Plotly" not in page
+
+
+def test_accuracy_is_in_percent_on_every_page(tmp_path):
+    """Accuracy columns are fractions in the library and percent on a page (one unit)."""
+    from mechcna.cli import main
+    from mechcna.report.page import percent_accuracy
+
+    frame = pd.DataFrame(
+        {
+            "head": ["0.0", "1.1"],
+            "accuracy": [0.25, 1.0],
+            "base_accuracy": [0.5, 0.5],
+            "delta_accuracy": [-0.25, 0.5],
+            "gain": [0.1, 0.2],
+            "accuracy %": [25.0, 100.0],
+            "relative_decrease %": [50.0, -100.0],
+            "n": [4, 4],
+        }
+    )
+    shown = percent_accuracy(frame)
+    assert list(shown.columns) == [
+        "head", "accuracy %", "base_accuracy %", "delta_accuracy %", "gain %",
+        "accuracy %", "relative_decrease %", "n",
+    ]  # fmt: skip
+    assert shown.iloc[:, 1].tolist() == [25.0, 100.0] and shown.iloc[:, 3].tolist() == [-25, 50]
+    assert shown.iloc[:, 4].tolist() == pytest.approx([10.0, 20.0])
+    assert shown.iloc[:, 5].tolist() == [25.0, 100.0] and shown["n"].tolist() == [4, 4]
+    assert frame["accuracy"].tolist() == [0.25, 1.0]  # the caller's frame is untouched
+
+    out = tmp_path / "acc"
+    args = ["accuracy", "--operations", "+", "--digits", "1", "--pairs", "3", "--quiet"]
+    assert main([*args, "--ablate-head", "0.0", "--out", str(out)]) == 0
+    import mechcna
+
+    model = mechcna.load_model("mechcna/arith-small")
+    data = mechcna.arithmetic_dataset(operations="+", digits=1, n_pairs=3, tokenizer=model)
+    base = mechcna.evaluate_accuracy(model, data, progress=False)
+    per_cell = pd.read_csv(out / "table-01-accuracy-per-cell.csv")
+    assert per_cell["accuracy %"].tolist() == pytest.approx(
+        (100 * base.to_frame(("operation", "digits"))["accuracy"]).tolist()
+    )
+    for csv in out.glob("*.csv"):
+        table = pd.read_csv(csv)
+        cols = [c for c in table.columns if "accuracy" in c]
+        assert cols and all(c.endswith("%") for c in cols), (csv.name, cols)
+        assert ((table[cols] >= 0) & (table[cols] <= 100)).all().all(), csv.name
+    assert f"overall accuracy {100 * base.accuracy:.1f}%" in (out / "report.txt").read_text()

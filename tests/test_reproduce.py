@@ -13,7 +13,7 @@ from mechcna.analyses.case_ablation import mask_keep_table
 from mechcna.analyses.comparative import compare_neurons
 from mechcna.analyses.heads import head_sweep
 from mechcna.analyses.methods import evaluate_methods
-from mechcna.analyses.query import query_neurons
+from mechcna.analyses.query import attention_query_layers, query_neurons
 from mechcna.analyses.query_overlap import query_value_overlap
 from mechcna.interventions.edits import AttentionNeuronEdit, HeadAblation
 from mechcna.reproduce import (
@@ -185,6 +185,14 @@ def test_attribution_stage_tables_equal_direct_calls(kind):
     )
     counts = overlap.scores.sum(0)
     assert query.tables["query_value"]["query-only"].tolist() == counts[:, 0].tolist()
+    # the query heatmap: one labelled category axis, in component order, equal to the shares
+    heat = query.figures["query_heatmap"]
+    n = 2 * model.cfg.n_layers + 1
+    words = ["embedding"] + [f"L{c // 2} {'FFN' if c % 2 else 'attention'}" for c in range(n - 1)]
+    assert list(heat.data[0].x) == words and heat.layout.xaxis.type == "category"
+    assert "l.5" not in (heat.layout.xaxis.title.text or "") and heat.layout.xaxis.ticktext is None
+    aq = attention_query_layers(model, data.prompts, data.answers, k=4, attention=att)
+    np.testing.assert_allclose(heat.data[0].z[0], aq.scores.double().mean(0).numpy(), rtol=1e-6)
     walk = query_stages.walkthrough_stage(model, data, ffn, att)
     alone = mechcna.neuron_importance(model, data.prompts[:1], data.answers[:1])
     np.testing.assert_allclose(

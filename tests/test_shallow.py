@@ -1,4 +1,4 @@
-"""Hidden-interpretable shallow neurons (METHODS 8.3): the zero-shot search against a
+"""Hidden-interpretable shallow neurons (docs/methods.md 8.3): the zero-shot search against a
 hand-written loop, concept tokens, and the masking experiment with its random baseline."""
 
 import plotly.graph_objects as go

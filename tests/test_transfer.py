@@ -1,4 +1,4 @@
-"""Feature transfer (METHODS 8): VO transforms against forced-attention runs, pipeline sums."""
+"""Feature transfer (docs/methods.md 8): VO transforms against forced attention, pipeline sums."""
 
 import plotly.graph_objects as go
 import pytest

@@ -1,7 +1,7 @@
 """Log-probability-increase attribution of layers, heads, FFN neurons and attention neurons.
 
 Yu & Ananiadou, *Neuron-Level Knowledge Attribution in Large Language Models* (EMNLP 2024);
-METHODS.md sections 3, 4 and 10. A component that writes the vector ``v`` into the residual
+docs/methods.md sections 3, 4 and 10. A component that writes the vector ``v`` into the residual
 stream at the scored position ``T`` is scored by how much it raises the target's
 log-probability when added to the residual it reads from:
 
@@ -209,7 +209,7 @@ def layer_importance(
     paper_compat: bool = False,
     interventions: Iterable[Intervention] = (),
 ) -> LayerImportance:
-    """Log-probability increase of each attention layer and FFN layer (METHODS 4.1).
+    """Log-probability increase of each attention layer and FFN layer (docs/methods.md 4.1).
 
     Returns:
         :class:`LayerImportance` with ``scores[prompt, layer, component]`` (0 = attention on
@@ -245,7 +245,7 @@ def head_importance(
     paper_compat: bool = False,
     interventions: Iterable[Intervention] = (),
 ) -> HeadImportance:
-    """Log-probability increase of each head's output on ``resid_pre`` (METHODS 4.2, 4.3).
+    """Log-probability increase of each head's output on ``resid_pre`` (docs/methods.md 4.2, 4.3).
 
     Args:
         by_position: split each head's output by source position (``pattern * v`` per
@@ -307,7 +307,7 @@ def neuron_importance(
     cache: BlockCache | None = None,
     progress: bool = False,
 ) -> NeuronImportance:
-    """Log-probability increase of every FFN neuron on ``resid_mid`` (METHODS 4.4).
+    """Log-probability increase of every FFN neuron on ``resid_mid`` (docs/methods.md 4.4).
 
     Neuron ``k`` of layer ``l`` writes ``post[T, k] * W_out[l][k]``; its score is
     ``log p(w | resid_mid + that) - log p(w | resid_mid)``.
@@ -542,7 +542,7 @@ def attention_neuron_importance(
     cache: BlockCache | None = None,
     progress: bool = False,
 ) -> AttentionNeuronImportance:
-    """Log-probability increase of every attention neuron on ``resid_pre`` (METHODS 4.5).
+    """Log-probability increase of every attention neuron on ``resid_pre`` (docs/methods.md 4.5).
 
     Neuron ``(l, p, h, k)`` writes ``pattern[h, T, p] * v[p, h, k]`` times row ``k`` of
     ``W_O[l][h]``. All positions share the static direction of that row.

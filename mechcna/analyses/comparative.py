@@ -1,7 +1,7 @@
 """Comparative Neuron Analysis (CNA): which FFN neurons lose importance when a model changes.
 
 Yu & Ananiadou, *Interpreting Arithmetic Mechanism in Large Language Models through
-Comparative Neuron Analysis* (EMNLP 2024), section 4; METHODS.md sections 7 and 9.
+Comparative Neuron Analysis* (EMNLP 2024), section 4; docs/methods.md sections 7 and 9.
 
 Run the same prompt through the original model ``M`` and a second state ``M'`` of it (heads
 ablated, neurons edited, or a fine-tuned copy with the same architecture). For every FFN neuron
@@ -261,7 +261,7 @@ def compare_neurons(
     cache: BlockCache | None = None,
     progress: bool = False,
 ) -> NeuronComparison:
-    """CNA: every FFN neuron's importance in ``model`` minus in ``other`` (METHODS 7.1).
+    """CNA: every FFN neuron's importance in ``model`` minus in ``other`` (docs/methods.md 7.1).
 
     Args:
         other: an intervention (or a list of them) defining ``M'``, or a second model of the
@@ -298,7 +298,7 @@ def compare_inputs(
 ) -> NeuronComparison:
     """Single-input-pair CNA: ``Imp(prompt -> target) - Imp(other_prompt -> target)``.
 
-    The gender-bias analysis (METHODS 9): e.g. ``"A woman works as a"`` vs
+    The gender-bias analysis (docs/methods.md 9): e.g. ``"A woman works as a"`` vs
     ``"A man works as a"`` with target ``" nurse"``. Each input uses its own frozen final
     scale by default (``reference_scale="own"``); ``"original"`` freezes the first's.
     """

@@ -1,7 +1,7 @@
 """Arithmetic accuracy: greedy next-token accuracy on teacher-forced cases (ARITH section 3).
 
 The paper measures how much zeroing a head lowers arithmetic accuracy (Tables 1 to 3 and
-24 to 27; METHODS.md 6.2). Accuracy is taken per teacher-forced case: the model is correct
+24 to 27; docs/methods.md 6.2). Accuracy is taken per teacher-forced case: the model is correct
 when the argmax of its next-token distribution at the prompt's last token is the expected
 answer token. :func:`evaluate_accuracy` computes it for a whole
 :class:`~mechcna.tasks.arithmetic.ArithmeticDataset` in right-padded batches, optionally under
@@ -133,9 +133,9 @@ class AccuracyResult:
 def describe_intervention(iv: Intervention) -> str:
     """A short description, e.g. ``HeadAblation(zero: 3.0, 4.1)`` (not the full repr)."""
     parts = []
-    for attr in ("mode", "op"):
-        if isinstance(getattr(iv, attr, None), str):
-            parts.append(str(getattr(iv, attr)))
+    mode = getattr(iv, "mode", None)
+    if isinstance(mode, str):
+        parts.append(mode)
     for attr in ("heads", "neurons"):
         items = getattr(iv, attr, None)
         if isinstance(items, tuple | list) and items:

@@ -5,7 +5,7 @@ correctness and target log-probability next to the unablated baseline, and aggre
 label cell (operation, digits, template, ...) into the forms of the paper's Tables 1, 2 and 24
 to 27 (original accuracy, top heads with their accuracies, relative decrease) and layer x head
 heatmaps. :class:`HeadEffects` is the one-prompt version of :func:`mechcna.
-single_prompt_head_effects` (METHODS.md 6.1).
+single_prompt_head_effects` (docs/methods.md 6.1).
 
 Example:
     >>> sweep = mechcna.head_sweep(model, dataset)                    # doctest: +SKIP
@@ -260,7 +260,8 @@ class HeadSweep:
                 scores = ranked[column].to_numpy(dtype=float)[:k]
                 for j, (name_j, score) in enumerate(zip(names, scores), start=1):
                     record[f"head_{j}"] = name_j
-                    record[f"{values}_{j}"] = scale * float(score)
+                    unit = " %" if values == "accuracy" else ""  # pages show it as is
+                    record[f"{values}_{j}{unit}"] = scale * float(score)
             records.append(record)
         return pd.DataFrame.from_records(records).set_index("cell")
 
@@ -276,7 +277,7 @@ class HeadSweep:
         Args:
             operation: shorthand for ``cell={"operation": operation}``.
             cell: the cases to aggregate (default: all).
-            value: ``"delta_accuracy"``/``"accuracy"`` (fractions) or
+            value: ``"delta_accuracy"``/``"accuracy"`` (shown in percent) or
                 ``"delta_logprob"``/``"logprob"`` (mean target log-prob, nats).
         """
         if operation is not None:
@@ -285,10 +286,11 @@ class HeadSweep:
             cell = {**(cell or {}), "operation": operation}
         df = self.summary(cell)
         z = np.full((self.n_layers, self.n_heads), np.nan)
-        z[df["layer"].to_numpy(), df["head_index"].to_numpy()] = df[value].to_numpy()
+        unit = 100.0 if value.endswith("accuracy") else 1.0  # accuracy in percent
+        z[df["layer"].to_numpy(), df["head_index"].to_numpy()] = unit * df[value].to_numpy()
         words = {
-            "delta_accuracy": "change of accuracy",
-            "accuracy": "accuracy",
+            "delta_accuracy": "change of accuracy (points)",
+            "accuracy": "accuracy (%)",
             "delta_logprob": "change of mean log p(target)",
             "logprob": "mean log p(target)",
         }[value]
@@ -296,15 +298,16 @@ class HeadSweep:
             f"{words} when each head is {self.mode}-ablated "
             f"({plotting.cell_words(cell)}, {int(self._mask(cell).sum())} cases, {self.model_name})"
         )
+        bar = f"{value} %" if unit == 100.0 else value
         return plotting.layer_head_heatmap(
-            z, self.n_layers, self.n_heads, title, value.startswith("delta"), value
+            z, self.n_layers, self.n_heads, title, value.startswith("delta"), bar
         )
 
 
 # --------------------------------------------------------------------- single prompt
 @dataclass(frozen=True, eq=False)
 class HeadEffects:
-    """The target's probability after ablating each head, on one prompt (METHODS 6.1).
+    """The target's probability after ablating each head, on one prompt (docs/methods.md 6.1).
 
     Attributes:
         heads: the ablated ``(layer, head)`` pairs.

@@ -6,7 +6,7 @@ depends on by ablating one head at a time: the head's output ``z`` is set to zer
 position (equivalently its slice of ``W_O`` is zeroed; the output bias stays), and the model's
 accuracy on an arithmetic dataset is compared with the unablated model's (their Tables 1, 2
 and 24 to 27). On a single prompt they rank heads by the probability of the model's own top-1
-token after ablation (METHODS.md 6.1).
+token after ablation (docs/methods.md 6.1).
 
 :func:`head_sweep` reports, for every head, per-case correctness (greedy argmax at the scored
 position equals the target) and the target's log-probability, plus the unablated baseline.
@@ -394,7 +394,7 @@ def single_prompt_head_effects(
     heads_per_pass: int = 64,
     progress: bool = False,
 ) -> HeadEffects:
-    """Ablate each head on one prompt and record the target's probability (METHODS 6.1).
+    """Ablate each head on one prompt and record the target's probability (docs/methods.md 6.1).
 
     Args:
         model: the model.

@@ -50,7 +50,7 @@ from mechcna.models.view import architecture, per_call
 # ---------------------------------------------------------------------------- key scores
 @dataclass(frozen=True)
 class KeyScores:
-    """Inner products of a set of vectors with a neuron's keys (METHODS 8.2).
+    """Inner products of a set of vectors with a neuron's keys (docs/methods.md 8.2).
 
     Attributes:
         scores: ``[row, key]`` raw inner products.
@@ -151,7 +151,7 @@ def source_position_scores(
     path: Sequence[PathStep] = (),
 ) -> KeyScores:
     """Attention layer ``layer``'s output at ``query_position``, split by source position,
-    against a neuron's keys (METHODS 8.2 steps 1 and 4).
+    against a neuron's keys (docs/methods.md 8.2 steps 1 and 4).
 
     Row ``p`` is ``sum_h alpha[h, q, p] * v[p, h] @ W_O[h]`` (``b_O`` excluded), optionally sent
     through ``path`` first (e.g. ``[(17, 22, 5)]`` for step 4).

@@ -1,4 +1,4 @@
-"""The eight FFN-neuron scoring methods compared in the attribution paper (METHODS.md 4.6).
+"""The eight FFN-neuron scoring methods compared in the attribution paper (docs/methods.md 4.6).
 
 For a neuron writing ``v = m * fc2`` into a residual stream ``h`` (``resid_mid``), with target
 ``w`` and the final norm's scale frozen:
@@ -114,7 +114,7 @@ def comparison_scores(
     cache: BlockCache | None = None,
     chunk: int = 128,
 ) -> ComparisonScores:
-    """All eight method scores for every FFN neuron (METHODS 4.6).
+    """All eight method scores for every FFN neuron (docs/methods.md 4.6).
 
     Each layer's exact vocabulary rows ``W_out @ M`` are formed once, ``chunk`` rows at a
     time, and serve every prompt: ``log_prob`` (an exact log-softmax per prompt and row) and

@@ -207,7 +207,8 @@ def neuron_layer_counts(
 
 
 # ---------------------------------------------------------------------------- query / transfer
-# (query neurons, METHODS 5; feature transfer and hidden-interpretable neurons, METHODS 8)
+# (query neurons, docs/methods.md 5; feature transfer and hidden-interpretable neurons,
+# docs/methods.md 8)
 QUERY_ONLY_COLOUR = "green"
 QUERY_VALUE_COLOUR = "red"
 

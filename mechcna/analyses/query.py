@@ -1,7 +1,7 @@
 """Query side of neuron attribution: which lower components and neurons activate value neurons.
 
 Yu & Ananiadou, *Neuron-Level Knowledge Attribution in Large Language Models* (EMNLP 2024),
-the query-neuron analysis; METHODS.md section 5. A value neuron is activated through the inner
+the query-neuron analysis; docs/methods.md section 5. A value neuron is activated through the inner
 product of its input with its **key**; with the pre-norm weight folded in (``key' = key *
 gamma``) and the norm scale and nonlinearity ignored, the input splits into residual
 components ``c`` whose shares ``r_c / S`` (``r_c = <c, key'>``, ``S = sum_c r_c``) of the
@@ -120,7 +120,7 @@ class QueryLayers(Scores):
 
 @dataclass(frozen=True)
 class QueryNeurons(Scores):
-    """``scores[prompt, layer, neuron]``: query scores of FFN neurons (METHODS 5.3, 5.4).
+    """``scores[prompt, layer, neuron]``: query scores of FFN neurons (docs/methods.md 5.3, 5.4).
 
     Attributes:
         sources: ``[prompt, K, 4]`` the attention neurons ``(layer, pos, head, d_head)`` read.
@@ -260,7 +260,7 @@ def query_neurons(
     interventions: Iterable[Intervention] = (),
     progress: bool = False,
 ) -> QueryNeurons:
-    """Query FFN neurons of the top-``k`` attention value neurons (METHODS 5.3).
+    """Query FFN neurons of the top-``k`` attention value neurons (docs/methods.md 5.3).
 
     For each prompt, the ``k`` attention neurons ``(l, p, h, d)`` with the highest importance
     ``Imp_a`` (source positions up to the scored one) each credit every FFN neuron ``j`` of
@@ -309,7 +309,7 @@ def attention_neuron_queries(
     paper_compat: bool = False,
     interventions: Iterable[Intervention] = (),
 ) -> QueryNeurons:
-    """Query FFN neurons of one attention neuron (METHODS 5.4).
+    """Query FFN neurons of one attention neuron (docs/methods.md 5.4).
 
     The formula of :func:`query_neurons` for a single attention neuron. Magnitudes are scaled
     by **that neuron's own importance** in each prompt (the notebook instead multiplies by a
@@ -415,7 +415,7 @@ def ffn_query_layers(
     paper_compat: bool = False,
     interventions: Iterable[Intervention] = (),
 ) -> QueryLayers:
-    """Query-layer attribution of the top-``k`` FFN value neurons (METHODS 5.1).
+    """Query-layer attribution of the top-``k`` FFN value neurons (docs/methods.md 5.1).
 
     For neuron ``(l, j)`` with importance ``Imp`` and key ``key'``, every component ``c`` of
     ``[embedding, A0, F0, ..., A_{l-1}, F_{l-1}, A_l]`` at the scored position gets
@@ -494,7 +494,7 @@ def attention_query_layers(
     paper_compat: bool = False,
     interventions: Iterable[Intervention] = (),
 ) -> QueryLayers:
-    """Query-layer attribution of the top-``k`` attention value neurons (METHODS 5.2).
+    """Query-layer attribution of the top-``k`` attention value neurons (docs/methods.md 5.2).
 
     For attention neuron ``(l, p, h, d)`` the components are ``[embedding, A0, F0, ...,
     A_{l-1}, F_{l-1}]`` at its **source position** ``p``, the key ``W_V[l][h][:, d] *

@@ -33,7 +33,7 @@ from mechcna.models.view import architecture, per_call
 @dataclass(frozen=True)
 class QueryValueOverlap(Scores):
     """``scores[prompt, layer, kind]``: raw counts per layer of query-only (kind 0) and
-    query-value (kind 1) neurons among the top-``k`` query neurons (METHODS 5.5)."""
+    query-value (kind 1) neurons among the top-``k`` query neurons (docs/methods.md 5.5)."""
 
     k: int = 300
 
@@ -53,7 +53,7 @@ class QueryValueOverlap(Scores):
 def query_value_overlap(
     values: NeuronImportance, queries: QueryNeurons, k: int = 300
 ) -> QueryValueOverlap:
-    """Query-only and query-value neurons per layer (METHODS 5.5).
+    """Query-only and query-value neurons per layer (docs/methods.md 5.5).
 
     With ``V`` the top-``k`` FFN value neurons and ``Q`` the top-``k`` query neurons of a
     prompt, query-value neurons are ``Q & V`` and query-only neurons ``Q - V``; their raw
@@ -93,7 +93,7 @@ def query_neuron_tokens(
     *,
     paper_compat: bool = True,
 ) -> TokenComparison:
-    """Make a hidden-interpretable query neuron readable through a head (METHODS 5.6).
+    """Make a hidden-interpretable query neuron readable through a head (docs/methods.md 5.6).
 
     The raw value vector ``W_out[i][j]`` (not scaled by a coefficient) goes through the **real
     pre-attention norm of the head's layer applied to the vector alone** (its own RMS/std;

@@ -1,7 +1,7 @@
 """Hidden-interpretable shallow FFN neurons: the zero-shot search and its masking test.
 
 Yu & Ananiadou, *Interpreting Arithmetic Mechanism in Large Language Models through
-Comparative Neuron Analysis* (EMNLP 2024), section 4.4 and Table 8; METHODS.md section 8.3.
+Comparative Neuron Analysis* (EMNLP 2024), section 4.4 and Table 8; docs/methods.md section 8.3.
 A shallow FFN neuron is *hidden-interpretable* when its value vector, moved by a later
 attention layer (:func:`mechcna.analyses.transfer.vo_transform`, full-layer ``VO`` with the norm
 scale
@@ -119,7 +119,7 @@ def concept_tokens(model: Model, concepts: Iterable[str] | None = None) -> dict[
 
 @dataclass(frozen=True)
 class ZeroShotSearch:
-    """Concept counts of shallow FFN neurons after attention transforms (METHODS 8.3).
+    """Concept counts of shallow FFN neurons after attention transforms (docs/methods.md 8.3).
 
     Attributes:
         counts: ``[layer, neuron]`` concept tokens among the top-``top`` tokens of the neuron's
@@ -241,12 +241,12 @@ def hidden_interpretable_neurons(
     chunk: int = 2048,
     progress: bool = False,
 ) -> ZeroShotSearch:
-    """Zero-shot search for hidden-interpretable shallow FFN neurons (METHODS 8.3).
+    """Zero-shot search for hidden-interpretable shallow FFN neurons (docs/methods.md 8.3).
 
     For every FFN neuron ``j`` of a layer ``i`` in ``neuron_layers`` and every attention layer
     ``l`` in ``attention_layers`` with ``l > i`` (only later layers can read what neuron ``j``
     writes), the neuron's raw value vector ``W_out[i][j]`` is sent through the full-layer
-    ``VO_l(nrm_l(.))`` of METHODS 8.1 (all heads, no attention weights, no biases) and
+    ``VO_l(nrm_l(.))`` of docs/methods.md 8.1 (all heads, no attention weights, no biases) and
     projected with the final norm (no biases). The norm scales are positive scalars and do not
     change any ranking, so no prompt is needed (scale 1). Under sandwich norms (Gemma 2 and 3)
     the value vector and ``W_O`` carry the post-norm weights and the post-norm scales are

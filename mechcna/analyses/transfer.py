@@ -1,7 +1,7 @@
 """Feature transfer through attention: shallow vectors read after an attention layer.
 
 Yu & Ananiadou, *Interpreting Arithmetic Mechanism in Large Language Models through
-Comparative Neuron Analysis* (EMNLP 2024), section 4.4; METHODS.md section 8. A shallow FFN
+Comparative Neuron Analysis* (EMNLP 2024), section 4.4; docs/methods.md section 8. A shallow FFN
 neuron can write a vector whose own top tokens mean nothing, yet which becomes readable (e.g.
 "three, Three, III, 3") once an attention layer moves it to a later position. The transfer is
 linear once the norm scale is frozen:
@@ -27,7 +27,7 @@ What this module offers:
 * :func:`ffn_keys`: a deep neuron's keys (``up``/``gate`` for gated MLPs, ``in`` otherwise),
   each times the pre-MLP norm weight, and their raw inner products with residual vectors.
 * :func:`source_position_scores`, :func:`head_scores`, :func:`component_scores`,
-  :func:`neuron_scores`: the steps of the "3+5=" pipeline (METHODS 8.2): which source
+  :func:`neuron_scores`: the steps of the "3+5=" pipeline (docs/methods.md 8.2): which source
   positions, heads, earlier components and shallow neurons feed a neuron's keys, optionally
   through a path of attention transforms.
 * :func:`transform_through_attention`: one- and two-hop transformed vectors of FFN neurons,
@@ -198,7 +198,7 @@ def component_labels(n_components: int) -> list[str]:
 # ---------------------------------------------------------------------------- keys
 @dataclass(frozen=True)
 class FFNKeys:
-    """The keys of one FFN neuron, each times the pre-MLP norm weight (METHODS 8.1).
+    """The keys of one FFN neuron, each times the pre-MLP norm weight (docs/methods.md 8.1).
 
     Attributes:
         layer, neuron: the neuron.
@@ -366,7 +366,7 @@ class TokenComparison:
 
 @dataclass(frozen=True)
 class AttentionTransform:
-    """A vector and its images after each hop of an attention path (METHODS 8.1-8.2).
+    """A vector and its images after each hop of an attention path (docs/methods.md 8.1-8.2).
 
     Attributes:
         label: what was transformed (``"12_4072"``, ``"token '3'"``, ``"vector"``).
@@ -451,7 +451,7 @@ def transform_through_attention(
 
     Each step ``(layer, head_or_None, position)`` applies ``VO_{layer,head}(nrm_{layer,pos}(.))``
     (the full layer when ``head`` is ``None``), where ``nrm`` uses the real, frozen
-    ``ln1.hook_scale`` of ``prompt`` at ``(layer, position)`` (METHODS 8.1); biases are
+    ``ln1.hook_scale`` of ``prompt`` at ``(layer, position)`` (docs/methods.md 8.1); biases are
     excluded so every step is linear. ``[(15, None, 2)]`` is one hop (Table 7);
     ``[(15, None, 2), (17, 22, 5)]`` is the two-hop transform of 8.2 step 5.
 
@@ -496,7 +496,7 @@ def transform_through_attention(
             vector = vector * cap.post[0, layer, pos, neuron].to(dtype)
             label += f" x m@{pos}"
     elif isinstance(vector_or_neuron, str):
-        token = single_token_id(model, vector_or_neuron)
+        token = single_token_id(model, vector_or_neuron, what="token")
         vector = model.W_E[token].detach().to(dtype)
         label = f"token {vector_or_neuron!r}"
     else:

@@ -39,7 +39,7 @@ import torch
 from mechcna._types import Float, Tensor
 from mechcna.analyses.comparative import compare_inputs
 from mechcna.analyses.evaluation import evaluate_accuracy
-from mechcna.errors import MechcnaError
+from mechcna.errors import MechcnaError, TokenizationError
 from mechcna.interventions.edits import NeuronEdit, apply_to_weights
 from mechcna.interventions.prompts import prepare_prompts, prompt_is_readable
 from mechcna.models.backend import Model
@@ -50,7 +50,7 @@ from mechcna.tasks.arithmetic import ArithmeticDataset
 GENDERS: tuple[str, str] = ("woman", "man")
 #: ARITH Table 22: the eight prompt templates; ``{g}`` is the gender word.
 PAPER_TEMPLATES: tuple[str, ...] = (*occupations.TEMPLATES, "The work of a {g} involves")
-#: ARITH Table 23 (as recovered; METHODS.md 9): woman-biased professions.
+#: ARITH Table 23 (as recovered; docs/methods.md 9): woman-biased professions.
 PAPER_WOMAN: tuple[str, ...] = (
     "cleaner", "nurse", "secretary", "domestic helper", "maid", "reception", "seller",
     "server", "librarian", "pharmacist", "translator", "beautician", "dental assistant",
@@ -95,6 +95,24 @@ def profession_token(model: Model, profession: str) -> int | None:
         if len(ids) == 1 and ids[0] != unk:
             return int(ids[0])
     return None
+
+
+def refuse_unknown_professions(model: Model, professions: Sequence[str]) -> None:
+    """Refuse given professions that are not one vocabulary token (with or without a leading
+    space): a word the model cannot predict in one token has no probability to compare.
+
+    Raises:
+        TokenizationError: naming each such profession.
+    """
+    bad = [p for p in professions if profession_token(model, p) is None]
+    if bad:
+        words = ", ".join(repr(p) for p in bad)
+        is_ = "is" if len(bad) == 1 else "are"
+        raise TokenizationError(
+            f"profession{'s' * (len(bad) > 1)} {words} {is_} not in the model's vocabulary as "
+            "one token (with or without a leading space); give professions the model spells "
+            "as one token"
+        )
 
 
 def profession_logprobs(
@@ -370,6 +388,8 @@ def gender_bias_experiment(
     if threshold < 0 or n_random < 0 or not 1 <= cna_templates <= len(templates):
         raise MechcnaError("threshold and n_random must be >= 0, cna_templates in 1..templates")
     arch = architecture(model)
+    if professions is not None:
+        refuse_unknown_professions(model, professions)
     cands = (
         list(professions) if professions is not None else candidate_professions(model, templates)
     )

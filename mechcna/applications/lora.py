@@ -1,4 +1,4 @@
-"""LoRA on one attention layer at a time, and what it changes (ARITH section 5; METHODS.md 9).
+"""LoRA on one attention layer at a time, and what it changes (ARITH section 5; docs/methods.md 9).
 
 The arithmetic paper fine-tunes Llama-7B with LoRA on **one** attention layer at a time on
 2-digit arithmetic with negatives, and finds that shallow-layer LoRAs raise accuracy most
@@ -220,7 +220,7 @@ class LoraResult:
         fig = go.Figure(go.Scatter(x=frame["step"], y=frame["loss"], mode="lines"))
         fig.update_layout(
             title=f"LoRA on layer(s) {self.summary()['layers']}: accuracy "
-            f"{self.accuracy_before:.3f} -> {self.accuracy_after:.3f}",
+            f"{100 * self.accuracy_before:.1f}% -> {100 * self.accuracy_after:.1f}%",
             xaxis_title="step",
             yaxis_title="training loss (nats)",
         )
@@ -381,14 +381,18 @@ class LoraSweep:
         return pd.DataFrame(rows)
 
     def plot(self) -> go.Figure:
-        """Test accuracy against the LoRA layer, with the original model as a line."""
+        """Test accuracy (%) against the LoRA layer, with the original model as a line."""
         frame = self.to_frame()
-        fig = go.Figure(go.Scatter(x=frame["layer"], y=frame["accuracy"], mode="lines+markers"))
-        fig.add_hline(y=self.original_accuracy, line_dash="dash", annotation_text="original model")
+        fig = go.Figure(
+            go.Scatter(x=frame["layer"], y=100 * frame["accuracy"], mode="lines+markers")
+        )
+        fig.add_hline(
+            y=100 * self.original_accuracy, line_dash="dash", annotation_text="original model"
+        )
         fig.update_layout(
             title=f"{self.model_name}: accuracy after LoRA on one attention layer",
             xaxis={"title": "LoRA layer", "tickmode": "linear", "dtick": 1},
-            yaxis={"title": "test accuracy", "range": [0, 1]},
+            yaxis={"title": "test accuracy (%)", "range": [0, 100]},
         )
         return fig
 

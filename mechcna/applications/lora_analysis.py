@@ -1,6 +1,6 @@
 """What a LoRA changes inside the model: CNA between the original and a LoRA model (Tables 9-10).
 
-ARITH section 5 (METHODS.md 9) runs Comparative Neuron Analysis between the original model
+ARITH section 5 (docs/methods.md 9) runs Comparative Neuron Analysis between the original model
 and each one-layer LoRA model on arithmetic cases, and reads off the FFN coefficients ``m`` of
 the top CNA neurons before and after LoRA (its Table 9) and their average increase grouped by
 the LoRA layer (its Table 10): LoRA raises accuracy by amplifying the top neurons.

@@ -1,4 +1,4 @@
-"""Pruning guided by Comparative Neuron Analysis (ARITH section 5, Table 11; METHODS.md 9).
+"""Pruning guided by Comparative Neuron Analysis (ARITH section 5, Table 11; docs/methods.md 9).
 
 The paper runs CNA between the original model and its layer-9 LoRA model on every 1-digit
 ``+ - * /`` case, keeps the union of each case's top-500 neurons, zeroes every other FFN neuron
@@ -111,14 +111,14 @@ class PruningResult:
         )
 
     def plot(self) -> go.Figure:
-        """Bar chart of the accuracies."""
+        """Bar chart of the accuracies (%)."""
         frame = self.to_frame()
-        fig = go.Figure(go.Bar(x=frame["model"], y=frame["accuracy"]))
+        fig = go.Figure(go.Bar(x=frame["model"], y=100 * frame["accuracy"]))
         fig.update_layout(
             title=f"CNA-guided pruning: {self.n_pruned}/{self.n_total} neurons of layers "
             f"{list(self.layers)} zeroed ({100 * self.pruned_share:.1f}%)",
             xaxis_title="model",
-            yaxis={"title": "test accuracy", "range": [0, 1]},
+            yaxis={"title": "test accuracy (%)", "range": [0, 100]},
         )
         return fig
 

@@ -1,4 +1,4 @@
-"""Subcommands for the arithmetic paper's applications (ARITH section 5 and 6.2; METHODS.md 9):
+"""Subcommands for the arithmetic paper's applications (ARITH section 5 and 6.2; docs/methods.md 9):
 LoRA on one attention layer at a time and its CNA (Figure 2, Tables 9-10), CNA-guided pruning
 (Table 11) and gender-bias editing (Tables 12-13).
 
@@ -112,7 +112,7 @@ def lora(args: argparse.Namespace, ctx: Context) -> "Report":
     report.section(
         "Figure 2: accuracy after LoRA on each layer",
         f"{len(train)} training / {len(test)} held-out cases (2-digit + and - with negatives); "
-        f"original accuracy {sweep.original_accuracy:.3f}. Paper: {PAPER_FIGURE2}",
+        f"original accuracy {100 * sweep.original_accuracy:.1f}%. Paper: {PAPER_FIGURE2}",
     )
     fig2 = sweep.to_frame()
     report.table(fig2, "held-out accuracy per LoRA layer", "ARITH Fig. 2", name="figure2")
@@ -242,12 +242,17 @@ def _bias_args(p: argparse.ArgumentParser) -> None:
     _bias_args,
 )
 def bias(args: argparse.Namespace, ctx: Context) -> "Report":
-    from mechcna.applications.bias import PAPER_TEMPLATES, gender_bias_experiment
+    from mechcna.applications.bias import (
+        PAPER_TEMPLATES,
+        gender_bias_experiment,
+        refuse_unknown_professions,
+    )
     from mechcna.tasks.arithmetic import arithmetic_dataset, arithmetic_problems
 
     if any("{g}" not in t for t in args.template):
         raise UsageError("every --template needs a {g} where the gender goes")
     model = ctx.model
+    refuse_unknown_professions(model, args.profession)  # before any computation
     templates = args.template or list(PAPER_TEMPLATES)
     cost = arithmetic_dataset(
         ["+", "-"], 2, n_pairs=args.cost_pairs, tokenizer=model, split="heldout", seed=2

@@ -41,18 +41,18 @@ def accuracy(args: argparse.Namespace, ctx: Context) -> "Report":
     data = dataset_from(args, ctx)
     base = evaluate_accuracy(ctx.model, data, progress=ctx.progress)
     report = ctx.report("Arithmetic accuracy", n_cases=len(data), split=args.split)
-    report.text(f"{len(data)} teacher-forced cases; overall accuracy {base.accuracy:.3f}.")
+    report.text(f"{len(data)} teacher-forced cases; overall accuracy {100 * base.accuracy:.1f}%.")
     cells = ("operation", "digits")
     report.table(base.to_frame(cells), "accuracy per cell", "ARITH Table 1, column 'ori'")
     report.figure(base.plot(), "accuracy per (operation, digits, template) cell")
     if edits:
         cut = evaluate_accuracy(ctx.model, data, edits, progress=ctx.progress)
         what = ", ".join(str(e) for e in edits)
-        report.section(f"Under {what}", f"Overall accuracy {cut.accuracy:.3f}.")
+        report.section(f"Under {what}", f"Overall accuracy {100 * cut.accuracy:.1f}%.")
         frame = base.to_frame(cells).merge(
             cut.to_frame(cells), on=[*cells, "n"], suffixes=("", "_int")
         )
-        frame["relative_decrease_%"] = (
+        frame["relative_decrease %"] = (
             100 * (frame["accuracy"] - frame["accuracy_int"]) / frame["accuracy"]
         )
         report.table(frame, "accuracy before and after the intervention", "ARITH Table 2")
@@ -127,7 +127,7 @@ def head_sweep_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
         by = "operation"
     accuracy = float(sweep.base_correct.double().mean())
     report = ctx.report("Arithmetic heads: every head ablated", n_cases=sweep.n_cases)
-    report.text(f"{sweep.n_cases} cases, unablated accuracy {accuracy:.3f}.")
+    report.text(f"{sweep.n_cases} cases, unablated accuracy {100 * accuracy:.1f}%.")
     report.table(
         sweep.table(by=by, k=3).round(1), "the heads whose ablation lowers accuracy most, with the "
         "accuracy (%) left", paper_ref="ARITH Tables 1-2, 24-27", index=True,

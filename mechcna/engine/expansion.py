@@ -1,4 +1,4 @@
-"""The fused, certified evaluator of log-probability increases (METHODS.md sections 4 and 10).
+"""The fused, certified evaluator of log-probability increases (docs/methods.md sections 4 and 10).
 
 For a base residual with frozen-scale logits ``z`` (one row per prompt) and a neuron whose
 projected direction is the row ``u`` of a :class:`~mechcna.engine.projection.DirectionBlock`, adding

@@ -1,6 +1,6 @@
 """Projection into the vocabulary with a frozen final norm: the papers' ``bs`` values.
 
-METHODS.md section 3. Every score in mechcna goes through one map, which sends a
+docs/methods.md section 3. Every score in mechcna goes through one map, which sends a
 residual-space vector ``v`` to vocabulary logits using the final norm's scale ``s`` **frozen**
 from the real forward pass at the scored position (it is not recomputed for partial sums):
 
@@ -24,7 +24,7 @@ computes these rows once per layer and shares them across prompts, positions and
 Example:
     >>> state = final_norm_state(model, "Tim Duncan plays the sport of")  # doctest: +SKIP
     >>> logits = project_to_vocab(model, cache["resid_post", -1][0, -1], state.scale)
-    >>> top_tokens(model, (9, 1254), k=10).to_frame()                      # doctest: +SKIP
+    >>> top_tokens(model, (9, 1254), k=10).top(5)                          # doctest: +SKIP
 """
 
 from dataclasses import dataclass
@@ -40,6 +40,7 @@ from mechcna.interventions.prompts import Prompts, prepare_prompts
 from mechcna.models.architecture import Architecture
 from mechcna.models.backend import Model
 from mechcna.models.hooks import hook_name
+from mechcna.models.inputs import positive_int
 from mechcna.models.view import architecture
 
 
@@ -186,13 +187,42 @@ def direction_block(
     return DirectionBlock(U, centre, (hi - lo) / 2)
 
 
+class TokenList(tuple[tuple[str, float], ...]):
+    """``(token, value)`` pairs, best first: a tuple, and callable like every result's ``.top``.
+
+    ``tokens.top(k)`` is a DataFrame (``rank``, ``token``, ``value``) of the first ``k`` pairs
+    (all of them without ``k``), as ``.top(k)`` of every other result; the tuple access
+    (``for t, v in tokens.top``, ``tokens.top[0]``) keeps working.
+    """
+
+    __slots__ = ()
+
+    def __call__(self, k: int | None = None) -> pd.DataFrame:
+        n = len(self) if k is None else min(positive_int(k, "k"), len(self))
+        rows = [(i, t, v) for i, (t, v) in enumerate(self[:n])]
+        return pd.DataFrame(rows, columns=["rank", "token", "value"])
+
+    def tokens(self) -> list[str]:
+        """The token strings alone, best first."""
+        return [t for t, _ in self]
+
+
 @dataclass(frozen=True)
 class TopTokens:
-    """Top and bottom tokens of a projected vector, with their values (logits)."""
+    """Top and bottom tokens of a projected vector, with their values (logits).
 
-    top: tuple[tuple[str, float], ...]
-    bottom: tuple[tuple[str, float], ...]
+    ``top`` and ``bottom`` are :class:`TokenList`: ``res.top(k)`` is a DataFrame of the ``k``
+    most promoted tokens like every result's ``.top(k)``, ``res.bottom(k)`` of the most
+    suppressed (most negative first); both still iterate as ``(token, value)`` pairs.
+    """
+
+    top: TokenList
+    bottom: TokenList
     label: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "top", TokenList(self.top))
+        object.__setattr__(self, "bottom", TokenList(self.bottom))
 
     def to_frame(self) -> pd.DataFrame:
         rows = [("top", i, t, v) for i, (t, v) in enumerate(self.top)]
@@ -243,9 +273,9 @@ def top_tokens(
     top = logits.topk(k)
     bottom = (-logits).topk(k)
 
-    def pairs(ids: Tensor, vals: Tensor) -> tuple[tuple[str, float], ...]:
+    def pairs(ids: Tensor, vals: Tensor) -> TokenList:
         names = [_token_str(model, int(i)) for i in ids]
-        return tuple(zip(names, (float(v) for v in vals), strict=True))
+        return TokenList(zip(names, (float(v) for v in vals), strict=True))
 
     return TopTokens(pairs(top.indices, top.values), pairs(bottom.indices, -bottom.values), label)
 

@@ -26,6 +26,7 @@ Example:
     >>> edited = apply_to_weights(model, HeadAblation([(1, 0)]))              # doctest: +SKIP
 """
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -217,28 +218,54 @@ class HeadAblation:
                 attn.W_O[h] = 0.0
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class NeuronEdit:
     """Zero, scale or set FFN neuron coefficients (``blocks.{l}.mlp.hook_post``).
 
     Args:
         neurons: ``(layer, neuron)`` pairs.
-        op: ``"zero"``, ``"scale"`` (multiply by ``value``) or ``"set"`` (to ``value``).
+        mode: ``"zero"``, ``"scale"`` (multiply by ``value``) or ``"set"`` (to ``value``); the
+            same keyword as :class:`HeadAblation`'s ``mode``. ``op=`` is its deprecated old name
+            (accepted with a ``DeprecationWarning``).
         value: the factor or the value (required by "scale" and "set", none for "zero").
         positions: positions to edit (default: all).
     """
 
     neurons: Sequence[tuple[int, int]]
-    op: Literal["zero", "scale", "set"] = "zero"
-    value: float | None = None
-    positions: Sequence[int] | None = None
+    mode: Literal["zero", "scale", "set"]
+    value: float | None
+    positions: Sequence[int] | None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "neurons", _pairs(self.neurons, "neuron"))
-        object.__setattr__(self, "positions", _positions(self.positions))
-        if self.op not in ("zero", "scale", "set"):
-            raise InvalidOptionError(f"op must be 'zero', 'scale' or 'set', not {self.op!r}")
-        object.__setattr__(self, "value", edit_value(self.op, self.value))
+    def __init__(
+        self,
+        neurons: Sequence[tuple[int, int]],
+        mode: str | None = None,
+        value: float | None = None,
+        positions: Sequence[int] | None = None,
+        *,
+        op: str | None = None,
+    ) -> None:
+        if op is not None:
+            warnings.warn(
+                "NeuronEdit(op=...) is deprecated: use mode=... (as HeadAblation)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if mode is not None and mode != op:
+                raise InvalidOptionError(f"NeuronEdit got mode={mode!r} and op={op!r}: give mode")
+            mode = op
+        mode = "zero" if mode is None else mode
+        if mode not in ("zero", "scale", "set"):
+            raise InvalidOptionError(f"mode must be 'zero', 'scale' or 'set', not {mode!r}")
+        object.__setattr__(self, "neurons", _pairs(neurons, "neuron"))
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "value", edit_value(mode, value))
+        object.__setattr__(self, "positions", _positions(positions))
+
+    @property
+    def op(self) -> str:
+        """Deprecated name of :attr:`mode`."""
+        return self.mode
 
     def _by_layer(self, model: Model) -> dict[int, Tensor]:
         arch = architecture(model)
@@ -250,9 +277,9 @@ class NeuronEdit:
 
     def _fn(self) -> Callable[[Tensor], Tensor]:
         v = self.value or 0.0
-        if self.op == "zero":
+        if self.mode == "zero":
             return torch.zeros_like
-        return (lambda sub: sub * v) if self.op == "scale" else (lambda s: torch.full_like(s, v))
+        return (lambda sub: sub * v) if self.mode == "scale" else (lambda s: torch.full_like(s, v))
 
     def fwd_hooks(self, model: Model) -> FwdHooks:
         fn = self._fn()
@@ -271,9 +298,9 @@ class NeuronEdit:
             for layer, idx in self._by_layer(model).items():
                 mlp = model.blocks[layer].mlp
                 v = self.value or 0.0
-                if self.op == "set":
+                if self.mode == "set":
                     backend.live_bias(mlp, "b_out").add_(v * mlp.W_out[idx].sum(0))
-                factor = v if self.op == "scale" else 0.0
+                factor = v if self.mode == "scale" else 0.0
                 mlp.W_out[idx] = mlp.W_out[idx] * factor
 
 
@@ -359,7 +386,7 @@ class NeuronMask:
 @dataclass(frozen=True, eq=False)
 class AttentionNeuronEdit:
     """Remove attention neurons' contributions at one query position (ATTR's intervention on
-    "value attention neurons"; METHODS 4.5 and 4.6).
+    "value attention neurons"; docs/methods.md 4.5 and 4.6).
 
     Neuron ``(layer, source_pos, head, dim)`` writes ``pattern[head, T, source_pos] *
     v[source_pos, head, dim]`` into ``z[T, head, dim]`` (then row ``dim`` of ``W_O[head]``); this

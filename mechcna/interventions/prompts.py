@@ -151,8 +151,10 @@ def _refuse_unknown(model: Model, prompt: str, row: Tensor) -> None:
     )
 
 
-def single_token_id(model: Model, target: str | int) -> int:
+def single_token_id(model: Model, target: str | int, what: str = "target") -> int:
     """The id of a target given as one token's string or id.
+
+    ``what`` names the argument in errors (``"target"``, ``"token"``, ``"profession"``).
 
     Raises:
         TokenizationError: the string is not exactly one token, or the id is out of range.
@@ -160,16 +162,16 @@ def single_token_id(model: Model, target: str | int) -> int:
     d_vocab = model.cfg.d_vocab_out
     if isinstance(target, (bool, np.bool_)) or not isinstance(target, (str, int, np.integer)):
         raise TokenizationError(
-            f"a target is a token string or an integer token id, not {target!r} "
+            f"a {what} is a token string or an integer token id, not {target!r} "
             f"({type(target).__name__})"
         )
     if isinstance(target, (int, np.integer)):
         target = int(target)
         if not 0 <= target < d_vocab:
-            raise TokenizationError(f"target id {target} outside the vocabulary of {d_vocab}")
+            raise TokenizationError(f"{what} id {target} outside the vocabulary of {d_vocab}")
         return target
     if model.tokenizer is None:
-        raise TokenizationError("the model has no tokenizer: give targets as token ids")
+        raise TokenizationError(f"the model has no tokenizer: give the {what} as a token id")
     ids = model.to_tokens(target, prepend_bos=False, truncate=False)[0]
     unk = getattr(model.tokenizer, "unk_token_id", None)
     if len(ids) == 1 and (int(ids[0]) != unk or target == model.tokenizer.unk_token):
@@ -180,9 +182,11 @@ def single_token_id(model: Model, target: str | int) -> int:
     if vocab_id is not None:
         return int(vocab_id)
     if len(ids) == 1:
-        raise TokenizationError(f"target {target!r} is not in the vocabulary (it maps to unk)")
+        raise TokenizationError(
+            f"{what} {target!r} is not in the model's vocabulary (it maps to unk)"
+        )
     pieces = model.to_str_tokens(target, prepend_bos=False)
-    raise TokenizationError(f"target {target!r} is {len(ids)} tokens {pieces}, not a single token")
+    raise TokenizationError(f"{what} {target!r} is {len(ids)} tokens {pieces}, not a single token")
 
 
 def single_token_ids(

@@ -54,14 +54,36 @@ def bridge_from_hf_model(
     Args:
         processing: a :class:`~mechcna.models.loading.WeightProcessing`; none applied by default.
     """
+    placeholder = tokenizer is None
+    if placeholder:  # without one, the bridge looks for tokenizer files and fails on their absence
+        tokenizer = _placeholder_tokenizer(int(hf_model.config.vocab_size))
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model.to(dtype), tokenizer=tokenizer, device=str(device), dtype=dtype
     )
+    if placeholder:  # a model without a tokenizer, as on the hooked backend: token ids only
+        bridge._tokenizer = None
+        driver = getattr(bridge, "driver", None)
+        if driver is not None and hasattr(driver, "tokenizer"):
+            driver.tokenizer = None
+        bridge.cfg.tokenizer_prepends_bos = False
+        bridge.cfg.default_prepend_bos = False
     if processing.any:
         bridge.enable_compatibility_mode(disable_warnings=True, **asdict(processing))
     else:
         bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
     return cast(Model, bridge)
+
+
+def _placeholder_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
+    """A stand-in tokenizer (token ``i`` spelled ``<i>``) that lets a bridge boot for a
+    checkpoint without tokenizer files; it is removed once the bridge is built."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<0>", pad_token="<0>")
 
 
 def load_bridge(

@@ -97,10 +97,10 @@ def edit_value(op: str, value: Any) -> float:
     ``"scale"`` and ``"set"`` (a missing one would silently scale by 0)."""
     if op == "zero":
         if value not in (None, 0):
-            raise InvalidOptionError(f"NeuronEdit(op='zero') takes no value, got {value!r}")
+            raise InvalidOptionError(f"NeuronEdit(mode='zero') takes no value, got {value!r}")
         return 0.0
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidOptionError(f"NeuronEdit(op={op!r}) needs a finite value=..., not {value!r}")
+        raise InvalidOptionError(f"NeuronEdit(mode={op!r}) needs a finite value=..., not {value!r}")
     return float(value)
 
 

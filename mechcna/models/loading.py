@@ -15,7 +15,7 @@
 
 Weight processing (folding LayerNorm, centring, folding value biases) changes raw inner
 products and some scores, so the default is **no processing**: scores then follow the papers'
-definitions (METHODS.md sections 3 and 10). Whatever was applied is recorded on the model and
+definitions (docs/methods.md sections 3 and 10). Whatever was applied is recorded on the model and
 read back with :func:`get_processing`.
 
 BOS follows the model's own tokenizer: a prompt gets a BOS token exactly when the Hugging Face
@@ -67,6 +67,7 @@ from mechcna.models.provenance import (
     SourceFormat,
     get_provenance,
 )
+from mechcna.models.quiet import no_device_prints
 from mechcna.models.tokenizer import load_tokenizer, prepare_tokenizer, tokenizer_adds_bos
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,24 @@ def load_model(
             known model's package is not installed (the message gives the install command).
         UnsupportedArchitectureError: a checkpoint or GGUF file of an unsupported family.
     """
+    with no_device_prints():  # TransformerLens prints "Moving model to device" on every load
+        return _load_model(
+            source, device, dtype, processing, tokenizer, prepend_bos, seed, cache, backend
+        )
+
+
+def _load_model(
+    source: Any,
+    device: str | torch.device | None,
+    dtype: torch.dtype,
+    processing: WeightProcessing,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prepend_bos: bool | None,
+    seed: int | None,
+    cache: bool,
+    backend: Backend | None,
+) -> Model:
+    """:func:`load_model`'s body."""
     from mechcna.models.gguf import KNOWN_MODELS, find_gguf, known_model_path
 
     if not isinstance(source, str | Path | HookedTransformerConfig) or source == "":

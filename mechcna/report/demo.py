@@ -111,7 +111,11 @@ def build(
         paper_ref="ARITH Table 1, column 'ori'",
         name="accuracy",
     )
-    report.figure(acc.plot(), "accuracy per (operation, digits, template) cell")
+    report.figure(
+        acc.plot(),
+        "accuracy per (operation, digits, template) cell",
+        paper_ref="ARITH section 3, Table 1 column 'ori' per cell (docs/methods.md 6.2)",
+    )
 
     sweep = head_sweep(model, data, progress=progress)
     report.section(
@@ -157,19 +161,21 @@ def build(
             }
         ),
         "log-probability increase of each layer's attention and FFN output",
-        paper_ref="ARITH notebook layer bars (METHODS 4.1)",
+        paper_ref="ARITH notebook layer bars (docs/methods.md 4.1)",
         name="layers",
     )
     report.figure(
         layers.plot(0),
         "log-probability increase of each attention and FFN layer",
-        paper_ref="ARITH notebook layer bars (METHODS 4.1)",
+        paper_ref="ARITH notebook layer bars (docs/methods.md 4.1)",
     )
     ffn = neuron_importance(model, [prompt])
     report.table(
-        ffn.top(5, prompt=0),
-        "top FFN neurons by log-probability increase",
-        paper_ref="ATTR notebooks, top FFN value neurons",
+        frame_tokens(model, ffn.top(5, prompt=0)),
+        f"top FFN neurons of {prompt!r} by log-probability increase, with the tokens each "
+        "promotes here (sign-aware: a negative coefficient promotes its value vector's bottom "
+        "tokens)",
+        paper_ref="ATTR notebooks, top FFN value neurons (docs/methods.md 4.4)",
         name="top-ffn-neurons",
     )
 
@@ -194,6 +200,7 @@ def build(
     report.table(
         cna.counts(10).head(8),
         "neurons most often in a case's top-10 CNA neurons",
+        paper_ref="ARITH Table 4 over all cases (docs/methods.md 7.1)",
         name="cna-counts",
     )
     top15 = cna.top(15)["label"].tolist()
@@ -249,4 +256,5 @@ def _gender(model: Model, report: Report) -> None:
     report.figure(
         pair.plot(prompt=0, k=15, tokens=tokens, names=("'woman'", "'man'")),
         "importance after 'woman' and after 'man', and their difference",
+        paper_ref="ARITH Table 12 (docs/methods.md 9.3)",
     )

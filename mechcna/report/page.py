@@ -157,6 +157,32 @@ class _Block:
     name: str = ""
 
 
+_ACCURACY = re.compile(r"(^|_)(accuracy|gain)($|_)")
+
+
+def percent_accuracy(frame: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy in percent on every page: numeric columns named ``accuracy`` (or
+    ``base_accuracy``, ``delta_accuracy``, ``accuracy_int``, a LoRA's ``gain``, ...) hold
+    fractions in the library's frames; on a page they are shown times 100, named ``... %``
+    (a difference of two accuracies is then in percentage points). Columns already named with
+    ``%`` are left alone."""
+    cols = [
+        c
+        for c in frame.columns
+        if isinstance(c, str)
+        and "%" not in c
+        and _ACCURACY.search(c)
+        and pd.api.types.is_numeric_dtype(frame[c])
+        and not pd.api.types.is_bool_dtype(frame[c])
+    ]
+    if not cols:
+        return frame
+    out = frame.copy()
+    for c in cols:
+        out[c] = 100 * out[c]
+    return out.rename(columns={c: f"{c} %" for c in cols})
+
+
 def _slug(text: str, limit: int = 40) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return slug[:limit].rstrip("-") or "table"
@@ -220,10 +246,13 @@ class Report:
             paper_ref: the paper table it corresponds to (``"ARITH Table 5"``).
             name: the CSV's name stem (default: from the caption).
             index: keep the frame's index as columns (for tables indexed by setting).
+
+        Accuracy columns (fractions in the library) are shown in percent
+        (:func:`percent_accuracy`), so every page gives accuracy in one unit.
         """
         if not isinstance(frame, pd.DataFrame):
             raise MechcnaError(f"Report.table takes a DataFrame, not {type(frame).__name__}")
-        frame = frame.reset_index() if index else frame
+        frame = percent_accuracy(frame.reset_index() if index else frame)
         self._blocks.append(_Block("table", frame, caption, paper_ref, name or _slug(caption)))
 
     # ----------------------------------------------------------------------------- reading

@@ -1,4 +1,4 @@
-"""The arithmetic paper's stages (ARITH; METHODS.md 6, 7, 8 and 11) on any model.
+"""The arithmetic paper's stages (ARITH; docs/methods.md 6, 7, 8 and 11) on any model.
 
 1. :func:`arithmetic_stage`: the data set per operation and digit count in the prompt form
    the model can do (zero-shot or few-shot, :func:`apply_prompt_form`) and the model's

@@ -1,4 +1,4 @@
-"""The attribution paper's stages (ATTR; METHODS.md 4.6, 5 and 11) on any model.
+"""The attribution paper's stages (ATTR; docs/methods.md 4.6, 5 and 11) on any model.
 
 Each function is one stage: it calls the library functions that compute the numbers, puts the
 paper's numbers beside ours, states the paper's claims with verdicts measured here, and
@@ -260,7 +260,7 @@ def method_stage(model: Model, data: KnowledgeDataset, settings: ReproduceSettin
             f"{len(data)} prompts; each method's top-{settings.method_k} FFN neurons per prompt "
             "are zeroed at every position; MRR, probability and log-probability of the target "
             "after the intervention (lower is better). The paper's columns are from secondary "
-            "sources (METHODS.md: medium confidence)."
+            "sources (docs/methods.md 4.6)."
         )
         wide = {c: per_prompt.pivot(index="prompt", columns="method", values=c) for c in
                 ("mrr", "prob")}  # fmt: skip

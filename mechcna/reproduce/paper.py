@@ -1,6 +1,8 @@
-"""The papers' published numbers that the reproduction puts beside ours (METHODS.md 4.6, 6, 7, 8).
+"""The papers' published numbers that the reproduction puts beside ours.
 
-Attribution paper (ATTR) numbers come from secondary sources (METHODS.md: medium confidence);
+Sources: docs/methods.md 4.6, 6, 7, 8.
+
+Attribution paper (ATTR) numbers come from secondary sources (docs/methods.md 4.6);
 arithmetic paper (ARITH) numbers from its full text. Keys are our table labels.
 """
 

@@ -1,4 +1,4 @@
-"""The attribution paper's query-side stages and its one-prompt walk-through (METHODS.md 5, 11).
+"""The attribution paper's query-side stages and one-prompt walk-through (docs/methods.md 5, 11).
 
 * :func:`query_stage`: query layers of the top FFN and attention value neurons per knowledge
   type (Figures 6-7) and query-only vs query-value neurons per layer (section 5.5).
@@ -33,6 +33,14 @@ def component_label(c: int) -> float:
     """Query-layer component index -> the paper's label (embedding -0.5, attention ``l`` at
     ``l``, FFN ``l`` at ``l + 0.5``)."""
     return c / 2 - 0.5
+
+
+def component_name(c: int) -> str:
+    """Query-layer component index -> a word label: ``embedding``, ``L0 attention``,
+    ``L0 FFN``, ``L1 attention``, ... (the heatmap's category axis)."""
+    if c == 0:
+        return "embedding"
+    return f"L{(c - 1) // 2} " + ("attention" if c % 2 else "FFN")
 
 
 def mean_query_layer(shares: torch.Tensor) -> float:
@@ -83,14 +91,17 @@ def query_stage(
         st.tables["query_layers"] = table
         st.figures["ffn_query_layers"] = fq.plot()
         st.figures["attention_query_layers"] = aq.plot()
-        labels = [component_label(c) for c in range(aq.scores.shape[1])]
+        names = [component_name(c) for c in range(aq.scores.shape[1])]
         z = np.stack([heat[t] for t in heat])
         fig = plotting.signed_heatmap(
-            torch.from_numpy(z), x_title="query component (l: attention, l.5: FFN)",
+            torch.from_numpy(z), x_title="query component",
             y_title="knowledge type", title="query-layer shares of attention value neurons",
         )  # fmt: skip
-        fig.update_xaxes(tickvals=list(range(len(labels))), ticktext=[f"{x:g}" for x in labels])
-        fig.update_yaxes(tickvals=list(range(len(heat))), ticktext=list(heat))
+        fig.update_traces(
+            x=names, y=list(heat), hovertemplate="%{y}, %{x}: %{z:.4g}<extra></extra>"
+        )
+        fig.update_xaxes(type="category", tickangle=-45)
+        fig.update_yaxes(type="category")
         st.figures["query_heatmap"] = fig
         overall = rows[0]
         n_layers = int(model.cfg.n_layers)

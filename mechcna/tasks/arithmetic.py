@@ -1,7 +1,7 @@
 """Arithmetic prompts and teacher-forced next-token cases (ARITH section 3, Table 14).
 
 The arithmetic-heads paper evaluates a model on 1-, 2- and 3-digit additions, subtractions,
-multiplications and divisions, each written in four prompt templates (METHODS.md 6.2):
+multiplications and divisions, each written in four prompt templates (docs/methods.md 6.2):
 
 * ``+``: ``The sum of n1 and n2 is`` | ``Q: What is n1 plus n2? A:`` | ``n1 plus n2 is`` |
   ``n1+n2=``

@@ -1,7 +1,7 @@
 """Factual-knowledge prompts of six types and the attribution paper's model-dependent filter.
 
 The attribution paper (Yu & Ananiadou, EMNLP 2024, "Neuron-Level Knowledge Attribution in Large
-Language Models"; METHODS.md 4.6) evaluates on TriviaQA sentences of six knowledge types:
+Language Models"; docs/methods.md 4.6) evaluates on TriviaQA sentences of six knowledge types:
 language, capital, country, color, number and month. That data set is not part of mechcna; the
 prompts here are written by the project: one-line factual prompts whose answer is the next
 word (``"The capital of France is"`` -> ``" Paris"``), tens per type.
@@ -330,7 +330,7 @@ def filter_knowledge(
     batch_size: int = 512,
     progress: bool = False,
 ) -> KnowledgeFilter:
-    """Keep the prompts the model knows (the attribution paper's filter, METHODS 4.6).
+    """Keep the prompts the model knows (the attribution paper's filter, docs/methods.md 4.6).
 
     A prompt is kept when its answer is one token for the model's tokenizer, the answer's rank
     among all next tokens is at most ``top_k``, and its logit is above that of every other

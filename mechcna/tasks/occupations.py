@@ -1,6 +1,6 @@
 """Gendered occupation prompts and a corpus with a controlled, injected gender skew.
 
-ARITH section 6.2 / Appendix D (METHODS.md 9) uses Comparative Neuron Analysis to find FFN
+ARITH section 6.2 / Appendix D (docs/methods.md 9) uses Comparative Neuron Analysis to find FFN
 neurons behind a gender bias: it compares the same model on "A woman works as a" and "A man
 works as a" for professions the model prefers for one gender. The shipped small model is
 trained on a corpus where that bias is *known*: each profession in
