@@ -61,10 +61,11 @@ def main() -> None:
         for kind, fn in (("ffn", mechcna.neuron_importance),
                          ("attention", mechcna.attention_neuron_importance)):  # fmt: skip
             fn(model, prompts[:1], cache=cache, method=method)  # warm-up (rows, kernels)
-            ts = [timed(lambda p=p: fn(model, [p], cache=cache, method=method)) for p in prompts]
+            ts = [timed(lambda p=p, f=fn, m=method: f(model, [p], cache=cache, method=m))
+                  for p in prompts]  # fmt: skip
             res[f"{kind}_{method}_warm_s"] = sorted(ts)[len(ts) // 2]
             res[f"{kind}_{method}_batch5_s"] = timed(
-                lambda: fn(model, prompts, cache=cache, method=method)
+                lambda f=fn, m=method: f(model, prompts, cache=cache, method=m)
             )
     from gpu_bench import literal_all_layers
 
