@@ -169,7 +169,7 @@ _WHERE: dict[str, str] = {
     "load_model": "mechcna.models.loading",
     "load_tokenizer": "mechcna.models.tokenizer",
     "mask_experiment": "mechcna.analyses.shallow",
-    "mask_keep_table": "mechcna.analyses.comparative",
+    "mask_keep_table": "mechcna.analyses.case_ablation",
     "neuron_importance": "mechcna.analyses.attribution",
     "neuron_scores": "mechcna.analyses.key_scores",
     "neuron_tokens": "mechcna.analyses.tokens",
