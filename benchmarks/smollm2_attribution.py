@@ -123,6 +123,11 @@ def all_neurons(model, prompts, cache):
     return clock, f, a
 
 
+def cert(res) -> float:
+    """The share of scores certified without the exact sum."""
+    return res.stats.certified_fraction if res.stats is not None else float("nan")
+
+
 def top_shared(f, a, lit, layers, n_pos) -> int:
     """How many of the top-100 FFN and attention neurons of prompt 0 on the timed layers the
     fast scores share with the literal ones."""
@@ -208,8 +213,8 @@ def main() -> None:
     cache = BlockCache(disk=disk)
     first, f1, a1 = all_neurons(model, [prompt], cache)
     print(f"first prompt, cold (default cache, empty disk dir): {first.ratio(literal)}; "
-          f"certified FFN {f1.stats.certified_fraction:.3f} "
-          f"attention {a1.stats.certified_fraction:.3f}", flush=True)  # fmt: skip
+          f"certified FFN {cert(f1):.3f} "
+          f"attention {cert(a1):.3f}", flush=True)  # fmt: skip
     err = 0.0
     for l in args.literal_layers:
         err = max(err, float((f1.scores[0, l] - lit["ffn"][l]).abs().max()))
@@ -228,10 +233,10 @@ def main() -> None:
     both = Clock()
     both.wall, both.cpu = ffn2.wall + att2.wall, ffn2.cpu + att2.cpu
     print(f"second single prompt, FFN only: {ffn2.ratio(lit_ffn)} (target >= 20x); certified "
-          f"{f2.stats.certified_fraction:.3f}", flush=True)  # fmt: skip
+          f"{cert(f2):.3f}", flush=True)  # fmt: skip
     print(f"second single prompt, attention only: {att2.ratio(lit_att)}; attention / FFN "
           f"time: wall {att2.wall / ffn2.wall:.2f}, cpu {att2.cpu / ffn2.cpu:.2f} (target <= 1); "
-          f"certified {a2.stats.certified_fraction:.3f}", flush=True)  # fmt: skip
+          f"certified {cert(a2):.3f}", flush=True)  # fmt: skip
     print(f"second single prompt, all neurons: {both.ratio(literal)} (target >= 40x)",
           flush=True)  # fmt: skip
     warm = BlockCache(disk=disk)
@@ -254,8 +259,8 @@ def main() -> None:
         print(f"{len(prompts)} prompts, {what}: {am.ratio(lit_many)} (target >= 150x; literal "
               f"scaled by positions: wall {lit_many.wall:.0f} s, cpu {lit_many.cpu:.0f} s)",
               flush=True)  # fmt: skip
-        print(f"  certified FFN {fa.stats.certified_fraction:.3f} attention "
-              f"{aa.stats.certified_fraction:.3f}", flush=True)  # fmt: skip
+        print(f"  certified FFN {cert(fa):.3f} attention "
+              f"{cert(aa):.3f}", flush=True)  # fmt: skip
         same = float((fa.scores[0] - f1.scores[0]).abs().max())
         shared = top_shared(fa, aa, lit, args.literal_layers, n_pos)
         print(f"  prompt 0 in the batch: max |diff| vs single prompt {same:.2e}; top-100 of the "

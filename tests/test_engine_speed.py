@@ -72,7 +72,7 @@ def test_head_plan_keeps_every_token_for_batches_and_small_vocabularies():
     p = torch.softmax(torch.randn(8, 5000, dtype=torch.float64), -1)
     reach = torch.full((8, 3), 1e-9, dtype=torch.float64)
     assert [c for _, c, _ in moments.head_plan(p, reach, 1e-6, 3)] == [None]
-    p = torch.softmax(torch.randn(1, 500, dtype=torch.float64), -1)
+    p = torch.softmax(torch.randn(1, 500, dtype=torch.float64), -1)  # < 2 x 256 tokens
     assert [c for _, c, _ in moments.head_plan(p, reach[:1], 1e-6, 3)] == [None]
 
 
@@ -107,17 +107,22 @@ def _draw_engine_inputs(seed, V, R, B, storage, confidence, a_scale, extreme_tai
     extreme_tail=st.booleans(),
     tol=st.sampled_from([1e-3, 1e-5, None]),
     fill=st.booleans(),
+    share=st.sampled_from([1 / 8, 1e3]),
 )
 def test_engine_with_truncated_moments_within_tolerance(
-    seed, storage, V, B, confidence, a_scale, extreme_tail, tol, fill
+    seed, storage, V, B, confidence, a_scale, extreme_tail, tol, fill, share
 ):
     """:func:`increase_from_rows` with each prompt's moments truncated (the default for one
-    to four prompts once the vocabulary holds 1024 tokens) against the float64 literal."""
+    to four prompts once the vocabulary holds 512 tokens) against the float64 literal. With
+    ``share`` 1000 the plan truncates rows whose truncation error exceeds ``tol``: only the
+    bound's truncation terms then send them to the exact sum."""
     z, M, W, a, target = _draw_engine_inputs(
         seed, V, 30, B, storage, confidence, a_scale, extreme_tail
     )
     rows = layer_rows(M, W, storage)
-    got = increase_from_rows(z, rows, a, target, tol=tol, fill=fill)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(moments, "PLAN_SHARE", share)
+        got = increase_from_rows(z, rows, a, target, tol=tol, fill=fill)
     ref = engine_literal(z, M, W, a, target)
     t = default_tol(z.dtype) if tol is None else tol
     u = U32 if z.dtype == torch.float32 else U64

@@ -72,6 +72,10 @@ is evaluated in float64, and the rounding is bounded and added to the certificat
 * the streaming ``k2 = w C w`` carries ``(g + 2 g_d) |w|^2 tr C + |w|^2 |g max|M||^2``;
 * ``4 u`` times the magnitudes of the expansion's terms covers their evaluation.
 
+**Truncated moments.** For one to four prompts the moments of a row with a small
+coefficient are summed over each prompt's most probable tokens only, with the omitted tail's
+effect bounded and added to ``dk2`` and ``dk3`` (:mod:`mechcna.engine.moments`).
+
 **Exact fallback.** Every (prompt, neuron) whose bound exceeds ``tol`` is recomputed with
 the full log-sum-exp in float64 on the exact float64 row (kept per store, or recomputed from
 ``w``), in fused chunks. So every returned score is within ``tol`` of the exact value on the

@@ -8,8 +8,9 @@ A :class:`RowStore` holds, for one layer's neurons, the centred vocabulary direc
   (``int16``, the default: ``round(32767 * U[k] / radius[k])``, so a stored row differs from the
   exact one by at most ``eta[k] = 0.51 * radius[k] / 32767`` per entry; rows are centred and
   scaled in float64) or as ``float16(U[k] / radius[k])`` (``eta[k] = radius[k] * 2**-11``, 32
-  times coarser; kept for tests). The engine's bound adds the effect of this rounding
-  (:meth:`RowStore.eta`, :mod:`mechcna.engine.expansion`);
+  times coarser) or ``bfloat16(U[k] / radius[k])`` (``eta[k] = radius[k] * 2**-8``, memory
+  only); ``BlockCache(storage=...)`` chooses. The engine's bound adds the effect of this
+  rounding (:meth:`RowStore.eta`, :mod:`mechcna.engine.expansion`);
 * in the compute dtype otherwise: float32 rows (``BlockCache(half=False)``) are rounded
   (``eta = 1.01 * 2**-24 * radius``, :attr:`RowStore.rounded`); float64 rows are exact up to
   float64 rounding. Radii and centres are float64.
@@ -32,6 +33,9 @@ deleted until the total allocated size is at most ``MECHCNA_DISK_CACHE_BYTES`` (
 16 GiB). A store in use holds a shared ``flock`` on its row file until released, and
 :func:`prune` deletes only files it can lock exclusively without waiting, so a store that any
 process has open is never deleted.
+
+**Device.** A store's rows live on its ``device`` (the model's): in memory for CUDA, where the
+disk cache is not used; radii, centres and the masks of computed rows stay on the host.
 
 Location: ``MECHCNA_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/mechcna/blocks`` (default
 ``~/.cache/mechcna/blocks``). ``MECHCNA_DISK_CACHE=0`` turns the disk cache off.
