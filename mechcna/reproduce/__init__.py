@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 from mechcna.errors import MechcnaError
 from mechcna.models.backend import Model
+from mechcna.reproduce import arith_cells, arith_graph, shallow_stage
 from mechcna.reproduce import arithmetic as arith
 from mechcna.reproduce import attribution as attr
 from mechcna.reproduce import query_stages as query
-from mechcna.reproduce import shallow_stage
 from mechcna.reproduce.core import (
     Claim,
     ReproduceSettings,
@@ -139,7 +139,16 @@ def reproduce(
             keep("cna", lambda: arith.cna_stage(model, get(*cases), get(*head), s)),
             keep("shallow", lambda: shallow_stage.shallow_stage(
                 model, get("cna", "cases"), get("heads", "shallow_head"), s)),
+            keep("pe_graph", lambda: arith_graph.pe_graph_stage(
+                model, get("cna", "cases"), get("cna", "cna"), s)),
+            keep("trace", lambda: arith_graph.trace_stage(
+                model, get("cna", "cases"), get("cna", "cna"), get(*head), s)),
+            keep("cells", lambda: arith_cells.cells_stage(
+                model, get(*cases), get("heads", "sweep"), get(*head), s)),
         ]  # fmt: skip
+        if s.division and "/" in s.operations:
+            stages.append(keep("division", lambda: arith_cells.division_stage(
+                model, get(*cases), get("heads", "sweep"), s)))  # fmt: skip
     results = run_stages(stages, progress, lock)
     settings_dict = {k: v for k, v in vars(s).items()}
     return Reproduction(
