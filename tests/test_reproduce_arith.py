@@ -280,3 +280,16 @@ def test_stages_and_expected_times(run, shipped, settings):
     paper = ReproduceSettings.paper()
     assert paper.division_zero_shot and paper.trace_cases is None and 3 in paper.digits
     assert not ReproduceSettings.standard().division_zero_shot
+
+
+def test_key_stages_are_not_measured_on_models_the_keys_refuse(run, settings):
+    """A final logit soft cap (Gemma 2) is refused by the key analyses: both stages say so
+    instead of failing the run."""
+    model = build("llama")
+    model.cfg.output_logits_soft_cap = 30.0
+    cna, cases = run.stage("cna").data["cna"], run.stage("cna").data["cases"]
+    pe = ag.pe_graph_stage(model, cases, cna, settings)
+    trace = ag.trace_stage(model, cases, cna, (0, 0), settings)
+    for st in (pe, trace):
+        assert st.claims and all(c.verdict == NOT_MEASURED for c in st.claims)
+        assert "soft cap" in st.claims[0].ours

@@ -30,6 +30,7 @@ from mechcna.analyses.key_scores import (
     source_position_scores,
 )
 from mechcna.analyses.transfer import ffn_keys
+from mechcna.errors import UnsupportedArchitectureError
 from mechcna.interventions.prompts import prepare_prompts
 from mechcna.models.backend import Model
 from mechcna.models.view import architecture
@@ -40,6 +41,15 @@ from mechcna.tasks.arithmetic import ArithmeticDataset
 
 
 # --------------------------------------------------------------------------- PE graph
+def unsupported(model: Model) -> str:
+    """Why the key-based analyses refuse ``model`` (post-norms, a logit soft cap), or ``""``."""
+    try:
+        ffn_keys(model, 0, 0)
+    except UnsupportedArchitectureError as e:
+        return str(e)
+    return ""
+
+
 def _key_name(model: Model) -> Literal["in", "both"]:
     return "both" if architecture(model).gated else "in"
 
@@ -144,9 +154,10 @@ def pe_graph_stage(
     lower neurons of the same layers). Figure ``pe_graph``: the first case's graph.
     """
     with stage("pe_graph", "Prediction-enhancing graph (ARITH 4.2 step 3)", PAPER) as st:
-        if not len(cases):
-            st.notes.append("Skipped: no CNA case.")
-            st.claim(*_PE_CLAIM, "no CNA case", None)
+        why = unsupported(model) or ("" if len(cases) else "no CNA case")
+        if why:
+            st.notes.append(f"Skipped: {why}")
+            st.claim(*_PE_CLAIM, why, None)
             return st.result()
         k = min(settings.cna_ks)
         d_mlp = int(model.cfg.d_mlp or 0)
@@ -309,6 +320,10 @@ def trace_stage(
     most ``settings.trace_cases`` cases; the first case's steps as tables."""
     with stage("trace", f"Feature-transfer trace through head {head[0]}_{head[1]}", PAPER) as st:
         n = len(cases) if settings.trace_cases is None else min(len(cases), settings.trace_cases)
+        why = unsupported(model)
+        if why:
+            n = 0
+            st.notes.append(f"Skipped: {why}")
         rows, first = [], {}
         for i in range(n):
             neuron = cna.top_sets(1)[i][0]
@@ -326,7 +341,7 @@ def trace_stage(
             st.tables[key] = table
         if "positions" in first:
             st.figures["trace_heads"] = first["heads"].plot()
-        _trace_claims(st, summary, model.cfg.n_heads, head, settings)
+        _trace_claims(st, summary, model.cfg.n_heads, head, settings, why)
         st.notes.append(
             f"{n} cases, each traced into its top CNA neuron (descending CNA), ranking by "
             "|up + gate| (|in| without a gate). Steps: attention layer "
@@ -335,14 +350,14 @@ def trace_stage(
             "(residual-RMS scale at that position); the top attention component's source "
             "positions read through the same head; the two-hop transform of the components and "
             "of the neurons of the top FFN there. Tables: the first case "
-            f"({cases.prompts[0]!r})." if n else "No CNA case."
+            f"({cases.prompts[0]!r})." if n else "No case traced."
         )  # fmt: skip
     return st.result()
 
 
 def _trace_claims(
     st: StageBuilder, summary: pd.DataFrame, n_heads: int, head: tuple[int, int],
-    s: ReproduceSettings,
+    s: ReproduceSettings, why: str = "",
 ) -> None:  # fmt: skip
     label = f"{head[0]}_{head[1]}"
     claim = (
@@ -352,7 +367,7 @@ def _trace_claims(
         "head 22 of layer 17: up 0.4484, gate 0.2736; every other head under 0.01 ('3+5=')",
     )
     if not len(summary):
-        st.claim(*claim, "no CNA case", None)
+        st.claim(*claim, why or "no CNA case", None)
     else:
         first = int((summary["ablated head rank"].to_numpy() == 1).sum())
         test = stats.binomial_test(first, len(summary), 0.5)
@@ -366,7 +381,7 @@ def _trace_claims(
     operand = summary["operand"].tolist() if len(summary) else []
     traced = np.array([o is not None for o in operand], dtype=bool)
     if not traced.any():
-        st.claim(*claim2, "no attention layer below the head (or no case)", None)
+        st.claim(*claim2, why or "no attention layer below the head (or no case)", None)
         return
     hits = int(sum(bool(o) for o in operand if o is not None))
     share = summary["operand positions"].to_numpy(float) / summary["positions"].to_numpy(float)
