@@ -148,7 +148,7 @@ def division_cases(
     model: Model, data: ArithmeticDataset, settings: ReproduceSettings
 ) -> ArithmeticDataset:
     """The model's correct 1-digit (smallest digit count) divisions, every pair, in the run's
-    prompt form, at most ``cna_cases``."""
+    prompt form, at most ``division_cases``."""
     s = settings
     every = arithmetic_dataset("/", min(s.digits), s.templates, None, tokenizer=model,
                                seed=s.seed, split="all")  # fmt: skip
@@ -156,7 +156,7 @@ def division_cases(
     cases = arith.apply_prompt_form(every, form, s.shots, s.seed)
     ok = evaluate_accuracy(model, cases, progress=False).correct.tolist()
     kept = ArithmeticDataset(tuple(c for c, k in zip(cases, ok, strict=True) if k), cases.policies)
-    return arith._subsample(kept, s.cna_cases, s.seed)
+    return arith._subsample(kept, s.division_cases, s.seed)
 
 
 #: Our claim text's start -> the appendix-B figure put beside it.

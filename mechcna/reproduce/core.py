@@ -362,6 +362,7 @@ class ReproduceSettings:
         division: run appendix B (the division head's Tables 15-17) when ``/`` is among the
             operations.
         division_zero_shot: also Table 17 (the zero-shot search below the division head).
+        division_cases: at most this many correct 1-digit divisions for its CNA (``None``: all).
         seed: seed of every random draw and of the bootstrap.
     """
 
@@ -400,6 +401,7 @@ class ReproduceSettings:
     cell_heads: int = 5
     division: bool = True
     division_zero_shot: bool = False
+    division_cases: int | None = 12
     seed: int = 0
     preset: str = "custom"
 
@@ -447,7 +449,7 @@ class ReproduceSettings:
             prompts_per_type=None, max_prompts=None, method_prompts=200, digits=(1, 2, 3),
             n_pairs=100, prompt_form="zero-shot", sweep_cases=None, cna_cases=None,
             cna_split="all", zero_shot_readers=None, trace_cases=None, cell_pairs=100,
-            division_zero_shot=True, preset="paper",
+            division_zero_shot=True, division_cases=None, preset="paper",
         )  # fmt: skip
 
     @classmethod

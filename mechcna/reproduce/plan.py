@@ -128,7 +128,8 @@ def _more_arithmetic(
     ]
     if s.division and "/" in s.operations:
         every = arithmetic_dataset("/", min(s.digits), s.templates, None, split="all")
-        n = 0.6 * len(every) if s.cna_cases is None else min(0.6 * len(every), s.cna_cases)
+        n = 0.6 * len(every)
+        n = n if s.division_cases is None else min(n, s.division_cases)
         zero_shot = u["shallow"] * pairs if s.division_zero_shot else 0.0
         rows.append(("arithmetic", "division", u["cna"] * n * passes + zero_shot))
     return rows
