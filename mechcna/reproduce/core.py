@@ -432,11 +432,14 @@ class ReproduceSettings:
         arithmetic cases (+, -, *, /; 1 and 2 digits; drawn at random from up to 100 pairs per
         cell) in the head sweep, split into a selection and an evaluation half, every correct
         1-digit + and - case (all pairs) for CNA, and the shallow neurons read through every
-        attention layer up to the head's."""
+        attention layer up to the head's; 12 cases traced (ARITH 4.2 step 2), 3 pairs per cell
+        of templates 1-3 and 3 digits with the top heads ablated, 10 correct 1-digit divisions
+        for the division head's CNA (Tables 15-16; Table 17 only in :meth:`paper`)."""
         return cls(
             prompts_per_type=None, max_prompts=40, method_prompts=24, n_pairs=100,
             prompt_form="zero-shot", sweep_cases=420, cna_cases=None, cna_split="all",
-            zero_shot_readers=None, trace_cases=20, cell_pairs=6, preset="standard",
+            zero_shot_readers=None, trace_cases=12, cell_pairs=3, division_cases=10,
+            preset="standard",
         )  # fmt: skip
 
     @classmethod
