@@ -239,7 +239,11 @@ def test_cells_claims_equal_direct_evaluation(run, shipped, settings):
         want = 100 * (base[mask].mean() - after[mask].mean()) / base[mask].mean()
         assert claim.test.estimate == pytest.approx(want)
         assert claim.test.n == int(mask.sum())
-    assert "templates" in st.tables and "cells_top_heads" in st.tables
+    t1 = st.tables["templates"]
+    paper_col = t1.columns[-1]
+    for cell, value in zip(t1.index, t1[paper_col], strict=True):
+        assert (value != "") == cell.startswith("2D"), (cell, value)
+    assert "cells_top_heads" in st.tables
 
 
 # --------------------------------------------------------------------------- division

@@ -96,7 +96,11 @@ def cells_stage(
         heads = cell_heads(sweep, head, settings.cell_heads)
         cs = head_sweep(model, cases, heads=heads, progress=False)
         by = ["digits", "operation", "template"]  # cell labels such as "2D+1"
-        st.tables["templates"] = cs.table(by=by, heads=heads[: 1 + settings.cell_heads])
+        t1 = cs.table(by=by, heads=heads[: 1 + settings.cell_heads])
+        t1[f"{paper.LLAMA} 2D, 4 templates pooled: ori -> 17_22 (Table 1)"] = [
+            "{} -> {}".format(*paper.TABLE1_17_22[c[2]]) if c[:2] == "2D" else "" for c in t1.index
+        ]
+        st.tables["templates"] = t1
         t24 = cs.table(by=by, k=5)
         t24[f"{paper.LLAMA} ori (template 4)"] = [
             paper.HEAD_CELLS.get(c[:-1], (np.nan,))[0] if c.endswith("4") else np.nan
@@ -199,9 +203,10 @@ def division_stage(
         plus = ct.best_head(sweep, select & ct._op_mask(sweep, ["+", "-"]))
         right = int(sweep.base_correct[torch.from_numpy(evaluate & div)].sum())
         st.claim(
-            "Division has its own head: ablating the top division head cuts accuracy on / a "
-            "lot (test: relative decrease of at least 20%, chosen on the selection half of the "
-            "/ cases and scored on the evaluation half)",
+            "Division has a head that carries it (the paper's 14_19, not the + / - head "
+            "17_22): ablating the top division head cuts accuracy on / a lot (test: relative "
+            "decrease of at least 20%, the head chosen on the selection half of the / cases and "
+            "scored on the evaluation half)",
             "14_19 (not 17_22): -54.9% (1D /), -71.8% (2D /) relative (Table 2)",
             f"{label} (the + / - head is {plus[0]}_{plus[1]}): {test.estimate:.1f}% relative on "
             f"{test.n} held-out / cases ({right} right before)",

@@ -84,6 +84,10 @@ KIND_DECREASE: dict[str, tuple[float, float]] = {
 #: ARITH Table 1: 2D overall accuracy 74.8 -> 53.4 with 17_22 ablated; 976 of 1024 heads change
 #: it by only 0.01-2 points.
 TABLE1_ALL = (74.8, "17_22", 53.4)
+#: ARITH Table 1 per operation (2D, the four templates pooled): ori -> with 17_22 ablated.
+TABLE1_17_22: dict[str, tuple[float, float]] = {
+    "+": (96.8, 42.9), "-": (94.4, 72.3), "*": (56.6, 50.5), "/": (51.4, 48.2),
+}  # fmt: skip
 QUIET_HEADS = (976, 1024)
 
 #: ARITH Table 4 ("3+5=", head 17_22): the top CNA neuron and its importance in M and M'.
