@@ -228,7 +228,9 @@ def test_quick_run_reports_every_k_and_the_papers_filter(shipped, tmp_path):
     lowest = [c for c in rep.claim_list if c.claim.startswith("Zeroing the lowest-layer")]
     assert len(lowest) == len(s.cna_ks)
     saved = Checkpoint(tmp_path, str(shipped.cfg.model_name), "arithmetic", vars(s))
-    assert saved.finished() == sorted(["arithmetic_data", "heads", "cna", "shallow"])
+    assert saved.finished() == sorted(
+        ["arithmetic_data", "heads", "cna", "shallow", "pe_graph", "trace", "cells"]
+    )
     calls = []
     original = arith.head_stage
 
