@@ -65,7 +65,9 @@ def pair_cosines(
     raw = value_key_products(model, neurons, key="in").products.double()
     n = len(lower)
     values = torch.stack([arch.W_out(l)[k].detach().double() for l, k in lower]).norm(dim=-1)
-    keys = torch.stack([ffn_keys(model, l, k).vectors[0].double() for l, k in upper]).norm(dim=-1)
+    keys = torch.stack(
+        [(arch.W_in(l)[:, k] * arch.ln2_w(l)).detach().double() for l, k in upper]
+    ).norm(dim=-1)
     return (raw[:n, n:] / (values[:, None] * keys[None, :]).clamp_min(1e-30)).numpy()
 
 
@@ -79,11 +81,13 @@ def alignment(
     layer (mean over draws; ``random_lower[d][i]`` replaces ``top[i]``). Returns
     ``(top, random, pairs)``; NaN with 0 pairs when no two top neurons are in different
     layers."""
-    own = np.abs(pair_cosines(model, top, top))
+    n = len(top)
+    every = np.abs(pair_cosines(model, top + [x for d in random_lower for x in d], top))
+    own = every[:n]
     valid = ~np.isnan(own)
     if not valid.any():
         return float("nan"), float("nan"), 0
-    rand = [np.abs(pair_cosines(model, draw, top))[valid].mean() for draw in random_lower]
+    rand = [every[n * (d + 1) : n * (d + 2)][valid].mean() for d in range(len(random_lower))]
     return float(own[valid].mean()), float(np.mean(rand)), int(valid.sum())
 
 

@@ -33,8 +33,8 @@ _UNIT = {
     "heads": 0.016,  # per case and head (zero-shot prompts; few-shot about twice)
     "cna": 0.35,  # per case and forward pass
     "shallow": 0.7,  # per (neuron layer, reader layer) pair
-    "pe_graph": 0.1,  # per CNA case (weights only)
-    "trace": 1.0,  # per traced case (five captures)
+    "pe_graph": 1.0,  # per CNA case (7.9 s before one call per case instead of six: guess)
+    "trace": 1.5,  # per traced case (five captures; SmolLM2 quick, load ~2)
     "cells": 0.016,  # per extra case and ablated head (as the head sweep)
 }
 
