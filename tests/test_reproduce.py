@@ -33,7 +33,7 @@ from tests.helpers import PROMPTS, build
 
 STAGES = [
     "knowledge", "methods", "value_neurons", "zeroing", "query", "walkthrough",
-    "arithmetic_data", "heads", "cna", "shallow",
+    "arithmetic_data", "heads", "cna", "shallow", "pe_graph", "trace", "cells",
 ]  # fmt: skip
 
 

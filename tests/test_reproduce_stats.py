@@ -229,7 +229,9 @@ def test_quick_run_reports_every_k_and_the_papers_filter(shipped, tmp_path):
     lowest = [c for c in rep.claim_list if c.claim.startswith("Zeroing the lowest-layer")]
     assert len(lowest) == len(s.cna_ks)
     saved = Checkpoint(tmp_path, str(shipped.cfg.model_name), "arithmetic", vars(s))
-    assert saved.finished() == sorted(["arithmetic_data", "heads", "cna", "shallow"])
+    assert saved.finished() == sorted(
+        ["arithmetic_data", "heads", "cna", "shallow", "pe_graph", "trace", "cells"]
+    )
     calls = []
     original = arith.head_stage
 
@@ -258,7 +260,7 @@ def test_presets_and_expected_times(shipped):
     assert len(data) >= standard.sweep_cases  # two halves of at least 200 cases
     assert paper.max_prompts is None and 3 in paper.digits
     times = expected_times(shipped, quick)
-    assert times["stage"].tolist()[-1] == "total" and len(times) == 11
+    assert times["stage"].tolist()[-1] == "total" and len(times) == 14
     assert (times["expected seconds"] > 0).all()
     big = expected_times(shipped, standard)["expected seconds"].iloc[-1]
     assert big > times["expected seconds"].iloc[-1]

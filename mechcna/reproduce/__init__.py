@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 from mechcna.errors import MechcnaError
 from mechcna.models.backend import Model
+from mechcna.reproduce import arith_cells, arith_graph, shallow_stage
 from mechcna.reproduce import arithmetic as arith
 from mechcna.reproduce import attribution as attr
 from mechcna.reproduce import query_stages as query
-from mechcna.reproduce import shallow_stage
 from mechcna.reproduce.core import (
     Claim,
     ReproduceSettings,
@@ -153,7 +153,17 @@ def reproduce(
                 model, get(*c), get(*h), f))),
             keep(f"shallow{x}", form(lambda f=f, x=x: shallow_stage.shallow_stage(
                 model, get(f"cna{x}", "cases"), get(f"heads{x}", "shallow_head"), f))),
+            keep(f"pe_graph{x}", form(lambda f=f, x=x: arith_graph.pe_graph_stage(
+                model, get(f"cna{x}", "cases"), get(f"cna{x}", "cna"), f))),
+            keep(f"trace{x}", form(lambda f=f, x=x, h=head: arith_graph.trace_stage(
+                model, get(f"cna{x}", "cases"), get(f"cna{x}", "cna"), get(*h), f))),
+            keep(f"cells{x}", form(lambda f=f, x=x, c=cases, h=head: arith_cells.cells_stage(
+                model, get(*c), get(f"heads{x}", "sweep"), get(*h), f))),
         ]  # fmt: skip
+        if f.division and "/" in f.operations:
+            sweep = f"heads{x}", "sweep"
+            stages.append(keep(f"division{x}", form(lambda f=f, c=cases, w=sweep: (
+                arith_cells.division_stage(model, get(*c), get(*w), f)))))  # fmt: skip
     refuse_without_ray_extra(ray)
     if ray is not None:
         check_workers(model, ray)

@@ -285,6 +285,30 @@ def cna_stage(
     return st.result()
 
 
+def cna_experiments(
+    model: Model, cases: ArithmeticDataset, head: tuple[int, int], settings: ReproduceSettings
+) -> tuple[NeuronComparison, range, list[int], pd.DataFrame, dict[int, np.ndarray]]:
+    """CNA of ``cases`` against ablating ``head``, the deep layers (the head's and above), the
+    K of ``cna_ks`` that fit in them, the mask / keep / random / coef table (Table 5) and the
+    per-case lowest-neuron decreases (Table 6)."""
+    layer = head[0]
+    n_deep = (model.cfg.n_layers - layer) * int(model.cfg.d_mlp or 0)
+    ks = [k for k in settings.cna_ks if k < n_deep]
+    cna = compare_neurons(model, cases.prompts, HeadAblation([head]), cases.targets)
+    deep = range(layer, model.cfg.n_layers)
+    table5 = mask_keep_table(
+        model, cases.prompts, cna, ks=ks, deep_layers=deep, seed=settings.seed, progress=False
+    )
+    return cna, deep, ks, table5, lowest_neuron_per_case(model, cases, cna, ks)
+
+
+def lowest_table(lowest: dict[int, np.ndarray]) -> pd.DataFrame:
+    """Table 6 from :func:`lowest_neuron_per_case`: the mean decrease (%) per K."""
+    return pd.DataFrame(
+        {"lowest_neuron_ablation": {f"top{k}": float(np.mean(v)) for k, v in lowest.items()}}
+    ).T
+
+
 def _cna_tables(
     st: StageBuilder,
     model: Model,
@@ -293,25 +317,17 @@ def _cna_tables(
     settings: ReproduceSettings,
 ) -> None:
     layer = head[0]
-    n_deep = (model.cfg.n_layers - layer) * int(model.cfg.d_mlp or 0)
-    ks = [k for k in settings.cna_ks if k < n_deep]
-    cna = compare_neurons(model, cases.prompts, HeadAblation([head]), cases.targets)
+    cna, deep, ks, table5, lowest = cna_experiments(model, cases, head, settings)
     t4 = cna_table(model, cna, prompt=0, k=10)
     name, score, imp, imp_o = paper.TOP_CNA
     t4[f"{paper.LLAMA} (top neuron, '3+5=')"] = [
         f"{name}: CNA {score}, Imp {imp} -> {imp_o}" if i == 0 else "" for i in range(len(t4))
     ]
     st.tables["table4"] = t4
-    deep = range(layer, model.cfg.n_layers)
-    table5 = mask_keep_table(
-        model, cases.prompts, cna, ks=ks, deep_layers=deep, seed=settings.seed, progress=False
-    )
     st.tables["table5"] = _long(table5, paper.MASK_KEEP)
-    lowest = lowest_neuron_per_case(model, cases, cna, ks)
-    table6 = pd.DataFrame(
-        {"lowest_neuron_ablation": {f"top{k}": float(np.mean(v)) for k, v in lowest.items()}}
-    ).T
-    st.tables["table6"] = _long(table6, {"lowest_neuron_ablation": paper.LOWEST_NEURON})
+    st.tables["table6"] = _long(
+        lowest_table(lowest), {"lowest_neuron_ablation": paper.LOWEST_NEURON}
+    )
     st.figures["cna"] = cna.plot(k=15)
     st.data |= {"cna": cna, "lowest": lowest}
     _cna_claims(st, model, cases, cna, deep, ks, lowest, settings)

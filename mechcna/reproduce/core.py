@@ -363,6 +363,15 @@ class ReproduceSettings:
         zero_shot_readers: how many attention layers (ending at the head's layer) read the
             shallow neurons by default (``None``: every layer up to the head's).
         random_draws: random baselines per comparison (at least 5; their spread is reported).
+        trace_cases: CNA cases traced back to the operands (ARITH 4.2 step 2; ``None``: all).
+        cell_templates, cell_digits: the extra dataset cells (Table 1's templates 1-3 and the
+            3-digit cells of Tables 24-27) evaluated with the top heads of the sweep ablated.
+        cell_pairs: operand pairs per extra (operation, digits, template) cell.
+        cell_heads: top heads per operation (from the sweep) ablated on the extra cells.
+        division: run appendix B (the division head's Tables 15-17) when ``/`` is among the
+            operations.
+        division_zero_shot: also Table 17 (the zero-shot search below the division head).
+        division_cases: at most this many correct 1-digit divisions for its CNA (``None``: all).
         seed: seed of every random draw and of the bootstrap.
     """
 
@@ -395,6 +404,14 @@ class ReproduceSettings:
     zero_shot_share: float = 0.05
     zero_shot_concepts: Literal["all", "pruned", "both"] = "both"
     random_draws: int = 5
+    trace_cases: int | None = 8
+    cell_templates: tuple[int, ...] = (1, 2, 3)
+    cell_digits: tuple[int, ...] = (3,)
+    cell_pairs: int = 10
+    cell_heads: int = 5
+    division: bool = True
+    division_zero_shot: bool = False
+    division_cases: int | None = 12
     seed: int = 0
     preset: str = "custom"
 
@@ -413,7 +430,7 @@ class ReproduceSettings:
             knowledge_per_type=10, prompts_per_type=1, max_prompts=2, method_prompts=2,
             query_value_k=100, operations=("+", "-"), digits=(1,), n_pairs=8,
             prompt_form="zero-shot", sweep_cases=16, cna_cases=8, cna_ks=(50, 10),
-            zero_shot_readers=1, preset="quick",
+            zero_shot_readers=1, trace_cases=4, cell_pairs=3, preset="quick",
         )  # fmt: skip
 
     @classmethod
@@ -425,11 +442,14 @@ class ReproduceSettings:
         arithmetic cases (+, -, *, /; 1 and 2 digits; drawn at random from up to 100 pairs per
         cell) in the head sweep, split into a selection and an evaluation half, every correct
         1-digit + and - case (all pairs) for CNA, and the shallow neurons read through every
-        attention layer up to the head's."""
+        attention layer up to the head's; 12 cases traced (ARITH 4.2 step 2), 3 pairs per cell
+        of templates 1-3 and 3 digits with the top heads ablated, 10 correct 1-digit divisions
+        for the division head's CNA (Tables 15-16; Table 17 only in :meth:`paper`)."""
         return cls(
             prompts_per_type=None, max_prompts=40, method_prompts=24, n_pairs=100,
             prompt_form="zero-shot", sweep_cases=420, cna_cases=None, cna_split="all",
-            zero_shot_readers=None, preset="standard",
+            zero_shot_readers=None, trace_cases=12, cell_pairs=3, division_cases=10,
+            preset="standard",
         )  # fmt: skip
 
     @classmethod
@@ -441,7 +461,8 @@ class ReproduceSettings:
         return cls(
             prompts_per_type=None, max_prompts=None, method_prompts=200, digits=(1, 2, 3),
             n_pairs=100, prompt_form="zero-shot", sweep_cases=None, cna_cases=None,
-            cna_split="all", zero_shot_readers=None, preset="paper",
+            cna_split="all", zero_shot_readers=None, trace_cases=None, cell_pairs=100,
+            division_zero_shot=True, division_cases=None, preset="paper",
         )  # fmt: skip
 
     @classmethod

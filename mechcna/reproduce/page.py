@@ -45,6 +45,22 @@ PAPER_REFS: dict[tuple[str, str], str] = {
     ("shallow", "table7_neurons_pruned"): "ARITH Table 7 (neuron rows, pruned concepts)",
     ("shallow", "zero_shot"): "ARITH Table 8",
     ("shallow", "zero_shot_pruned"): "ARITH Table 8 (pruned concepts)",
+    ("pe_graph", "pe_alignment"): "ARITH section 4.2 step 3 (prediction-enhancing graph)",
+    ("pe_graph", "pe_edges"): "ARITH section 4.2 step 3 (value-key products)",
+    ("pe_graph", "pe_graph"): "ARITH section 4.2 step 3 (prediction-enhancing graph)",
+    ("trace", "trace_cases"): "ARITH section 4.2 step 2 (feature transfer, per case)",
+    ("trace", "trace_positions"): "ARITH 4.2 step 2 / CNA notebook cell 8",
+    ("trace", "trace_heads"): "ARITH 4.2 step 2 / CNA notebook cell 9",
+    ("trace", "trace_components"): "ARITH 4.2 step 2 / CNA notebook cell 10",
+    ("trace", "trace_sources"): "ARITH 4.2 step 2 / CNA notebook cell 11",
+    ("trace", "trace_two_hop"): "ARITH 4.2 step 2 / CNA notebook cell 12",
+    ("trace", "trace_neurons"): "ARITH 4.2 step 2 / CNA notebook cell 13",
+    ("cells", "templates"): "ARITH Table 1 (templates 1-3)",
+    ("cells", "cells_top_heads"): "ARITH Tables 24-27 (3-digit cells, other templates)",
+    ("division", "table15"): "ARITH Table 15 (appendix B)",
+    ("division", "table16"): "ARITH Table 16 (appendix B)",
+    ("division", "table17"): "ARITH Table 17 (appendix B)",
+    ("division", "division_cna"): "ARITH appendix B (CNA against the division head)",
 }
 
 

@@ -86,6 +86,10 @@ KIND_DECREASE: dict[str, tuple[float, float]] = {
 #: ARITH Table 1: 2D overall accuracy 74.8 -> 53.4 with 17_22 ablated; 976 of 1024 heads change
 #: it by only 0.01-2 points.
 TABLE1_ALL = (74.8, "17_22", 53.4)
+#: ARITH Table 1 per operation (2D, the four templates pooled): ori -> with 17_22 ablated.
+TABLE1_17_22: dict[str, tuple[float, float]] = {
+    "+": (96.8, 42.9), "-": (94.4, 72.3), "*": (56.6, 50.5), "/": (51.4, 48.2),
+}  # fmt: skip
 QUIET_HEADS = (976, 1024)
 
 #: ARITH Table 4 ("3+5=", head 17_22): the top CNA neuron and its importance in M and M'.
@@ -107,3 +111,25 @@ ZERO_SHOT: dict[int, tuple[int, float]] = {
 ZERO_SHOT_RANDOM = 2.6
 #: ARITH Table 7: tokens of the operand "3" through attention layer 15.
 OPERAND_TOKENS = {"3": "three, Three, RGB, triple, 3, triangle", "5": "Fif, XV, engo, vos, fif"}
+
+#: ARITH 4.2 step 3 ("3+5=", Llama-7B): the prediction-enhancing graph's large value-key
+#: products (no number given in the paper or the notebook).
+PE_EDGES = "19_5769 -> 25_7164, 19_5769 -> 28_3696, 25_7164 -> 28_3696 (root 19_5769)"
+#: ARITH appendix B (division head 14_19, 1D /): Table 15 mask / keep / coef decrease (%).
+DIV_MASK_KEEP: dict[str, dict[str, float]] = {
+    "mask": {"top100": 84.6, "top50": 82.1, "top30": 74.4, "top20": 66.7, "top10": 51.3},
+    "keep": {"top100": 48.7, "top50": 51.3, "top30": 53.9, "top20": 53.9, "top10": 64.2},
+    "coef": {"top100": 50.0, "top50": 61.0, "top30": 67.0, "top20": 70.0, "top10": 73.0},
+}
+#: ARITH Table 16: coefficient decrease (%) after zeroing the lowest top neuron (14_19, 1D /).
+DIV_LOWEST_NEURON: dict[str, float] = {
+    "top100": 1.3, "top50": 0.9, "top30": 3.2, "top20": 4.9, "top10": 7.0,
+}  # fmt: skip
+#: ARITH Table 17 (14_19, 1D /): M -> (neurons, accuracy decrease %); random 10,426: 5.1%.
+DIV_ZERO_SHOT: dict[int, tuple[int, float]] = {
+    0: (51980, 97.5), 1: (10426, 82.1), 2: (1953, 30.8), 3: (510, 25.7),
+}  # fmt: skip
+DIV_ZERO_SHOT_RANDOM = 5.1
+#: ARITH Table 14: the four prompt templates (template 4 is the one of Tables 24-27).
+TEMPLATES = {1: "The sum of n1 and n2 is", 2: "Q: What is n1 plus n2? A:", 3: "n1 plus n2 is",
+             4: "n1+n2="}  # fmt: skip

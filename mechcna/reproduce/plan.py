@@ -33,6 +33,9 @@ _UNIT = {
     "heads": 0.016,  # per case and head (zero-shot prompts; few-shot about twice)
     "cna": 0.35,  # per case and forward pass
     "shallow": 0.7,  # per (neuron layer, reader layer) pair
+    "pe_graph": 1.0,  # per CNA case (7.9 s before one call per case instead of six: guess)
+    "trace": 1.5,  # per traced case (five captures; SmolLM2 quick, load ~2)
+    "cells": 0.016,  # per extra case and ablated head (as the head sweep)
 }
 
 
@@ -99,11 +102,39 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
             ("arithmetic", "cna", u["cna"] * cna * passes * few),
             ("arithmetic", "shallow", chains * u["shallow"] * layer * readers / 2),
         ]
+        rows += _more_arithmetic(model, s, float(cna), float(passes * few), layer * readers / 2.0)
     frame = pd.DataFrame(rows, columns=["paper", "stage", "expected seconds"])
     frame["expected seconds"] *= scale
     total = pd.DataFrame([{"paper": "", "stage": "total",
                            "expected seconds": frame["expected seconds"].sum()}])  # fmt: skip
     return pd.concat([frame, total], ignore_index=True)
+
+
+def _more_arithmetic(
+    model: Model, s: ReproduceSettings, cna: float, passes: float, pairs: float
+) -> list[tuple[str, str, float]]:
+    """Expected seconds of the stages of :mod:`~mechcna.reproduce.arith_graph` and
+    :mod:`~mechcna.reproduce.arith_cells` (``cna`` cases, ``passes`` forward passes per CNA
+    case, ``pairs`` (neuron layer, reader layer) pairs of a zero-shot search)."""
+    from mechcna.reproduce.arith_cells import extra_cells
+    from mechcna.tasks.arithmetic import arithmetic_dataset
+
+    u = _UNIT
+    traced = cna if s.trace_cases is None else min(cna, s.trace_cases)
+    extra = len(extra_cells(model, s, "zero-shot"))
+    heads = 1 + s.cell_heads * len(s.operations)
+    rows = [
+        ("arithmetic", "pe_graph", u["pe_graph"] * cna),
+        ("arithmetic", "trace", u["trace"] * traced),
+        ("arithmetic", "cells", u["cells"] * extra * (1 + heads)),
+    ]
+    if s.division and "/" in s.operations:
+        every = arithmetic_dataset("/", min(s.digits), s.templates, None, split="all")
+        n = 0.6 * len(every)
+        n = n if s.division_cases is None else min(n, s.division_cases)
+        zero_shot = u["shallow"] * pairs if s.division_zero_shot else 0.0
+        rows.append(("arithmetic", "division", u["cna"] * n * passes + zero_shot))
+    return rows
 
 
 class Checkpoint:
