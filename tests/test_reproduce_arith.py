@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import mechcna
-from mechcna.analyses.comparative import compare_neurons, mask_keep_table, value_key_products
+from mechcna.analyses.case_ablation import mask_keep_table
+from mechcna.analyses.comparative import compare_neurons, value_key_products
 from mechcna.analyses.evaluation import evaluate_accuracy
 from mechcna.interventions.edits import HeadAblation
 from mechcna.interventions.prompts import prepare_prompts
@@ -289,14 +290,22 @@ def test_stages_and_expected_times(run, shipped, settings):
     assert not ReproduceSettings.standard().division_zero_shot
 
 
-def test_key_stages_are_not_measured_on_models_the_keys_refuse(run, settings):
-    """A final logit soft cap (Gemma 2) is refused by the key analyses: both stages say so
-    instead of failing the run."""
+def test_key_stages_are_not_measured_on_models_the_keys_refuse(run, settings, monkeypatch):
+    """A model the key analyses refuse makes both stages say so instead of failing the run (a
+    logit soft cap, Gemma 2, is no longer refused: the key analyses handle it)."""
+    from mechcna.errors import UnsupportedArchitectureError
+
     model = build("llama")
     model.cfg.output_logits_soft_cap = 30.0
     cna, cases = run.stage("cna").data["cna"], run.stage("cna").data["cases"]
+    assert ag.unsupported(model) == ""
+
+    def refuse(*args, **kwargs):
+        raise UnsupportedArchitectureError("keys through this block are refused")
+
+    monkeypatch.setattr(ag, "ffn_keys", refuse)
     pe = ag.pe_graph_stage(model, cases, cna, settings)
     trace = ag.trace_stage(model, cases, cna, (0, 0), settings)
     for st in (pe, trace):
         assert st.claims and all(c.verdict == NOT_MEASURED for c in st.claims)
-        assert "soft cap" in st.claims[0].ours
+        assert "refused" in st.claims[0].ours
