@@ -56,7 +56,7 @@ def _col(frame: pd.DataFrame | pd.Series, name: str) -> np.ndarray:
     return np.asarray(frame[name], dtype=np.float64)
 
 
-def _pair(pair: tuple[float, float] | None) -> str:
+def _pair(pair: tuple[float, float] | tuple[int, int] | None) -> str:
     return f"{pair[0]:g} / {pair[1]:g}" if pair else ""
 
 
@@ -70,6 +70,10 @@ def _neurons(flat_index: list[int], d_mlp: int) -> list[tuple[int, int]]:
     return [(j // d_mlp, j % d_mlp) for j in flat_index]
 
 
+def _zeroed(neurons: list[tuple[int, int]]) -> list[Intervention]:
+    return [NeuronEdit(neurons)] if neurons else []
+
+
 def query_zeroing_effects(
     model: Model,
     data: KnowledgeDataset,
@@ -80,9 +84,9 @@ def query_zeroing_effects(
 ) -> pd.DataFrame:
     """Per prompt: reciprocal rank and probability of the answer before (``rr``, ``prob``),
     after zeroing its top-``k`` query FFN neurons at every position (``rr_top``,
-    ``prob_top``; ``queries.scores[prompt]`` ranked descending) and after zeroing ``k``
-    distinct FFN neurons drawn uniformly from every layer, ``draws`` times
-    (``rr_random_<d>``, ``prob_random_<d>``). ``k`` is capped at the number of FFN neurons."""
+    ``prob_top``; ``queries.scores[prompt]`` ranked descending, positive scores only: column
+    ``k`` is how many) and after zeroing as many distinct FFN neurons drawn uniformly from
+    every layer, ``draws`` times (``rr_random_<d>``, ``prob_random_<d>``)."""
     batch = prepare_prompts(model, data.prompts)
     n_layers, d_mlp = queries.scores.shape[1:]
     pool = n_layers * d_mlp
@@ -92,14 +96,15 @@ def query_zeroing_effects(
     for i, item in enumerate(data):
         tokens = batch.tokens[i, : int(batch.lengths[i])]
         target = single_token_id(model, item.answer)
-        top = _neurons(queries.scores[i].flatten().topk(k).indices.tolist(), d_mlp)
+        best = queries.scores[i].flatten().topk(k)
+        top = _neurons(best.indices[best.values > 0].tolist(), d_mlp)
         before = target_stats(model, tokens, target, [])
-        after = target_stats(model, tokens, target, [NeuronEdit(top)])
-        row = {"type": item.type, "prompt": item.prompt, "k": k, "rr": before[0],
+        after = target_stats(model, tokens, target, _zeroed(top))
+        row = {"type": item.type, "prompt": item.prompt, "k": len(top), "rr": before[0],
                "prob": before[1], "rr_top": after[0], "prob_top": after[1]}  # fmt: skip
         for d in range(draws):
-            rand = _neurons(rng.sample(range(pool), k), d_mlp)
-            r = target_stats(model, tokens, target, [NeuronEdit(rand)])
+            rand = _neurons(rng.sample(range(pool), len(top)), d_mlp)
+            r = target_stats(model, tokens, target, _zeroed(rand))
             row |= {f"rr_random_{d}": r[0], f"prob_random_{d}": r[1]}
         rows.append(row)
     return pd.DataFrame(rows)
@@ -142,12 +147,19 @@ def query_zeroing_stage(
                 row[f"{label} MRR/prob decrease %"] = _pair(numbers.get(name))
             rows.append(row)
         st.tables["table7"] = pd.DataFrame(rows)
-        k = int(per["k"].iloc[0])
+        ks = _col(per, "k")
+        k = int(ks.max())
         pool = int(queries.scores.shape[1] * queries.scores.shape[2])
+        fewer = int((ks < min(settings.query_zero_k, pool)).sum())
+        if fewer:
+            st.notes.append(
+                f"{fewer} sentences have fewer than {settings.query_zero_k} FFN neurons with a "
+                f"positive query score (at least {int(ks.min())}): only those are zeroed."
+            )
         st.notes.append(
-            f"Per sentence, its top-{k} query FFN neurons (query scores of its top-"
+            f"Per sentence, its top-{k} query FFN neurons (positive query scores of its top-"
             f"{settings.query_k} attention value neurons, METHODS 5.3) are zeroed at every "
-            f"position; the random rows zero {k} distinct FFN neurons drawn from all layers, "
+            "position; the random rows zero as many distinct FFN neurons drawn from all layers, "
             f"{draws} draws (mean). {k} neurons are {100 * k / pool:.2f}% of this model's "
             f"{pool} FFN neurons (the paper's 1000 are 0.28% of Llama-7B's, 0.54% of GPT-2 "
             "large's). Decreases are relative, of the means over sentences. The paper's "
@@ -295,7 +307,8 @@ def head_type_stage(
         # per evaluation prompt: same-type ablation vs the mean over the other types' heads
         same = per[per["same"]].set_index("prompt")
         other = pd.DataFrame(per[~per["same"]].groupby("prompt")[["rr_after", "prob_after"]].mean())
-        both = same.join(other, rsuffix="_other", how="inner")
+        other.columns = ["rr_after_other", "prob_after_other"]
+        both = same.join(other, how="inner")
         cols = [_col(both, c) for c in ("rr", "rr_after", "rr_after_other", "prob",
                                              "prob_after", "prob_after_other")]  # fmt: skip
 
