@@ -253,10 +253,14 @@ def test_head_type_stage_matches_literal_ablation(kind):
     assert claim.test is not None and claim.test.n == 6
 
 
-def test_head_type_stage_skips_one_type():
+def test_head_type_stage_skips_one_type_and_measures_nothing_without_halves():
     model = build("gpt2")
     data = KnowledgeDataset((KnowledgePrompt("12+7=", "3", "color"),))
     assert attr_stages.head_type_stage(model, data, SETTINGS).notes[0].startswith("Skipped")
+    two = _dataset(model, 2)  # one sentence per type: selection halves only
+    st = attr_stages.head_type_stage(model, two, SETTINGS)
+    assert st.claims[0].verdict == stats.NOT_MEASURED and len(st.data["per_pair"]) == 0
+    assert st.tables["head_intervention"]["n same"].tolist() == [0, 0]
 
 
 # ------------------------------------------------------------------ shared neurons

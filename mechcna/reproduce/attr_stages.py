@@ -230,7 +230,8 @@ def head_type_effects(
             rows.append({"prompt": int(i), "type": item.type, "head_type": t,
                          "same": t == item.type, "rr": rr, "prob": prob, "rr_after": a_rr,
                          "prob_after": a_prob})  # fmt: skip
-    return pd.DataFrame(rows)
+    columns = ["prompt", "type", "head_type", "same", "rr", "prob", "rr_after", "prob_after"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _split_by_type(data: KnowledgeDataset, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -278,8 +279,9 @@ def head_type_stage(
         st.data |= {"per_pair": per, "heads": chosen}
         table = []
         for t in chosen:
-            same = per[(per["head_type"] == t) & per["same"]]
-            other = per[(per["head_type"] == t) & ~per["same"]]
+            of_t = (per["head_type"] == t).to_numpy(dtype=bool)
+            is_same = per["same"].to_numpy(dtype=bool)
+            same, other = per.loc[of_t & is_same], per.loc[of_t & ~is_same]
             row = {"heads of type": t, "heads": ", ".join(f"{l}_{h}" for l, h in chosen[t]),
                    "n same": len(same), "n other": len(other)}  # fmt: skip
             for label, f in (("same type", same), ("other types", other)):
@@ -305,8 +307,9 @@ def head_type_stage(
             "paper's numbers (GPT-2 only) are from a secondary source."
         )
         # per evaluation prompt: same-type ablation vs the mean over the other types' heads
-        same = per[per["same"]].set_index("prompt")
-        other = pd.DataFrame(per[~per["same"]].groupby("prompt")[["rr_after", "prob_after"]].mean())
+        is_same = per["same"].to_numpy(dtype=bool)
+        same = per.loc[is_same].set_index("prompt")
+        other = pd.DataFrame(per.loc[~is_same].groupby("prompt")[["rr_after", "prob_after"]].mean())
         other.columns = ["rr_after_other", "prob_after_other"]
         both = same.join(other, how="inner")
         cols = [_col(both, c) for c in ("rr", "rr_after", "rr_after_other", "prob",
