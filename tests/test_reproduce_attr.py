@@ -183,6 +183,29 @@ def test_type_layer_shares_match_a_literal_count():
     assert attr_more.min_upper_share(lower, codes) == 0.0
 
 
+def test_value_layer_stage_tables_match_slow_counts():
+    model = build("llama", n_layers=12)
+    data = _dataset(model)
+    ffn = mechcna.neuron_importance(model, data.prompts, data.answers)
+    att = attention_neuron_importance(model, data.prompts, data.answers)
+    st = attr_more.value_layer_stage(model, data, ffn, att, SETTINGS)
+    layers = mechcna.layer_importance(model, data.prompts, data.answers).scores
+    for c, kind in enumerate(("attention", "FFN")):
+        table = st.tables[f"{kind}_top_layers"]
+        for t in ("all", "color", "month"):
+            rows = [i for i in range(12) if t in ("all", data[i].type)]
+            counts = np.zeros(12)
+            for i in rows:  # each sentence's top 10 of the 12 layers
+                ranked = sorted(range(12), key=lambda l: -float(layers[i, l, c]))[:10]
+                counts[ranked] += 1
+            np.testing.assert_allclose(table.loc[t].to_numpy(), 100 * counts / counts.sum())
+    shares, _ = attr_more.type_layer_shares(ffn.scores, data, attr_more.HEATMAP_K)
+    np.testing.assert_allclose(st.tables["FFN_layers"].to_numpy(), shares.to_numpy())
+    assert len(st.claims) == 2 and set(st.figures) == {
+        "FFN_heatmap", "attention_heatmap", "attention_top_heatmap", "FFN_top_heatmap",
+    }  # fmt: skip
+
+
 def test_probability_increase_matches_literal_projection(kind):
     model = build(kind, dtype=torch.float64)
     data = _dataset(model, 2)

@@ -22,14 +22,18 @@ import torch
 
 from mechcna._types import Float, Int, Tensor
 from mechcna.analyses import plotting
-from mechcna.analyses.attribution import AttentionNeuronImportance, NeuronImportance
+from mechcna.analyses.attribution import (
+    AttentionNeuronImportance,
+    NeuronImportance,
+    layer_importance,
+)
 from mechcna.analyses.capture import capture
 from mechcna.analyses.query import QueryNeurons
 from mechcna.engine.projection import project_to_vocab
 from mechcna.models.backend import Model
 from mechcna.reproduce import paper, stats
 from mechcna.reproduce.attribution import PAPER, _skip, _type_rows, _types, top_layer_counts
-from mechcna.reproduce.core import ReproduceSettings, StageResult, stage
+from mechcna.reproduce.core import ReproduceSettings, StageBuilder, StageResult, stage
 from mechcna.tasks.knowledge import KnowledgeDataset
 
 #: Points of the straight-line interpolation (0, 0.05, ..., 1).
@@ -188,16 +192,7 @@ def value_layer_stage(
         codes = np.unique(np.array(data.types), return_inverse=True)[1].astype(np.float64)
         for kind, scores in (("FFN", ffn.scores), ("attention", att.scores)):
             shares, per = type_layer_shares(scores, data, HEATMAP_K)
-            shares.columns = [str(c) for c in shares.columns]
-            st.tables[f"{kind}_layers"] = shares.rename_axis("type")
-            fig = go.Figure(go.Heatmap(z=shares.to_numpy(), x=list(range(shares.shape[1])),
-                                       y=list(shares.index), colorscale="Viridis",
-                                       colorbar={"title": "% of top neurons"}))  # fmt: skip
-            fig.update_layout(
-                title=f"layers of each sentence's top-{HEATMAP_K} {kind} value neurons, per type",
-                xaxis_title="layer", yaxis_title="type",
-            )  # fmt: skip
-            st.figures[f"{kind}_heatmap"] = plotting.integer_axis(fig, "x", shares.shape[1])
+            _heatmap(st, f"{kind}_layers", shares, f"top-{HEATMAP_K} {kind} value neurons")
             test = stats.bootstrap_test(min_upper_share, per, codes, threshold=0.5,
                                         seed=settings.seed)  # fmt: skip
             st.claim(
@@ -210,13 +205,33 @@ def value_layer_stage(
                 f"smallest type share {100 * test.estimate:.0f}% ({len(_types(data))} types)",
                 test,
             )
+        layers = layer_importance(model, data.prompts, data.answers).scores  # prompt layer comp
+        n_top = min(HEATMAP_K, layers.shape[1])
+        for c, kind in enumerate(("attention", "FFN")):
+            shares, _ = type_layer_shares(layers[:, :, c : c + 1], data, n_top)
+            _heatmap(st, f"{kind}_top_layers", shares, f"top-{n_top} {kind} layers")
         st.notes.append(
             f"Each sentence's top-{HEATMAP_K} FFN value neurons (of every FFN neuron) and "
             f"top-{HEATMAP_K} attention value neurons (of every layer, head, dimension and "
             "source position) by log-probability increase; % of them per layer, over the "
-            "sentences of each type (the 'all' row: every sentence)."
+            "sentences of each type (the 'all' row: every sentence). The *_top_layers tables "
+            f"read the figures' 'top-{HEATMAP_K} value layers' as whole layers instead: each "
+            f"sentence's top-{HEATMAP_K} attention and FFN layers by layer-level importance "
+            "(METHODS 4.1), % per layer."
         )
     return st.result()
+
+
+def _heatmap(st: StageBuilder, key: str, shares: pd.DataFrame, what: str) -> None:
+    """A per-type layer table and its heatmap under ``key``."""
+    shares.columns = [str(c) for c in shares.columns]
+    st.tables[key] = shares.rename_axis("type")
+    fig = go.Figure(go.Heatmap(z=shares.to_numpy(), x=list(range(shares.shape[1])),
+                               y=list(shares.index), colorscale="Viridis",
+                               colorbar={"title": "% of top"}))  # fmt: skip
+    fig.update_layout(title=f"layers of each sentence's {what}, per type", xaxis_title="layer",
+                      yaxis_title="type")  # fmt: skip
+    st.figures[key.replace("layers", "heatmap")] = plotting.integer_axis(fig, "x", shares.shape[1])
 
 
 # ------------------------------------------------------------------ 3. Figure 2 (both halves)
