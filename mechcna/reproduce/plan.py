@@ -29,14 +29,15 @@ _UNIT = {
     "zeroing": 0.47,  # per prompt and forward pass
     "query": 0.25,  # per prompt
     "walkthrough": 4.0,  # once
-    # issue 22 (ATTR): per prompt, or per prompt and forward pass
+    # issue 22 (ATTR), not yet measured on SmolLM2: the forward passes at the zeroing stage's
+    # unit, the vocabulary projections from their FLOP count at ~90 GFLOP/s
     "query_zeroing": 0.47,  # per prompt and forward pass (2 + random draws passes)
-    "interpolation": 0.3,  # per prompt
+    "interpolation": 0.1,  # per prompt (one capture, 82 projected points)
     "value_layers": 0.05,  # per prompt
-    "prob_histogram": 0.3,  # per prompt
-    "head_types": 1.0,  # per prompt (head importance) + forward passes below
+    "prob_histogram": 0.1,  # per prompt (one capture, 30 projected points)
+    "head_types": 0.2,  # per prompt (head importance) + forward passes below
     "shared_neurons": 0.05,  # per prompt
-    "query_tokens": 0.5,  # per prompt
+    "query_tokens": 0.2,  # per prompt
     "arithmetic_data": 0.05,  # per case
     "heads": 0.016,  # per case and head (zero-shot prompts; few-shot about twice)
     "cna": 0.35,  # per case and forward pass
