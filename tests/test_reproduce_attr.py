@@ -60,7 +60,8 @@ def test_query_zeroing_matches_literal_hooks(kind):
     model = build(kind, dtype=torch.float64)
     data = _dataset(model, 4)
     queries = query_neurons(model, data.prompts, data.answers, k=4)
-    per = attr_stages.query_zeroing_effects(model, data, queries, k=12, seed=3, draws=5)
+    per = attr_stages.query_zeroing_effects(model, data, queries, k=12, seed=3, draws=5,
+                                            share_k=3)  # fmt: skip
     rng = random.Random(3)
     n_layers, d_mlp = queries.scores.shape[1:]
     for i, item in enumerate(data):
@@ -75,6 +76,8 @@ def test_query_zeroing_matches_literal_hooks(kind):
         row = per.iloc[i]
         assert (row["rr"], row["prob"]) == pytest.approx(before, rel=1e-9)
         assert (row["rr_top"], row["prob_top"]) == pytest.approx(after, rel=1e-9)
+        few = _answer_stats(model, item.prompt, item.answer, _zero_neurons(top[:3]))
+        assert (row["rr_share"], row["prob_share"]) == pytest.approx(few, rel=1e-9)
         for d in range(5):
             flat = rng.sample(range(n_layers * d_mlp), len(top))
             rand = [(f // d_mlp, f % d_mlp) for f in flat]

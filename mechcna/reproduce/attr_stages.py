@@ -37,6 +37,8 @@ from mechcna.reproduce.claim_tests import split_halves
 from mechcna.reproduce.core import ReproduceSettings, StageResult, stage
 from mechcna.tasks.knowledge import KnowledgeDataset
 
+#: The paper's 1000 query neurons as a share of Llama-7B's 32 x 11008 FFN neurons.
+LLAMA_QUERY_SHARE = 1000 / (32 * 11008)
 #: Share of all heads zeroed per knowledge type (the paper's top 1%).
 HEAD_SHARE = 0.01
 
@@ -81,12 +83,14 @@ def query_zeroing_effects(
     k: int,
     seed: int = 0,
     draws: int = 5,
+    share_k: int | None = None,
 ) -> pd.DataFrame:
     """Per prompt: reciprocal rank and probability of the answer before (``rr``, ``prob``),
     after zeroing its top-``k`` query FFN neurons at every position (``rr_top``,
     ``prob_top``; ``queries.scores[prompt]`` ranked descending, positive scores only: column
     ``k`` is how many) and after zeroing as many distinct FFN neurons drawn uniformly from
-    every layer, ``draws`` times (``rr_random_<d>``, ``prob_random_<d>``)."""
+    every layer, ``draws`` times (``rr_random_<d>``, ``prob_random_<d>``). With ``share_k``,
+    also after zeroing only the top-``share_k`` of them (``rr_share``, ``prob_share``)."""
     batch = prepare_prompts(model, data.prompts)
     n_layers, d_mlp = queries.scores.shape[1:]
     pool = n_layers * d_mlp
@@ -102,6 +106,9 @@ def query_zeroing_effects(
         after = target_stats(model, tokens, target, _zeroed(top))
         row = {"type": item.type, "prompt": item.prompt, "k": len(top), "rr": before[0],
                "prob": before[1], "rr_top": after[0], "prob_top": after[1]}  # fmt: skip
+        if share_k is not None:
+            few = target_stats(model, tokens, target, _zeroed(top[:share_k]))
+            row |= {"rr_share": few[0], "prob_share": few[1]}
         for d in range(draws):
             rand = _neurons(rng.sample(range(pool), len(top)), d_mlp)
             r = target_stats(model, tokens, target, _zeroed(rand))
@@ -123,8 +130,10 @@ def query_zeroing_stage(
         return _skip("query_zeroing", title, "no prompt survived the filter")
     with stage("query_zeroing", title, PAPER) as st:
         draws = settings.random_draws
+        pool = int(queries.scores.shape[1] * queries.scores.shape[2])
+        share_k = max(1, round(LLAMA_QUERY_SHARE * pool))
         per = query_zeroing_effects(
-            model, data, queries, settings.query_zero_k, settings.seed, draws
+            model, data, queries, settings.query_zero_k, settings.seed, draws, share_k
         )
         rr_rand = [f"rr_random_{d}" for d in range(draws)]
         p_rand = [f"prob_random_{d}" for d in range(draws)]
@@ -138,6 +147,10 @@ def query_zeroing_stage(
                 "type": name, "n": len(f),
                 "MRR decrease %": stats.relative_decrease(col["rr"], col["rr_top"]),
                 "prob decrease %": stats.relative_decrease(col["prob"], col["prob_top"]),
+                f"MRR / prob decrease % at the paper's share (top {share_k})": (
+                    f"{stats.relative_decrease(col['rr'], col['rr_share']):.1f} / "
+                    f"{stats.relative_decrease(col['prob'], col['prob_share']):.1f}"
+                ),
                 "random MRR decrease %": stats.relative_decrease(col["rr"],
                                                                  col["rr_random_mean"]),
                 "random prob decrease %": stats.relative_decrease(col["prob"],
@@ -149,7 +162,6 @@ def query_zeroing_stage(
         st.tables["table7"] = pd.DataFrame(rows)
         ks = _col(per, "k")
         k = int(ks.max())
-        pool = int(queries.scores.shape[1] * queries.scores.shape[2])
         fewer = int((ks < min(settings.query_zero_k, pool)).sum())
         if fewer:
             st.notes.append(
@@ -162,7 +174,9 @@ def query_zeroing_stage(
             "position; the random rows zero as many distinct FFN neurons drawn from all layers, "
             f"{draws} draws (mean). {k} neurons are {100 * k / pool:.2f}% of this model's "
             f"{pool} FFN neurons (the paper's 1000 are 0.28% of Llama-7B's, 0.54% of GPT-2 "
-            "large's). Decreases are relative, of the means over sentences. The paper's "
+            f"large's); the column at the paper's share zeroes only the top {share_k} (0.28% of "
+            "this model's FFN neurons). Decreases are relative, of the means over sentences. "
+            "The paper's "
             "per-type numbers are from a secondary source."
         )
         cols = [per[c].to_numpy() for c in ("rr", "rr_top", "prob", "prob_top")]

@@ -31,7 +31,7 @@ _UNIT = {
     "walkthrough": 4.0,  # once
     # issue 22 (ATTR), not yet measured on SmolLM2: the forward passes at the zeroing stage's
     # unit, the vocabulary projections from their FLOP count at ~90 GFLOP/s
-    "query_zeroing": 0.47,  # per prompt and forward pass (2 + random draws passes)
+    "query_zeroing": 0.47,  # per prompt and forward pass (3 + random draws passes)
     "interpolation": 0.1,  # per prompt (one capture, 82 projected points)
     "value_layers": 0.05,  # per prompt
     "prob_histogram": 0.1,  # per prompt (one capture, 30 projected points)
@@ -79,7 +79,7 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
             ("attribution", "zeroing", u["zeroing"] * n * (2 + s.random_draws)),
             ("attribution", "query", u["query"] * n),
             ("attribution", "walkthrough", u["walkthrough"]),
-            ("attribution", "query_zeroing", u["query_zeroing"] * n * (2 + s.random_draws)),
+            ("attribution", "query_zeroing", u["query_zeroing"] * n * (3 + s.random_draws)),
             ("attribution", "interpolation", u["interpolation"] * n),
             ("attribution", "value_layers", u["value_layers"] * n),
             ("attribution", "prob_histogram", u["prob_histogram"] * n),
