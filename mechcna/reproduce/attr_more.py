@@ -314,8 +314,8 @@ def prob_histogram_stage(
                 if n_layers >= 8 else None)  # fmt: skip
         st.claim(
             "The top FFN value neurons sit in medium-deep layers, not in the last layers "
-            f"(test: the share of each sentence's top-{k} FFN neurons in layers "
-            f"{n_layers // 2}-{n_layers - 4} exceeds the share in the last three layers; "
+            f"(test: the share of each sentence's top-{k} FFN neurons in layers L/2 to L-4 "
+            f"({n_layers // 2}-{n_layers - 4} here) exceeds the share in the last three layers; "
             "estimate = the difference; bootstrap over sentences)",
             "Figure 2: most top FFN value neurons in medium-deep layers (Llama-7B, GPT-2)",
             f"medium-deep {100 * mid:.0f}% vs last three layers {100 * last:.0f}%"
