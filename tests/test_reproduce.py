@@ -33,6 +33,8 @@ from tests.helpers import PROMPTS, build
 
 STAGES = [
     "knowledge", "methods", "value_neurons", "zeroing", "query", "walkthrough",
+    "query_zeroing", "interpolation", "value_layers", "prob_histogram", "head_types",
+    "shared_neurons", "query_tokens",
     "arithmetic_data", "heads", "cna", "shallow", "pe_graph", "trace", "cells",
 ]  # fmt: skip
 

@@ -260,7 +260,7 @@ def test_presets_and_expected_times(shipped):
     assert len(data) >= standard.sweep_cases  # two halves of at least 200 cases
     assert paper.max_prompts is None and 3 in paper.digits
     times = expected_times(shipped, quick)
-    assert times["stage"].tolist()[-1] == "total" and len(times) == 14
+    assert times["stage"].tolist()[-1] == "total" and len(times) == 21  # 20 stages + total
     assert (times["expected seconds"] > 0).all()
     big = expected_times(shipped, standard)["expected seconds"].iloc[-1]
     assert big > times["expected seconds"].iloc[-1]

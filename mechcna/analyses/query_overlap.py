@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from mechcna._types import Float, Tensor
 from mechcna.analyses import plotting
 from mechcna.analyses.attribution import NeuronImportance
 from mechcna.analyses.query import QueryNeurons
@@ -85,6 +86,34 @@ def query_value_overlap(
 
 @per_call
 @refuses_processing()
+def query_neuron_vectors(
+    model: Model, neuron: tuple[int, int], head: tuple[int, int]
+) -> tuple[Float[Tensor, " d_model"], Float[Tensor, " d_model"]]:
+    """The raw value vector ``W_out[i][j]`` of a query neuron and the vector the head
+    ``(l, h)`` makes of it (docs/methods.md 5.6): the head layer's real pre-attention norm
+    applied to the vector alone, the head's V projection with ``b_V``, then ``W_O`` (and, on
+    sandwich-norm models, the real post-attention norm on this output alone). Read by
+    :func:`query_neuron_tokens`.
+
+    Returns:
+        ``(raw, transformed)``, both ``[d_model]`` (residual-space directions, detached).
+    """
+    arch = architecture(model)
+    i, j = arch.check_neuron(*neuron)
+    l, h = arch.check_head(*head)
+    with torch.no_grad():
+        vector = arch.W_out(i)[j].detach()
+        normed = model.blocks[l].ln1(vector[None, None])[0, 0]
+        z = einops.einsum(normed, arch.W_V(l)[h], "d_model, d_model d_head -> d_head")
+        z = z + arch.b_V(l)[h]
+        out = einops.einsum(z, arch.W_O_raw(l)[h], "d_head, d_head d_model -> d_model")
+        if arch.post_norms:  # the real post-attention norm, on this output alone
+            out = model.blocks[l].ln1_post(out[None, None])[0, 0]
+    return vector, out.detach()
+
+
+@per_call
+@refuses_processing()
 def query_neuron_tokens(
     model: Model,
     neuron: tuple[int, int],
@@ -109,17 +138,9 @@ def query_neuron_tokens(
         neuron: the query neuron ``(layer, neuron)``.
         head: ``(layer, head)`` of the attention neuron it feeds.
     """
-    arch = architecture(model)
-    i, j = arch.check_neuron(*neuron)
-    l, h = arch.check_head(*head)
-    with torch.no_grad():
-        vector = arch.W_out(i)[j].detach()
-        normed = model.blocks[l].ln1(vector[None, None])[0, 0]
-        z = einops.einsum(normed, arch.W_V(l)[h], "d_model, d_model d_head -> d_head")
-        z = z + arch.b_V(l)[h]
-        out = einops.einsum(z, arch.W_O_raw(l)[h], "d_head, d_head d_model -> d_model")
-        if arch.post_norms:  # the real post-attention norm, on this output alone
-            out = model.blocks[l].ln1_post(out[None, None])[0, 0]
+    i, j = architecture(model).check_neuron(*neuron)
+    l, h = architecture(model).check_head(*head)
+    vector, out = query_neuron_vectors(model, neuron, head)
     pair = (
         top_tokens(model, vector, k, paper_compat=paper_compat),
         top_tokens(model, out, k, paper_compat=paper_compat),

@@ -3,7 +3,8 @@
 ``mechcna reproduce --model M --out DIR [--paper attribution|arithmetic|both] [--quick]`` calls
 :func:`reproduce` and :func:`write_report` (an HTML page with every table and figure, and
 ``reproduce.md``). Each stage (see
-:mod:`mechcna.reproduce.attribution`, :mod:`mechcna.reproduce.query_stages` and
+:mod:`mechcna.reproduce.attribution`, :mod:`mechcna.reproduce.query_stages`,
+:mod:`mechcna.reproduce.attr_stages`, :mod:`mechcna.reproduce.attr_more` and
 :mod:`mechcna.reproduce.arithmetic`) returns a :class:`StageResult` with tables (the papers'
 Llama-7B / GPT-2 numbers in columns labelled ``"paper (Llama-7B)"`` / ``"paper (GPT-2)"``),
 figures, the papers' qualitative claims with verdicts **measured on this model** and its wall
@@ -26,7 +27,7 @@ from typing import Any, Literal
 
 from mechcna.errors import MechcnaError
 from mechcna.models.backend import Model
-from mechcna.reproduce import arith_cells, arith_graph, shallow_stage
+from mechcna.reproduce import arith_cells, arith_graph, attr_more, attr_stages, shallow_stage
 from mechcna.reproduce import arithmetic as arith
 from mechcna.reproduce import attribution as attr
 from mechcna.reproduce import query_stages as query
@@ -138,6 +139,19 @@ def reproduce(
             keep("query", lambda: query.query_stage(model, get(*data), get(*ffn), get(*att), s)),
             keep("walkthrough", lambda: query.walkthrough_stage(
                 model, get(*data), get(*ffn), get(*att))),
+            # issue 22: the rest of the attribution paper
+            keep("query_zeroing", lambda: attr_stages.query_zeroing_stage(
+                model, get(*data), get("query", "queries"), s)),
+            keep("interpolation", lambda: attr_more.interpolation_stage(model, get(*data), s)),
+            keep("value_layers", lambda: attr_more.value_layer_stage(
+                model, get(*data), get(*ffn), get(*att), s)),
+            keep("prob_histogram", lambda: attr_more.prob_histogram_stage(
+                model, get(*data), get(*ffn), s)),
+            keep("head_types", lambda: attr_stages.head_type_stage(model, get(*data), s)),
+            keep("shared_neurons", lambda: attr_more.shared_neuron_stage(
+                get(*data), get(*ffn), get("query", "queries"), s)),
+            keep("query_tokens", lambda: attr_stages.query_token_stage(
+                model, get(*data), get(*att), s)),
         ]  # fmt: skip
     for x, f in arith.prompt_forms(s) if paper in ("arithmetic", "both") else []:
         # one chain per prompt form; with prompt_form="both" stage names end in @<form>

@@ -329,6 +329,7 @@ class ReproduceSettings:
         histogram_k: top neurons per prompt in the layer histograms (300 in the notebooks).
         query_k: value neurons whose queries are traced (30 in the Llama notebook).
         query_value_k: top value / query neurons compared (300 in the notebooks).
+        query_zero_k: query FFN neurons zeroed per sentence in ATTR Table 7 (1000 in the paper).
         arithmetic_fallback: when no knowledge prompt survives, run the attribution stages on
             the model's correct arithmetic cases instead (types ``arith +`` ...), stated so.
     Arithmetic paper:
@@ -386,6 +387,7 @@ class ReproduceSettings:
     histogram_k: int = 300
     query_k: int = 30
     query_value_k: int = 300
+    query_zero_k: int = 1000
     arithmetic_fallback: bool = True
     operations: tuple[str, ...] = ("+", "-", "*", "/")
     digits: tuple[int, ...] = (1, 2)

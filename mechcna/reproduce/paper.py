@@ -133,3 +133,22 @@ DIV_ZERO_SHOT_RANDOM = 5.1
 #: ARITH Table 14: the four prompt templates (template 4 is the one of Tables 24-27).
 TEMPLATES = {1: "The sum of n1 and n2 is", 2: "Q: What is n1 plus n2? A:", 3: "n1 plus n2 is",
              4: "n1+n2="}  # fmt: skip
+# ---------------------------------------------------------------- ATTR items of issue 22
+#: ATTR Table 7 random baseline: 1000 random FFN neurons zeroed, MRR / probability decrease (%)
+#: (secondary source).
+QUERY_RANDOM_DECREASE = (0.8, 1.1)
+#: ATTR head intervention (GPT-2, secondary source): zeroing the top-1% heads of a knowledge
+#: type lowers MRR / probability by 44.5 / 53.3% on sentences of that type and by 7.1 / 9.5%
+#: on sentences of the other types.
+HEAD_SAME_TYPE = {GPT2: (44.5, 53.3)}
+HEAD_OTHER_TYPE = {GPT2: (7.1, 9.5)}
+#: ATTR 5.5 (secondary source): % of top neurons shared by more than half the sentences of a
+#: type, (value, query).
+SHARED_NEURONS = {GPT2: (27.6, 15.7), LLAMA: (14.1, 5.2)}
+#: ATTR Table 9 / knowledge notebook cell 19: a hidden-interpretable query neuron made readable
+#: through the head of the attention neuron it feeds (the Llama list is the BOTTOM of the
+#: transformed vector, quoted by the project page as its top tokens).
+QUERY_NEURON_TOKENS = {
+    LLAMA: "5_5005 via head 15_15: basketball, Basketball, NBA, Jazz, asketball (bottom)",
+    GPT2: "0_1984 via head 21_19: basketball, Basketball, NBA, Celtics (top)",
+}

@@ -29,6 +29,15 @@ _UNIT = {
     "zeroing": 0.47,  # per prompt and forward pass
     "query": 0.25,  # per prompt
     "walkthrough": 4.0,  # once
+    # issue 22 (ATTR), not yet measured on SmolLM2: the forward passes at the zeroing stage's
+    # unit, the vocabulary projections from their FLOP count at ~90 GFLOP/s
+    "query_zeroing": 0.47,  # per prompt and forward pass (3 + random draws passes)
+    "interpolation": 0.1,  # per prompt (one capture, 82 projected points)
+    "value_layers": 0.05,  # per prompt
+    "prob_histogram": 0.1,  # per prompt (one capture, 30 projected points)
+    "head_types": 0.2,  # per prompt (head importance) + forward passes below
+    "shared_neurons": 0.05,  # per prompt
+    "query_tokens": 0.2,  # per prompt
     "arithmetic_data": 0.05,  # per case
     "heads": 0.016,  # per case and head (zero-shot prompts; few-shot about twice)
     "cna": 0.35,  # per case and forward pass
@@ -73,6 +82,14 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
             ("attribution", "zeroing", u["zeroing"] * n * (2 + s.random_draws)),
             ("attribution", "query", u["query"] * n),
             ("attribution", "walkthrough", u["walkthrough"]),
+            ("attribution", "query_zeroing", u["query_zeroing"] * n * (3 + s.random_draws)),
+            ("attribution", "interpolation", u["interpolation"] * n),
+            ("attribution", "value_layers", u["value_layers"] * n),
+            ("attribution", "prob_histogram", u["prob_histogram"] * n),
+            # half the prompts are evaluated, each with and without every type's heads
+            ("attribution", "head_types", u["head_types"] * n + u["zeroing"] * n / 2 * 7),
+            ("attribution", "shared_neurons", u["shared_neurons"] * n),
+            ("attribution", "query_tokens", u["query_tokens"] * n),
         ]
     if paper in ("arithmetic", "both"):
         cases = len(

@@ -128,6 +128,7 @@ def query_stage(
         )
         queries = query_neurons(model, data.prompts, data.answers, k=k, attention=att)
         overlap = query_value_overlap(ffn, queries, k=settings.query_value_k)
+        st.data["queries"] = queries
         counts = overlap.scores.sum(0).double()  # layer kind
         curve = pd.DataFrame(
             {
