@@ -191,7 +191,8 @@ def test_both_prompt_forms_run_side_by_side(shipped, tmp_path):
                      progress=False, checkpoint=tmp_path)  # fmt: skip
     names = [s.name for s in both.stages]
     assert names == [f"{n}@{f}" for f in ("zero-shot", "few-shot")
-                     for n in ("arithmetic_data", "heads", "cna", "shallow")]  # fmt: skip
+                     for n in ("arithmetic_data", "heads", "cna", "shallow", "pe_graph", "trace",
+                               "cells")]  # fmt: skip
     few = both.stage("arithmetic_data@few-shot").data["dataset"]
     assert all(p.count("=") == 3 for p in few.prompts)  # two solved examples, then the case
     zero = both.stage("arithmetic_data@zero-shot").data["dataset"]

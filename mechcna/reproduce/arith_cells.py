@@ -20,6 +20,8 @@ import torch
 from mechcna.analyses.evaluation import evaluate_accuracy
 from mechcna.analyses.head_results import HeadSweep
 from mechcna.analyses.heads import head_sweep
+from mechcna.errors import UnknownTokenError
+from mechcna.interventions.prompts import prepare_prompts
 from mechcna.models.backend import Model
 from mechcna.reproduce import arithmetic as arith
 from mechcna.reproduce import claim_tests as ct
@@ -34,24 +36,23 @@ PAPER = arith.PAPER
 def extra_cells(model: Model, settings: ReproduceSettings, form: str) -> ArithmeticDataset:
     """The held-out cases of the templates in ``cell_templates`` not already run (the
     settings' digits) and of the digit counts in ``cell_digits`` not already run (the
-    settings' templates), ``cell_pairs`` pairs per cell, in prompt form ``form``."""
+    settings' templates), ``cell_pairs`` pairs per cell, in prompt form ``form``. A template
+    whose words the tokenizer does not know (a word-level vocabulary) is left out."""
     s = settings
     parts = []
     templates = tuple(t for t in s.cell_templates if t not in s.templates)
     digits = tuple(d for d in s.cell_digits if d not in s.digits)
     for temps, digs in ((templates, s.digits), (s.templates, digits)):
-        if temps and digs:
-            parts.append(
-                arithmetic_dataset(
-                    s.operations,
-                    digs,
-                    temps,
-                    s.cell_pairs,
-                    tokenizer=model,
-                    seed=s.seed,
-                    split="heldout",
-                )
-            )
+        for temp in temps if digs else ():
+            part = arithmetic_dataset(
+                s.operations, digs, temp, s.cell_pairs, tokenizer=model, seed=s.seed,
+                split="heldout",
+            )  # fmt: skip
+            try:
+                prepare_prompts(model, list(part.prompts))
+            except UnknownTokenError:
+                continue
+            parts.append(part)
     if not parts:
         return ArithmeticDataset((), {})
     cases = ArithmeticDataset(tuple(c for p in parts for c in p), parts[0].policies)

@@ -1,4 +1,5 @@
-"""The arithmetic paper's section 4.2 steps 2 and 3 as reproduction stages (METHODS.md 7.3, 8.2).
+"""The arithmetic paper's section 4.2 steps 2 and 3 as reproduction stages (docs/methods.md
+7.3, 8.2).
 
 1. :func:`pe_graph_stage`: the prediction-enhancing graph. For each CNA case, the value-key
    products ``<m_i W_out[i], key_j>`` between its top CNA neurons
@@ -149,7 +150,10 @@ def graph_figure(products: pd.DataFrame, neurons: list[tuple[int, int]], title: 
 
 
 def pe_graph_stage(
-    model: Model, cases: ArithmeticDataset, cna: NeuronComparison, settings: ReproduceSettings
+    model: Model,
+    cases: ArithmeticDataset | None,
+    cna: NeuronComparison | None,
+    settings: ReproduceSettings,
 ) -> StageResult:
     """The prediction-enhancing graph between each CNA case's top neurons (ARITH 4.2 step 3).
 
@@ -158,8 +162,8 @@ def pe_graph_stage(
     lower neurons of the same layers). Figure ``pe_graph``: the first case's graph.
     """
     with stage("pe_graph", "Prediction-enhancing graph (ARITH 4.2 step 3)", PAPER) as st:
-        why = unsupported(model) or ("" if len(cases) else "no CNA case")
-        if why:
+        why = unsupported(model) or ("" if cases and cna is not None else "no CNA case")
+        if why or cases is None or cna is None:
             st.notes.append(f"Skipped: {why}")
             st.claim(*_PE_CLAIM, why, None)
             return st.result()
@@ -252,7 +256,7 @@ def _is_operand(token: str) -> bool:
 def trace_case(
     model: Model, prompt: str, neuron: tuple[int, int], head: tuple[int, int]
 ) -> tuple[dict, dict[str, KeyScores]]:
-    """The feature-transfer trace of one case into ``neuron`` (METHODS 8.2 steps 1-6).
+    """The feature-transfer trace of one case into ``neuron`` (docs/methods.md 8.2 steps 1-6).
 
     Rankings use ``|up + gate|`` (``|in|`` for non-gated MLPs). Returns a summary row and the
     :class:`KeyScores` of each step (``positions``, ``heads``, ``components``, ``sources``,
@@ -315,23 +319,26 @@ _TRACE_PAPER = {
 
 def trace_stage(
     model: Model,
-    cases: ArithmeticDataset,
-    cna: NeuronComparison,
+    cases: ArithmeticDataset | None,
+    cna: NeuronComparison | None,
     head: tuple[int, int],
     settings: ReproduceSettings,
 ) -> StageResult:
     """The feature-transfer trace (ARITH 4.2 step 2) into each case's top CNA neuron, for at
     most ``settings.trace_cases`` cases; the first case's steps as tables."""
     with stage("trace", f"Feature-transfer trace through head {head[0]}_{head[1]}", PAPER) as st:
-        n = len(cases) if settings.trace_cases is None else min(len(cases), settings.trace_cases)
-        why = unsupported(model)
-        if why:
+        n_cases = len(cases) if cases is not None and cna is not None else 0
+        n = n_cases if settings.trace_cases is None else min(n_cases, settings.trace_cases)
+        why = unsupported(model) or ("" if n_cases else "no CNA case")
+        if why or cases is None or cna is None:
             n = 0
             st.notes.append(f"Skipped: {why}")
+        prompts = list(cases.prompts) if cases is not None else []
         rows, first = [], {}
         for i in range(n):
+            assert cna is not None
             neuron = cna.top_sets(1)[i][0]
-            row, steps = trace_case(model, cases.prompts[i], neuron, head)
+            row, steps = trace_case(model, prompts[i], neuron, head)
             rows.append(row)
             first = first or steps
         summary = pd.DataFrame(rows)
@@ -354,7 +361,7 @@ def trace_stage(
             "(residual-RMS scale at that position); the top attention component's source "
             "positions read through the same head; the two-hop transform of the components and "
             "of the neurons of the top FFN there. Tables: the first case "
-            f"({cases.prompts[0]!r})." if n else "No case traced."
+            f"({prompts[0]!r})." if n else "No case traced."
         )  # fmt: skip
     return st.result()
 

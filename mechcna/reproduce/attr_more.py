@@ -140,7 +140,7 @@ def interpolation_stage(
                 "the total rise in the last fifth of the path is larger for probability than "
                 "for log-probability; estimate = the difference; bootstrap over sentences)",
                 "Figures 3 / 10: probability near 0 until the end of the path, log-probability "
-                "rising throughout (read from the figures, secondary source)",
+                "rising throughout (read from the figures) (secondary source)",
                 f"difference {test.estimate:+.2f} (final mean p "
                 f"{float(lp[:, -1].exp().mean()):.3f})",
                 test,
@@ -201,7 +201,7 @@ def value_layer_stage(
                 f"{kind} value neurons are in the upper half of the layers; estimate = the "
                 "smallest type's share; bootstrap over sentences)",
                 "Figures 4 / 5: per-type heatmaps, top value layers medium-deep in every type "
-                "(read from the figures, secondary source)",
+                "(read from the figures) (secondary source)",
                 f"smallest type share {100 * test.estimate:.0f}% ({len(_types(data))} types)",
                 test,
             )
@@ -217,7 +217,7 @@ def value_layer_stage(
             "sentences of each type (the 'all' row: every sentence). The *_top_layers tables "
             f"read the figures' 'top-{HEATMAP_K} value layers' as whole layers instead: each "
             f"sentence's top-{HEATMAP_K} attention and FFN layers by layer-level importance "
-            "(METHODS 4.1), % per layer."
+            "(docs/methods.md 4.1), % per layer."
         )
     return st.result()
 
@@ -303,7 +303,8 @@ def prob_histogram_stage(
             f"by log-probability increase (test: mean layer of each sentence's top-{k} by "
             "probability minus by log-probability is above 0; bootstrap over sentences)",
             "Figure 2: log-prob increase spreads top neurons over medium-deep layers, prob "
-            "increase concentrates them in the last layers (read from the figure)",
+            "increase concentrates them in the last layers (read from the figure) "
+            "(secondary source)",
             f"mean layer {float(np.mean(mean_top_layer(prob, k))):.1f} (prob) vs "
             f"{float(np.mean(mean_top_layer(ffn.scores, k))):.1f} (log-prob) of {n_layers}",
             test,
@@ -317,7 +318,8 @@ def prob_histogram_stage(
             f"(test: the share of each sentence's top-{k} FFN neurons in layers L/2 to L-4 "
             f"({n_layers // 2}-{n_layers - 4} here) exceeds the share in the last three layers; "
             "estimate = the difference; bootstrap over sentences)",
-            "Figure 2: most top FFN value neurons in medium-deep layers (Llama-7B, GPT-2)",
+            "Figure 2: most top FFN value neurons in medium-deep layers (Llama-7B, GPT-2) "
+            "(secondary source)",
             f"medium-deep {100 * mid:.0f}% vs last three layers {100 * last:.0f}%"
             + ("" if test else f" (not tested: {n_layers} layers, fewer than 8)"),
             test,
@@ -325,7 +327,7 @@ def prob_histogram_stage(
         st.notes.append(
             "Probability increase of an FFN neuron = p(w | resid_mid + v) - p(w | resid_mid), "
             "computed exactly from its log-probability increase and the base probability "
-            "(frozen final scale, METHODS 4.6 (c))."
+            "(frozen final scale, docs/methods.md 4.6 (c))."
         )
     return st.result()
 
@@ -413,6 +415,6 @@ def shared_neuron_stage(
             f"Per type (at least 3 sentences), the neurons in more than half of its sentences' "
             f"top-{k} sets are 'shared'; each sentence's share of its set that is shared, "
             "averaged. Query neurons: FFN query neurons of the top attention value neurons "
-            "(METHODS 5.3; neurons no attention neuron reads left out)."
+            "(docs/methods.md 5.3; neurons no attention neuron reads left out)."
         )
     return st.result()

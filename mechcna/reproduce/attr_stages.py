@@ -170,7 +170,7 @@ def query_zeroing_stage(
             )
         st.notes.append(
             f"Per sentence, its top-{k} query FFN neurons (positive query scores of its top-"
-            f"{settings.query_k} attention value neurons, METHODS 5.3) are zeroed at every "
+            f"{settings.query_k} attention value neurons, docs/methods.md 5.3) are zeroed at every "
             "position; the random rows zero as many distinct FFN neurons drawn from all layers, "
             f"{draws} draws (mean). {k} neurons are {100 * k / pool:.2f}% of this model's "
             f"{pool} FFN neurons (the paper's 1000 are 0.28% of Llama-7B's, 0.54% of GPT-2 "
@@ -313,7 +313,8 @@ def head_type_stage(
             table.append(row)
         st.tables["head_intervention"] = pd.DataFrame(table)
         st.notes.append(
-            f"Head importance: log-probability increase of each head's output (METHODS 4.2). "
+            "Head importance: log-probability increase of each head's output "
+            "(docs/methods.md 4.2). "
             f"Per type, the top {n_top} heads ({100 * HEAD_SHARE:g}% of {n_layers * n_heads}) "
             "by mean importance over a selection half of its sentences are zeroed at every "
             "position; their effect is measured on the other (evaluation) half of that type "
@@ -426,8 +427,9 @@ def query_token_stage(
         )  # fmt: skip
         st.notes.append(
             "Per sentence: its top attention value neuron in layers >= 1, that neuron's top "
-            "query FFN neuron (METHODS 5.4), and the neuron's raw value vector made readable "
-            "through the head (its own norm, V with b_V, W_O; METHODS 5.6). Ranks are the best "
+            "query FFN neuron (docs/methods.md 5.4), and the neuron's raw value vector made "
+            "readable through the head (its own norm, V with b_V, W_O; docs/methods.md 5.6). "
+            "Ranks are the best "
             "of top and bottom (a vector may read a token with either sign)."
         )
         better = (
@@ -447,7 +449,7 @@ def query_token_stage(
             "answer ranks higher through the head than in the raw value vector; chance 50%; "
             "exact binomial)",
             f"{paper.LLAMA}: {paper.QUERY_NEURON_TOKENS[paper.LLAMA]}; {paper.GPT2}: "
-            f"{paper.QUERY_NEURON_TOKENS[paper.GPT2]} (one sentence each)",
+            f"{paper.QUERY_NEURON_TOKENS[paper.GPT2]} (notebook printout for one prompt each)",
             f"{better} of {len(table)} sentences rank the answer higher through the head",
             test,
         )
