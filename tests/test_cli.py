@@ -196,3 +196,25 @@ def test_every_public_name_resolves_lazily():
     for name in mechcna.__all__:
         assert getattr(mechcna, name) is not None, name
     assert mechcna.errors.MechcnaError is mechcna.MechcnaError
+
+
+def test_reproduce_resume_writes_its_page_beside_its_checkpoint(tmp_path, monkeypatch):
+    """``--resume`` saves stages under ``--out/checkpoint-*``: the page is then written into
+    that folder (the saved stages are not old results), and a rerun with ``--overwrite``
+    replaces the page, keeps the saved stages and loads them instead of recomputing."""
+    from mechcna.reproduce import plan
+
+    out = tmp_path / "run"
+    args = ["reproduce", "--model", "mechcna/arith-small", "--paper", "arithmetic", "--quick",
+            "--resume", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    saved = [p for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(saved) == 1 and any(saved[0].iterdir()) and (out / "index.html").is_file()
+    assert main(args) != 0  # old results without --overwrite: refused, before any work
+    loads = []
+    original = plan.Checkpoint.load
+    monkeypatch.setattr(plan.Checkpoint, "load",
+                        lambda self, name: loads.append(name) or original(self, name))  # fmt: skip
+    assert main([*args, "--overwrite"]) == 0
+    assert saved[0].is_dir() and (out / "index.html").is_file()
+    assert "heads" in loads

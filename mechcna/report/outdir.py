@@ -26,6 +26,16 @@ _KNOWN_OUTPUTS = re.compile(
 )
 
 
+#: Folders of saved reproduction stages (``mechcna reproduce --resume``, ``--preset paper``):
+#: they are what a rerun continues from, so they neither count as old results nor are deleted
+#: by ``overwrite`` (delete one by hand to start that run afresh).
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def _resumable(p: Path) -> bool:
+    return p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+
+
 def written_files(out: Path) -> list[Path]:
     """The files mechcna wrote into ``out``: those its manifest lists or, without a manifest,
     those with the names mechcna gives its outputs."""
@@ -45,7 +55,8 @@ def check_out_dir(path: str | Path, overwrite: bool = False, keep: Collection[st
     keeps everything else.
 
     ``keep`` names files this run already wrote there (e.g. a trained checkpoint): they
-    neither count as content nor are deleted.
+    neither count as content nor are deleted; nor do the folders of saved reproduction stages
+    (``checkpoint-*``, :data:`CHECKPOINT_PREFIX`) that a resumed run continues from.
 
     Raises:
         OutputPathError: ``path`` is a file, is not empty (without ``overwrite``), or cannot be
@@ -54,7 +65,7 @@ def check_out_dir(path: str | Path, overwrite: bool = False, keep: Collection[st
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(p.name not in keep for p in out.iterdir()):
+    if out.is_dir() and any(p.name not in keep and not _resumable(p) for p in out.iterdir()):
         if not overwrite:
             raise OutputPathError(
                 f"output folder {out} is not empty; choose a new folder or pass --overwrite "
