@@ -174,8 +174,10 @@ def test_bias_pipeline_on_tiny_model(kind):
     assert [l * n + i for l, i in found.neurons] == flat.topk(5).indices.tolist()
     count = bias_neurons(model, ["nurse"], ["driver"], templates[:1], k=5, aggregate="count")
     assert len(count.neurons) == 5
+    with pytest.raises(MechcnaError, match="'doctor' is not in the model's vocabulary"):
+        gender_bias_experiment(model, templates=templates, professions=["nurse", "doctor"])
     res = gender_bias_experiment(
-        model, templates=templates, professions=["nurse", "driver", "doctor"], threshold=0.0,
+        model, templates=templates, professions=["nurse", "driver"], threshold=0.0,
         k=3, n_random=2, cost_text=["the sum of 3 and 4 is 7"],
     )  # fmt: skip
     assert list(res.metrics.index) == ["original", "cna", "random_0", "random_1"]
