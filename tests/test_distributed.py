@@ -222,9 +222,12 @@ def test_joins_an_existing_cluster_by_address_and_by_ray_address(tmp_path):
     """A cluster started outside mechcna (``ray start --head``) is joined with ``address=``
     and with ``RAY_ADDRESS``; results equal one process (run in a child interpreter, since this
     process already holds the module's local cluster)."""
+    import contextlib
     import json
+    import signal
     import socket
     import subprocess
+    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -232,9 +235,13 @@ def test_joins_an_existing_cluster_by_address_and_by_ray_address(tmp_path):
     ray_cli = str(Path(sys.executable).with_name("ray"))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    start = [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    start = [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+             "--disable-usage-stats"]  # fmt: skip
+    # --block in a session of its own: stopping it stops this cluster only (``ray stop`` would
+    # stop every Ray cluster on the machine, the module's included, and with it this process)
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
     script = f"""
 import json, os, sys, ray, mechcna
 from mechcna import distributed
@@ -254,10 +261,24 @@ for how in ("address", "env"):
 print(json.dumps(out))
 """
     try:
+        deadline = time.monotonic() + 180
+        while True:  # the head's GCS accepts connections once the cluster is up
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the external cluster did not come up"
+                time.sleep(1)
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                               text=True, timeout=600)  # fmt: skip
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                head.wait(timeout=wait)
+                break
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     for how in ("address", "env"):
