@@ -34,7 +34,9 @@ def test_single_token_targets():
     assert model.to_single_str_token(single_token_id(model, "8")) == "8"
     with pytest.raises(TokenizationError, match="not a single token"):
         single_token_id(model, "12")
-    with pytest.raises(TokenizationError, match="not in the vocabulary"):
+    with pytest.raises(
+        TokenizationError, match=r"not in the model.s vocabulary \(it maps to unk\)"
+    ):
         single_token_id(model, "zebra")
     with pytest.raises(TokenizationError, match="outside the vocabulary"):
         single_token_id(model, 10_000)
