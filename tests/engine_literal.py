@@ -66,3 +66,19 @@ def layer_rows(M, W, storage: torch.dtype) -> LayerRows:
     store = RowStore(W.shape[0], M.shape[1], storage, M.dtype)
     cache = BlockCache(disk=False, half=storage == torch.int16)
     return LayerRows(W, store, Projector(M, "test"), cache)
+
+
+def error_ratio(got, ref, z, M, W, a, tol) -> float:
+    """The largest ``|got - ref|`` over what the engine promises: ``tol`` (default for the
+    dtype when ``None``) plus the final rounding to the compute dtype and float64 rounding of
+    the largest logit the exact path sums (at most 1 when the promise holds)."""
+    from mechcna.engine.expansion import default_tol
+
+    t = default_tol(z.dtype) if tol is None else tol
+    u = U32 if z.dtype == torch.float32 else U64
+    U = W.double() @ M.double()
+    big = float(z.double().abs().max()) + float(
+        (a.double().abs().amax((0, 1)) * U.abs().amax(1)).max()
+    )
+    allowed = t + 2 * u * ref.abs() + 64 * U64 * big
+    return float(((got.double() - ref).abs() / allowed).max())

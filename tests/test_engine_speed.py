@@ -16,9 +16,9 @@ from torch.overrides import TorchFunctionMode
 
 from mechcna.engine import moments
 from mechcna.engine.blocks import BlockCache
-from mechcna.engine.expansion import EngineStats, default_tol, increase_from_rows
+from mechcna.engine.expansion import EngineStats, increase_from_rows
 from mechcna.engine.rows import RowStore
-from tests.engine_literal import U32, U64, engine_literal, layer_rows
+from tests.engine_literal import U32, engine_literal, error_ratio, layer_rows
 
 STORAGES = [torch.int16, torch.float16, torch.bfloat16, torch.float32]
 
@@ -124,14 +124,7 @@ def test_engine_with_truncated_moments_within_tolerance(
         mp.setattr(moments, "PLAN_SHARE", share)
         got = increase_from_rows(z, rows, a, target, tol=tol, fill=fill)
     ref = engine_literal(z, M, W, a, target)
-    t = default_tol(z.dtype) if tol is None else tol
-    u = U32 if z.dtype == torch.float32 else U64
-    U = W.double() @ M.double()
-    big = float(z.double().abs().max()) + float(
-        (a.double().abs().amax((0, 1)) * U.abs().amax(1)).max()
-    )
-    allowed = t + 2 * u * ref.abs() + 64 * U64 * big
-    ratio = float(((got.double() - ref).abs() / allowed).max())
+    ratio = error_ratio(got, ref, z, M, W, a, tol)
     assert ratio <= 1, ratio
 
 

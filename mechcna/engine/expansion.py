@@ -95,7 +95,13 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from mechcna._types import Float, Int, Tensor
-from mechcna.engine.moments import U64, central_moments, moment_errors, raw_moments
+from mechcna.engine.moments import (
+    U64,
+    central_moments,
+    moment_errors,
+    raw_moments,
+    shifted_logsumexp,
+)
 from mechcna.engine.moments import gamma as _gamma
 from mechcna.engine.projection import DirectionBlock
 from mechcna.models.inputs import tolerance
@@ -437,13 +443,11 @@ def increase_from_rows(
                 if store.rounded
                 else torch.stack([fresh[int(r)] for r in host.tolist()])
             )
-        for i in range(0, idx.shape[0], exact_chunk):
-            b, e, r = idx[i : i + exact_chunk].unbind(1)
-            u = U[inverse[i : i + exact_chunk]]
-            xb = a[b, e, r]
-            shifted = torch.addcmul(z[b], xb[:, None], u)
-            own = u.gather(1, tgt[b][:, None]).squeeze(1)
-            out[b, e, r] = xb * own - (torch.logsumexp(shifted, -1) - log_norm[b])
+        b, e, r = idx.unbind(1)
+        xb = a[b, e, r]
+        lse = shifted_logsumexp(z, U, xb, b, inverse, exact_chunk)
+        own = U[inverse, tgt[b]]
+        out[b, e, r] = xb * own - (lse - log_norm[b])
     return out.to(coef.dtype)
 
 

@@ -24,11 +24,22 @@ bounds their error, which the engine adds to its certificate:
   Neurons whose coefficient times range is large take a larger ``K`` or every token: the
   choice only affects how many scores the expansion certifies, never their correctness.
 
+* **Fused reductions** (issue 20, speed): on the CPU, for one to four prompts, the raw
+  moments of a whole layer's rows are one compiled reduction (``torch.compile``, inductor):
+  each stored entry is read once, converted, multiplied and summed in registers, instead of
+  chunks converted to float64 in memory and multiplied by the BLAS. Each term still takes one
+  rounded product (``p_j * y_j^n``, the power exact as above) and the sum at most ``V - 1``
+  roundings in some order, so the bounds above hold unchanged. Without a working compiler
+  (or with ``MECHCNA_COMPILE=0``) the eager chunks are used; the values agree to rounding.
+
 Every tensor follows the device of ``p`` (the model's device); stored rows are moved there
 chunk by chunk when the store lives elsewhere.
 """
 
-from typing import TYPE_CHECKING
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -53,6 +64,115 @@ PLAN_SHARE = 1 / 8
 
 #: elements of float64 rows converted per chunk (4 MB: the conversion stays in cache)
 CHUNK_ELEMENTS = 2**19
+
+#: the fewest stored entries (rows x tokens) a :func:`central_moments` call must read to use
+#: the fused reduction (smaller calls run eagerly: a compilation costs seconds once per
+#: process and shape family, cached on disk by torch)
+FUSED_MIN_ELEMENTS = 2**23
+
+#: the fewest vocabulary entries an exact log-sum-exp call must read to use the fused one
+FUSED_MIN_LSE = 2**20
+
+_log = logging.getLogger(__name__)
+_fused: dict[str, Any] = {}
+
+
+def _moment_kernel(p: Tensor, y: Tensor, third: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Raw moments ``p . y^n`` (n = 1, 2 and with ``third`` 3) of the dense rows ``y`` in
+    float64, each term one rounded product of an exact power (a dense operand lets the
+    compiled loop vectorise and run on every thread)."""
+    y = y.to(torch.float64)
+    sq = y * y
+    pp = p[:, None, :]
+    m1 = (pp * y[None]).sum(-1)
+    m2 = (pp * sq[None]).sum(-1)
+    m3 = (pp * (sq * y)[None]).sum(-1) if third else None
+    return m1, m2, m3
+
+
+def _shifted_lse_kernel(z: Tensor, u: Tensor, x: Tensor) -> Tensor:
+    """``logsumexp(z + x_i u_i)`` along the vocabulary for each row ``u_i`` of the dense
+    ``u`` (``z`` one prompt's base logits; float64)."""
+    return torch.logsumexp(z[None] + x[:, None] * u, -1)
+
+
+def shifted_logsumexp(
+    z: Float[Tensor, "batch d_vocab"],
+    U: Float[Tensor, "n d_vocab"],
+    x: Float[Tensor, " k"],
+    b: Int[Tensor, " k"],
+    r: Int[Tensor, " k"],
+    chunk: int = 128,
+) -> Float[Tensor, " k"]:
+    """``logsumexp(z[b_i] + x_i U[r_i])`` for every item ``i`` (the exact path's log-sum-exp
+    of a shifted base), float64: per prompt one fused reduction where
+    :func:`fused_available` (for at least :data:`FUSED_MIN_LSE` entries), else eager chunks of
+    ``chunk`` items."""
+    V = z.shape[1]
+    out = z.new_zeros(len(x))
+    fused = len(x) * V >= FUSED_MIN_LSE and fused_available(z[:1], FUSED_MIN_ELEMENTS)
+    for prompt in b.unique().tolist():
+        items = (b == prompt).nonzero().flatten()
+        if fused:
+            if "lse" not in _fused:
+                _fused["lse"] = torch.compile(_shifted_lse_kernel, dynamic=True)
+            try:
+                out[items] = _fused["lse"](z[prompt], U[r[items]], x[items])
+                continue
+            except Exception as err:  # as in fused_moments
+                _fused["broken"], fused = True, False
+                _log.warning("fused log-sum-exp unavailable (%s); using eager chunks", err)
+        for i in range(0, len(items), chunk):
+            part = items[i : i + chunk]
+            out[part] = _shifted_lse_kernel(z[prompt], U[r[part]], x[part])
+    return out
+
+
+def fused_available(p: Tensor, elements: int) -> bool:
+    """Whether :func:`central_moments` uses the fused reduction for ``p`` (a CPU batch of at
+    most :data:`MAX_HEAD_BATCH` prompts) and ``elements`` stored entries."""
+    if os.environ.get("MECHCNA_COMPILE", "1") == "0" or _fused.get("broken"):
+        return False
+    return (
+        p.device.type == "cpu" and p.shape[0] <= MAX_HEAD_BATCH and elements >= FUSED_MIN_ELEMENTS
+    )
+
+
+def _packed_kernel(
+    pe: Tensor, po: Tensor, w: Tensor, third: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`_moment_kernel` for int16 rows read as int32 pairs ``w`` (little-endian: the
+    even column in the low half), ``pe`` and ``po`` the even and odd columns of ``p``: loads
+    of int16 do not vectorise in the compiled loop, loads of int32 do."""
+    lo = torch.bitwise_right_shift(torch.bitwise_left_shift(w, 16), 16).to(torch.float64)
+    hi = torch.bitwise_right_shift(w, 16).to(torch.float64)
+    a, b = pe[:, None, :], po[:, None, :]
+    lo2, hi2 = lo * lo, hi * hi
+    m1 = (a * lo[None] + b * hi[None]).sum(-1)
+    m2 = (a * lo2[None] + b * hi2[None]).sum(-1)
+    m3 = (a * (lo2 * lo)[None] + b * (hi2 * hi)[None]).sum(-1) if third else None
+    return m1, m2, m3
+
+
+def fused_moments(
+    p: Float[Tensor, "batch k"], y: Tensor, third: bool
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """:func:`_moment_kernel` (int16 rows of even width: :func:`_packed_kernel`) compiled once
+    per process with dynamic shapes, or ``None`` when compilation fails (then every later call
+    returns ``None`` at once: the caller runs the eager chunks)."""
+    packed = y.dtype == torch.int16 and y.shape[1] % 2 == 0 and sys.byteorder == "little"
+    key = "packed" if packed else "dense"
+    if key not in _fused:
+        _fused[key] = torch.compile(_packed_kernel if packed else _moment_kernel, dynamic=True)
+    try:
+        if packed:
+            w = y.contiguous().view(torch.int32)
+            return _fused[key](p[:, 0::2].contiguous(), p[:, 1::2].contiguous(), w, third)
+        return _fused[key](p, y, third)
+    except Exception as err:  # no C++ compiler, an unsupported platform: run eagerly
+        _fused["broken"] = True
+        _log.warning("fused moment reduction unavailable (%s); using eager chunks", err)
+        return None
 
 
 def gamma(n: int) -> float:
@@ -133,6 +253,37 @@ def head_plan(
     return plan
 
 
+def _raw_parts(
+    pk: Tensor, store: "RowStore", rows: Tensor, cols: Tensor | None, third: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(m2, k2, k3)`` of the stored rows ``rows`` (columns ``cols``) under ``pk``: one fused
+    reduction when :func:`fused_available`, else eager chunks."""
+    B, width = pk.shape
+    # a full layer read in row order is a run of contiguous slices
+    whole = cols is None and len(rows) == store.n_rows
+    if store.device == pk.device and fused_available(pk, len(rows) * width):
+        y = store.stored(slice(None) if whole else rows, cols)  # a gathered copy unless whole
+        got = fused_moments(pk, y, third)
+        if got is not None:
+            m1, m2, m3 = got
+            k3 = None if m3 is None else m3 - 3 * m1 * m2 + 2 * m1**3
+            return m2, m2 - m1 * m1, k3
+    chunk = max(16, CHUNK_ELEMENTS // width) if B <= 2 else max(32, CHUNK_ELEMENTS // width)
+    parts: list[list[Tensor]] = [[], [], []]
+    for i in range(0, len(rows), chunk):
+        idx = slice(i, i + chunk) if whole else rows[i : i + chunk]
+        _, m2, c2, c3 = raw_moments(pk, store.stored(idx, cols), third)
+        parts[0].append(m2)
+        parts[1].append(c2)
+        if c3 is not None:
+            parts[2].append(c3)
+    return (
+        torch.cat(parts[0], 1),
+        torch.cat(parts[1], 1),
+        (torch.cat(parts[2], 1) if third else None),
+    )
+
+
 def central_moments(
     p: Float[Tensor, "batch d_vocab"],
     store: "RowStore",
@@ -158,31 +309,22 @@ def central_moments(
     k3 = torch.zeros_like(k2) if third else None
     dk3 = torch.zeros_like(k2) if third else None
     R_all = _bounds_of(store, sel, dev)
-    for mask, cols, delta in head_plan(p, reach, tol, n):
+    # the fused reduction reads a whole row about as fast as a gathered head of it
+    fused = fused_available(p, n * V)
+    for mask, cols, delta in head_plan(p, None if fused else reach, tol, n):
         rows = sel[mask.to(sel.device)]
         width = V if cols is None else len(cols)
         pk = p if cols is None else p[:, cols]
-        # a full layer read in row order is a run of contiguous slices
-        whole = cols is None and len(rows) == store.n_rows
-        chunk = max(16, CHUNK_ELEMENTS // width) if B <= 2 else max(32, CHUNK_ELEMENTS // width)
-        parts: list[list[Tensor]] = [[], [], []]
-        for i in range(0, len(rows), chunk):
-            idx = slice(i, i + chunk) if whole else rows[i : i + chunk]
-            _, m2, c2, c3 = raw_moments(pk, store.stored(idx, cols), third)
-            parts[0].append(m2)
-            parts[1].append(c2)
-            if c3 is not None:
-                parts[2].append(c3)
-        m2 = torch.cat(parts[0], 1)
+        m2, c2, c3 = _raw_parts(pk, store, rows, cols, third)
         R = R_all[mask]
         e2, e3 = moment_errors(m2, R, width)
         d = delta[:, None]
         e2 = e2 + (3 + d) * d * R**2
-        k2[:, mask], dk2[:, mask] = torch.cat(parts[1], 1), e2
+        k2[:, mask], dk2[:, mask] = c2, e2
         if third:
-            assert k3 is not None and dk3 is not None
+            assert k3 is not None and dk3 is not None and c3 is not None
             e3 = e3 + (13 + 15 * d + 6 * d * d) * d * R**3
-            k3[:, mask], dk3[:, mask] = torch.cat(parts[2], 1), e3
+            k3[:, mask], dk3[:, mask] = c3, e3
     step = store.step(sel).to(dev)
     slack = 1 + 16 * U64  # rescaling by the step
     k2, dk2 = k2 * step**2, dk2 * step**2 * slack
