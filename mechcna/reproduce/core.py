@@ -480,9 +480,11 @@ class ReproduceSettings:
 
     @classmethod
     def full(cls) -> "ReproduceSettings":
-        """The earlier default sizes (about 10 minutes of stage time for SmolLM2-135M; too
-        small to decide most claims: see :meth:`standard`, the default now). Kept for
-        comparison with the records made with it."""
+        """The earlier default sizes (about 10 minutes of stage time for SmolLM2-135M before
+        the stages of issue 22; with those at the field defaults, 10 pairs per extra cell and
+        12 divisions, :func:`~mechcna.reproduce.plan.expected_times` gives about 45 minutes at
+        load ~3.5; too small to decide most claims: see :meth:`standard`, the default now).
+        Kept for comparison with the records made with it."""
         return cls(preset="full")
 
     @classmethod
