@@ -11,6 +11,7 @@ import torch
 import mechcna
 from mechcna.analyses.case_ablation import mask_keep_table
 from mechcna.analyses.comparative import compare_neurons
+from mechcna.analyses.evaluation import evaluate_accuracy
 from mechcna.analyses.heads import head_sweep
 from mechcna.analyses.methods import evaluate_methods
 from mechcna.analyses.query import attention_query_layers, query_neurons
@@ -28,6 +29,7 @@ from mechcna.reproduce import arithmetic as arith
 from mechcna.reproduce import attribution as attr
 from mechcna.reproduce import claim_tests as ct
 from mechcna.reproduce.core import Reproduction, markdown_table
+from mechcna.reproduce.plan import head_passes
 from mechcna.tasks.knowledge import KnowledgeDataset, KnowledgePrompt
 from tests.helpers import PROMPTS, build
 
@@ -116,21 +118,58 @@ def test_head_and_cna_tables_equal_direct_calls(quick, shipped):
     s = ReproduceSettings.quick()
     data = quick.stage("arithmetic_data").data["dataset"]
     cases = arith._subsample(data, s.sweep_cases, s.seed)
-    sweep = head_sweep(shipped, cases, progress=False)
-    table1 = quick.stage("heads").tables["table1"]
-    direct = sweep.table(by="operation", heads="top", k=5)
-    pd.testing.assert_frame_equal(table1[direct.columns], direct)
-    head = quick.stage("heads").data["head"]
-    # the top head is chosen on the selection half only (HeadSweep.top on that half)
-    select = quick.stage("heads").data["selection"]
-    assert select.sum() == (len(cases) + 1) // 2
-    half = ct.sub_sweep(sweep, select)
+    heads = quick.stage("heads")
+    # split first, then sweep: every head on the selection half only
+    select, evaluate = heads.data["selection"], heads.data["evaluation"]
+    assert not (select & evaluate).any() and (select | evaluate).all()
+    ops = np.array([c.operation for c in cases])
+    for op in set(ops):  # each operation split in halves (the extra case to selection)
+        assert select[ops == op].sum() == ((ops == op).sum() + 1) // 2
+    np.testing.assert_array_equal(select, ct.split_halves(len(cases), s.seed, list(ops))[0])
+    half = head_sweep(shipped, arith._take(cases, select), progress=False)
+    sweep = heads.data["sweep"]
+    assert sweep.n_cases == int(select.sum()) and len(sweep.heads) == len(half.heads)
+    assert torch.equal(sweep.correct, half.correct)
+    direct = half.table(by="operation", heads="top", k=5)
+    pd.testing.assert_frame_equal(heads.tables["table1"][direct.columns], direct)
+    # the top head is chosen on the selection half (HeadSweep.top on that half)
+    head = heads.data["head"]
     assert head == arith.top_head(half, ["+", "-"])
     # Tables 7-8 run below the top head above layer 0 (the top head itself when it is there).
-    shallow = quick.stage("heads").data["shallow_head"]
+    shallow = heads.data["shallow_head"]
     assert shallow == arith.top_head(half, ["+", "-"], min_layer=1) and shallow[0] >= 1
     if head[0] > 0:
         assert shallow == head
+    # only the chosen heads are ablated on the evaluation half
+    held = heads.data["held"]
+    op_heads = {op: arith.top_head(half, [op]) for op in s.operations}
+    assert heads.data["op_heads"] == op_heads
+    assert set(held.heads) == {head, shallow, *op_heads.values()}
+    assert held.n_cases == int(evaluate.sum())
+    # Table 2 / the top-head claim: the chosen head scored on held-out cases, by hand
+    held_cases = arith._take(cases, evaluate)
+    frame = held_cases.to_frame()
+    base = evaluate_accuracy(shipped, held_cases, progress=False).correct.double().numpy()
+    for _, row in heads.tables["table2"].iterrows():
+        l, h = map(int, row["head"].split("_"))
+        after = evaluate_accuracy(shipped, held_cases, [HeadAblation([(l, h)])], progress=False)
+        m = (frame["operation"] == row["operation"]) & (frame["digits"] == row["digits"])
+        m = m.to_numpy()
+        b, a = base[m].mean(), after.correct.double().numpy()[m].mean()
+        assert row["n (evaluation)"] == m.sum()
+        assert row["relative decrease %"] == pytest.approx(100 * (b - a) / b, nan_ok=True)
+    claim = next(c for c in heads.claims if c.claim.startswith("A few heads"))
+    assert claim.test is not None and claim.test.n == int(frame["operation"].isin(["+", "-"]).sum())
+    quiet = next(c for c in heads.claims if c.claim.startswith("Most heads"))
+    assert quiet.test is not None and quiet.test.n == int(select.sum())
+    # the cost model counts these (case, forward pass) pairs (with at most 2 + ops + 1 chosen
+    # heads, and ceil(n / 2) selection cases where each operation's odd case goes there)
+    n_heads, most = len(sweep.heads), 2 + len(s.operations) + ("/" in s.operations)
+    assert len(held.heads) <= most
+    exact = sweep.n_cases * (n_heads + 1) + held.n_cases * (most + 1)
+    passes = head_passes(shipped, s, len(cases))
+    assert abs(passes - exact) <= len(s.operations) * (n_heads - most)
+    assert passes < len(cases) * (n_heads + 1)  # the old design swept every case
     cna_cases = quick.stage("cna").data["cases"]
     cna = compare_neurons(shipped, cna_cases.prompts, HeadAblation([head]), cna_cases.targets)
     deep = range(head[0], shipped.cfg.n_layers)
@@ -140,6 +179,14 @@ def test_head_and_cna_tables_equal_direct_calls(quick, shipped):
     for exp, row in t5.iterrows():
         for col, value in row.items():
             assert ours[(exp, col)] == pytest.approx(value, rel=1e-12, abs=1e-12)
+
+
+def test_stages_left_to_the_paper_preset_are_not_run(shipped):
+    """query_zeroing and head_types off: the run has neither stage (the quick run has both)."""
+    s = replace(ReproduceSettings.quick(), query_zeroing=False, head_types=False)
+    rep = reproduce(shipped, "attribution", settings=s, progress=False)
+    names = [st.name for st in rep.stages]
+    assert names == [n for n in STAGES[:13] if n not in ("query_zeroing", "head_types")]
 
 
 def _top1_dataset(model) -> KnowledgeDataset:

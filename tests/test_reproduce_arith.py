@@ -251,6 +251,22 @@ def test_cells_claims_equal_direct_evaluation(run, shipped, settings):
 def test_division_tables_equal_direct_calls(run, shipped, settings):
     st = run.stage("division")
     head, cases = st.data["head"], st.data["cases"]
+    # chosen on the selection half's / cases, scored on the held-out / cases
+    heads = run.stage("heads").data
+    sweep, held = heads["sweep"], heads["held"]
+    assert head == heads["division_head"] == arith.top_head(sweep, ["/"])
+    assert head in held.heads and held.n_cases + sweep.n_cases == min(
+        settings.sweep_cases or 10**9, len(run.stage("arithmetic_data").data["dataset"])
+    )
+    div = torch.from_numpy((held.labels["operation"] == "/").to_numpy(copy=True))
+    b = held.base_correct[div].double().numpy()
+    a = held.correct[held.heads.index(head), div].double().numpy()
+    assert len(b) > 0
+    if b.sum():
+        assert st.claims[0].test is not None and st.claims[0].test.n == len(b)
+        assert st.claims[0].test.estimate == pytest.approx(100 * (b.mean() - a.mean()) / b.mean())
+    else:  # no held-out division right before the ablation: not measured
+        assert st.claims[0].test is None
     assert 0 < len(cases) <= settings.division_cases
     assert set(cases.to_frame()["operation"]) == {"/"}
     assert all(evaluate_accuracy(shipped, cases, progress=False).correct.tolist())
@@ -271,9 +287,10 @@ def test_division_tables_equal_direct_calls(run, shipped, settings):
 def test_division_is_not_measured_without_division(shipped):
     s = ReproduceSettings.quick()
     data = arith.arithmetic_stage(shipped, s).data["dataset"]
-    sweep = arith.head_stage(shipped, data, s).data["sweep"]
-    st = ac.division_stage(shipped, data, sweep, s)
+    heads = arith.head_stage(shipped, data, s).data
+    st = ac.division_stage(shipped, data, heads["sweep"], heads["held"], s)
     assert [c.verdict for c in st.claims] == [NOT_MEASURED]
+    assert heads["division_head"] is None
 
 
 # --------------------------------------------------------------------------- wiring
@@ -283,11 +300,13 @@ def test_stages_and_expected_times(run, shipped, settings):
     quick = ReproduceSettings.quick()
     times = expected_times(shipped, quick, "arithmetic")
     assert times["stage"].tolist() == ["arithmetic_data", "heads", "cna", "shallow", *NEW, "total"]
+    # appendix B does not fit the standard hour beside the sweep: it is the paper preset's
     standard = expected_times(shipped, ReproduceSettings.standard(), "arithmetic")
-    assert "division" in standard["stage"].tolist()
+    assert "division" not in standard["stage"].tolist()
     paper = ReproduceSettings.paper()
+    assert "division" in expected_times(shipped, paper, "arithmetic")["stage"].tolist()
     assert paper.division_zero_shot and paper.trace_cases is None and 3 in paper.digits
-    assert not ReproduceSettings.standard().division_zero_shot
+    assert not ReproduceSettings.standard().division
 
 
 def test_key_stages_are_not_measured_on_models_the_keys_refuse(run, settings, monkeypatch):

@@ -106,6 +106,25 @@ def test_winners_curse_is_gone():
     assert head == sweep.heads[7] and test.verdict == "holds"
 
 
+def test_split_halves_by_operation():
+    """Each operation is split in halves on its own (a plain random split of these 14 cases
+    leaves the two divisions in one half at seed 3), deterministic in the seed."""
+    groups = ["+"] * 5 + ["/"] * 2 + ["-"] * 6 + ["*"]
+    plain, _ = ct.split_halves(len(groups), 3)
+    div = np.array(groups) == "/"
+    assert plain[div].all() or not plain[div].any()  # the fault the groups remove
+    select, evaluate = ct.split_halves(len(groups), 1, groups)
+    assert not (select & evaluate).any() and (select | evaluate).all()
+    labels = np.array(groups)
+    for op, n in (("+", 5), ("/", 2), ("-", 6), ("*", 1)):
+        assert select[labels == op].sum() == (n + 1) // 2
+        assert evaluate[labels == op].sum() == n // 2
+    again, _ = ct.split_halves(len(groups), 1, groups)
+    np.testing.assert_array_equal(select, again)
+    others = [ct.split_halves(len(groups), seed, groups)[0] for seed in range(2, 8)]
+    assert any((o != select).any() for o in others)
+
+
 def test_quiet_heads_use_the_absolute_change():
     """Fault 2. Half of the heads raise accuracy by 10 points: the old count (delta > -2
     points) calls every head quiet; the absolute change counts half."""
@@ -253,7 +272,9 @@ def test_quick_run_reports_every_k_and_the_papers_filter(shipped, tmp_path):
 def test_presets_and_expected_times(shipped):
     quick, standard, paper = (ReproduceSettings.named(n) for n in ("quick", "standard", "paper"))
     assert standard.sweep_cases is not None and standard.sweep_cases >= 400
-    assert standard.cna_cases is None
+    # every correct 1-digit case is the paper preset's; standard keeps enough for a bootstrap
+    assert standard.cna_cases is not None and standard.cna_cases >= 10
+    assert paper.cna_cases is None
     assert standard.cna_split == "all" and standard.zero_shot_readers is None
     data = mechcna.arithmetic_dataset(standard.operations, standard.digits, standard.templates,
                                       standard.n_pairs, split="heldout")  # fmt: skip
@@ -261,6 +282,12 @@ def test_presets_and_expected_times(shipped):
     assert paper.max_prompts is None and 3 in paper.digits
     times = expected_times(shipped, quick)
     assert times["stage"].tolist()[-1] == "total" and len(times) == 21  # 20 stages + total
+    # standard leaves ATTR Table 7, the head intervention and appendix B to the paper preset
+    off = ["query_zeroing", "head_types", "division"]
+    assert not set(off) & set(expected_times(shipped, standard)["stage"])
+    assert set(off) <= set(expected_times(shipped, paper)["stage"])
+    assert not (standard.query_zeroing or standard.head_types or standard.division)
+    assert paper.query_zeroing and paper.head_types and paper.division
     assert (times["expected seconds"] > 0).all()
     big = expected_times(shipped, standard)["expected seconds"].iloc[-1]
     assert big > times["expected seconds"].iloc[-1]

@@ -5,7 +5,7 @@ worker loaded by name or path, and running shards with retries and one progress 
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +24,30 @@ _MODELS: dict[str, Any] = {}  # worker side: replicas by (source, load arguments
 #: loading excluded, summed), ``workers``. For benchmarks: ``wall_s * workers - task_s`` is
 #: what scheduling, transfers and loading cost.
 LAST_RUN: dict[str, float] = {}
+
+
+class Cluster(TypedDict, total=False):
+    """:func:`run_shards`'s keyword arguments that the distributed analyses pass on unchanged
+    (each described, with its default, there)."""
+
+    load: Mapping[str, Any] | None
+    workers: int | None
+    address: str | None
+    threads: int
+    gpus: float
+    max_retries: int
+    progress: bool
+
+
+#: The keys of :class:`Cluster`.
+CLUSTER_KEYS = frozenset(Cluster.__annotations__)
+
+
+def default_workers(ray: Any, workers: int | None, threads: int) -> int:
+    """``workers``, or by default the cluster's CPUs / ``threads`` (at least one)."""
+    if workers is not None:
+        return workers
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
 
 
 def _ray() -> Any:
@@ -148,8 +172,7 @@ def run_shards(
         raise MechcnaError("threads must be positive and max_retries not negative")
     ray = connect(address)
     task = _remote(ray).options(num_cpus=threads, num_gpus=gpus, max_retries=max_retries)
-    if workers is None:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+    workers = default_workers(ray, workers, threads)
     if workers < 1:
         raise MechcnaError(f"workers must be positive, not {workers}")
     weights = list(weights) if weights is not None else [1] * len(shards)

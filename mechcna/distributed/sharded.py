@@ -6,19 +6,23 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pandas as pd
 import torch
+from typing_extensions import Unpack
 
 from mechcna._types import Tensor
 from mechcna.analyses import attribution as lib_attribution
 from mechcna.analyses import heads as lib_heads
 from mechcna.distributed.cluster import (
+    CLUSTER_KEYS,
+    Cluster,
     Head,
     ModelSource,
     _check_source,
     connect,
+    default_workers,
     run_shards,
     worker_model,
 )
@@ -164,9 +168,7 @@ def head_sweep(
         )  # fmt: skip
         reference = HeadAblation(heads_t, mode="mean", means=means)
 
-    ray = connect(address)
-    if workers is None:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+    workers = default_workers(connect(address), workers, threads)
 
     # case shards: whole batches in the sweep's own (length-sorted, stable) order
     order = sorted(range(n), key=lambda i: positions[i])
@@ -244,16 +246,9 @@ def _attribute(
     model: ModelSource,
     prompts: Any,
     targets: Any,
-    *,
     shards: int | None,
-    load: Mapping[str, Any] | None,
-    workers: int | None,
-    address: str | None,
-    threads: int,
-    gpus: float,
-    max_retries: int,
-    progress: bool,
     options: Mapping[str, Any],
+    cluster: Cluster,
 ) -> Any:
     source = _check_source(model)
     if isinstance(prompts, str):
@@ -261,9 +256,8 @@ def _attribute(
     if isinstance(prompts, Tensor) and prompts.ndim == 1:
         prompts = prompts[None]
     n = _n_prompts(prompts)
-    ray = connect(address)
-    if workers is None:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+    ray = connect(cluster.get("address"))
+    workers = default_workers(ray, cluster.get("workers"), cluster.get("threads", 1))
     per_prompt = _per_prompt(targets, n)
     groups = _split(n, shards or workers)
     jobs = [
@@ -275,10 +269,8 @@ def _attribute(
         for g in groups
     ]
     parts = run_shards(
-        source, fn, jobs, load=load, weights=[len(g) for g in groups],
-        workers=workers, address=address, threads=threads, gpus=gpus, max_retries=max_retries,
-        progress=progress, desc=f"{name} (prompts)",
-    )  # fmt: skip
+        source, fn, jobs, weights=[len(g) for g in groups], desc=f"{name} (prompts)", **cluster
+    )
     return merge_scores(parts)
 
 
@@ -302,22 +294,12 @@ def _make(name: str, fn: Callable[..., Any] | None = None) -> Callable[..., Any]
         targets: Any = None,
         *,
         shards: int | None = None,
-        load: Mapping[str, Any] | None = None,
-        workers: int | None = None,
-        address: str | None = None,
-        threads: int = 1,
-        gpus: float = 0.0,
-        max_retries: int = 3,
-        progress: bool = True,
         **options: Any,
     ) -> Any:
         if "cache" in options:
             raise MechcnaError("a BlockCache stays in its process: each worker keeps its own")
-        return _attribute(
-            name, task, model, prompts, targets, shards=shards, load=load, workers=workers,
-            address=address, threads=threads, gpus=gpus, max_retries=max_retries,
-            progress=progress, options=options,
-        )  # fmt: skip
+        cluster = cast(Cluster, {k: options.pop(k) for k in list(options) if k in CLUSTER_KEYS})
+        return _attribute(name, task, model, prompts, targets, shards, options, cluster)
 
     run.__name__ = run.__qualname__ = name
     run.__doc__ = f"{name} over a prompt set on a Ray cluster." + _RUN_DOC.format(name=name)
@@ -401,13 +383,7 @@ def mask_keep_table(
     seed: int = 0,
     batch_size: int = 64,
     shards: int | None = None,
-    load: Mapping[str, Any] | None = None,
-    workers: int | None = None,
-    address: str | None = None,
-    threads: int = 1,
-    gpus: float = 0.0,
-    max_retries: int = 3,
-    progress: bool = True,
+    **cluster: Unpack[Cluster],
 ) -> pd.DataFrame:
     """The mask / keep / random table (:func:`mechcna.mask_keep_table`) on a Ray cluster.
 
@@ -427,9 +403,8 @@ def mask_keep_table(
     if n != comparison.n_prompts:
         raise MechcnaError(f"{n} prompts for a comparison of {comparison.n_prompts}")
     plan = mask_keep_plan(comparison, ks=ks, deep_layers=deep_layers, seed=seed)
-    ray = connect(address)
-    if workers is None:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+    ray = connect(cluster.get("address"))
+    workers = default_workers(ray, cluster.get("workers"), cluster.get("threads", 1))
     groups = _split(n, shards or workers)
     targets = comparison.target_ids
     jobs = [
@@ -438,9 +413,8 @@ def mask_keep_table(
         for g in groups
     ]  # fmt: skip
     parts = run_shards(
-        source, _mask_keep_shard, jobs, load=load, weights=[len(g) for g in groups],
-        workers=workers, address=address, threads=threads, gpus=gpus, max_retries=max_retries,
-        progress=progress, desc="mask_keep_table (cases)",
+        source, _mask_keep_shard, jobs, weights=[len(g) for g in groups],
+        desc="mask_keep_table (cases)", **cluster,
     )  # fmt: skip
     correct = {e: {k: torch.cat([p[e][k] for p in parts]) for k in parts[0][e]} for e in parts[0]}
     return mask_keep_frame(correct, plan)

@@ -153,6 +153,9 @@ def reproduce(
             keep("query_tokens", lambda: attr_stages.query_token_stage(
                 model, get(*data), get(*att), s)),
         ]  # fmt: skip
+        # stages a preset may leave to `paper` (see ReproduceSettings.standard)
+        off = {"query_zeroing": not s.query_zeroing, "head_types": not s.head_types}
+        stages = [st for st in stages if not off.get(st[0], False)]
     for x, f in arith.prompt_forms(s) if paper in ("arithmetic", "both") else []:
         # one chain per prompt form; with prompt_form="both" stage names end in @<form>
 
@@ -175,9 +178,9 @@ def reproduce(
                 model, get(*c), get(f"heads{x}", "sweep"), get(*h), f))),
         ]  # fmt: skip
         if f.division and "/" in f.operations:
-            sweep = f"heads{x}", "sweep"
-            stages.append(keep(f"division{x}", form(lambda f=f, c=cases, w=sweep: (
-                arith_cells.division_stage(model, get(*c), get(*w), f)))))  # fmt: skip
+            sweep, held = (f"heads{x}", "sweep"), (f"heads{x}", "held")
+            stages.append(keep(f"division{x}", form(lambda f=f, c=cases, w=sweep, e=held: (
+                arith_cells.division_stage(model, get(*c), get(*w), get(*e), f)))))  # fmt: skip
     refuse_without_ray_extra(ray)
     if ray is not None:
         check_workers(model, ray)

@@ -2,14 +2,14 @@
 
 1. :func:`cells_stage`: Table 1's prompt templates 1-3 (the head stage runs the settings'
    templates, template 4 by default) and the 3-digit cells of Tables 24-27, each case run with
-   the sweep's top heads of every operation ablated (not a full sweep: a full 3-digit sweep
-   is the ``paper`` preset's, whose ``digits`` include 3); claims: the top + / - head still
-   cuts accuracy on the other templates and on 3 digits.
+   the top heads of every operation (ranked on the head stage's selection half) ablated (not
+   a full sweep: a full 3-digit sweep is the ``paper`` preset's, whose ``digits`` include 3);
+   claims: the top + / - head still cuts accuracy on the other templates and on 3 digits.
 2. :func:`division_stage`: appendix B, the division head (the paper's 14_19): chosen on the
-   selection half of the sweep's ``/`` cases and scored on the evaluation half, then CNA
-   against it on the model's correct 1-digit divisions, Table 15 (mask / keep / coef), Table
-   16 (lowest-neuron ablation) and, with ``division_zero_shot``, Table 17 (the zero-shot
-   search below the division head), with the same claims as Tables 5, 6 and 8.
+   head stage's selection-half sweep of the ``/`` cases and scored on its evaluation-half
+   sweep, then CNA against it on the model's correct 1-digit divisions, Table 15 (mask / keep
+   / coef), Table 16 (lowest-neuron ablation) and, with ``division_zero_shot``, Table 17 (the
+   zero-shot search below the division head), with the same claims as Tables 5, 6 and 8.
 """
 
 from dataclasses import replace
@@ -20,7 +20,7 @@ import torch
 from mechcna.analyses.evaluation import evaluate_accuracy
 from mechcna.analyses.head_results import HeadSweep
 from mechcna.analyses.heads import head_sweep
-from mechcna.errors import UnknownTokenError
+from mechcna.errors import MechcnaError, UnknownTokenError
 from mechcna.interventions.prompts import prepare_prompts
 from mechcna.models.backend import Model
 from mechcna.reproduce import arithmetic as arith
@@ -141,7 +141,8 @@ def cells_stage(
         st.notes.append(
             f"{len(cases)} held-out cases ({settings.cell_pairs} pairs per cell, {form}), each "
             f"run unablated and with each of {len(heads)} heads ablated: {label} and the top-"
-            f"{settings.cell_heads} heads of each operation in the main sweep (the paper's "
+            f"{settings.cell_heads} heads of each operation in the head stage's selection-half "
+            "sweep of every head (the paper's "
             "Tables 24-27 rank every head per cell; the paper preset sweeps 3 digits in full)."
             " The paper's Table 1 pools its four templates; ours shows each template."
         )
@@ -186,31 +187,41 @@ def _relabel(claims: list[Claim], head: str) -> list[Claim]:
 
 
 def division_stage(
-    model: Model, data: ArithmeticDataset, sweep: HeadSweep, settings: ReproduceSettings
+    model: Model,
+    data: ArithmeticDataset,
+    sweep: HeadSweep,
+    held: HeadSweep,
+    settings: ReproduceSettings,
 ) -> StageResult:
-    """Appendix B: the division head and Tables 15-17 (``data["head"]``, ``data["cases"]``)."""
+    """Appendix B: the division head and Tables 15-17 (``data["head"]``, ``data["cases"]``).
+
+    ``sweep`` is the head stage's selection-half sweep of every head (the division head is
+    chosen there, :func:`claim_tests.chosen_heads`), ``held`` its evaluation-half sweep of the
+    chosen heads (the head's claim is scored there)."""
     with stage("division", "Division head (appendix B, Tables 15-17)", PAPER) as st:
-        ops = set(sweep.labels["operation"])
-        if "/" not in ops:
+        chosen = ct.chosen_heads(sweep, settings.operations, int(model.cfg.n_layers))
+        if "division" not in chosen or "/" not in set(held.labels["operation"]):
             st.notes.append("Skipped: no division case in the sweep.")
             st.claim("Division has its own head (appendix B)", "14_19: -54.9% on 1D / (Table 2)",
                      "no division case in this run", None)  # fmt: skip
             return st.result()
-        select, evaluate = ct.split_halves(sweep.n_cases, settings.seed)
-        div = ct._op_mask(sweep, ["/"])
-        head = ct.best_head(sweep, select & div)
+        head, plus = chosen["division"], chosen["+/-"]
+        if head not in held.heads:
+            raise MechcnaError(f"head {head} was not ablated on the evaluation half")
         label = f"{head[0]}_{head[1]}"
-        test = ct.head_effect_test(sweep, head, evaluate & div, 20.0, settings.seed)
-        plus = ct.best_head(sweep, select & ct._op_mask(sweep, ["+", "-"]))
-        right = int(sweep.base_correct[torch.from_numpy(evaluate & div)].sum())
+        div = ct._op_mask(held, ["/"])
+        test = ct.head_effect_test(held, head, div, 20.0, settings.seed)
+        right = int(held.base_correct[torch.from_numpy(div)].sum())
+        n_sel = int(ct._op_mask(sweep, ["/"]).sum())
         st.claim(
             "Division has a head that carries it (the paper's 14_19, not the + / - head "
             "17_22): ablating the top division head cuts accuracy on / a lot (test: relative "
             "decrease of at least 20%, the head chosen on the selection half of the / cases and "
             "scored on the evaluation half)",
             "14_19 (not 17_22): -54.9% (1D /), -71.8% (2D /) relative (Table 2)",
-            f"{label} (the + / - head is {plus[0]}_{plus[1]}): {test.estimate:.1f}% relative on "
-            f"{test.n} held-out / cases ({right} right before)",
+            f"{label} (best of {len(sweep.heads)} on {n_sel} selection / cases; the + / - head "
+            f"is {plus[0]}_{plus[1]}): {test.estimate:.1f}% relative on {test.n} held-out / "
+            f"cases ({right} right before)",
             test if right else None,
         )
         st.data["head"] = head

@@ -3,7 +3,8 @@
 1. :func:`arithmetic_stage`: the data set per operation and digit count in the prompt form
    the model can do (zero-shot or few-shot, :func:`apply_prompt_form`) and the model's
    baseline accuracy per cell.
-2. :func:`head_stage`: the head sweep, Tables 1, 2, 3 and 24-27 and the layer x head heatmap.
+2. :func:`head_stage`: the head sweep (every head on the selection half of the cases, the
+   chosen heads on the evaluation half), Tables 1, 2, 3 and 24-27 and the layer x head heatmap.
 3. :func:`cna_stage`: CNA against the top head (Table 4), mask / keep / random / coef
    (Table 5) and the lowest-neuron ablation (Table 6).
 4. :func:`~mechcna.reproduce.shallow_stage.shallow_stage`: operands read through attention
@@ -138,11 +139,34 @@ def top_head(sweep: HeadSweep, operations: list[str], min_layer: int = 0) -> tup
     return int(row["layer"]), int(row["head_index"])
 
 
+def _take(dataset: ArithmeticDataset, mask: np.ndarray) -> ArithmeticDataset:
+    return ArithmeticDataset(tuple(dataset[int(i)] for i in np.flatnonzero(mask)), dataset.policies)
+
+
 def head_stage(model: Model, data: ArithmeticDataset, settings: ReproduceSettings) -> StageResult:
-    """The head sweep and the paper's head tables (``data["sweep"]``, ``data["head"]``)."""
+    """The head sweep and the paper's head tables, split first, then swept.
+
+    The ``sweep_cases`` cases of each operation are split at random (``seed``) into a selection
+    half and an evaluation half (:func:`claim_tests.split_halves`). Every head is ablated on
+    the selection half only (``data["sweep"]``); the heads that claims and later stages use are
+    chosen there (:func:`claim_tests.chosen_heads`) and only they are ablated on the evaluation
+    half (``data["held"]``). ``data`` also holds
+    ``head`` (the + / - head), ``shallow_head`` (Tables 7-8), ``division_head`` (appendix B,
+    ``None`` without ``/``), ``op_heads`` (Tables 2-3), ``chosen`` (all of them by role) and the
+    ``selection`` / ``evaluation`` masks over the swept cases.
+    """
     with stage("heads", "Arithmetic heads (Tables 1, 2, 3, 24-27)", PAPER) as st:
         cases = _subsample(data, settings.sweep_cases, settings.seed)
-        sweep = head_sweep(model, cases, progress=False)
+        ops = [c.operation for c in cases]  # each operation split in halves on its own
+        select, evaluate = ct.split_halves(len(cases), settings.seed, ops)
+        sel_cases, eval_cases = _take(cases, select), _take(cases, evaluate)
+        sweep = head_sweep(model, sel_cases, progress=False)
+        chosen = ct.chosen_heads(sweep, settings.operations, int(model.cfg.n_layers))
+        held_heads = list(dict.fromkeys(chosen.values()))
+        held = head_sweep(model, eval_cases, heads=held_heads, progress=False)
+        head, shallow = chosen["+/-"], chosen["shallow"]
+        op_heads = {k[3:]: v for k, v in chosen.items() if k.startswith("op ")}
+        n_sel, n_eval = len(sel_cases), len(eval_cases)
         t1 = sweep.table(by="operation", heads="top", k=5)
         digits = "+".join(f"{d}D" for d in sorted({c.digits for c in cases}))
         # ours pools the run's digit counts; the paper's column is 2-digit cases only
@@ -150,24 +174,7 @@ def head_stage(model: Model, data: ArithmeticDataset, settings: ReproduceSetting
             TABLE1_ORI.get(c, np.nan) for c in t1.index
         ]
         st.tables["table1"] = t1
-        ops = [o for o in settings.operations if o in set(sweep.labels["operation"])]
-        t2, t3 = [], []
-        for op in ops:
-            head = top_head(sweep, [op])
-            label = f"{head[0]}_{head[1]}"
-            for d in sorted(set(cases.filter(operation=op).to_frame()["digits"])):
-                s = _row(sweep.summary({"operation": op, "digits": d}), label)
-                t2.append({"operation": op, "digits": d, "head": label,
-                           "relative decrease %": 100 * s["relative_decrease"],
-                           paper.LLAMA: paper.TOP_HEAD_DECREASE[op].get(d, np.nan)})  # fmt: skip
-            for j, kind in enumerate(("memorize", "change-one")):
-                try:
-                    s = _row(sweep.summary({"operation": op, "kind": kind}), label)
-                except MechcnaError:
-                    continue
-                t3.append({"operation": op, "kind": kind, "head": label, "n": int(s["n"]),
-                           "relative decrease %": 100 * s["relative_decrease"],
-                           paper.LLAMA: paper.KIND_DECREASE[op][j]})  # fmt: skip
+        t2, t3 = _top_head_tables(held, op_heads)
         st.tables["table2"] = pd.DataFrame(t2)
         st.tables["table3"] = pd.DataFrame(t3)
         t24 = sweep.table(by=["digits", "operation"], k=5)
@@ -178,28 +185,49 @@ def head_stage(model: Model, data: ArithmeticDataset, settings: ReproduceSetting
         ]
         st.tables["tables24_27"] = t24
         st.figures["heatmap"] = sweep.plot(value="delta_accuracy")
-        # The top head is selected on the selection half of the cases and its effect is
-        # reported on the evaluation half (selecting and scoring on the same cases inflates it).
-        select, evaluate = ct.split_halves(sweep.n_cases, settings.seed)
-        ops = ct._op_mask(sweep, ["+", "-"])
-        head = ct.best_head(sweep, select & ops)
-        # Tables 7-8 need layers below the head: a top head in layer 0 has none.
-        shallow = (head if head[0] > 0 or model.cfg.n_layers < 2
-                   else ct.best_head(sweep, select & ops, min_layer=1))  # fmt: skip
-        st.data |= {"sweep": sweep, "head": head, "shallow_head": shallow,
+        st.data |= {"sweep": sweep, "held": held, "head": head, "shallow_head": shallow,
+                    "division_head": chosen.get("division"), "op_heads": op_heads, "chosen": chosen,
                     "selection": select, "evaluation": evaluate}  # fmt: skip
-        _head_claims(st, sweep, head, select, evaluate, ops, settings)
+        _head_claims(st, sweep, held, head, settings)
+        labels = ", ".join(f"{role} {h[0]}_{h[1]}" for role, h in chosen.items())
         st.notes.append(
-            f"{len(cases)} cases (of {len(data)}) x {len(sweep.heads)} heads, each head's z "
-            f"zeroed at every position. The cases are split at random (seed {settings.seed}) "
-            f"into a selection half ({int(select.sum())}) and an evaluation half "
-            f"({int(evaluate.sum())}): the top head on + and - is chosen on the selection half "
-            f"({head[0]}_{head[1]}) and its claim is scored on the evaluation half. The tables "
-            "above pool all cases (descriptive)."
+            f"{len(cases)} cases (of {len(data)}), each operation's split at random (seed "
+            f"{settings.seed}) into a selection half ({n_sel} in all) and an evaluation half "
+            f"({n_eval}). Every one of the "
+            f"{len(sweep.heads)} heads (its z zeroed at every position) is swept on the selection "
+            f"half only: Table 1, Tables 24-27, the heatmap and 'most heads barely matter' "
+            f"describe those {n_sel} cases. The heads chosen there ({labels}) are ablated on the "
+            f"evaluation half: Tables 2-3 (each operation's top head, chosen on the selection "
+            f"half) and the top-head claim are scored on those {n_eval} held-out cases."
             + (f" Top head above layer 0 (used for Tables 7-8): {shallow[0]}_{shallow[1]}."
                if shallow != head else "")
         )  # fmt: skip
     return st.result()
+
+
+def _top_head_tables(
+    held: HeadSweep, op_heads: dict[str, tuple[int, int]]
+) -> tuple[list[dict], list[dict]]:
+    """Tables 2 and 3: each operation's top head (chosen on the selection half) scored on the
+    evaluation half, per digit count and per case kind."""
+    t2, t3 = [], []
+    frame = held.labels
+    for op, head in op_heads.items():
+        label = f"{head[0]}_{head[1]}"
+        for d in sorted(set(frame.loc[frame["operation"] == op, "digits"])):
+            s = _row(held.summary({"operation": op, "digits": d}), label)
+            t2.append({"operation": op, "digits": d, "head": label, "n (evaluation)": int(s["n"]),
+                       "relative decrease %": 100 * s["relative_decrease"],
+                       paper.LLAMA: paper.TOP_HEAD_DECREASE[op].get(d, np.nan)})  # fmt: skip
+        for j, kind in enumerate(("memorize", "change-one")):
+            try:
+                s = _row(held.summary({"operation": op, "kind": kind}), label)
+            except MechcnaError:
+                continue
+            t3.append({"operation": op, "kind": kind, "head": label, "n": int(s["n"]),
+                       "relative decrease %": 100 * s["relative_decrease"],
+                       paper.LLAMA: paper.KIND_DECREASE[op][j]})  # fmt: skip
+    return t2, t3
 
 
 def _row(summary: pd.DataFrame, head: str) -> dict:
@@ -209,14 +237,15 @@ def _row(summary: pd.DataFrame, head: str) -> dict:
 def _head_claims(
     st: StageBuilder,
     sweep: HeadSweep,
+    held: HeadSweep,
     head: tuple[int, int],
-    select: np.ndarray,
-    evaluate: np.ndarray,
-    ops: np.ndarray,
     settings: ReproduceSettings,
 ) -> None:
-    test = ct.head_effect_test(sweep, head, evaluate & ops, 20.0, settings.seed)
-    n_sel = int((select & ops).sum())
+    """The top-head claim (chosen on ``sweep``, the selection half; scored on ``held``, the
+    evaluation half) and 'most heads barely matter' (every head, on the selection half)."""
+    ops = ct._op_mask(held, ["+", "-"])
+    test = ct.head_effect_test(held, head, ops, 20.0, settings.seed)
+    n_sel = int(ct._op_mask(sweep, ["+", "-"]).sum())
     effect = f"{test.estimate:.1f}% relative on {test.n} held-out cases"
     if test.estimate != test.estimate:  # NaN: no held-out case right before the ablation
         effect = f"not measured: the model gets none of the {test.n} held-out cases right"
@@ -232,10 +261,10 @@ def _head_claims(
     n_quiet, n_all = paper.QUIET_HEADS
     st.claim(
         "Most heads barely matter (test: at least 90% of heads change overall accuracy by "
-        "less than 2 points, up or down; bootstrap over cases)",
+        "less than 2 points, up or down; bootstrap over the selection half's cases)",
         f"{n_quiet} of {n_all} heads ({100 * n_quiet / n_all:.1f}%) change it by 0.01-2 points",
-        f"{100 * quiet.estimate:.1f}% of {len(sweep.heads)} heads over {quiet.n} cases "
-        f"(one case = {100 / max(quiet.n, 1):.2f} points)",
+        f"{100 * quiet.estimate:.1f}% of {len(sweep.heads)} heads over {quiet.n} selection "
+        f"cases (one case = {100 / max(quiet.n, 1):.2f} points)",
         quiet,
     )
 

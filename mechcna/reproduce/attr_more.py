@@ -23,7 +23,6 @@ import torch
 from mechcna._types import Float, Int, Tensor
 from mechcna.analyses import plotting
 from mechcna.analyses.attribution import (
-    AttentionNeuronImportance,
     NeuronImportance,
     layer_importance,
 )
@@ -32,7 +31,15 @@ from mechcna.analyses.query import QueryNeurons
 from mechcna.engine.projection import project_to_vocab
 from mechcna.models.backend import Model
 from mechcna.reproduce import paper, stats
-from mechcna.reproduce.attribution import PAPER, _skip, _type_rows, _types, top_layer_counts
+from mechcna.reproduce.attribution import (
+    PAPER,
+    ValueRun,
+    _skip,
+    _type_rows,
+    _types,
+    top_layer_counts,
+    value_stage,
+)
 from mechcna.reproduce.core import ReproduceSettings, StageBuilder, StageResult, stage
 from mechcna.tasks.knowledge import KnowledgeDataset
 
@@ -177,49 +184,40 @@ def min_upper_share(per: np.ndarray, codes: np.ndarray) -> float:
     return float(min(shares)) if shares else float("nan")
 
 
-def value_layer_stage(
-    model: Model,
-    data: KnowledgeDataset,
-    ffn: NeuronImportance | None,
-    att: AttentionNeuronImportance | None,
-    settings: ReproduceSettings,
-) -> StageResult:
+@value_stage("value_layers", "Layers of the top value neurons per knowledge type (Figures 4 / 5)")
+def value_layer_stage(st: StageBuilder, run: ValueRun) -> None:
     """ATTR Figures 4 / 5: per-type heatmaps of the layers of the top-10 value neurons."""
-    title = "Layers of the top value neurons per knowledge type (Figures 4 / 5)"
-    if not len(data) or ffn is None or att is None:
-        return _skip("value_layers", title, "no prompt survived the filter")
-    with stage("value_layers", title, PAPER) as st:
-        codes = np.unique(np.array(data.types), return_inverse=True)[1].astype(np.float64)
-        for kind, scores in (("FFN", ffn.scores), ("attention", att.scores)):
-            shares, per = type_layer_shares(scores, data, HEATMAP_K)
-            _heatmap(st, f"{kind}_layers", shares, f"top-{HEATMAP_K} {kind} value neurons")
-            test = stats.bootstrap_test(min_upper_share, per, codes, threshold=0.5,
-                                        seed=settings.seed)  # fmt: skip
-            st.claim(
-                f"In every knowledge type the top {kind} value neurons sit in medium-deep "
-                f"layers (test: for each type over half of its sentences' top-{HEATMAP_K} "
-                f"{kind} value neurons are in the upper half of the layers; estimate = the "
-                "smallest type's share; bootstrap over sentences)",
-                "Figures 4 / 5: per-type heatmaps, top value layers medium-deep in every type "
-                "(read from the figures) (secondary source)",
-                f"smallest type share {100 * test.estimate:.0f}% ({len(_types(data))} types)",
-                test,
-            )
-        layers = layer_importance(model, data.prompts, data.answers).scores  # prompt layer comp
-        n_top = min(HEATMAP_K, layers.shape[1])
-        for c, kind in enumerate(("attention", "FFN")):
-            shares, _ = type_layer_shares(layers[:, :, c : c + 1], data, n_top)
-            _heatmap(st, f"{kind}_top_layers", shares, f"top-{n_top} {kind} layers")
-        st.notes.append(
-            f"Each sentence's top-{HEATMAP_K} FFN value neurons (of every FFN neuron) and "
-            f"top-{HEATMAP_K} attention value neurons (of every layer, head, dimension and "
-            "source position) by log-probability increase; % of them per layer, over the "
-            "sentences of each type (the 'all' row: every sentence). The *_top_layers tables "
-            f"read the figures' 'top-{HEATMAP_K} value layers' as whole layers instead: each "
-            f"sentence's top-{HEATMAP_K} attention and FFN layers by layer-level importance "
-            "(docs/methods.md 4.1), % per layer."
+    model, data, ffn, att, settings = run
+    codes = np.unique(np.array(data.types), return_inverse=True)[1].astype(np.float64)
+    for kind, scores in (("FFN", ffn.scores), ("attention", att.scores)):
+        shares, per = type_layer_shares(scores, data, HEATMAP_K)
+        _heatmap(st, f"{kind}_layers", shares, f"top-{HEATMAP_K} {kind} value neurons")
+        test = stats.bootstrap_test(min_upper_share, per, codes, threshold=0.5,
+                                    seed=settings.seed)  # fmt: skip
+        st.claim(
+            f"In every knowledge type the top {kind} value neurons sit in medium-deep "
+            f"layers (test: for each type over half of its sentences' top-{HEATMAP_K} "
+            f"{kind} value neurons are in the upper half of the layers; estimate = the "
+            "smallest type's share; bootstrap over sentences)",
+            "Figures 4 / 5: per-type heatmaps, top value layers medium-deep in every type "
+            "(read from the figures) (secondary source)",
+            f"smallest type share {100 * test.estimate:.0f}% ({len(_types(data))} types)",
+            test,
         )
-    return st.result()
+    layers = layer_importance(model, data.prompts, data.answers).scores  # prompt layer comp
+    n_top = min(HEATMAP_K, layers.shape[1])
+    for c, kind in enumerate(("attention", "FFN")):
+        shares, _ = type_layer_shares(layers[:, :, c : c + 1], data, n_top)
+        _heatmap(st, f"{kind}_top_layers", shares, f"top-{n_top} {kind} layers")
+    st.notes.append(
+        f"Each sentence's top-{HEATMAP_K} FFN value neurons (of every FFN neuron) and "
+        f"top-{HEATMAP_K} attention value neurons (of every layer, head, dimension and "
+        "source position) by log-probability increase; % of them per layer, over the "
+        "sentences of each type (the 'all' row: every sentence). The *_top_layers tables "
+        f"read the figures' 'top-{HEATMAP_K} value layers' as whole layers instead: each "
+        f"sentence's top-{HEATMAP_K} attention and FFN layers by layer-level importance "
+        "(docs/methods.md 4.1), % per layer."
+    )
 
 
 def _heatmap(st: StageBuilder, key: str, shares: pd.DataFrame, what: str) -> None:

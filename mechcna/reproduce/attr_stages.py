@@ -32,7 +32,14 @@ from mechcna.interventions.edits import HeadAblation, Intervention, NeuronEdit
 from mechcna.interventions.prompts import prepare_prompts, single_token_id
 from mechcna.models.backend import Model
 from mechcna.reproduce import paper, stats
-from mechcna.reproduce.attribution import PAPER, _skip, _type_rows, _types, target_stats
+from mechcna.reproduce.attribution import (
+    PAPER,
+    _skip,
+    _type_rows,
+    _types,
+    random_means,
+    target_stats,
+)
 from mechcna.reproduce.claim_tests import split_halves
 from mechcna.reproduce.core import ReproduceSettings, StageResult, stage
 from mechcna.tasks.knowledge import KnowledgeDataset
@@ -135,10 +142,7 @@ def query_zeroing_stage(
         per = query_zeroing_effects(
             model, data, queries, settings.query_zero_k, settings.seed, draws, share_k
         )
-        rr_rand = [f"rr_random_{d}" for d in range(draws)]
-        p_rand = [f"prob_random_{d}" for d in range(draws)]
-        per["rr_random_mean"] = per[rr_rand].mean(axis=1)
-        per["prob_random_mean"] = per[p_rand].mean(axis=1)
+        rr_rand, p_rand = random_means(per, draws)
         rows = []
         for name, mask in _type_rows(data).items():
             f = per.loc[mask]

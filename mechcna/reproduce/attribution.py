@@ -16,8 +16,11 @@ returns a :class:`~mechcna.reproduce.core.StageResult` timed from start to end.
 6. :func:`walkthrough_stage`: one prompt, layer by layer, head by head, neuron by neuron.
 """
 
+import functools
 import random
 from collections import Counter
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,7 +38,7 @@ from mechcna.interventions.edits import AttentionNeuronEdit, Intervention, Neuro
 from mechcna.interventions.prompts import prepare_prompts, single_token_id
 from mechcna.models.backend import Model
 from mechcna.reproduce import paper, stats
-from mechcna.reproduce.core import ReproduceSettings, StageResult, stage
+from mechcna.reproduce.core import ReproduceSettings, StageBuilder, StageResult, stage
 from mechcna.reproduce.scale import (
     attention_neuron_importance,
     comparison_scores,
@@ -56,6 +59,60 @@ def _skip(name: str, title: str, why: str) -> StageResult:
     with stage(name, title, PAPER) as st:
         st.notes.append(f"Skipped: {why}.")
     return st.result()
+
+
+class ValueRun(NamedTuple):
+    """What a stage over the dataset's top value neurons reads (:func:`value_stage`)."""
+
+    model: Model
+    data: KnowledgeDataset
+    ffn: NeuronImportance
+    att: AttentionNeuronImportance
+    settings: ReproduceSettings
+
+
+#: A stage over the value neurons as it is called: ``(model, data, ffn, att, settings)``.
+ValueStage = Callable[
+    [Model, KnowledgeDataset, NeuronImportance | None, AttentionNeuronImportance | None,
+     ReproduceSettings],
+    StageResult,
+]  # fmt: skip
+
+
+def value_stage(name: str, title: str) -> Callable[[Callable[[StageBuilder, ValueRun], None]],
+                                                    ValueStage]:  # fmt: skip
+    """Decorator: the body ``(st, run)`` fills stage ``name``; the stage is called as
+    ``(model, data, ffn, att, settings)`` and skipped when no prompt survived the filter
+    (``ffn`` / ``att`` are then ``None``)."""
+
+    def wrap(body: Callable[[StageBuilder, ValueRun], None]) -> ValueStage:
+        @functools.wraps(body)
+        def run(
+            model: Model,
+            data: KnowledgeDataset,
+            ffn: NeuronImportance | None,
+            att: AttentionNeuronImportance | None,
+            settings: ReproduceSettings,
+        ) -> StageResult:
+            if not len(data) or ffn is None or att is None:
+                return _skip(name, title, "no prompt survived the filter")
+            with stage(name, title, PAPER) as st:
+                body(st, ValueRun(model, data, ffn, att, settings))
+            return st.result()
+
+        return run
+
+    return wrap
+
+
+def random_means(per: pd.DataFrame, draws: int) -> tuple[list[str], list[str]]:
+    """Add ``rr_random_mean`` / ``prob_random_mean`` (the mean over ``draws`` random draws) to
+    ``per``; return the per-draw ``rr_random_*`` and ``prob_random_*`` column names."""
+    rr_rand = [f"rr_random_{d}" for d in range(draws)]
+    prob_rand = [f"prob_random_{d}" for d in range(draws)]
+    per["rr_random_mean"] = per[rr_rand].mean(axis=1)
+    per["prob_random_mean"] = per[prob_rand].mean(axis=1)
+    return rr_rand, prob_rand
 
 
 def _types(data: KnowledgeDataset) -> list[str]:
@@ -400,88 +457,76 @@ def _decrease(frame: pd.DataFrame, before: str, after: str) -> float:
     return 100.0 * (b - float(np.mean(frame[after].to_numpy()))) / b if b else float("nan")
 
 
-def intervention_stage(
-    model: Model,
-    data: KnowledgeDataset,
-    ffn: NeuronImportance | None,
-    att: AttentionNeuronImportance | None,
-    settings: ReproduceSettings,
-) -> StageResult:
+@value_stage("zeroing", "Zeroing the top value neurons vs random neurons (Table 7 style)")
+def intervention_stage(st: StageBuilder, run: ValueRun) -> None:
     """Top-``ffn_k`` FFN + top-``attention_k`` attention value neurons zeroed vs random, per
     knowledge type (ATTR Table 7 style), paper columns beside ours."""
-    title = "Zeroing the top value neurons vs random neurons (Table 7 style)"
-    if not len(data) or ffn is None or att is None:
-        return _skip("zeroing", title, "no prompt survived the filter")
-    with stage("zeroing", title, PAPER) as st:
-        draws = settings.random_draws
-        per_prompt = zeroing_effects(
-            model, data, ffn, att, settings.ffn_k, settings.attention_k, settings.seed, draws
-        )
-        rr_rand = [f"rr_random_{d}" for d in range(draws)]
-        prob_rand = [f"prob_random_{d}" for d in range(draws)]
-        per_prompt["rr_random_mean"] = per_prompt[rr_rand].mean(axis=1)
-        per_prompt["prob_random_mean"] = per_prompt[prob_rand].mean(axis=1)
-        rows = []
-        for name, mask in _type_rows(data).items():
-            f = per_prompt.loc[mask]
-            row = {
-                "type": name, "n": len(f), "MRR": f["rr"].mean(), "prob %": 100 * f["prob"].mean(),
-                "MRR decrease %": _decrease(f, "rr", "rr_top"),
-                "prob decrease %": _decrease(f, "prob", "prob_top"),
-                "random MRR decrease %": _decrease(f, "rr", "rr_random_mean"),
-                "random prob decrease %": _decrease(f, "prob", "prob_random_mean"),
-            }  # fmt: skip
-            # The paper's per-type numbers are its Table 7 (top-1000 *query* neurons zeroed),
-            # a different experiment; its all-type averages for this one (top-100 FFN +
-            # top-200 attention value neurons) come from a secondary source.
-            for label, numbers in paper.QUERY_TABLE7.items():
-                pair = numbers.get(name)
-                row[f"{label} Table 7, top-1000 QUERY neurons (other experiment) MRR/prob %"] = (
-                    f"{pair[0]:g} / {pair[1]:g}" if pair else ""
-                )
-            for label, pair in paper.VALUE_ZEROING.items():
-                row[f"{label} value-neuron zeroing MRR/prob % (secondary source)"] = (
-                    f"{pair[0]:g} / {pair[1]:g}" if name == "all" else ""
-                )
-            rows.append(row)
-        table = pd.DataFrame(rows)
-        st.tables["zeroing"] = table
-        st.notes.append(
-            f"Per prompt, its top-{settings.ffn_k} FFN and top-{settings.attention_k} attention "
-            "value neurons are zeroed (FFN at every position; attention neurons' terms removed "
-            f"at the scored position); the random rows zero as many random neurons, {draws} "
-            "draws (mean). Decreases are relative: (before - after) / before of the mean over "
-            "prompts. The paper's per-type columns are its Table 7, which zeroes the top-1000 "
-            "query neurons (a different experiment, shown for scale only)."
-        )
-        seed = settings.seed
+    model, data, ffn, att, settings = run
+    draws = settings.random_draws
+    per_prompt = zeroing_effects(
+        model, data, ffn, att, settings.ffn_k, settings.attention_k, settings.seed, draws
+    )
+    rr_rand, prob_rand = random_means(per_prompt, draws)
+    rows = []
+    for name, mask in _type_rows(data).items():
+        f = per_prompt.loc[mask]
+        row = {
+            "type": name, "n": len(f), "MRR": f["rr"].mean(), "prob %": 100 * f["prob"].mean(),
+            "MRR decrease %": _decrease(f, "rr", "rr_top"),
+            "prob decrease %": _decrease(f, "prob", "prob_top"),
+            "random MRR decrease %": _decrease(f, "rr", "rr_random_mean"),
+            "random prob decrease %": _decrease(f, "prob", "prob_random_mean"),
+        }  # fmt: skip
+        # The paper's per-type numbers are its Table 7 (top-1000 *query* neurons zeroed),
+        # a different experiment; its all-type averages for this one (top-100 FFN +
+        # top-200 attention value neurons) come from a secondary source.
+        for label, numbers in paper.QUERY_TABLE7.items():
+            pair = numbers.get(name)
+            row[f"{label} Table 7, top-1000 QUERY neurons (other experiment) MRR/prob %"] = (
+                f"{pair[0]:g} / {pair[1]:g}" if pair else ""
+            )
+        for label, pair in paper.VALUE_ZEROING.items():
+            row[f"{label} value-neuron zeroing MRR/prob % (secondary source)"] = (
+                f"{pair[0]:g} / {pair[1]:g}" if name == "all" else ""
+            )
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    st.tables["zeroing"] = table
+    st.notes.append(
+        f"Per prompt, its top-{settings.ffn_k} FFN and top-{settings.attention_k} attention "
+        "value neurons are zeroed (FFN at every position; attention neurons' terms removed "
+        f"at the scored position); the random rows zero as many random neurons, {draws} "
+        "draws (mean). Decreases are relative: (before - after) / before of the mean over "
+        "prompts. The paper's per-type columns are its Table 7, which zeroes the top-1000 "
+        "query neurons (a different experiment, shown for scale only)."
+    )
+    seed = settings.seed
 
-        def both(b_rr, a_rr, b_p, a_p, fn=min):
-            return fn(stats.relative_decrease(b_rr, a_rr), stats.relative_decrease(b_p, a_p))
+    def both(b_rr, a_rr, b_p, a_p, fn=min):
+        return fn(stats.relative_decrease(b_rr, a_rr), stats.relative_decrease(b_p, a_p))
 
-        cols = [per_prompt[c].to_numpy() for c in ("rr", "rr_top", "prob", "prob_top")]
-        test = stats.bootstrap_test(both, *cols, threshold=50.0, seed=seed)
-        overall = table.iloc[0]
-        st.claim(
-            "Zeroing the top value neurons (100 FFN + 200 attention per sentence) removes most "
-            "of the prediction (test: MRR and probability decrease over 50%; estimate = the "
-            "smaller of the two)",
-            "MRR / prob decrease 96.9 / 99.6% (Llama-7B), 96.3 / 99.2% (GPT-2) (secondary source)",
-            f"{overall['MRR decrease %']:.1f} / {overall['prob decrease %']:.1f}%",
-            test,
-        )
-        cols = [per_prompt[c].to_numpy() for c in ("rr", "rr_random_mean", "prob",
-                                                   "prob_random_mean")]  # fmt: skip
-        test = stats.bootstrap_test(lambda *a: both(*a, fn=max), *cols, threshold=10.0,
-                                    side="below", seed=seed)  # fmt: skip
-        mrr_draws = [_decrease(per_prompt, "rr", c) for c in rr_rand]
-        prob_draws = [_decrease(per_prompt, "prob", c) for c in prob_rand]
-        st.claim(
-            "As many random neurons barely change the prediction (test: MRR and probability "
-            "decrease under 10%; estimate = the larger of the two, mean over draws)",
-            f"{paper.RANDOM_DECREASE[0]} / {paper.RANDOM_DECREASE[1]}% (secondary source)",
-            f"MRR {stats.spread(mrr_draws)}; prob {stats.spread(prob_draws)}",
-            test,
-        )
-        st.data["per_prompt"] = per_prompt
-    return st.result()
+    cols = [per_prompt[c].to_numpy() for c in ("rr", "rr_top", "prob", "prob_top")]
+    test = stats.bootstrap_test(both, *cols, threshold=50.0, seed=seed)
+    overall = table.iloc[0]
+    st.claim(
+        "Zeroing the top value neurons (100 FFN + 200 attention per sentence) removes most "
+        "of the prediction (test: MRR and probability decrease over 50%; estimate = the "
+        "smaller of the two)",
+        "MRR / prob decrease 96.9 / 99.6% (Llama-7B), 96.3 / 99.2% (GPT-2) (secondary source)",
+        f"{overall['MRR decrease %']:.1f} / {overall['prob decrease %']:.1f}%",
+        test,
+    )
+    cols = [per_prompt[c].to_numpy() for c in ("rr", "rr_random_mean", "prob",
+                                               "prob_random_mean")]  # fmt: skip
+    test = stats.bootstrap_test(lambda *a: both(*a, fn=max), *cols, threshold=10.0,
+                                side="below", seed=seed)  # fmt: skip
+    mrr_draws = [_decrease(per_prompt, "rr", c) for c in rr_rand]
+    prob_draws = [_decrease(per_prompt, "prob", c) for c in prob_rand]
+    st.claim(
+        "As many random neurons barely change the prediction (test: MRR and probability "
+        "decrease under 10%; estimate = the larger of the two, mean over draws)",
+        f"{paper.RANDOM_DECREASE[0]} / {paper.RANDOM_DECREASE[1]}% (secondary source)",
+        f"MRR {stats.spread(mrr_draws)}; prob {stats.spread(prob_draws)}",
+        test,
+    )
+    st.data["per_prompt"] = per_prompt

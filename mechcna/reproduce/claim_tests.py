@@ -16,6 +16,7 @@ that the test can fail and can pass:
   direction passes the zero-shot search, and an ``M`` whose sets are a few percent of the pool.
 """
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -28,12 +29,23 @@ from mechcna.analyses.shallow import selective_thresholds
 from mechcna.reproduce.stats import Side, Test, bootstrap_test, relative_decrease
 
 
-def split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_halves(
+    n: int, seed: int = 0, groups: Sequence[object] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A random split of ``n`` cases into a selection half and an evaluation half (boolean
-    masks; the selection half gets the extra case when ``n`` is odd)."""
-    order = np.random.default_rng(seed).permutation(n)
+    masks; the selection half gets the extra case when ``n`` is odd). With ``groups`` (one
+    label per case, e.g. the operation), each group is split in halves on its own (its extra
+    case to selection), so every group of two or more cases is in both halves."""
+    rng = np.random.default_rng(seed)
     select = np.zeros(n, dtype=bool)
-    select[order[: (n + 1) // 2]] = True
+    if groups is None:
+        order = rng.permutation(n)
+        select[order[: (n + 1) // 2]] = True
+        return select, ~select
+    labels = np.asarray(groups, dtype=object)
+    for g in sorted(set(labels.tolist()), key=str):
+        idx = np.flatnonzero(labels == g)
+        select[idx[rng.permutation(len(idx))[: (len(idx) + 1) // 2]]] = True
     return select, ~select
 
 
@@ -58,7 +70,7 @@ def sub_sweep(sweep: HeadSweep, mask: Bool[np.ndarray, " case"]) -> HeadSweep:
 def _op_mask(sweep: HeadSweep, operations: list[str]) -> np.ndarray:
     if "operation" not in sweep.labels.columns:
         return np.ones(sweep.n_cases, dtype=bool)
-    ops = sweep.labels["operation"].isin(operations).to_numpy()
+    ops = sweep.labels["operation"].isin(operations).to_numpy(copy=True)  # writable
     return ops if ops.any() else np.ones(sweep.n_cases, dtype=bool)
 
 
@@ -72,6 +84,33 @@ def best_head(sweep: HeadSweep, cases: np.ndarray, min_layer: int = 0) -> tuple[
     order = np.lexsort((dlp, delta))  # by delta, then log-prob change
     i = next(int(i) for i in order if layers[i] >= min_layer)
     return sweep.heads[i]
+
+
+def chosen_heads(
+    sweep: HeadSweep, operations: Sequence[str], n_layers: int
+) -> dict[str, tuple[int, int]]:
+    """The heads a reproduction chooses on the selection half (``sweep``: every head, the
+    selection cases only) and then scores on the evaluation half, by role:
+
+    * ``"+/-"``: the top head on + and - (the paper's 17_22; on every case when neither is
+      swept);
+    * ``"shallow"``: that head, or the top + / - head above layer 0 when it sits in layer 0
+      (Tables 7-8 need layers below the head);
+    * ``"division"``: the top head on ``/`` (appendix B's 14_19), when ``/`` is swept;
+    * ``"op <o>"``: each swept operation's top head (Tables 2-3).
+
+    Every head is ranked as :func:`best_head` ranks them."""
+    ops = _op_mask(sweep, ["+", "-"])
+    head = best_head(sweep, ops)
+    shallow = head if head[0] > 0 or n_layers < 2 else best_head(sweep, ops, min_layer=1)
+    out = {"+/-": head, "shallow": shallow}
+    swept = set(sweep.labels["operation"]) if "operation" in sweep.labels.columns else set()
+    if "/" in swept:
+        out["division"] = best_head(sweep, _op_mask(sweep, ["/"]))
+    for op in operations:
+        if op in swept:
+            out[f"op {op}"] = best_head(sweep, _op_mask(sweep, [op]))
+    return out
 
 
 def head_effect_test(

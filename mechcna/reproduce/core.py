@@ -332,6 +332,10 @@ class ReproduceSettings:
         query_zero_k: query FFN neurons zeroed per sentence in ATTR Table 7 (1000 in the paper).
         arithmetic_fallback: when no knowledge prompt survives, run the attribution stages on
             the model's correct arithmetic cases instead (types ``arith +`` ...), stated so.
+        query_zeroing: run ATTR Table 7 (the top-``query_zero_k`` query neurons zeroed per
+            sentence vs random; stage ``query_zeroing``).
+        head_types: run the head attribution and top-1% head intervention per knowledge type
+            (stage ``head_types``).
     Arithmetic paper:
         operations, digits, templates: the dataset cells (1,600 sentences in the paper).
         n_pairs: operand pairs per (operation, digits) cell.
@@ -389,6 +393,8 @@ class ReproduceSettings:
     query_value_k: int = 300
     query_zero_k: int = 1000
     arithmetic_fallback: bool = True
+    query_zeroing: bool = True
+    head_types: bool = True
     operations: tuple[str, ...] = ("+", "-", "*", "/")
     digits: tuple[int, ...] = (1, 2)
     templates: tuple[int, ...] = (4,)
@@ -437,27 +443,32 @@ class ReproduceSettings:
 
     @classmethod
     def standard(cls) -> "ReproduceSettings":
-        """Sized by power, at most about an hour of stage time for SmolLM2-135M on 2 cores (by
-        :func:`mechcna.reproduce.plan.expected_times`): every written knowledge prompt through
-        the paper's filter (gold answer in the top 10), 40 of the survivors for the
-        neuron-level stages and 24 for the method comparison, 420 zero-shot held-out
+        """Sized by power within about 55 minutes of stage time for SmolLM2-135M on 2 cores (by
+        :func:`mechcna.reproduce.plan.expected_times`, whose unit costs are those of a machine
+        at load ~3.5; an unloaded one runs about twice as fast): every written knowledge prompt
+        through the paper's filter (gold answer in the top 10), 40 of the survivors for the
+        neuron-level stages and 24 for the method comparison; 400 zero-shot held-out
         arithmetic cases (+, -, *, /; 1 and 2 digits; drawn at random from up to 100 pairs per
-        cell) in the head sweep, split into a selection and an evaluation half, every correct
-        1-digit + and - case (all pairs) for CNA, and the shallow neurons read through every
-        attention layer up to the head's; 12 cases traced (ARITH 4.2 step 2), 3 pairs per cell
-        of templates 1-3 and 3 digits with the top heads ablated, 10 correct 1-digit divisions
-        for the division head's CNA (Tables 15-16; Table 17 only in :meth:`paper`)."""
+        cell) split into a selection half (every head swept) and an evaluation half (the chosen
+        heads only); 14 of the correct 1-digit + and - cases (drawn from all pairs) for CNA
+        (every correct one, about 60 on SmolLM2, is :meth:`paper`'s: at about 20 s per case
+        they do not fit beside the sweep); the shallow neurons read through every attention
+        layer up to the head's; 12 cases traced (ARITH 4.2 step 2) and 1 pair per cell of
+        templates 1-3 and 3 digits with the top heads ablated. Left to :meth:`paper` to fit the
+        hour: ATTR Table 7 (``query_zeroing``), the per-type head intervention
+        (``head_types``) and appendix B (``division``)."""
         return cls(
             prompts_per_type=None, max_prompts=40, method_prompts=24, n_pairs=100,
-            prompt_form="zero-shot", sweep_cases=420, cna_cases=None, cna_split="all",
-            zero_shot_readers=None, trace_cases=12, cell_pairs=3, division_cases=10,
-            preset="standard",
+            prompt_form="zero-shot", sweep_cases=400, cna_cases=14, cna_split="all",
+            zero_shot_readers=None, trace_cases=12, cell_pairs=1, query_zeroing=False,
+            head_types=False, division=False, division_cases=10, preset="standard",
         )  # fmt: skip
 
     @classmethod
     def paper(cls) -> "ReproduceSettings":
         """The papers' sample sizes where our data allow (every surviving prompt, every
-        arithmetic case of 1-3 digits, every correct 1-digit case for CNA): hours on a CPU.
+        arithmetic case of 1-3 digits, every correct 1-digit case for CNA) and every stage
+        (ATTR Table 7, the head intervention and appendix B included): hours on a CPU.
         Run it with ``checkpoint=`` (``--out`` on the command line): each finished stage is
         saved and a rerun continues where it stopped."""
         return cls(
@@ -469,9 +480,11 @@ class ReproduceSettings:
 
     @classmethod
     def full(cls) -> "ReproduceSettings":
-        """The earlier default sizes (about 10 minutes of stage time for SmolLM2-135M; too
-        small to decide most claims: see :meth:`standard`, the default now). Kept for
-        comparison with the records made with it."""
+        """The earlier default sizes (about 10 minutes of stage time for SmolLM2-135M before
+        the stages of issue 22; with those at the field defaults, 10 pairs per extra cell and
+        12 divisions, :func:`~mechcna.reproduce.plan.expected_times` gives about 45 minutes at
+        load ~3.5; too small to decide most claims: see :meth:`standard`, the default now).
+        Kept for comparison with the records made with it."""
         return cls(preset="full")
 
     @classmethod

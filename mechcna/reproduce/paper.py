@@ -94,20 +94,38 @@ QUIET_HEADS = (976, 1024)
 
 #: ARITH Table 4 ("3+5=", head 17_22): the top CNA neuron and its importance in M and M'.
 TOP_CNA = ("28_3696", 0.6964, 0.82, 0.13)
-#: ARITH Table 5 (Llama 17_22, 1D+/-): accuracy decrease (%) per K (top99 written top100).
-MASK_KEEP: dict[str, dict[str, float]] = {
-    "mask": {"top100": 100.0, "top50": 96.0, "top30": 89.5, "top20": 86.8, "top10": 68.4},
-    "keep": {"top100": 3.9, "top50": 7.8, "top30": 13.2, "top20": 18.4, "top10": 38.2},
-    "coef": {"top100": 49.1, "top50": 60.4, "top30": 67.2, "top20": 72.7, "top10": 77.1},
+#: The K columns of the top-K tables (Tables 5-6 and 15-16; the paper's top99 written top100).
+TOP_KS = ("top100", "top50", "top30", "top20", "top10")
+#: ARITH Tables 5 / 6 (Llama head 17_22, 1D +/-) and appendix B Tables 15 / 16 (division head
+#: 14_19, 1D /), per K: accuracy decrease (%) with the top-K CNA neurons masked ("mask") or
+#: only they kept ("keep"), coefficient decrease (%) of the top neurons ("coef"), and that after
+#: zeroing the lowest top neuron ("lowest").
+_TOP_K_ROWS = {
+    ("17_22", "mask"): (100.0, 96.0, 89.5, 86.8, 68.4),
+    ("17_22", "keep"): (3.9, 7.8, 13.2, 18.4, 38.2),
+    ("17_22", "coef"): (49.1, 60.4, 67.2, 72.7, 77.1),
+    ("17_22", "lowest"): (15.8, 14.8, 12.5, 9.5, 4.4),
+    ("14_19", "mask"): (84.6, 82.1, 74.4, 66.7, 51.3),
+    ("14_19", "keep"): (48.7, 51.3, 53.9, 53.9, 64.2),
+    ("14_19", "coef"): (50.0, 61.0, 67.0, 70.0, 73.0),
+    ("14_19", "lowest"): (1.3, 0.9, 3.2, 4.9, 7.0),
 }
+
+
+def _top_k(head: str, row: str) -> dict[str, float]:
+    return dict(zip(TOP_KS, _TOP_K_ROWS[head, row], strict=True))
+
+
+#: ARITH Table 5 (17_22): mask / keep accuracy and coefficient decrease (%) per K.
+MASK_KEEP = {row: _top_k("17_22", row) for row in ("mask", "keep", "coef")}
 #: ARITH Table 6: coefficient decrease (%) of the top neurons after zeroing the lowest one.
-LOWEST_NEURON: dict[str, float] = {
-    "top100": 15.8, "top50": 14.8, "top30": 12.5, "top20": 9.5, "top10": 4.4,
-}  # fmt: skip
-#: ARITH Table 8 (17_22, 1D+/-): M -> (neurons, accuracy decrease %); random 1,953: 2.6%.
-ZERO_SHOT: dict[int, tuple[int, float]] = {
-    0: (51980, 98.7), 1: (10426, 68.4), 2: (1953, 53.9), 3: (510, 43.4),
-}  # fmt: skip
+LOWEST_NEURON = _top_k("17_22", "lowest")
+#: ARITH Tables 8 (17_22, 1D +/-) and 17 (14_19, 1D /): M -> neurons selected, accuracy
+#: decrease (%) with 17_22's sets, with 14_19's; random sets: 2.6% (1,953 neurons, Table 8) and
+#: 5.1% (10,426 neurons, Table 17).
+_ZERO_SHOT_ROWS = ((0, 51980, 98.7, 97.5), (1, 10426, 68.4, 82.1), (2, 1953, 53.9, 30.8),
+                   (3, 510, 43.4, 25.7))  # fmt: skip
+ZERO_SHOT: dict[int, tuple[int, float]] = {m: (n, d) for m, n, d, _ in _ZERO_SHOT_ROWS}
 ZERO_SHOT_RANDOM = 2.6
 #: ARITH Table 7: tokens of the operand "3" through attention layer 15.
 OPERAND_TOKENS = {"3": "three, Three, RGB, triple, 3, triangle", "5": "Fif, XV, engo, vos, fif"}
@@ -116,19 +134,11 @@ OPERAND_TOKENS = {"3": "three, Three, RGB, triple, 3, triangle", "5": "Fif, XV, 
 #: products (no number given in the paper or the notebook).
 PE_EDGES = "19_5769 -> 25_7164, 19_5769 -> 28_3696, 25_7164 -> 28_3696 (root 19_5769)"
 #: ARITH appendix B (division head 14_19, 1D /): Table 15 mask / keep / coef decrease (%).
-DIV_MASK_KEEP: dict[str, dict[str, float]] = {
-    "mask": {"top100": 84.6, "top50": 82.1, "top30": 74.4, "top20": 66.7, "top10": 51.3},
-    "keep": {"top100": 48.7, "top50": 51.3, "top30": 53.9, "top20": 53.9, "top10": 64.2},
-    "coef": {"top100": 50.0, "top50": 61.0, "top30": 67.0, "top20": 70.0, "top10": 73.0},
-}
+DIV_MASK_KEEP = {row: _top_k("14_19", row) for row in ("mask", "keep", "coef")}
 #: ARITH Table 16: coefficient decrease (%) after zeroing the lowest top neuron (14_19, 1D /).
-DIV_LOWEST_NEURON: dict[str, float] = {
-    "top100": 1.3, "top50": 0.9, "top30": 3.2, "top20": 4.9, "top10": 7.0,
-}  # fmt: skip
+DIV_LOWEST_NEURON = _top_k("14_19", "lowest")
 #: ARITH Table 17 (14_19, 1D /): M -> (neurons, accuracy decrease %); random 10,426: 5.1%.
-DIV_ZERO_SHOT: dict[int, tuple[int, float]] = {
-    0: (51980, 97.5), 1: (10426, 82.1), 2: (1953, 30.8), 3: (510, 25.7),
-}  # fmt: skip
+DIV_ZERO_SHOT: dict[int, tuple[int, float]] = {m: (n, d) for m, n, _, d in _ZERO_SHOT_ROWS}
 DIV_ZERO_SHOT_RANDOM = 5.1
 #: ARITH Table 14: the four prompt templates (template 4 is the one of Tables 24-27).
 TEMPLATES = {1: "The sum of n1 and n2 is", 2: "Q: What is n1 plus n2? A:", 3: "n1 plus n2 is",
