@@ -103,7 +103,10 @@ def reproduce(
     if isinstance(settings, str):
         settings = ReproduceSettings.named(settings)
     s = settings or (ReproduceSettings.quick() if quick else ReproduceSettings.standard())
-    _log.info("expected stage times (s):\n%s", expected_times(model, s, paper).round(0))
+    _log.info(
+        "expected stage times (s, rough, 2-core CPU):\n%s",
+        expected_times(model, s, paper).round(0).to_string(index=False),
+    )
     saved = (
         Checkpoint(checkpoint, str(model.cfg.model_name), paper, vars(s)) if checkpoint else None
     )

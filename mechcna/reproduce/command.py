@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from mechcna.models.loading import load_model
 from mechcna.report.page import Provenance, check_out_dir
-from mechcna.reproduce import ReproduceSettings, expected_times, reproduce, write_report
+from mechcna.reproduce import ReproduceSettings, reproduce, write_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -59,11 +59,7 @@ def run(args: argparse.Namespace) -> int:
         settings = replace(settings, knowledge_top_k=args.filter_top_k)
     if args.prompt_form:
         settings = replace(settings, prompt_form=args.prompt_form)
-    sys.stdout.write(
-        "expected stage times (s, rough, 2-core CPU):\n"
-        + expected_times(model, settings, args.paper).round(1).to_string(index=False)
-        + "\n"
-    )
+    # reproduce() logs the expected stage times (shown unless --quiet)
     resume = out if args.resume or settings.preset == "paper" else None
     rep = reproduce(model, args.paper, settings=settings, progress=not args.quiet,
                     lock=args.lock, checkpoint=resume)  # fmt: skip
