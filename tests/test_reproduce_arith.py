@@ -300,13 +300,14 @@ def test_stages_and_expected_times(run, shipped, settings):
     quick = ReproduceSettings.quick()
     times = expected_times(shipped, quick, "arithmetic")
     assert times["stage"].tolist() == ["arithmetic_data", "heads", "cna", "shallow", *NEW, "total"]
-    # appendix B does not fit the standard hour beside the sweep: it is the paper preset's
+    # appendix B runs in standard (10 cases, no Table 17) and in paper (all, with Table 17)
     standard = expected_times(shipped, ReproduceSettings.standard(), "arithmetic")
-    assert "division" not in standard["stage"].tolist()
+    assert "division" in standard["stage"].tolist()
     paper = ReproduceSettings.paper()
     assert "division" in expected_times(shipped, paper, "arithmetic")["stage"].tolist()
     assert paper.division_zero_shot and paper.trace_cases is None and 3 in paper.digits
-    assert not ReproduceSettings.standard().division
+    assert ReproduceSettings.standard().division
+    assert not ReproduceSettings.standard().division_zero_shot
 
 
 def test_key_stages_are_not_measured_on_models_the_keys_refuse(run, settings, monkeypatch):

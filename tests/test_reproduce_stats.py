@@ -272,9 +272,8 @@ def test_quick_run_reports_every_k_and_the_papers_filter(shipped, tmp_path):
 def test_presets_and_expected_times(shipped):
     quick, standard, paper = (ReproduceSettings.named(n) for n in ("quick", "standard", "paper"))
     assert standard.sweep_cases is not None and standard.sweep_cases >= 400
-    # every correct 1-digit case is the paper preset's; standard keeps enough for a bootstrap
-    assert standard.cna_cases is not None and standard.cna_cases >= 10
-    assert paper.cna_cases is None
+    # every correct 1-digit + and - case for CNA (issue 21), in standard as in paper
+    assert standard.cna_cases is None and paper.cna_cases is None
     assert standard.cna_split == "all" and standard.zero_shot_readers is None
     data = mechcna.arithmetic_dataset(standard.operations, standard.digits, standard.templates,
                                       standard.n_pairs, split="heldout")  # fmt: skip
@@ -282,12 +281,15 @@ def test_presets_and_expected_times(shipped):
     assert paper.max_prompts is None and 3 in paper.digits
     times = expected_times(shipped, quick)
     assert times["stage"].tolist()[-1] == "total" and len(times) == 21  # 20 stages + total
-    # standard leaves ATTR Table 7, the head intervention and appendix B to the paper preset
-    off = ["query_zeroing", "head_types", "division"]
-    assert not set(off) & set(expected_times(shipped, standard)["stage"])
-    assert set(off) <= set(expected_times(shipped, paper)["stage"])
-    assert not (standard.query_zeroing or standard.head_types or standard.division)
+    # every stage runs in standard (ATTR Table 7, the head intervention and appendix B too);
+    # a preset can leave them out with the settings of the same names
+    extra = ["query_zeroing", "head_types", "division"]
+    assert set(extra) <= set(expected_times(shipped, standard)["stage"])
+    assert set(extra) <= set(expected_times(shipped, paper)["stage"])
+    assert standard.query_zeroing and standard.head_types and standard.division
     assert paper.query_zeroing and paper.head_types and paper.division
+    lean = replace(standard, query_zeroing=False, head_types=False, division=False)
+    assert not set(extra) & set(expected_times(shipped, lean)["stage"])
     assert (times["expected seconds"] > 0).all()
     big = expected_times(shipped, standard)["expected seconds"].iloc[-1]
     assert big > times["expected seconds"].iloc[-1]

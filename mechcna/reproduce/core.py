@@ -443,25 +443,23 @@ class ReproduceSettings:
 
     @classmethod
     def standard(cls) -> "ReproduceSettings":
-        """Sized by power within about 55 minutes of stage time for SmolLM2-135M on 2 cores (by
-        :func:`mechcna.reproduce.plan.expected_times`, whose unit costs are those of a machine
-        at load ~3.5; an unloaded one runs about twice as fast): every written knowledge prompt
-        through the paper's filter (gold answer in the top 10), 40 of the survivors for the
-        neuron-level stages and 24 for the method comparison; 400 zero-shot held-out
-        arithmetic cases (+, -, *, /; 1 and 2 digits; drawn at random from up to 100 pairs per
-        cell) split into a selection half (every head swept) and an evaluation half (the chosen
-        heads only); 14 of the correct 1-digit + and - cases (drawn from all pairs) for CNA
-        (every correct one, about 60 on SmolLM2, is :meth:`paper`'s: at about 20 s per case
-        they do not fit beside the sweep); the shallow neurons read through every attention
-        layer up to the head's; 12 cases traced (ARITH 4.2 step 2) and 1 pair per cell of
-        templates 1-3 and 3 digits with the top heads ablated. Left to :meth:`paper` to fit the
-        hour: ATTR Table 7 (``query_zeroing``), the per-type head intervention
-        (``head_types``) and appendix B (``division``)."""
+        """Sized by power within an hour of stage time for SmolLM2-135M on 2 cores with nothing
+        else running (about 30 minutes by :func:`mechcna.reproduce.plan.expected_times`; the
+        record of 2026-12-04 measured its stages): every written knowledge prompt through the
+        paper's filter (gold answer in the top 10), 40 of the survivors for the neuron-level
+        stages and 24 for the method comparison; 400 zero-shot held-out arithmetic cases
+        (+, -, *, /; 1 and 2 digits; drawn at random from up to 100 pairs per cell) split into a
+        selection half (every head swept) and an evaluation half (the chosen heads only); every
+        correct 1-digit + and - case (drawn from all pairs) for CNA; the shallow neurons read
+        through every attention layer up to the head's; 12 cases traced (ARITH 4.2 step 2),
+        3 pairs per cell of templates 1-3 and 3 digits with the top heads ablated, ATTR Table 7
+        (``query_zeroing``), the per-type head intervention (``head_types``) and appendix B
+        (``division``, 10 correct 1-digit divisions; Table 17 only in :meth:`paper`)."""
         return cls(
             prompts_per_type=None, max_prompts=40, method_prompts=24, n_pairs=100,
-            prompt_form="zero-shot", sweep_cases=400, cna_cases=14, cna_split="all",
-            zero_shot_readers=None, trace_cases=12, cell_pairs=1, query_zeroing=False,
-            head_types=False, division=False, division_cases=10, preset="standard",
+            prompt_form="zero-shot", sweep_cases=400, cna_cases=None, cna_split="all",
+            zero_shot_readers=None, trace_cases=12, cell_pairs=3, division_cases=10,
+            preset="standard",
         )  # fmt: skip
 
     @classmethod

@@ -22,60 +22,43 @@ from mechcna.reproduce.core import ReproduceSettings, StageResult
 _REFERENCE_PARAMS = 147e6
 #: The guessed share of 1-digit cases a model gets right, zero-shot and few-shot (:func:`_right`).
 RIGHT_ZERO_SHOT, RIGHT_FEW_SHOT = 0.3, 0.7
-#: The helper check of 2026-12-04 18:28 UTC (the arithmetic stages on SmolLM2-135M, split-then-
-#: sweep head stage, 40 sweep cases of + - * / with 1 and 2 digits, 6 CNA cases with the five K,
-#: warm row cache, 1 torch thread, load 1.3-2.0) ran the head stage at 0.0159 s per (case,
-#: forward pass), the quick record's 0.0376 / 2.36: its figures below are scaled by this factor
-#: to the quick record's load.
-_CHECK_TO_QUICK = 0.0376 / 0.0159
-#: Seconds per unit on SmolLM2-135M, 2 CPU cores. "quick": the quick record
-#: (docs/reproduce/smollm2-135m-quick.md, 9ff6632, load 3.2-3.7, zero-shot, 2 torch threads);
-#: "full": the full record (docs/reproduce/smollm2-135m.md, 3a06ee7, load ~1); "check": the
-#: check above, scaled by ``_CHECK_TO_QUICK``. Where two exist, a fixed cost and a unit are
-#: fitted through them, else the quick (loaded) figure is kept: the estimate is for a machine as
-#: busy as the quick run's, and an unloaded one runs about 2-2.5x faster (the check's ratio).
+#: Seconds per unit on SmolLM2-135M, 2 CPU cores, 2 torch threads, **nothing else running**
+#: (load 1.6-2.1: the run's own threads): the standard record of 2026-12-04 18:48 UTC
+#: (docs/reproduce/smollm2-135m.md, 1,200 s of stage time), each stage's unit set so that the
+#: estimate equals that run's time. Stages that run was not sized to measure (left to
+#: ``paper`` then) are scaled from their nearest measured stage, as said per line. Under load
+#: the stages take longer: the quick record at load 3.2-3.7 ran the head sweep 5x and CNA 7x
+#: slower per unit (two threads sharing a core with another job).
 _UNIT = {
-    # knowledge: quick 12.8 s for 60 written prompts, full 13.3 s for 395: mostly fixed
-    "knowledge_fixed": 12.7,
-    "knowledge": 0.0015,  # per written prompt through the filter
-    # methods: quick 73.7 s for 2 prompts, full 110 s for 6: the old units fit both
+    "knowledge_fixed": 0.0,
+    "knowledge": 172.3 / 4238,  # per written prompt through the filter (4,238 prompts)
     "methods_fixed": 80.0,  # every FFN neuron's vocabulary row, once
-    "methods": 5.0,  # per prompt (9 scorings)
-    # value neurons: quick 29.8 s for 2 prompts, full 47.3 s for 12
+    "methods": (234.2 - 80.0) / 24,  # per prompt (9 scorings; 24 prompts)
     "value_neurons_fixed": 26.3,
-    "value_neurons": 1.75,  # per prompt
-    "zeroing": 0.47,  # per prompt and forward pass (quick 0.36, full 0.20: kept)
-    "query_fixed": 12.0,  # quick 12.6 s for 2 prompts (full 2.7 s for 12: warm rows)
-    "query": 0.25,  # per prompt
-    "walkthrough": 18.0,  # once (quick 18 s; full 3.9 s with warm rows)
-    # issue 22 (ATTR), not yet measured on SmolLM2: the forward passes at the zeroing stage's
-    # unit, the vocabulary projections from their FLOP count at ~90 GFLOP/s
-    "query_zeroing": 0.47,  # per prompt and forward pass (3 + random draws passes)
-    "interpolation": 0.1,  # per prompt (one capture, 82 projected points)
-    "value_layers": 0.05,  # per prompt
-    "prob_histogram": 0.1,  # per prompt (one capture, 30 projected points)
-    "head_types": 0.2,  # per prompt (head importance) + forward passes below
-    "shared_neurons": 0.05,  # per prompt
-    "query_tokens": 0.2,  # per prompt
-    # arithmetic data: check 29.4 s for 957 cases (quick 0.9 s for 19)
-    "arithmetic_data": 29.4 / 957 * _CHECK_TO_QUICK,  # per case
-    # heads: quick 163.2 s for 16 cases x 271 passes (270 heads + the unablated one); the full
-    # record's few-shot sweep with prefix sharing at load ~1: 0.032
-    "heads": 0.0376,  # per (case, forward pass): a head ablated, or none
-    # cna: quick 88.7 s for 5 cases x 18 passes (K in 50, 10); check 52.2 s for 6 cases x 33
-    # passes (x 2.36 = 123 s): per case 14.4 s (its CNA, the certified importances) + 0.184 s
-    # per pass (mask / keep / random / lowest-neuron forward passes)
-    "cna_case": 14.4,
-    "cna": 0.184,  # per case and forward pass
-    # shallow: quick 52.1 s with the shallow head in layer 1 and one reader (half a pair);
-    # check 19.0 s (x 2.36 = 44.8 s) with two readers
-    "shallow_fixed": 51.8,  # Table 7 and the random sets of Table 8
+    "value_neurons": (99.9 - 26.3) / 40,  # per prompt (40 prompts)
+    "zeroing": 163.4 / (40 * 7),  # per prompt and forward pass
+    "query_fixed": 2.0,
+    "query": 2.1 / 40,  # per prompt
+    "walkthrough": 2.8,  # once
+    "query_zeroing": 163.4 / (40 * 7),  # per prompt and forward pass, as zeroing
+    "interpolation": 5.6 / 40,  # per prompt
+    "value_layers": 4.8 / 40,  # per prompt
+    "prob_histogram": 2.2 / 40,  # per prompt
+    "head_types": 0.05,  # per prompt (head importance, as query) + forward passes as zeroing
+    "shared_neurons": 0.01,  # per prompt
+    "query_tokens": 2.5 / 40,  # per prompt
+    # arithmetic: zero-shot, 400 sweep cases (every head on the selection half), 14 CNA cases
+    "arithmetic_data": 15.8 / 957,  # per held-out case generated (957)
+    "heads": 399.9 / 56390,  # per (case, forward pass): a head ablated, or none
+    "cna_case": 2.9 * 0.6,  # per case: its CNA (the certified importances) ...
+    "cna": 2.9 * 0.4 / 33,  # ... and per forward pass (mask / keep / random / lowest-neuron)
+    # shallow: 19.5 s with the head in layer 1 (one pair); the per-pair unit is the helper
+    # check's 0.7 s at load ~3.5, kept (not measured quietly: heads deeper cost more pairs)
+    "shallow_fixed": 18.8,  # Table 7 and the random sets of Table 8
     "shallow": 0.7,  # per (neuron layer, reader layer) pair
-    "pe_graph": 0.28 / 6 * _CHECK_TO_QUICK,  # per CNA case (check: 0.28 s for 6)
-    "trace": 3.03 / 3 * _CHECK_TO_QUICK,  # per traced case (check: 3.0 s for 3)
-    # cells: check 39.0 s for 55 extra cases x 16 passes (longer prompts of templates 1-3 and
-    # 3 digits, and small batches)
-    "cells": 39.0 / (55 * 16) * _CHECK_TO_QUICK,  # per (extra case, forward pass)
+    "pe_graph": 1.2 / 14,  # per CNA case
+    "trace": 11.1 / 12,  # per traced case
+    "cells": 19.3 / (55 * 17),  # per (extra case, forward pass)
 }
 
 
@@ -89,8 +72,8 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
     """A rough wall time (seconds) per stage on a 2-core CPU for ``model`` and ``settings``
     (sizes that depend on the model's answers, e.g. filter survivors, are guessed: 40% of
     the written prompts survive, the top head is at 60% depth, 30% of 1-digit cases are right
-    zero-shot and 70% few-shot). The unit costs were measured under load (other jobs on the
-    machine), so an unloaded machine runs faster. The head stage sweeps every head on the
+    zero-shot and 70% few-shot). The unit costs were measured with nothing else running; a
+    loaded machine runs several times slower. The head stage sweeps every head on the
     selection half of the cases and the handful of chosen heads on the evaluation half
     (:func:`head_passes`). Meant for models of SmolLM2's size and up: on tiny models Python
     overhead dominates and the estimate is far too low."""
