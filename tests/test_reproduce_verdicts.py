@@ -31,7 +31,6 @@ def test_default_preset_is_standard(monkeypatch, tmp_path):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(command, "load_model", lambda *a, **k: model)
-    monkeypatch.setattr(command, "expected_times", lambda *a, **k: pd.DataFrame())
     monkeypatch.setattr(command, "reproduce", stop)
     for argv, preset in (([], "standard"), (["--quick"], "quick"), (["--preset", "full"], "full")):
         with pytest.raises(KeyboardInterrupt):
