@@ -136,20 +136,42 @@ def test_budget_parsing_and_environment(monkeypatch):
         BlockCache(budget=-1)
 
 
-def test_sequential_scans_do_not_thrash():
+def test_a_budget_that_cannot_hold_every_layer_keeps_no_rows(monkeypatch, tmp_path):
+    """A call visits every layer in turn: a budget that holds only some layers' rows would
+    evict, on each call, the layers the next call needs first and recompute every row
+    (Gemma 3's 19 GB of rows in a ~10 GB budget did, at 20 s a layer). Such a cache keeps no
+    rows (the engine streams) and gives the same scores as one that holds everything."""
     model = build("llama")
-    # a layer's footprint: its 16-bit rows and the float64 exact rows of the neurons that
-    # needed the exact sum
     full = BlockCache(disk=False)
-    neuron_importance(model, PROMPTS[:1], cache=full)
-    layer_bytes = full.nbytes / model.cfg.n_layers
-    cache = BlockCache(budget=int(1.25 * layer_bytes), disk=False)
-    neuron_importance(model, PROMPTS[:1], cache=cache)
-    assert cache.nbytes <= cache.budget
-    hits = cache.hits
-    neuron_importance(model, PROMPTS[1:2], cache=cache)
-    # least-recently-used order would give 0 hits here; the scan keeps its first layers
-    assert cache.hits - hits >= 1
+    want = neuron_importance(model, PROMPTS[:2], cache=full).scores
+    stores = [e for e in full._entries.values() if isinstance(e, RowStore)]
+    assert len(stores) == model.cfg.n_layers and all(bool(s.known.all()) for s in stores)
+    layer_rows_bytes = stores[0].n_rows * stores[0].d_vocab * stores[0].storage.itemsize
+    assert full.can_hold(stores[0], model.cfg.n_layers)
+    cache = BlockCache(budget=int((model.cfg.n_layers - 0.5) * layer_rows_bytes), disk=False)
+    assert not cache.can_hold(stores[0], model.cfg.n_layers) and cache.can_hold(stores[0])
+    for prompts in (PROMPTS[:2], PROMPTS[:2]):
+        got = neuron_importance(model, prompts, cache=cache)
+        torch.testing.assert_close(got.scores, want, atol=2e-6, rtol=0)
+        kept = [e for e in cache._entries.values() if isinstance(e, RowStore)]
+        assert not any(bool(s.known.any()) for s in kept)  # nothing filled, nothing thrashed
+        assert got.stats is not None and 0 < got.stats.certified_fraction < 1
+    # on disk the budget is the disk cache's limit
+    disk = BlockCache(disk=False)
+    monkeypatch.setenv("MECHCNA_DISK_CACHE_BYTES", str(int(1.5 * layer_rows_bytes)))
+    filed = RowStore(
+        stores[0].n_rows, stores[0].d_vocab, torch.int16, torch.float32, tmp_path / "s"
+    )
+    assert disk.can_hold(filed, 1) and not disk.can_hold(filed, model.cfg.n_layers)
+    filed.release()
+    # streaming through a file-backed cache writes nothing and keeps no exact rows either:
+    # the rows a call computes serve that call only (memory stays bounded by one layer)
+    on_disk = BlockCache(disk=tmp_path / "cache")
+    got = neuron_importance(model, PROMPTS[:2], cache=on_disk)
+    torch.testing.assert_close(got.scores, want, atol=2e-6, rtol=0)
+    kept = [e for e in on_disk._entries.values() if isinstance(e, RowStore)]
+    assert kept and all(s.path is not None for s in kept)
+    assert not any(bool(s.known.any() or s.exact_known.any()) for s in kept)
     stats = neuron_importance(model, PROMPTS[1:2], cache=BlockCache(budget=0, disk=False)).stats
     assert stats is not None and stats.scored > 0
 

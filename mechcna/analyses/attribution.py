@@ -485,7 +485,7 @@ def _layer_increase(
     if arch.logit_soft_cap > 0:  # the expansion assumes linear logits: exact instead
         return _capped_increase(arch, kind, layer, base, coef, target, stats)
     rows = layer_rows(model, kind, layer, cache)
-    fill = rows.cache.can_hold(rows.store)
+    fill = rows.cache.can_hold(rows.store, arch.n_layers)
     imp = increase_from_rows(base, rows, coef, target, method=method, tol=tol, fill=fill,
                              stats=stats, offsets=offsets)  # fmt: skip
     rows.cache.settle()

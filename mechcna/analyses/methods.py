@@ -137,7 +137,7 @@ def comparison_scores(
     with torch.no_grad():
         for l in range(arch.n_layers):
             rows = layer_rows(model, "ffn", l, cache)
-            keep = rows.cache.can_hold(rows.store)
+            keep = rows.cache.can_hold(rows.store, arch.n_layers)
             m = cap.post[:, l].to(dtype)
             a = m / cap.scale[:, None]
             alone, rank = torch.empty_like(a), torch.empty_like(a)

@@ -43,6 +43,7 @@ from mechcna.engine.rows import (
     LEVELS,
     RowStore,
     default_disk_dir,
+    disk_limit,
     open_row_store,
     parse_bytes,
 )
@@ -250,11 +251,18 @@ class BlockCache:
         self._admit(key, store, slot)
         return store
 
-    def can_hold(self, store: RowStore) -> bool:
-        """Whether all of ``store``'s rows fit (a file-backed store always does)."""
-        if store.path is not None:
-            return True
+    def can_hold(self, store: RowStore, layers: int = 1) -> bool:
+        """Whether all of ``store``'s rows fit, and the rows of ``layers`` layers like it
+        (a whole model's, which one call visits in turn) fit the budget: otherwise each call
+        would evict the layers the next call needs first and recompute every row, so the
+        rows are not kept at all (the engine computes only the rows the second-order
+        expansion cannot certify). For a file-backed store the budget is the disk cache's
+        (:func:`mechcna.engine.rows.disk_limit`; its pages are page cache)."""
         full = store.n_rows * store.d_vocab * store.storage.itemsize
+        if store.path is not None:
+            return layers * full <= disk_limit()
+        if layers * full > self.budget:
+            return False
         return self.nbytes - store.memory_bytes + full <= self.budget
 
     def settle(self) -> None:

@@ -105,13 +105,20 @@ from mechcna.engine.moments import (
 )
 from mechcna.engine.moments import gamma as _gamma
 from mechcna.engine.projection import DirectionBlock
+from mechcna.engine.rows import RowStore
 from mechcna.models.inputs import tolerance
 
 if TYPE_CHECKING:
     from mechcna.engine.blocks import LayerRows
-    from mechcna.engine.rows import RowStore
 
 Method = Literal["certified", "exact"]
+
+#: float64 entries of the vocabulary block per product when forming the streaming
+#: covariance (128 MB: memory stays bounded whatever the vocabulary)
+COVARIANCE_ELEMENTS = 2**24
+
+#: the most bytes of float64 rows a streaming call keeps for its exact sums
+FRESH_BYTES = 2**29
 
 
 @dataclass
@@ -284,11 +291,10 @@ def _exact_rows(rows: "LayerRows", idx: Int[Tensor, " n"], chunk: int = 256) -> 
     return _exact_rows64(rows, idx, chunk).to(rows.projector.M.dtype)
 
 
-def _row_eta(rows: "LayerRows", W64: Tensor, sel: Int[Tensor, " n"]) -> Tensor:
-    """Per-entry bound on ``|stored row - exact centred row|``: the storage rounding
-    (:meth:`RowStore.eta`) plus the float64 rounding of ``w . M64_j``
+def _row_eta(rows: "LayerRows", store: RowStore, W64: Tensor, sel: Int[Tensor, " n"]) -> Tensor:
+    """Per-entry bound on ``|stored row - exact centred row|`` for rows of ``store``: the
+    storage rounding (:meth:`RowStore.eta`) plus the float64 rounding of ``w . M64_j``
     (``<= gamma_d |w| max_j |M64_j|``) and of the centring."""
-    store = rows.store
     _, _, col_norm = rows.projector.exact()
     d = W64.shape[1]
     sel = sel.to(W64.device)
@@ -310,9 +316,12 @@ def _covariance_k2(
     w2 = (W * W).sum(-1)
     shift = float((g * col_max).norm()) ** 2
     out, err = [], []
+    step = max(1, COVARIANCE_ELEMENTS // d)
     for b in range(p.shape[0]):
-        X = M - mean[b][:, None]
-        C = (X * p[b]) @ X.T
+        C = M.new_zeros(d, d)
+        for j in range(0, V, step):  # a sum over the vocabulary in blocks (any order: g)
+            X = M[:, j : j + step] - mean[b][:, None]
+            C.addmm_(X * p[b, j : j + step], X.T)
         out.append(((W @ C) * W).sum(-1))
         err.append(2 * (g + 2 * gd) * w2 * C.diagonal().sum() + 2 * w2 * shift)
     return torch.stack(out), torch.stack(err)
@@ -372,6 +381,11 @@ def increase_from_rows(
     """
     tol = default_tol(base_logits.dtype) if tol is None else tolerance(tol)
     store = rows.store
+    if not fill and method != "exact" and not bool(store.known.all()):
+        # streaming: the rows computed here serve this call only (a scratch store in memory,
+        # freed on return), so memory stays bounded by one layer whatever the cache holds
+        store = RowStore(store.n_rows, store.d_vocab, store.storage, store.dtype,
+                         device=store.device)  # fmt: skip
     M, col_max, _ = rows.projector.exact()
     W = rows.W.to(torch.float64)
     n_rows, d, V = W.shape[0], W.shape[1], M.shape[1]
@@ -403,7 +417,7 @@ def increase_from_rows(
         else:
             k2, dk2 = _covariance_k2(p, M, col_max, W)
             everyone = torch.arange(n_rows, device=dev)
-            eta = _row_eta(rows, W, everyone)
+            eta = _row_eta(rows, store, W, everyone)
             known_width = 2 * (store.radius_of(everyone) + eta)
             bound_width = rows.projector.range_bound(rows.W).to(torch.float64) * (1 + 1e-6)
             width = torch.where(store.known.to(dev), known_width, bound_width)
@@ -413,14 +427,18 @@ def increase_from_rows(
             bound3 = bound3 + 4 * U64 * (a * d1[:, None]).abs() + 4 * U64 * out.abs()
             sel = (bound3 > tol).any(0).any(0).nonzero().flatten()
             missing = sel[~store.known.to(dev)[sel]]
-            for i in range(0, len(missing), chunk):
-                part = missing[i : i + chunk]
+            # kept for the exact sums below unless that would take more than FRESH_BYTES
+            # (then the few rows the exact sum needs are computed again)
+            keep = len(missing) * V * 8 <= FRESH_BYTES
+            for i in range(0, len(missing), 128):  # 128 float64 rows at a time
+                part = missing[i : i + 128]
                 exact = _exact_rows64(rows, part)
                 store.fill(part, exact)
-                fresh.update(zip(part.tolist(), exact, strict=True))
+                if keep:
+                    fresh.update(zip(part.tolist(), exact, strict=True))
         fail = torch.zeros_like(coef, dtype=torch.bool)
         if len(sel):
-            eta = _row_eta(rows, W, sel)
+            eta = _row_eta(rows, store, W, sel)
             fail[:, :, sel] = _third_order(out, a, d1, dd1, p, store, sel, eta, k2, dk2, tol)
     idx = fail.nonzero()
     if stats is not None:
