@@ -325,3 +325,30 @@ def test_operand_claim_is_tested_after_attention_without_the_operand():
     st = StageBuilder("shallow", "t", "arithmetic")
     shallow_stage._operand_claim(st, 3, tied, s)  # reader layer 1: nothing after
     assert st.claims[0].verdict == "does not hold"
+
+
+def test_expected_times_add_the_streamed_attribution_calls(monkeypatch):
+    """A model whose FFN rows the default cache cannot keep streams every attribution call
+    (Gemma 3 270M: about 132 s a call here, against SmolLM2's 2.5 s): the estimate adds those
+    calls to the stages that make them, and only to those."""
+    from mechcna.reproduce import plan
+    from tests.helpers import build
+
+    model = build("llama")
+    s = ReproduceSettings.quick()
+    assert plan.streamed_call_seconds(model) == 0.0  # a tiny model's rows fit
+    base = expected_times(model, s).set_index("stage")["expected seconds"]
+    monkeypatch.setenv("MECHCNA_BLOCK_BUDGET", "1K")
+    monkeypatch.setenv("MECHCNA_DISK_CACHE", "0")
+    c = model.cfg
+    call = plan.streamed_call_seconds(model)
+    assert call == pytest.approx(132.0 * c.n_layers * c.d_model**2 * c.d_vocab
+                                 / (18 * 640**2 * 262144))  # fmt: skip
+    extra = expected_times(model, s).set_index("stage")["expected seconds"] - base
+    _, n, m = plan._prompt_sizes(s)
+    assert extra["methods"] == pytest.approx(call * m)
+    assert extra["value_neurons"] == pytest.approx(2 * call * n)
+    assert extra["cna"] == pytest.approx(2 * call * plan._cna_cases(s))
+    assert (extra.drop(["methods", "value_neurons", "cna", "trace", "division", "total"],
+                       errors="ignore") == 0).all()  # fmt: skip
+    assert extra["total"] == pytest.approx(extra.drop("total").sum())

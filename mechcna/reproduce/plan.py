@@ -62,6 +62,32 @@ _UNIT = {
 }
 
 
+#: Seconds of one neuron-attribution call per (layer x d_model^2 x d_vocab) on a model whose
+#: rows the default cache cannot keep, so that the engine streams (per prompt and layer a
+#: d_model x d_model covariance over the vocabulary, plus the rows the second-order bound
+#: leaves): Gemma 3 270M's all-FFN call, 132 s for 18 layers, d_model 640 and 262,144 tokens,
+#: 2 threads on the 2-core machine (docs/benchmarks.md, 2026-12-04).
+_STREAM_SECONDS = 132.0 / (18 * 640**2 * 262144)
+#: attribution calls (FFN or attention neurons, streamed) per prompt or case of each stage
+_STREAM_CALLS = {"methods": 1, "value_neurons": 2, "cna": 2, "trace": 2, "division": 2}
+
+
+def streamed_call_seconds(model: Model) -> float:
+    """Expected seconds of one streamed attribution call (0 when the default cache keeps the
+    model's FFN rows: every layer's rows as int16 within the memory budget or the disk
+    cache's limit, :meth:`mechcna.engine.blocks.BlockCache.can_hold`)."""
+    from mechcna.engine.blocks import default_budget
+    from mechcna.engine.rows import default_disk_dir, disk_limit
+
+    c = model.cfg
+    d_mlp = int(c.d_mlp or 4 * c.d_model)
+    rows = c.n_layers * d_mlp * c.d_vocab * 2
+    room = max(default_budget(), disk_limit() if default_disk_dir() is not None else 0)
+    if rows <= room:
+        return 0.0
+    return _STREAM_SECONDS * c.n_layers * c.d_model**2 * c.d_vocab
+
+
 def _params(model: Model) -> float:
     c = model.cfg
     d_mlp = int(c.d_mlp or 4 * c.d_model)
@@ -78,22 +104,14 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
     (:func:`head_passes`). Meant for models of SmolLM2's size and up: on tiny models Python
     overhead dominates and the estimate is far too low."""
     from mechcna.tasks.arithmetic import arithmetic_dataset
-    from mechcna.tasks.knowledge import knowledge_prompts
 
     s, u = settings, _UNIT
     scale = _params(model) / _REFERENCE_PARAMS
     rows: list[tuple[str, str, float]] = []
     if paper in ("attribution", "both"):
-        written = knowledge_prompts()
-        if s.knowledge_per_type is not None:
-            written = written.head(s.knowledge_per_type)
-        survivors = 0.4 * len(written)
-        n = survivors if s.max_prompts is None else min(survivors, s.max_prompts)
-        if s.prompts_per_type is not None:
-            n = min(n, 6 * s.prompts_per_type)
-        m = min(survivors, s.method_prompts)
+        written, n, m = _prompt_sizes(s)
         rows += [
-            ("attribution", "knowledge", u["knowledge_fixed"] + u["knowledge"] * len(written)),
+            ("attribution", "knowledge", u["knowledge_fixed"] + u["knowledge"] * written),
             ("attribution", "methods", u["methods_fixed"] + u["methods"] * m),
             ("attribution", "value_neurons", u["value_neurons_fixed"] + u["value_neurons"] * n),
             ("attribution", "zeroing", u["zeroing"] * n * (2 + s.random_draws)),
@@ -126,8 +144,7 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
         # few-shot prompts cost about twice as much; "both" runs a zero-shot and a few-shot chain
         few = {"zero-shot": 1.0, "both": 3.0}.get(s.prompt_form, 2.0)
         chains = 2 if s.prompt_form == "both" else 1
-        cna = _right(s) * len(cna_pool(s))
-        cna = cna if s.cna_cases is None else min(cna, s.cna_cases)
+        cna = _cna_cases(s)
         passes = 3 * len(s.cna_ks) + 3 + s.random_draws + 2 * len(s.cna_ks)
         per_case = (u["cna_case"] + u["cna"] * passes) * few  # seconds per CNA case
         layer = max(1, int(0.6 * model.cfg.n_layers))
@@ -142,9 +159,55 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
         rows += _more_arithmetic(model, s, float(cna), per_case, layer * readers / 2.0)
     frame = pd.DataFrame(rows, columns=["paper", "stage", "expected seconds"])
     frame["expected seconds"] *= scale
+    call = streamed_call_seconds(model)
+    if call > 0:  # rows the cache cannot keep: each attribution call streams
+        counts = _stream_counts(s)
+        extra = frame["stage"].map(lambda st: call * counts.get(st, 0.0))
+        frame["expected seconds"] += extra
     total = pd.DataFrame([{"paper": "", "stage": "total",
                            "expected seconds": frame["expected seconds"].sum()}])  # fmt: skip
     return pd.concat([frame, total], ignore_index=True)
+
+
+def _prompt_sizes(s: ReproduceSettings) -> tuple[int, float, float]:
+    """``(written, n, m)``: knowledge prompts written, prompts attributed (40% guessed to
+    survive the filter) and method prompts."""
+    from mechcna.tasks.knowledge import knowledge_prompts
+
+    written = knowledge_prompts()
+    if s.knowledge_per_type is not None:
+        written = written.head(s.knowledge_per_type)
+    survivors = 0.4 * len(written)
+    n = survivors if s.max_prompts is None else min(survivors, s.max_prompts)
+    if s.prompts_per_type is not None:
+        n = min(n, 6 * s.prompts_per_type)
+    return len(written), float(n), float(min(survivors, s.method_prompts))
+
+
+def _cna_cases(s: ReproduceSettings) -> float:
+    cna = _right(s) * len(cna_pool(s))
+    return float(cna if s.cna_cases is None else min(cna, s.cna_cases))
+
+
+def _division_cases(s: ReproduceSettings) -> float:
+    from mechcna.tasks.arithmetic import arithmetic_dataset
+
+    every = arithmetic_dataset("/", min(s.digits), s.templates, None, split="all")
+    n = _right(s) * len(every)
+    return float(n if s.division_cases is None else min(n, s.division_cases))
+
+
+def _stream_counts(s: ReproduceSettings) -> dict[str, float]:
+    """Streamed attribution calls per stage (:data:`_STREAM_CALLS` times its prompts or
+    cases, sized as :func:`expected_times` sizes them)."""
+    _, n, m = _prompt_sizes(s)
+    cna = _cna_cases(s)
+    traced = cna if s.trace_cases is None else min(cna, s.trace_cases)
+    chains = 2 if s.prompt_form == "both" else 1
+    division = _division_cases(s) if s.division and "/" in s.operations else 0.0
+    sizes = {"methods": m, "value_neurons": n, "cna": cna * chains, "trace": traced,
+             "division": division}  # fmt: skip
+    return {k: _STREAM_CALLS[k] * v for k, v in sizes.items()}
 
 
 def _right(s: ReproduceSettings) -> float:
@@ -184,7 +247,6 @@ def _more_arithmetic(
     :mod:`~mechcna.reproduce.arith_cells` (``cna`` cases, ``per_case`` seconds of CNA per case,
     ``pairs`` (neuron layer, reader layer) pairs of a zero-shot search)."""
     from mechcna.reproduce.arith_cells import extra_cells
-    from mechcna.tasks.arithmetic import arithmetic_dataset
 
     u = _UNIT
     traced = cna if s.trace_cases is None else min(cna, s.trace_cases)
@@ -196,9 +258,7 @@ def _more_arithmetic(
         ("arithmetic", "cells", u["cells"] * extra * (1 + heads)),  # + the unablated pass
     ]
     if s.division and "/" in s.operations:
-        every = arithmetic_dataset("/", min(s.digits), s.templates, None, split="all")
-        n = _right(s) * len(every)
-        n = n if s.division_cases is None else min(n, s.division_cases)
+        n = _division_cases(s)
         zero_shot = u["shallow_fixed"] + u["shallow"] * pairs if s.division_zero_shot else 0.0
         rows.append(("arithmetic", "division", per_case * n + zero_shot))
     return rows
