@@ -49,6 +49,7 @@ from mechcna.analyses import plotting
 from mechcna.analyses.capture import Capture, Targets, attention_coefficients, capture
 from mechcna.analyses.results import Scores
 from mechcna.engine.blocks import BlockCache, layer_rows, model_cache
+from mechcna.engine.correction import Deferred, settle_deferred
 from mechcna.engine.expansion import (
     EngineStats,
     Method,
@@ -404,6 +405,8 @@ def ffn_scores(
     with torch.no_grad():
         pre = None if rows is not None else _prepare(model, cache, resid_mid, scale, offset,
                                                      target, chosen, method)  # fmt: skip
+        pending: list[Deferred] = []
+        picked: dict[int, Tensor] = {}
         for i, l in enumerate(tqdm(chosen, desc="FFN layers", disable=not progress)):
             sel = torch.arange(n) if rows is None else rows[:, l].nonzero().flatten()
             if len(sel) == 0:
@@ -413,8 +416,11 @@ def ffn_scores(
             coef = (post[sel, l].to(base.dtype) / s[:, None])[:, None]
             imp = _layer_increase(model, "ffn", l, cache, base, coef,
                                   target[sel.to(target.device)], method, tol, stats,
-                                  offs)  # fmt: skip
+                                  offs, pending)  # fmt: skip
             scores[sel, l] = imp[:, 0].cpu()
+            picked[l] = sel
+        for l, items, val in settle_deferred(pending):  # one product for every layer's rows
+            scores[picked[l][items[:, 0].cpu()], l, items[:, 2].cpu()] = val.cpu().to(scores.dtype)
     return scores
 
 
@@ -477,6 +483,7 @@ def _layer_increase(
     tol: float | None,
     stats: EngineStats | None,
     offsets: tuple[Tensor, Tensor] | None = None,
+    defer: list[Deferred] | None = None,
 ) -> Tensor:
     """One layer's neuron scores through its :class:`~mechcna.engine.blocks.LayerRows`: the whole
     block is computed and kept when the cache can hold it, otherwise only the rows the
@@ -487,7 +494,7 @@ def _layer_increase(
     rows = layer_rows(model, kind, layer, cache)
     fill = rows.cache.can_hold(rows.store, arch.n_layers)
     imp = increase_from_rows(base, rows, coef, target, method=method, tol=tol, fill=fill,
-                             stats=stats, offsets=offsets)  # fmt: skip
+                             stats=stats, offsets=offsets, defer=defer, tag=layer)  # fmt: skip
     rows.cache.settle()
     return imp
 
@@ -565,6 +572,7 @@ def attention_neuron_importance(
     offset = logit_offset(arch, paper_compat)
     chosen = _layers(arch, layers)
     every = torch.arange(n)
+    pending: list[Deferred] = []
     with torch.no_grad():
         pre = _prepare(model, cache, cap.resid_pre, cap.scale, offset, cap.target, chosen, method)
         for i, l in enumerate(tqdm(chosen, desc="attention layers", disable=not progress)):
@@ -572,10 +580,14 @@ def attention_neuron_importance(
             a = einops.rearrange(coef[:, l], "prompt pos head d_head -> prompt pos (head d_head)")
             a = a.to(base.dtype) / cap.scale[:, None, None]
             imp = _layer_increase(model, "attn", l, cache, base, a, cap.target, method, tol,
-                                  stats, offs)  # fmt: skip
+                                  stats, offs, pending)  # fmt: skip
             scores[:, l] = einops.rearrange(
                 imp, "prompt pos (head d_head) -> prompt pos head d_head", head=arch.n_heads
             ).cpu()
+        flat = scores.view(n, arch.n_layers, n_pos, -1)
+        for l, items, val in settle_deferred(pending):  # one product for every layer's rows
+            b, e, r = items.cpu().unbind(1)
+            flat[b, l, e, r] = val.cpu().to(scores.dtype)
     return AttentionNeuronImportance(
         scores=scores,
         dims=("prompt", "layer", "pos", "head", "d_head"),

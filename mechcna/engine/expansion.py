@@ -90,11 +90,12 @@ Example:
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from mechcna._types import Float, Int, Tensor
+from mechcna.engine.correction import Deferred, corrected_logsumexp
 from mechcna.engine.moments import (
     U64,
     central_moments,
@@ -127,6 +128,8 @@ class EngineStats:
 
     scored: int = 0
     exact: int = 0
+    #: of ``exact``, the items scored from the stored row plus a few exact entries
+    sparse: int = 0
 
     @property
     def certified_fraction(self) -> float:
@@ -363,6 +366,8 @@ def increase_from_rows(
     exact_chunk: int = 128,
     stats: EngineStats | None = None,
     offsets: tuple[Tensor, Tensor] | None = None,
+    defer: list[Deferred] | None = None,
+    tag: Any = None,
 ) -> Float[Tensor, "batch extra row"]:
     """:func:`logprob_increase` for one layer's neurons given as :class:`LayerRows`.
 
@@ -374,6 +379,10 @@ def increase_from_rows(
             cannot certify (see the module docstring).
         offsets: ``(x, s)`` of :func:`target_offsets` for these base logits and targets,
             when computed beforehand for many layers at once.
+        defer: a list to which the exact-path items needing new exact rows are appended
+            (:class:`~mechcna.engine.correction.Deferred`, tagged ``tag``) instead of being
+            scored: their entries of the result are then placeholders until the caller
+            applies :func:`~mechcna.engine.correction.settle_deferred`.
 
     Returns:
         ``[batch, extra, row]`` log-probability increases (natural log), evaluated in float64
@@ -444,6 +453,10 @@ def increase_from_rows(
     if stats is not None:
         stats.scored += coef.numel()
         stats.exact += idx.shape[0]
+    if len(idx) and method != "exact" and store.rounded:
+        idx = _sparse_items(out, idx, a, z, log_norm, p, tgt, rows, store, W, fresh, tol, stats)
+        if defer is not None and len(idx):
+            idx = _defer_items(defer, tag, idx, a, z, log_norm, tgt, store, W, M, fresh)
     if len(idx):
         uniq, inverse = torch.unique(idx[:, 2], return_inverse=True)
         store.verify()
@@ -468,6 +481,64 @@ def increase_from_rows(
         own = U[inverse, tgt[b]]
         out[b, e, r] = xb * own - (lse - log_norm[b])
     return out.to(coef.dtype)
+
+
+def _sparse_items(
+    out: Tensor, idx: Tensor, a: Tensor, z: Tensor, log_norm: Tensor, p: Tensor, tgt: Tensor,
+    rows: "LayerRows", store: RowStore, W: Tensor, fresh: dict[int, Tensor], tol: float,
+    stats: EngineStats | None,
+) -> Tensor:  # fmt: skip
+    """Scores the exact path's items whose rows are stored rounded and not kept exactly from
+    the stored row plus the exact entries on a few tokens (:mod:`mechcna.engine.correction`,
+    within ``tol / 2``) into ``out``; returns the items left to the dense exact rows."""
+    host = idx[:, 2].cpu()
+    cand = store.known[host] & ~store.exact_known[host]
+    if fresh:
+        mine = [int(r) not in fresh for r in host.tolist()]
+        cand &= torch.tensor(mine, dtype=torch.bool, device=host.device)
+    if not bool(cand.any()):
+        return idx
+    items = idx[cand.to(idx.device)]
+    uniq, inverse = torch.unique(items[:, 2], return_inverse=True)
+    M = rows.projector.exact()[0]
+    levels = store.stored(uniq).to(z.device)
+    centre = store.centre[uniq.cpu()].to(z.device)
+    eta = _row_eta(rows, store, W, uniq)
+    b, e, r = items.unbind(1)
+    x = a[b, e, r]
+    lse, own, ok = corrected_logsumexp(
+        z, p, levels, store.step(uniq).to(z.device), W[uniq.to(W.device)], M, centre, eta,
+        x, b, inverse, tgt, tol / 2,
+    )  # fmt: skip
+    good = ok.nonzero().flatten()
+    out[b[good], e[good], r[good]] = x[good] * own[good] - (lse[good] - log_norm[b[good]])
+    if stats is not None:
+        stats.sparse += len(good)
+    done = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
+    done[cand.nonzero().flatten().to(idx.device)[good.to(idx.device)]] = True
+    return idx[~done]
+
+
+def _defer_items(
+    defer: list[Deferred], tag: Any, idx: Tensor, a: Tensor, z: Tensor, log_norm: Tensor,
+    tgt: Tensor, store: RowStore, W: Tensor, M: Tensor, fresh: dict[int, Tensor],
+) -> Tensor:  # fmt: skip
+    """Moves the items whose exact rows are neither kept nor fresh to ``defer``; returns the
+    others."""
+    host = idx[:, 2].cpu()
+    need = ~store.exact_known[host]
+    if fresh:
+        need &= torch.tensor([int(r) not in fresh for r in host.tolist()], dtype=torch.bool,
+                             device=host.device)  # fmt: skip
+    if not bool(need.any()):
+        return idx
+    items = idx[need.to(idx.device)]
+    uniq, inverse = torch.unique(items[:, 2], return_inverse=True)
+    prompts, zi = torch.unique(items[:, 0], return_inverse=True)
+    b, e, r = items.unbind(1)
+    defer.append(Deferred(tag, items, a[b, e, r], zi, inverse, W[uniq.to(W.device)], uniq,
+                          store, M, z[prompts], log_norm[prompts], tgt[prompts]))  # fmt: skip
+    return idx[~need.to(idx.device)]
 
 
 def _third_order(

@@ -256,7 +256,7 @@ def build_model(
     state = {k: v.to(dtype) for k, v in state_dict.items()}
     if processing.any:
         model.load_and_process_state_dict(state, **asdict(processing))
-        return model.to(device)
+        return linear_layout(model.to(device))
     # Unprocessed: one load_state_dict call (TransformerLens's loader loads key by key, about
     # 500x slower on a 30-layer model); every parameter must be present.
     params = dict(model.named_parameters())
@@ -270,4 +270,21 @@ def build_model(
             f"converted weights do not fit the {tl_cfg.original_architecture} model: "
             f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
         )
-    return model.to(device)
+    return linear_layout(model.to(device))
+
+
+#: parameters TransformerLens multiplies as ``F.linear(x, W.T.contiguous())``
+_LINEAR_WEIGHTS = ("W_in", "W_gate", "W_out", "W_U")
+
+
+def linear_layout(model: Model) -> Model:
+    """Store the matrices TransformerLens's forward multiplies as
+    ``F.linear(x, W.T.contiguous())`` (the MLP's ``W_in``, ``W_gate``, ``W_out`` and the
+    unembedding) column-major, so that ``W.T`` is contiguous already and a forward pass copies
+    no weights (on SmolLM2 those copies were 0.33 of a 0.45 s forward). The values and every
+    product are unchanged: ``F.linear`` receives the same contiguous matrix."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and name.rsplit(".", 1)[-1] in _LINEAR_WEIGHTS and p.is_contiguous():
+                p.data = p.data.t().contiguous().t()
+    return model

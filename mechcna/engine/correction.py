@@ -1,0 +1,162 @@
+"""The exact path's log-sum-exp from a stored row plus a few exact entries (issue 20, speed).
+
+When the expansion cannot certify a (prompt, neuron) pair, the engine needs
+``L = logsumexp(z + x u)`` on the neuron's exact float64 row ``u`` (centred,
+``u = w M - centre``). Computing ``u`` is a ``d_model x d_vocab`` float64 product per row
+(for SmolLM2 about 40 ms for a layer's thirty such rows, most of a warm call's exact path).
+But the row is already stored as ``y`` with ``|y_j - u_j| <= eta`` (:func:`_row_eta` of
+:mod:`mechcna.engine.expansion`), and the tilted distribution ``q ~ exp(z + x y)`` of a deep
+layer's uncertified neuron sits on a handful of tokens. With ``d = u - y``:
+
+    ``L = L_y + log A``,   ``L_y = logsumexp(z + x y)``,   ``A = sum_j q_j exp(x d_j)``.
+
+On a set ``S`` (the ``K`` most probable tokens under ``q``) ``d`` is computed exactly (one
+``|S|``-column product), and off ``S`` only ``|d_j| <= eta`` is used:
+
+    ``A~ = 1 + sum_{j in S} q_j expm1(x d_j)``,   ``|A - A~| <= T expm1(|x| eta) =: e``,
+
+``T = 1 - sum_{j in S} q_j`` the tail mass (computed, plus a bound on its rounding), so
+``|log A - log A~| <= e / (A~ - e)``. An item whose bound is within ``budget`` gets
+``L_y + log A~``; the others are left to the dense exact row (the caller's fallback). The
+target's entry ``u_w`` is always computed exactly. So the speed depends on how concentrated
+the tilted distributions are (on SmolLM2 the deep layers' uncertified items need five tokens
+at the median, the first layers' nearly the whole vocabulary: those take the dense row), the
+correctness never does.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mechcna._types import Float, Int, Tensor
+from mechcna.engine.moments import U64, gamma, shifted_logsumexp
+
+#: tokens of each item's tilted distribution whose entries are computed exactly
+SPARSE_TOKENS = 256
+
+#: the most distinct vocabulary columns one chunk may need before the chunk is left to the
+#: dense rows (a product that wide costs about what the rows cost)
+SPARSE_COLUMNS_SHARE = 0.25
+
+
+def corrected_logsumexp(
+    z: Float[Tensor, "batch d_vocab"],
+    p: Float[Tensor, "batch d_vocab"],
+    levels: Tensor,
+    step: Float[Tensor, " n"],
+    W: Float[Tensor, "n d_model"],
+    M: Float[Tensor, "d_model d_vocab"],
+    centre: Float[Tensor, " n"],
+    eta: Float[Tensor, " n"],
+    x: Float[Tensor, " k"],
+    b: Int[Tensor, " k"],
+    r: Int[Tensor, " k"],
+    target: Int[Tensor, " batch"],
+    budget: float,
+    tokens: int = SPARSE_TOKENS,
+    chunk: int = 128,
+) -> tuple[Float[Tensor, " k"], Float[Tensor, " k"], Tensor]:
+    """``(lse, own, ok)`` per item ``i``: ``lse ~ logsumexp(z[b_i] + x_i u_{r_i})`` within
+    ``budget`` where ``ok``, ``own = u_{r_i}[target[b_i]]`` exactly, ``u = W M - centre``
+    (float64), the stored rows ``Y = levels * step`` with ``|Y - u| <= eta`` entrywise and
+    ``p = softmax(z)``.
+
+    An item is tried only when it can succeed: ``q_j >= p_j exp(-|x| range(Y))``, so the
+    tail of ``q`` beyond any ``K`` tokens is at least ``exp(-|x| range)`` times ``p``'s tail
+    beyond its own top ``K``."""
+    V = z.shape[1]
+    K = max(1, min(tokens, V // 4))
+    k = len(x)
+    lse = z.new_zeros(k)
+    own = z.new_zeros(k)
+    ok = torch.zeros(k, dtype=torch.bool, device=z.device)
+    p_tail = (1 - p.topk(K, -1).values.sum(-1)).clamp_min(0)
+    y_max = levels.abs().amax(-1).to(torch.float64) * step
+    e_all = eta[r]
+    lost = torch.expm1(x.abs() * e_all) * torch.exp(-x.abs() * e_all)
+    hopeless = p_tail[b] * torch.exp(-2 * x.abs() * (y_max[r] + e_all)) * lost > 2 * budget
+    todo = (~hopeless).nonzero().flatten()
+    z_abs = z.abs().amax(-1)
+    for i in range(0, len(todo), chunk):
+        items = todo[i : i + chunk]
+        bc, rc, xc = b[items], r[items], x[items]
+        tc = target[bc]
+        s = levels[rc].to(torch.float64).mul_((xc * step[rc])[:, None])
+        s += z[bc] if z.shape[0] > 1 else z
+        ly = torch.logsumexp(s, -1)
+        top, S = s.topk(K, -1)
+        q = torch.exp(top - ly[:, None])
+        # rounding of q (each relative u (|s - ly| + 2), ly's own within gamma(V)) and its sum
+        s_abs = z_abs[bc] + xc.abs() * y_max[rc]
+        err = gamma(V) + U64 * (4 * s_abs + K + 8)
+        e = eta[rc]
+        grow = torch.expm1(xc.abs() * e)
+        # tail beyond each item's first k tokens; A >= exp(-|x| eta), so an item can meet the
+        # budget with k tokens only where this holds (non-increasing in k): take the fewest
+        spills = ((1 - q.cumsum(-1)).clamp_min(0) + 2 * err[:, None]) * grow[:, None]
+        enough = spills * (1 + budget) <= (budget * torch.exp(-xc.abs() * e))[:, None]
+        keep = enough.any(-1).nonzero().flatten()
+        if len(keep) == 0:
+            continue
+        first = enough[keep].to(torch.int8).argmax(-1)
+        items, bc, rc, xc, tc = items[keep], bc[keep], rc[keep], xc[keep], tc[keep]
+        ly, S, e = ly[keep], S[keep], e[keep]
+        spill = spills[keep].gather(1, first[:, None]).squeeze(1)
+        used = torch.arange(K, device=z.device)[None, :] <= first[:, None]
+        q = q[keep] * used
+        S = torch.where(used, S, tc[:, None])  # unused slots point at the target (weight 0)
+        cols = torch.unique(torch.cat([S.flatten(), tc]))
+        if len(cols) > SPARSE_COLUMNS_SHARE * V:
+            continue
+        E = W[rc] @ M[:, cols] - centre[rc][:, None]  # exact entries, [chunk, cols]
+        Ys = levels[rc[:, None], S].to(torch.float64) * step[rc][:, None]
+        d = E.gather(1, torch.searchsorted(cols, S)) - Ys
+        A = 1 + (q * torch.expm1(xc[:, None] * d)).sum(-1)
+        low = A - spill
+        bound = spill / low.clamp_min(torch.finfo(torch.float64).tiny) + 4 * (K + 2) * U64
+        good = (low > 0) & (bound <= budget) & (d.abs() <= e[:, None] * (1 + 1e-9)).all(-1)
+        lse[items] = ly + torch.log(A.clamp_min(torch.finfo(torch.float64).tiny))
+        own[items] = E.gather(1, torch.searchsorted(cols, tc)[:, None]).squeeze(1)
+        ok[items] = good
+    return lse, own, ok
+
+
+@dataclass
+class Deferred:
+    """Exact-path items of one layer whose exact rows are left for one product over all layers
+    (:func:`settle_deferred`): every layer's rows project through the same ``M``, so a call's
+    few dense rows per layer (the first layers' flat distributions) then read ``M`` once
+    instead of once per layer."""
+
+    tag: Any  # the caller's key (e.g. the layer and its prompts)
+    items: Int[Tensor, "k 3"]  # (prompt, extra, row) in the layer's coefficients
+    x: Float[Tensor, " k"]
+    zi: Int[Tensor, " k"]  # item -> row of z
+    inverse: Int[Tensor, " k"]  # item -> row of W
+    W: Float[Tensor, "n d_model"]  # float64 vectors of the rows needed
+    rows: Int[Tensor, " n"]  # their indices in the store (for put_exact)
+    store: Any  # the layer's RowStore
+    M: Float[Tensor, "d_model d_vocab"]  # the float64 projector
+    z: Float[Tensor, "m d_vocab"]
+    log_norm: Float[Tensor, " m"]
+    target: Int[Tensor, " m"]
+
+
+def settle_deferred(pending: list[Deferred], chunk: int = 256) -> list[tuple[Any, Tensor, Tensor]]:
+    """``[(tag, items, scores)]``: the exact scores of every deferred item; the rows of all
+    layers sharing a projector are formed ``chunk`` at a time in float64 products and kept in
+    their stores."""
+    out = []
+    for M in {id(p.M): p.M for p in pending}.values():
+        group = [p for p in pending if p.M is M]
+        W = torch.cat([p.W for p in group])
+        U = torch.cat([W[i : i + chunk] @ M for i in range(0, len(W), chunk)])
+        at = 0
+        for p in group:
+            rows, at = U[at : at + len(p.W)], at + len(p.W)
+            p.store.put_exact(p.rows, rows)
+            lse = shifted_logsumexp(p.z, rows, p.x, p.zi, p.inverse)
+            own = rows[p.inverse, p.target[p.zi]]
+            out.append((p.tag, p.items, p.x * own - (lse - p.log_norm[p.zi])))
+    return out

@@ -1,0 +1,179 @@
+"""The exact path from a stored row plus a few exact entries (:mod:`mechcna.engine.correction`,
+issue 20 speed): every item it accepts is within its budget of the float64 log-sum-exp on the
+exact row, items whose tilted distribution is too flat are left to the dense row, and the
+engine's scores through it stay within tol of the float64 literal."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mechcna.engine.correction import corrected_logsumexp
+from mechcna.engine.expansion import EngineStats, _row_eta, increase_from_rows
+from mechcna.engine.rows import RowStore
+from tests.engine_literal import engine_literal, error_ratio, layer_rows
+from tests.test_engine_speed import _draw_engine_inputs
+
+F64 = torch.float64
+
+
+def _case(seed: int, V: int = 3000, n: int = 20, d: int = 12):
+    """Two prompts (one confident, one flat), ``n`` int16-stored rows, items of both."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(d, V, generator=g, dtype=F64)
+    W = torch.randn(n, d, generator=g, dtype=F64) * 0.3
+    z = torch.randn(2, V, generator=g, dtype=F64)
+    target = torch.tensor([7, 11])
+    z[0, :8] += torch.linspace(14, 6, 8, dtype=F64)  # prompt 0: mass on a few tokens
+    U = W @ M
+    store = RowStore(n, V, torch.int16, torch.float32)
+    store.fill(torch.arange(n), U)
+    rows = layer_rows(M, W, torch.int16)
+    rows.store = store
+    b = torch.arange(2).repeat_interleave(n)
+    r = torch.arange(n).repeat(2)
+    x = torch.randn(2 * n, generator=g, dtype=F64) * 2
+    x[n:] = torch.linspace(0.1, 0.5, n, dtype=F64) / (2 * store.radius)  # mild tilts
+    return M, W, z, target, U, store, rows, b, r, x
+
+
+def _corrected(M, W, z, target, store, rows, b, r, x, budget, tokens):
+    idx = torch.arange(store.n_rows)
+    eta = _row_eta(rows, store, W, idx)
+    p = torch.softmax(z, -1)
+    return corrected_logsumexp(
+        z, p, store.stored(idx), store.step(idx), W, M, store.centre.clone(), eta, x, b, r,
+        target, budget, tokens=tokens,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("tokens", [2, 16, 256])
+def test_accepted_items_are_within_their_budget(seed, tokens):
+    """Against ``logsumexp(z + x u)`` in float64 on the exact centred row: every accepted
+    item within the budget, the target's entry exact; the flat prompt's items are refused and
+    most of the confident prompt's accepted with 256 tokens (so both branches are exercised)."""
+    M, W, z, target, U, store, rows, b, r, x = _case(seed)
+    budget = 5e-7
+    lse, own, ok = _corrected(M, W, z, target, store, rows, b, r, x, budget, tokens)
+    u = U - store.centre[:, None]
+    ref = torch.logsumexp(z[b] + x[:, None] * u[r], -1)
+    err = (lse - ref).abs()
+    assert bool(ok.any()) or tokens < 16, "no item took the sparse path"
+    assert float(torch.cat([err[ok], err.new_zeros(1)]).max()) <= budget
+    n = store.n_rows
+    # the flat prompt keeps over 80% of its mass beyond any 256 tokens: items whose tilt is
+    # mild and whose |x| eta is not tiny cannot be summed on a few tokens
+    eta = _row_eta(rows, store, W, torch.arange(n))
+    mild = x[n:].abs() * 2 * store.radius[r[n:]] <= 1  # q within e^1 of p: still flat
+    big = mild & (x[n:].abs() * eta[r[n:]] * 0.3 > budget)
+    assert bool(big.any()) and not bool(ok[n:][big].any())
+    assert int(ok[:n].sum()) >= n // 2 or tokens < 256
+    assert torch.allclose(own[ok], u[r, target[b]][ok], rtol=0, atol=1e-12)
+
+
+def test_the_tail_term_is_what_keeps_it_correct():
+    """Summing the correction on a single token and ignoring the tail (a budget made huge)
+    gives errors far above the budget on the confident prompt: the tail term is needed."""
+    M, W, z, target, U, store, rows, b, r, x = _case(0)
+    x = x * 20
+    lse, _, ok = _corrected(M, W, z, target, store, rows, b, r, x, 1e9, 1)
+    u = U - store.centre[:, None]
+    ref = torch.logsumexp(z[b] + x[:, None] * u[r], -1)
+    assert float((lse - ref)[ok].abs().max()) > 5e-7
+    _, _, strict = _corrected(M, W, z, target, store, rows, b, r, x, 5e-7, 1)
+    assert int(strict.sum()) < int(ok.sum())
+
+
+def test_a_row_that_differs_from_its_stored_copy_by_more_than_eta_is_refused():
+    """The exact entries are checked against the stored ones: a claimed ``eta`` too small
+    (a stored row that is not the row) sends every item to the dense path."""
+    M, W, z, target, _, store, rows, b, r, x = _case(1)
+    idx = torch.arange(store.n_rows)
+    eta = _row_eta(rows, store, W, idx) * 1e-3
+    p = torch.softmax(z, -1)
+    _, _, ok = corrected_logsumexp(
+        z, p, store.stored(idx), store.step(idx), W, M, store.centre.clone(), eta, x, b, r,
+        target, 5e-7,
+    )  # fmt: skip
+    assert not bool(ok.any())
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    V=st.integers(1100, 4000),
+    B=st.integers(1, 3),
+    confidence=st.floats(0.0, 30.0),
+    a_scale=st.floats(0.3, 6.0),
+    extreme_tail=st.booleans(),
+    fill=st.booleans(),
+)
+def test_engine_through_the_sparse_path_within_tolerance(
+    seed, V, B, confidence, a_scale, extreme_tail, fill
+):
+    """:func:`increase_from_rows` on int16 rows (the default storage) with coefficients large
+    enough that the expansion leaves items to the exact path, against the float64 literal."""
+    z, M, W, a, target = _draw_engine_inputs(
+        seed, V, 30, B, torch.int16, confidence, a_scale, extreme_tail
+    )
+    stats = EngineStats()
+    got = increase_from_rows(z, layer_rows(M, W, torch.int16), a, target, fill=fill, stats=stats)
+    ref = engine_literal(z, M, W, a, target)
+    assert error_ratio(got, ref, z, M, W, a, None) <= 1
+    assert stats.sparse <= stats.exact
+
+
+def test_the_engine_takes_the_sparse_path_on_a_confident_model():
+    """A confident model with large coefficients: most exact-path items are scored sparsely,
+    and the scores equal the literal within tol (fails if the path is never taken)."""
+    z, M, W, a, target = _draw_engine_inputs(3, 3000, 30, 2, torch.int16, 25.0, 6.0, False)
+    stats = EngineStats()
+    got = increase_from_rows(z, layer_rows(M, W, torch.int16), a, target, stats=stats)
+    ref = engine_literal(z, M, W, a, target)
+    assert error_ratio(got, ref, z, M, W, a, None) <= 1
+    assert stats.exact > 0 and stats.sparse > stats.exact // 2
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_deferred_and_sparse_rows_through_the_analyses_match_the_literal(monkeypatch, sparse):
+    """``neuron_importance`` and ``attention_neuron_importance`` on a confident tiny model
+    (unembedding scaled up: many exact-path items), int16 rows: the items scored from a few
+    exact entries and those whose exact rows are formed for all layers in one product
+    (:func:`settle_deferred`) equal the literal method. Without the sparse path every such item
+    is deferred (counted, so the test fails if nothing is)."""
+    from mechcna import attention_neuron_importance, neuron_importance
+    from mechcna.analyses import attribution
+    from mechcna.engine import correction
+    from mechcna.engine.blocks import BlockCache
+    from tests import reference
+    from tests.helpers import PROMPTS, build
+
+    model = build("llama", dtype=torch.float32)
+    with torch.no_grad():
+        model.unembed.W_U.mul_(40)
+    if not sparse:
+        monkeypatch.setattr(correction, "SPARSE_COLUMNS_SHARE", -1.0)
+    seen = {"items": 0}
+    real = attribution.settle_deferred
+
+    def counted(pending, *args, **kwargs):
+        out = real(pending, *args, **kwargs)
+        seen["items"] += sum(len(items) for _, items, _ in out)
+        return out
+
+    monkeypatch.setattr(attribution, "settle_deferred", counted)
+    cache = BlockCache(disk=False)
+    ffn = neuron_importance(model, PROMPTS, cache=cache)
+    att = attention_neuron_importance(model, PROMPTS, cache=cache)
+    assert cache.half and ffn.stats is not None and ffn.stats.exact > 0
+    for i, prompt in enumerate(PROMPTS):
+        tokens = model.to_tokens(prompt)[0]
+        ref, _ = reference.literal_ffn_scores(model, tokens)
+        torch.testing.assert_close(ffn.scores[i].to(ref), ref, atol=1e-4, rtol=0)
+        ref, _ = reference.literal_attention_scores(model, tokens)
+        got = att.scores[i, :, : len(tokens)].to(ref)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    if not sparse:
+        assert seen["items"] > 0
