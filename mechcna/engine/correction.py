@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from mechcna._types import Float, Int, Tensor
+from mechcna.engine import moments
 from mechcna.engine.moments import U64, gamma, shifted_logsumexp
 
 #: tokens of each item's tilted distribution whose entries are computed exactly
@@ -38,6 +39,28 @@ SPARSE_TOKENS = 256
 #: the most distinct vocabulary columns one chunk may need before the chunk is left to the
 #: dense rows (a product that wide costs about what the rows cost)
 SPARSE_COLUMNS_SHARE = 0.25
+
+
+def _tilted_kernel(z: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logsumexp(z + scale_i y_i), that sum's terms in float32)`` for each row ``y_i`` of
+    stored values (exact in float32 and float64) and one prompt's base logits ``z``."""
+    s = z[None] + scale[:, None] * y.to(torch.float64)
+    return torch.logsumexp(s, -1), s.to(torch.float32)
+
+
+def _tilted(z: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_tilted_kernel`, compiled on the CPU (one pass over float32 copies of the rows,
+    nothing in float64 stored) where :func:`mechcna.engine.moments.fused_available`."""
+    y = y.to(torch.float32) if y.dtype != torch.float32 else y
+    if y.numel() >= moments.FUSED_MIN_LSE and moments.fused_available(z[None], 2**62):
+        if "tilted" not in moments._fused:
+            moments._fused["tilted"] = torch.compile(_tilted_kernel, dynamic=True)
+        try:
+            return moments._fused["tilted"](z, y, scale)
+        except Exception as err:  # as in moments.fused_moments
+            moments._fused["broken"] = True
+            moments._log.warning("fused tilted log-sum-exp unavailable (%s); using eager", err)
+    return _tilted_kernel(z, y, scale)
 
 
 def corrected_logsumexp(
@@ -76,16 +99,21 @@ def corrected_logsumexp(
     e_all = eta[r]
     lost = torch.expm1(x.abs() * e_all) * torch.exp(-x.abs() * e_all)
     hopeless = p_tail[b] * torch.exp(-2 * x.abs() * (y_max[r] + e_all)) * lost > 2 * budget
-    todo = (~hopeless).nonzero().flatten()
     z_abs = z.abs().amax(-1)
-    for i in range(0, len(todo), chunk):
-        items = todo[i : i + chunk]
+    groups = [
+        part
+        for prompt in b[~hopeless].unique().tolist()
+        for part in ((b == prompt) & ~hopeless).nonzero().flatten().split(chunk)
+    ]
+    for items in groups:
         bc, rc, xc = b[items], r[items], x[items]
         tc = target[bc]
-        s = levels[rc].to(torch.float64).mul_((xc * step[rc])[:, None])
-        s += z[bc] if z.shape[0] > 1 else z
-        ly = torch.logsumexp(s, -1)
-        top, S = s.topk(K, -1)
+        zp, scale = z[bc[0]], xc * step[rc]
+        # the log-sum-exp over every token in float64, and the tokens ranked in float32 (any
+        # set of tokens is valid below: the ranking only decides how few are needed)
+        ly, s32 = _tilted(zp, levels[rc], scale)
+        S = s32.topk(K, -1).indices
+        top = zp[S] + scale[:, None] * levels[rc[:, None], S].to(torch.float64)
         q = torch.exp(top - ly[:, None])
         # rounding of q (each relative u (|s - ly| + 2), ly's own within gamma(V)) and its sum
         s_abs = z_abs[bc] + xc.abs() * y_max[rc]

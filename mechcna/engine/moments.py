@@ -24,8 +24,8 @@ bounds their error, which the engine adds to its certificate:
   Neurons whose coefficient times range is large take a larger ``K`` or every token: the
   choice only affects how many scores the expansion certifies, never their correctness.
 
-* **Fused reductions** (issue 20, speed): on the CPU, for one to four prompts, the raw
-  moments of a whole layer's rows are one compiled reduction (``torch.compile``, inductor):
+* **Fused reductions** (issue 20, speed): on the CPU, for up to :data:`MAX_FUSED_BATCH`
+  prompts, the raw moments of a whole layer's rows are one compiled reduction (``torch.compile``, inductor):
   each stored entry is read once, converted, multiplied and summed in registers, instead of
   chunks converted to float64 in memory and multiplied by the BLAS. Each term still takes one
   rounded product (``p_j * y_j^n``, the power exact as above) and the sum at most ``V - 1``
@@ -57,6 +57,11 @@ HEADS = (256, 1024, 4096, 16384)
 #: the most prompts for which truncated sums are used (a larger batch reads every token
 #: once for all prompts in one matrix product, which is cheaper per prompt)
 MAX_HEAD_BATCH = 4
+
+#: the most prompts for which the fused reduction is used: it costs about one pass over the
+#: rows per prompt (12 ms per SmolLM2 layer and prompt), the chunked matrix products about 0.6 s
+#: per layer for any batch up to 16, so the two cross near 50 prompts
+MAX_FUSED_BATCH = 32
 
 #: the share of ``tol`` a row's planned truncation error may take (:func:`head_plan`; a
 #: choice of speed against certification rate, never of correctness)
@@ -130,11 +135,11 @@ def shifted_logsumexp(
 
 def fused_available(p: Tensor, elements: int) -> bool:
     """Whether :func:`central_moments` uses the fused reduction for ``p`` (a CPU batch of at
-    most :data:`MAX_HEAD_BATCH` prompts) and ``elements`` stored entries."""
+    most :data:`MAX_FUSED_BATCH` prompts) and ``elements`` stored entries."""
     if os.environ.get("MECHCNA_COMPILE", "1") == "0" or _fused.get("broken"):
         return False
     return (
-        p.device.type == "cpu" and p.shape[0] <= MAX_HEAD_BATCH and elements >= FUSED_MIN_ELEMENTS
+        p.device.type == "cpu" and p.shape[0] <= MAX_FUSED_BATCH and elements >= FUSED_MIN_ELEMENTS
     )
 
 
