@@ -25,8 +25,9 @@ bounds their error, which the engine adds to its certificate:
   choice only affects how many scores the expansion certifies, never their correctness.
 
 * **Fused reductions** (issue 20, speed): on the CPU, for up to :data:`MAX_FUSED_BATCH`
-  prompts, the raw moments of a whole layer's rows are one compiled reduction (``torch.compile``, inductor):
-  each stored entry is read once, converted, multiplied and summed in registers, instead of
+  prompts, the raw moments of a whole layer's rows are one compiled reduction
+  (``torch.compile``, inductor): each stored entry is read once, converted, multiplied and
+  summed in registers, instead of
   chunks converted to float64 in memory and multiplied by the BLAS. Each term still takes one
   rounded product (``p_j * y_j^n``, the power exact as above) and the sum at most ``V - 1``
   roundings in some order, so the bounds above hold unchanged. Without a working compiler
