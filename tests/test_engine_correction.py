@@ -199,3 +199,35 @@ def test_the_compiled_tilted_sum_gives_what_the_eager_one_gives(monkeypatch):
     lse, _, ok = _corrected(M, W, z2, target, store, rows, b, r, x, 5e-7, 256)
     ref = torch.logsumexp(z2[b] + x[:, None] * (U - store.centre[:, None])[r], -1)
     assert bool(ok.any()) and float((lse - ref)[ok].abs().max()) <= 5e-7
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 256])
+@pytest.mark.parametrize("fill", [True, False])
+def test_deferred_rows_of_several_layers_settle_in_chunks_to_the_direct_scores(
+    monkeypatch, chunk, fill
+):
+    """Two layers sharing a projector defer their exact-path items (sparse path off); settled
+    ``chunk`` rows at a time across the layers' boundary they equal the scores computed
+    without deferring. A streaming call's scratch store is not kept by a deferred record."""
+    from mechcna.engine import correction, expansion
+    from mechcna.engine.correction import settle_deferred
+
+    monkeypatch.setattr(correction, "SPARSE_COLUMNS_SHARE", -1.0)
+    monkeypatch.setattr(expansion, "FRESH_BYTES", 0)  # streaming keeps no float64 rows
+    z, M, W, a, target = _draw_engine_inputs(7, 2500, 30, 2, torch.int16, 20.0, 4.0, False)
+    pending: list = []
+    got = []
+    first = layer_rows(M, W, torch.int16)
+    for tag, Wl in enumerate((W, W.flip(0) * 1.3)):
+        rows = layer_rows(M, Wl, torch.int16)
+        rows.projector = first.projector  # one projector for both layers, as in a model
+        mine = increase_from_rows(z, rows, a, target, fill=fill, defer=pending, tag=tag)
+        direct = increase_from_rows(z, layer_rows(M, Wl, torch.int16), a, target, fill=fill)
+        got.append((mine, direct))
+    assert sum(len(p.items) for p in pending) > 0 and len(pending) == 2
+    assert all(p.store is None for p in pending) or fill
+    for tag, items, val in settle_deferred(pending, chunk=chunk):
+        b, e, r = items.unbind(1)
+        got[tag][0][b, e, r] = val.to(got[tag][0].dtype)
+    for mine, direct in got:
+        assert float((mine.double() - direct.double()).abs().max()) <= 1e-6

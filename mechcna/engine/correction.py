@@ -164,27 +164,64 @@ class Deferred:
     inverse: Int[Tensor, " k"]  # item -> row of W
     W: Float[Tensor, "n d_model"]  # float64 vectors of the rows needed
     rows: Int[Tensor, " n"]  # their indices in the store (for put_exact)
-    store: Any  # the layer's RowStore
+    store: Any  # the layer's RowStore to keep the rows in (None: do not keep them)
     M: Float[Tensor, "d_model d_vocab"]  # the float64 projector
     z: Float[Tensor, "m d_vocab"]
     log_norm: Float[Tensor, " m"]
     target: Int[Tensor, " m"]
 
 
+def defer_items(
+    defer: list[Deferred], tag: Any, idx: Tensor, a: Tensor, z: Tensor, log_norm: Tensor,
+    tgt: Tensor, rows: Any, store: Any, W: Tensor, M: Tensor,
+    fresh: dict[int, Tensor],
+) -> Tensor:  # fmt: skip
+    """Moves the items ``idx`` (``[k, 3]``: prompt, extra, row) whose exact rows are neither
+    kept in ``store`` nor in ``fresh`` to ``defer`` as one :class:`Deferred` (``a`` the
+    coefficients, ``z``, ``log_norm`` and ``tgt`` per prompt, ``W`` and ``M`` float64);
+    returns the others. ``rows`` is the layer's :class:`~mechcna.engine.blocks.LayerRows`."""
+    host = idx[:, 2].cpu()
+    need = ~store.exact_known[host]
+    if fresh:
+        need &= torch.tensor([int(r) not in fresh for r in host.tolist()], dtype=torch.bool,
+                             device=host.device)  # fmt: skip
+    if not bool(need.any()):
+        return idx
+    items = idx[need.to(idx.device)]
+    uniq, inverse = torch.unique(items[:, 2], return_inverse=True)
+    prompts, zi = torch.unique(items[:, 0], return_inverse=True)
+    b, e, r = items.unbind(1)
+    keep = store if store is rows.store else None  # not a streaming call's scratch store
+    defer.append(Deferred(tag, items, a[b, e, r], zi, inverse, W[uniq.to(W.device)], uniq,
+                          keep, M, z[prompts], log_norm[prompts], tgt[prompts]))  # fmt: skip
+    return idx[~need.to(idx.device)]
+
+
 def settle_deferred(pending: list[Deferred], chunk: int = 256) -> list[tuple[Any, Tensor, Tensor]]:
-    """``[(tag, items, scores)]``: the exact scores of every deferred item; the rows of all
-    layers sharing a projector are formed ``chunk`` at a time in float64 products and kept in
-    their stores."""
+    """``[(tag, items, scores)]``: the exact scores of every deferred item. The rows of all
+    layers sharing a projector are formed ``chunk`` at a time in float64 products (so memory
+    holds at most ``chunk`` rows), each layer's items scored from the rows of its chunk, and
+    the rows kept in their layer's store (not in a streaming call's scratch store)."""
     out = []
     for M in {id(p.M): p.M for p in pending}.values():
         group = [p for p in pending if p.M is M]
+        starts = torch.tensor([0] + [len(p.W) for p in group]).cumsum(0).tolist()
         W = torch.cat([p.W for p in group])
-        U = torch.cat([W[i : i + chunk] @ M for i in range(0, len(W), chunk)])
-        at = 0
-        for p in group:
-            rows, at = U[at : at + len(p.W)], at + len(p.W)
-            p.store.put_exact(p.rows, rows)
-            lse = shifted_logsumexp(p.z, rows, p.x, p.zi, p.inverse)
-            own = rows[p.inverse, p.target[p.zi]]
-            out.append((p.tag, p.items, p.x * own - (lse - p.log_norm[p.zi])))
+        scores = [torch.empty_like(p.x) for p in group]
+        for i in range(0, len(W), chunk):
+            U = W[i : i + chunk] @ M  # rows i .. i + chunk of every layer's rows in turn
+            for j, p in enumerate(group):
+                lo, hi = max(starts[j], i) - starts[j], min(starts[j + 1], i + chunk) - starts[j]
+                if lo >= hi:
+                    continue
+                rows = U[starts[j] + lo - i : starts[j] + hi - i]
+                if p.store is not None:
+                    p.store.put_exact(p.rows[lo:hi], rows)
+                mine = ((p.inverse >= lo) & (p.inverse < hi)).nonzero().flatten()
+                if len(mine):
+                    zi, r = p.zi[mine], p.inverse[mine] - lo
+                    lse = shifted_logsumexp(p.z, rows, p.x[mine], zi, r)
+                    own = rows[r, p.target[zi]]
+                    scores[j][mine] = p.x[mine] * own - (lse - p.log_norm[zi])
+        out += [(p.tag, p.items, scores[j]) for j, p in enumerate(group)]
     return out

@@ -95,7 +95,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from mechcna._types import Float, Int, Tensor
-from mechcna.engine.correction import Deferred, corrected_logsumexp
+from mechcna.engine.correction import Deferred, corrected_logsumexp, defer_items
 from mechcna.engine.moments import (
     U64,
     central_moments,
@@ -456,7 +456,7 @@ def increase_from_rows(
     if len(idx) and method != "exact" and store.rounded:
         idx = _sparse_items(out, idx, a, z, log_norm, p, tgt, rows, store, W, fresh, tol, stats)
         if defer is not None and len(idx):
-            idx = _defer_items(defer, tag, idx, a, z, log_norm, tgt, store, W, M, fresh)
+            idx = defer_items(defer, tag, idx, a, z, log_norm, tgt, rows, store, W, M, fresh)
     if len(idx):
         uniq, inverse = torch.unique(idx[:, 2], return_inverse=True)
         store.verify()
@@ -517,28 +517,6 @@ def _sparse_items(
     done = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
     done[cand.nonzero().flatten().to(idx.device)[good.to(idx.device)]] = True
     return idx[~done]
-
-
-def _defer_items(
-    defer: list[Deferred], tag: Any, idx: Tensor, a: Tensor, z: Tensor, log_norm: Tensor,
-    tgt: Tensor, store: RowStore, W: Tensor, M: Tensor, fresh: dict[int, Tensor],
-) -> Tensor:  # fmt: skip
-    """Moves the items whose exact rows are neither kept nor fresh to ``defer``; returns the
-    others."""
-    host = idx[:, 2].cpu()
-    need = ~store.exact_known[host]
-    if fresh:
-        need &= torch.tensor([int(r) not in fresh for r in host.tolist()], dtype=torch.bool,
-                             device=host.device)  # fmt: skip
-    if not bool(need.any()):
-        return idx
-    items = idx[need.to(idx.device)]
-    uniq, inverse = torch.unique(items[:, 2], return_inverse=True)
-    prompts, zi = torch.unique(items[:, 0], return_inverse=True)
-    b, e, r = items.unbind(1)
-    defer.append(Deferred(tag, items, a[b, e, r], zi, inverse, W[uniq.to(W.device)], uniq,
-                          store, M, z[prompts], log_norm[prompts], tgt[prompts]))  # fmt: skip
-    return idx[~need.to(idx.device)]
 
 
 def _third_order(
