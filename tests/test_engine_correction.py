@@ -231,3 +231,59 @@ def test_deferred_rows_of_several_layers_settle_in_chunks_to_the_direct_scores(
         got[tag][0][b, e, r] = val.to(got[tag][0].dtype)
     for mine, direct in got:
         assert float((mine.double() - direct.double()).abs().max()) <= 1e-6
+
+
+def test_scores_do_not_depend_on_what_earlier_calls_left_in_the_cache():
+    """A confident tiny model (many exact-path items, some sparse, some deferred): a prompt's
+    scores are bit-identical on a fresh cache and after other prompts filled and kept rows;
+    CNA of the model against an identical copy is exactly 0 (an item's route, and so its
+    rounding, never depends on rows kept by earlier calls)."""
+    import copy
+
+    from mechcna import compare_neurons, neuron_importance
+    from mechcna.engine.blocks import BlockCache
+    from tests.helpers import PROMPTS, build
+
+    model = build("llama", dtype=torch.float32)
+    with torch.no_grad():
+        model.unembed.W_U.mul_(40)
+    fresh = neuron_importance(model, PROMPTS[2], cache=BlockCache(disk=False))
+    used = BlockCache(disk=False)
+    neuron_importance(model, PROMPTS, cache=used)
+    neuron_importance(model, PROMPTS[:2], cache=used)
+    again = neuron_importance(model, PROMPTS[2], cache=used)
+    assert again.stats is not None and again.stats.exact > 0
+    assert torch.equal(fresh.scores, again.scores)
+    twin = copy.deepcopy(model)  # its own default cache, empty
+    neuron_importance(model, PROMPTS)  # fills and keeps rows in the model's default cache
+    assert float(compare_neurons(model, PROMPTS, twin).delta.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_an_items_route_does_not_depend_on_rows_kept_exactly(defer):
+    """The same layer scored twice, the second time after every row was kept exactly (as
+    earlier calls on other prompts leave them): bit-identical scores. Items taken by the sparse
+    path keep it, deferred items settle with the kept values (were the route to change with
+    the cache, the scores would differ by rounding and a model compared with an identical copy
+    holding another cache would not give 0)."""
+    from mechcna.engine.correction import settle_deferred
+
+    z, M, W, a, target = _draw_engine_inputs(3, 3000, 30, 2, torch.int16, 25.0, 6.0, False)
+    rows = layer_rows(M, W, torch.int16)
+
+    def run():
+        pending: list | None = [] if defer else None
+        stats = EngineStats()
+        out = increase_from_rows(z, rows, a, target, defer=pending, tag=0, stats=stats)
+        for _, items, val in settle_deferred(pending or []):
+            b, e, r = items.unbind(1)
+            out[b, e, r] = val.to(out.dtype)
+        return out, stats
+
+    first, stats = run()
+    assert stats.sparse > 0
+    everyone = torch.arange(W.shape[0])
+    rows.store.put_exact(everyone, W.double() @ rows.projector.exact()[0])
+    assert bool(rows.store.exact_known.all())
+    again, _ = run()
+    assert torch.equal(first, again)

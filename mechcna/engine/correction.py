@@ -176,12 +176,14 @@ def defer_items(
     tgt: Tensor, rows: Any, store: Any, W: Tensor, M: Tensor,
     fresh: dict[int, Tensor],
 ) -> Tensor:  # fmt: skip
-    """Moves the items ``idx`` (``[k, 3]``: prompt, extra, row) whose exact rows are neither
-    kept in ``store`` nor in ``fresh`` to ``defer`` as one :class:`Deferred` (``a`` the
+    """Moves the items ``idx`` (``[k, 3]``: prompt, extra, row) whose exact rows are not in
+    ``fresh`` to ``defer`` (also those whose rows ``store`` keeps: settling them with the rows
+    of the same chunks, whatever earlier calls kept, makes their rounding independent of the
+    cache's history) as one :class:`Deferred` (``a`` the
     coefficients, ``z``, ``log_norm`` and ``tgt`` per prompt, ``W`` and ``M`` float64);
     returns the others. ``rows`` is the layer's :class:`~mechcna.engine.blocks.LayerRows`."""
     host = idx[:, 2].cpu()
-    need = ~store.exact_known[host]
+    need = torch.ones(len(host), dtype=torch.bool, device=host.device)
     if fresh:
         need &= torch.tensor([int(r) not in fresh for r in host.tolist()], dtype=torch.bool,
                              device=host.device)  # fmt: skip
@@ -197,6 +199,13 @@ def defer_items(
     return idx[~need.to(idx.device)]
 
 
+def _kept(p: Deferred) -> Tensor:
+    """Which of a record's rows its store keeps exactly (none without a store)."""
+    if p.store is None:
+        return torch.zeros(len(p.rows), dtype=torch.bool)
+    return p.store.exact_known[p.rows.cpu()]
+
+
 def settle_deferred(pending: list[Deferred], chunk: int = 256) -> list[tuple[Any, Tensor, Tensor]]:
     """``[(tag, items, scores)]``: the exact scores of every deferred item. The rows of all
     layers sharing a projector are formed ``chunk`` at a time in float64 products (so memory
@@ -208,15 +217,23 @@ def settle_deferred(pending: list[Deferred], chunk: int = 256) -> list[tuple[Any
         starts = torch.tensor([0] + [len(p.W) for p in group]).cumsum(0).tolist()
         W = torch.cat([p.W for p in group])
         scores = [torch.empty_like(p.x) for p in group]
+        kept = torch.cat([_kept(p) for p in group])
         for i in range(0, len(W), chunk):
-            U = W[i : i + chunk] @ M  # rows i .. i + chunk of every layer's rows in turn
+            # rows i .. i + chunk of every layer's rows in turn; rows a store keeps are read
+            U = W[i : i + chunk] @ M if not bool(kept[i : i + chunk].all()) else None
             for j, p in enumerate(group):
                 lo, hi = max(starts[j], i) - starts[j], min(starts[j + 1], i + chunk) - starts[j]
                 if lo >= hi:
                     continue
-                rows = U[starts[j] + lo - i : starts[j] + hi - i]
-                if p.store is not None:
-                    p.store.put_exact(p.rows[lo:hi], rows)
+                k = kept[starts[j] + lo : starts[j] + hi]
+                if U is None:
+                    rows = M.new_empty(hi - lo, M.shape[1])
+                else:
+                    rows = U[starts[j] + lo - i : starts[j] + hi - i].clone()
+                if bool(k.any()):  # the kept values, not this product's (equal up to rounding)
+                    rows[k.to(rows.device)] = p.store.get_exact(p.rows[lo:hi][k]).to(rows)
+                if p.store is not None and not bool(k.all()):
+                    p.store.put_exact(p.rows[lo:hi][~k], rows[(~k).to(rows.device)])
                 mine = ((p.inverse >= lo) & (p.inverse < hi)).nonzero().flatten()
                 if len(mine):
                     zi, r = p.zi[mine], p.inverse[mine] - lo

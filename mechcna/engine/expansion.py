@@ -492,7 +492,9 @@ def _sparse_items(
     the stored row plus the exact entries on a few tokens (:mod:`mechcna.engine.correction`,
     within ``tol / 2``) into ``out``; returns the items left to the dense exact rows."""
     host = idx[:, 2].cpu()
-    cand = store.known[host] & ~store.exact_known[host]
+    # not conditioned on rows kept exactly: an item's route (so its rounding) must not depend
+    # on what earlier calls left in the cache (comparing a model with itself gives 0)
+    cand = store.known[host].clone()
     if fresh:
         mine = [int(r) not in fresh for r in host.tolist()]
         cand &= torch.tensor(mine, dtype=torch.bool, device=host.device)
