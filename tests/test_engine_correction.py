@@ -42,8 +42,8 @@ def _corrected(M, W, z, target, store, rows, b, r, x, budget, tokens):
     eta = _row_eta(rows, store, W, idx)
     p = torch.softmax(z, -1)
     return corrected_logsumexp(
-        z, p, store.stored(idx), store.step(idx), W, M, store.centre.clone(), eta, x, b, r,
-        target, budget, tokens=tokens,
+        z, p, store.stored(idx), idx, store.step(idx), store.radius_of(idx), W, M,
+        store.centre.clone(), eta, x, b, r, target, budget, tokens=tokens,
     )  # fmt: skip
 
 
@@ -93,8 +93,8 @@ def test_a_row_that_differs_from_its_stored_copy_by_more_than_eta_is_refused():
     eta = _row_eta(rows, store, W, idx) * 1e-3
     p = torch.softmax(z, -1)
     _, _, ok = corrected_logsumexp(
-        z, p, store.stored(idx), store.step(idx), W, M, store.centre.clone(), eta, x, b, r,
-        target, 5e-7,
+        z, p, store.stored(idx), idx, store.step(idx), store.radius_of(idx), W, M,
+        store.centre.clone(), eta, x, b, r, target, 5e-7,
     )  # fmt: skip
     assert not bool(ok.any())
 

@@ -67,7 +67,9 @@ def corrected_logsumexp(
     z: Float[Tensor, "batch d_vocab"],
     p: Float[Tensor, "batch d_vocab"],
     levels: Tensor,
+    where: Int[Tensor, " n"],
     step: Float[Tensor, " n"],
+    radius: Float[Tensor, " n"],
     W: Float[Tensor, "n d_model"],
     M: Float[Tensor, "d_model d_vocab"],
     centre: Float[Tensor, " n"],
@@ -82,7 +84,9 @@ def corrected_logsumexp(
 ) -> tuple[Float[Tensor, " k"], Float[Tensor, " k"], Tensor]:
     """``(lse, own, ok)`` per item ``i``: ``lse ~ logsumexp(z[b_i] + x_i u_{r_i})`` within
     ``budget`` where ``ok``, ``own = u_{r_i}[target[b_i]]`` exactly, ``u = W M - centre``
-    (float64), the stored rows ``Y = levels * step`` with ``|Y - u| <= eta`` entrywise and
+    (float64), the stored rows ``Y = levels[where] * step`` (``|Y| <= radius``) with
+    ``|Y - u| <= eta`` entrywise (``levels`` a store's whole tensor: rows are gathered a chunk
+    at a time) and
     ``p = softmax(z)``.
 
     An item is tried only when it can succeed: ``q_j >= p_j exp(-|x| range(Y))``, so the
@@ -95,7 +99,7 @@ def corrected_logsumexp(
     own = z.new_zeros(k)
     ok = torch.zeros(k, dtype=torch.bool, device=z.device)
     p_tail = (1 - p.topk(K, -1).values.sum(-1)).clamp_min(0)
-    y_max = levels.abs().amax(-1).to(torch.float64) * step
+    y_max = radius * (1 + 2.0**-20)  # also for rows stored in float32
     e_all = eta[r]
     lost = torch.expm1(x.abs() * e_all) * torch.exp(-x.abs() * e_all)
     hopeless = p_tail[b] * torch.exp(-2 * x.abs() * (y_max[r] + e_all)) * lost > 2 * budget
@@ -111,9 +115,10 @@ def corrected_logsumexp(
         zp, scale = z[bc[0]], xc * step[rc]
         # the log-sum-exp over every token in float64, and the tokens ranked in float32 (any
         # set of tokens is valid below: the ranking only decides how few are needed)
-        ly, s32 = _tilted(zp, levels[rc], scale)
+        lv = levels[where[rc]]
+        ly, s32 = _tilted(zp, lv, scale)
         S = s32.topk(K, -1).indices
-        top = zp[S] + scale[:, None] * levels[rc[:, None], S].to(torch.float64)
+        top = zp[S] + scale[:, None] * lv.gather(1, S).to(torch.float64)
         q = torch.exp(top - ly[:, None])
         # rounding of q (each relative u (|s - ly| + 2), ly's own within gamma(V)) and its sum
         s_abs = z_abs[bc] + xc.abs() * y_max[rc]
@@ -138,7 +143,7 @@ def corrected_logsumexp(
         if len(cols) > SPARSE_COLUMNS_SHARE * V:
             continue
         E = W[rc] @ M[:, cols] - centre[rc][:, None]  # exact entries, [chunk, cols]
-        Ys = levels[rc[:, None], S].to(torch.float64) * step[rc][:, None]
+        Ys = lv[keep].gather(1, S).to(torch.float64) * step[rc][:, None]
         d = E.gather(1, torch.searchsorted(cols, S)) - Ys
         A = 1 + (q * torch.expm1(xc[:, None] * d)).sum(-1)
         low = A - spill
@@ -206,13 +211,23 @@ def _kept(p: Deferred) -> Tensor:
     return p.store.exact_known[p.rows.cpu()]
 
 
-def settle_deferred(pending: list[Deferred], chunk: int = 256) -> list[tuple[Any, Tensor, Tensor]]:
+#: float64 entries of the exact rows :func:`settle_deferred` forms at a time (128 MB: 64 rows
+#: of Gemma 3's 262,144-token vocabulary, at most 256 rows)
+SETTLE_ELEMENTS = 2**24
+
+
+def settle_deferred(
+    pending: list[Deferred], chunk: int | None = None
+) -> list[tuple[Any, Tensor, Tensor]]:
     """``[(tag, items, scores)]``: the exact scores of every deferred item. The rows of all
     layers sharing a projector are formed ``chunk`` at a time in float64 products (so memory
-    holds at most ``chunk`` rows), each layer's items scored from the rows of its chunk, and
-    the rows kept in their layer's store (not in a streaming call's scratch store)."""
+    holds at most ``chunk`` rows; by default as many as :data:`SETTLE_ELEMENTS` allows), each
+    layer's items scored from the rows of its chunk, and the rows kept in their layer's store
+    (not in a streaming call's scratch store)."""
     out = []
     for M in {id(p.M): p.M for p in pending}.values():
+        if chunk is None:
+            chunk = max(1, min(256, SETTLE_ELEMENTS // M.shape[1]))
         group = [p for p in pending if p.M is M]
         starts = torch.tensor([0] + [len(p.W) for p in group]).cumsum(0).tolist()
         W = torch.cat([p.W for p in group])
@@ -229,7 +244,7 @@ def settle_deferred(pending: list[Deferred], chunk: int = 256) -> list[tuple[Any
                 if U is None:
                     rows = M.new_empty(hi - lo, M.shape[1])
                 else:
-                    rows = U[starts[j] + lo - i : starts[j] + hi - i].clone()
+                    rows = U[starts[j] + lo - i : starts[j] + hi - i]
                 if bool(k.any()):  # the kept values, not this product's (equal up to rounding)
                     rows[k.to(rows.device)] = p.store.get_exact(p.rows[lo:hi][k]).to(rows)
                 if p.store is not None and not bool(k.all()):

@@ -503,13 +503,14 @@ def _sparse_items(
     items = idx[cand.to(idx.device)]
     uniq, inverse = torch.unique(items[:, 2], return_inverse=True)
     M = rows.projector.exact()[0]
-    levels = store.stored(uniq).to(z.device)
+    levels = store.stored(slice(None))  # the whole store, no copy: gathered by chunks
     centre = store.centre[uniq.cpu()].to(z.device)
     eta = _row_eta(rows, store, W, uniq)
     b, e, r = items.unbind(1)
     x = a[b, e, r]
     lse, own, ok = corrected_logsumexp(
-        z, p, levels, store.step(uniq).to(z.device), W[uniq.to(W.device)], M, centre, eta,
+        z, p, levels, uniq.to(levels.device), store.step(uniq).to(z.device),
+        store.radius_of(uniq).to(z.device), W[uniq.to(W.device)], M, centre, eta,
         x, b, inverse, tgt, tol / 2,
     )  # fmt: skip
     good = ok.nonzero().flatten()
