@@ -488,8 +488,8 @@ def _sparse_items(
     rows: "LayerRows", store: RowStore, W: Tensor, fresh: dict[int, Tensor], tol: float,
     stats: EngineStats | None,
 ) -> Tensor:  # fmt: skip
-    """Scores the exact path's items whose rows are stored rounded and not kept exactly from
-    the stored row plus the exact entries on a few tokens (:mod:`mechcna.engine.correction`,
+    """Scores the exact path's items whose rows are stored rounded (and not fresh) from the
+    stored row plus the exact entries on a few tokens (:mod:`mechcna.engine.correction`,
     within ``tol / 2``) into ``out``; returns the items left to the dense exact rows."""
     host = idx[:, 2].cpu()
     # not conditioned on rows kept exactly: an item's route (so its rounding) must not depend
