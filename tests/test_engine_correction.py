@@ -287,3 +287,39 @@ def test_an_items_route_does_not_depend_on_rows_kept_exactly(defer):
     assert bool(rows.store.exact_known.all())
     again, _ = run()
     assert torch.equal(first, again)
+
+
+def test_a_chunk_with_some_rows_kept_forms_only_the_others(monkeypatch):
+    """Deferred items whose chunk mixes rows the store keeps exactly with new ones: the new
+    rows are formed (and kept), the kept ones read, and every score equals the direct
+    one."""
+    from mechcna.engine import correction
+    from mechcna.engine.correction import settle_deferred
+
+    monkeypatch.setattr(correction, "SPARSE_COLUMNS_SHARE", -1.0)
+    z, M, W, a, target = _draw_engine_inputs(7, 2500, 30, 2, torch.int16, 20.0, 4.0, False)
+    rows = layer_rows(M, W, torch.int16)
+    M64 = rows.projector.exact()[0]
+    pending: list = []
+    mine = increase_from_rows(z, rows, a, target, fill=True, defer=pending, tag=0)
+    direct = increase_from_rows(z, layer_rows(M, W, torch.int16), a, target, fill=True)
+    assert len(pending) == 1 and len(pending[0].rows) >= 2
+    half = pending[0].rows[::2]
+    rows.store.put_exact(half, W[half].double() @ M64)
+    shapes = []
+    real = torch.Tensor.__matmul__
+
+    def spy(x, y):
+        if y is M64:
+            shapes.append(x.shape[0])
+        return real(x, y)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    out = settle_deferred(pending, chunk=256)
+    monkeypatch.undo()
+    assert shapes == [len(pending[0].rows) - len(half)]  # the kept rows were not formed
+    for _, items, val in out:
+        b, e, r = items.unbind(1)
+        mine[b, e, r] = val.to(mine.dtype)
+    assert float((mine.double() - direct.double()).abs().max()) <= 1e-6
+    assert bool(rows.store.exact_known[pending[0].rows].all())

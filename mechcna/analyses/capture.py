@@ -21,6 +21,7 @@ from typing import Literal
 import einops
 import torch
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import apply_softcap
 
 from mechcna._types import Float, Int, Tensor
 from mechcna.engine.projection import compute_dtype
@@ -28,7 +29,7 @@ from mechcna.errors import MechcnaError, NonFiniteError
 from mechcna.interventions.edits import Intervention, intervene
 from mechcna.interventions.positions import prompt_lengths
 from mechcna.interventions.prompts import PromptBatch, Prompts, prepare_prompts, single_token_ids
-from mechcna.models.backend import Model
+from mechcna.models.backend import Model, is_bridge
 from mechcna.models.check import first_non_finite
 from mechcna.models.hooks import hook_name, post_scale_name
 from mechcna.models.inputs import warn_user_hooks
@@ -128,10 +129,22 @@ def capture(
                 hooks.append((post_scale_name(l, sub), at_position(f"{sub}{l}")))
     if arch.final_norm == "none":
         hooks = hooks[1:]
+    # a HookedTransformer stops before its unembedding (whose forward copies W_U: 0.1 s on
+    # SmolLM2); the top-1 needs the logits at the scored positions only, formed below as the
+    # unembedding does (same weights, bias and soft cap)
+    own = not is_bridge(model)
     with torch.no_grad(), intervene(model, *interventions), prompt_lengths(batch.lengths):
-        logits = model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
+        logits = model.run_with_hooks(
+            batch.tokens, fwd_hooks=hooks, return_type=None if own else "logits"
+        )
     _require_finite(store, arch.n_layers)
-    if targets is None:
+    if targets is None and own:
+        with torch.no_grad():
+            x = store["final"] if arch.final_norm == "none" else model.ln_final(store["final"])
+            at = apply_softcap(x @ model.W_U + model.b_U, model.cfg.output_logits_soft_cap)
+        target = at.argmax(-1)
+    elif targets is None:
+        assert logits is not None
         target = logits[rows, pos].argmax(-1)
     else:
         target = single_token_ids(model, targets, len(batch))

@@ -47,6 +47,7 @@ from mechcna.engine.rows import (
     open_row_store,
     parse_bytes,
 )
+from mechcna.engine.widths import load_widths, row_widths, save_widths
 from mechcna.errors import MechcnaError
 from mechcna.models.architecture import Architecture
 from mechcna.models.backend import Model
@@ -195,6 +196,7 @@ class BlockCache:
         self._entries: OrderedDict[tuple, DirectionBlock | RowStore] = OrderedDict()
         self._slots: dict[tuple, tuple] = {}  # (kind, layer) -> latest key
         self._projector: Projector | None = None
+        self._widths: dict[str, Tensor] = {}  # a few KB per layer: never evicted
         self.hits = 0
         self.misses = 0
 
@@ -251,6 +253,24 @@ class BlockCache:
         self._admit(key, store, slot)
         return store
 
+    def widths(self, rows: "LayerRows") -> Float[Tensor, " row"]:
+        """Upper bounds on the range of each of ``rows``' exact rows over the vocabulary
+        (:mod:`mechcna.engine.widths`), computed once per weights (one product of every row)
+        and kept in memory and, with a disk cache, on disk."""
+        key = rows.key
+        if key is None:
+            return row_widths(rows.W, rows.projector.M)
+        got = self._widths.get(key)
+        if got is None:
+            n = rows.W.shape[0]
+            got = load_widths(self.disk, key, n) if self.disk is not None else None
+            if got is None:
+                got = row_widths(rows.W, rows.projector.M)
+                if self.disk is not None:
+                    save_widths(self.disk, key, got)
+            self._widths[key] = got
+        return got
+
     def can_hold(self, store: RowStore, layers: int = 1) -> bool:
         """Whether all of ``store``'s rows fit, and the rows of ``layers`` layers like it
         (a whole model's, which one call visits in turn) fit the budget: otherwise each call
@@ -291,6 +311,7 @@ class BlockCache:
                 e.release()
         self._entries.clear()
         self._slots.clear()
+        self._widths.clear()
 
 
 _CACHES: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
@@ -332,6 +353,9 @@ class LayerRows:
     store: RowStore
     projector: Projector
     cache: BlockCache
+    #: the content key of the weights (names the range bounds kept by the cache; ``None``:
+    #: computed per use)
+    key: str | None = None
 
 
 def layer_rows(model: Model, kind: str, layer: int, cache: BlockCache | None = None) -> LayerRows:
@@ -343,7 +367,7 @@ def layer_rows(model: Model, kind: str, layer: int, cache: BlockCache | None = N
     kind_of_rows = "rows" + (_STORAGE_TAG[cache.storage] if cache.half else "")
     key = _key(arch, kind, layer, kind_of_rows)
     store = cache.rows(key, (kind, layer), W.shape[0], arch.d_vocab, dtype, W.device)
-    return LayerRows(W.to(dtype), store, cache.projector(model), cache)
+    return LayerRows(W.to(dtype), store, cache.projector(model), cache, key[-1])
 
 
 def ffn_block(model: Model, layer: int, cache: BlockCache | None = None) -> DirectionBlock:

@@ -234,8 +234,16 @@ def settle_deferred(
         scores = [torch.empty_like(p.x) for p in group]
         kept = torch.cat([_kept(p) for p in group])
         for i in range(0, len(W), chunk):
-            # rows i .. i + chunk of every layer's rows in turn; rows a store keeps are read
-            U = W[i : i + chunk] @ M if not bool(kept[i : i + chunk].all()) else None
+            # rows i .. i + chunk of every layer's rows in turn; rows a store keeps are read,
+            # only the others are formed
+            part = W[i : i + chunk]
+            new = (~kept[i : i + chunk]).nonzero().flatten()
+            U = None
+            if len(new) == len(part):
+                U = part @ M
+            elif len(new):
+                U = M.new_empty(len(part), M.shape[1])
+                U[new.to(U.device)] = part[new.to(W.device)] @ M
             for j, p in enumerate(group):
                 lo, hi = max(starts[j], i) - starts[j], min(starts[j + 1], i + chunk) - starts[j]
                 if lo >= hi:

@@ -43,9 +43,10 @@ computed from the neuron's residual-space vector ``w`` and the projector ``M``
 stored and the cache cannot hold them, e.g. streaming): ``k1`` as above and ``k2 = w C w``
 with ``C = sum_j p_j (M_j - M p)(M_j - M p)^T`` (a ``d_model x d_model`` covariance per
 prompt and layer) are exact without the row; ``r`` is bounded from above by
-:meth:`mechcna.engine.blocks.Projector.range_bound`. Only neurons whose ``R3`` bound exceeds
-``tol`` need their rows; they then get the third-order value with the ``R4`` bound, or the
-exact sum.
+:meth:`mechcna.engine.blocks.Projector.range_bound` and by the exact range (plus its
+rounding) computed once per weights (:mod:`mechcna.engine.widths`). Only neurons whose
+``R3`` bound exceeds ``tol`` need their rows; they then get the third-order value with the
+``R4`` bound, or the exact sum.
 
 **Floating point** (issue 20). The remainder bounds need an upper bound on the *true*
 ``k2``, and the expansion's value is only as good as the computed ``k2``, ``k3`` and
@@ -115,8 +116,9 @@ if TYPE_CHECKING:
 Method = Literal["certified", "exact"]
 
 #: float64 entries of the vocabulary block per product when forming the streaming
-#: covariance (128 MB: memory stays bounded whatever the vocabulary)
-COVARIANCE_ELEMENTS = 2**24
+#: covariance (8 MB: the block stays in cache between its centring and its products, and
+#: memory stays bounded whatever the vocabulary)
+COVARIANCE_ELEMENTS = 2**20
 
 #: the most bytes of float64 rows a streaming call keeps for its exact sums
 FRESH_BYTES = 2**29
@@ -320,13 +322,19 @@ def _covariance_k2(
     shift = float((g * col_max).norm()) ** 2
     out, err = [], []
     step = max(1, COVARIANCE_ELEMENTS // d)
+    root = p.sqrt()  # C = Y Y^T, Y = sqrt(p) X: one product, 2 u relative more per term
+    h = d // 2
     for b in range(p.shape[0]):
         C = M.new_zeros(d, d)
         for j in range(0, V, step):  # a sum over the vocabulary in blocks (any order: g)
-            X = M[:, j : j + step] - mean[b][:, None]
-            C.addmm_(X * p[b, j : j + step], X.T)
+            Y = torch.sub(M[:, j : j + step], mean[b][:, None]).mul_(root[b, j : j + step])
+            # the lower blocks only (C is symmetric): 3/4 of the products
+            C[:h, :h].addmm_(Y[:h], Y[:h].T)
+            C[h:, :h].addmm_(Y[h:], Y[:h].T)
+            C[h:, h:].addmm_(Y[h:], Y[h:].T)
+        C[:h, h:] = C[h:, :h].T
         out.append(((W @ C) * W).sum(-1))
-        err.append(2 * (g + 2 * gd) * w2 * C.diagonal().sum() + 2 * w2 * shift)
+        err.append(2 * (g + 4 * U64 + 2 * gd) * w2 * C.diagonal().sum() + 2 * w2 * shift)
     return torch.stack(out), torch.stack(err)
 
 
@@ -392,8 +400,9 @@ def increase_from_rows(
     store = rows.store
     if not fill and method != "exact" and not bool(store.known.all()):
         # streaming: the rows computed here serve this call only (a scratch store in memory,
-        # freed on return), so memory stays bounded by one layer whatever the cache holds
-        store = RowStore(store.n_rows, store.d_vocab, store.storage, store.dtype,
+        # freed on return, in the compute dtype: no 16-bit rounding to pay for), so memory
+        # stays bounded by one layer whatever the cache holds
+        store = RowStore(store.n_rows, store.d_vocab, store.dtype, store.dtype,
                          device=store.device)  # fmt: skip
     M, col_max, _ = rows.projector.exact()
     W = rows.W.to(torch.float64)
@@ -429,6 +438,7 @@ def increase_from_rows(
             eta = _row_eta(rows, store, W, everyone)
             known_width = 2 * (store.radius_of(everyone) + eta)
             bound_width = rows.projector.range_bound(rows.W).to(torch.float64) * (1 + 1e-6)
+            bound_width = torch.minimum(bound_width, rows.cache.widths(rows).to(dev))
             width = torch.where(store.known.to(dev), known_width, bound_width)
             out = a * d1[:, None] - a * a * (k2.clamp_min(0) / 2)[:, None]
             bound3 = aa**3 * width * (k2 + dk2)[:, None] * torch.exp(aa * width) / 6
