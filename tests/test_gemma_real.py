@@ -103,3 +103,14 @@ def test_streamed_neuron_scores_equal_the_literal_reference(gemma):
         want = lit.logprob(pre + vectors) - lit.logprob(pre)
         torch.testing.assert_close(att[l, : lit.T + 1], want, atol=1e-4, rtol=0)
     assert ffn[LAYERS].abs().max() > 1e-3  # real, non-trivial scores
+
+
+def test_a_multi_token_answer_is_a_clear_error_on_the_gemma_tokenizer(gemma):
+    # TransformerLens 3's to_str_tokens(str) fails inside on Gemma tokenizers (a TypeError);
+    # the error a user gets must name the answer and its pieces
+    from mechcna.errors import TokenizationError
+    from mechcna.interventions.prompts import single_token_id
+
+    with pytest.raises(TokenizationError, match="not a single token") as info:
+        single_token_id(gemma, " Tim Duncan's basketball")
+    assert "basketball" in str(info.value)

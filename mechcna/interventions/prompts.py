@@ -185,7 +185,8 @@ def single_token_id(model: Model, target: str | int, what: str = "target") -> in
         raise TokenizationError(
             f"{what} {target!r} is not in the model's vocabulary (it maps to unk)"
         )
-    pieces = model.to_str_tokens(target, prepend_bos=False)
+    # the ids, not the string: TransformerLens 3's to_str_tokens(str) fails on Gemma tokenizers
+    pieces = model.to_str_tokens(ids)
     raise TokenizationError(f"{what} {target!r} is {len(ids)} tokens {pieces}, not a single token")
 
 

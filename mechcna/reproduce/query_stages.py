@@ -193,7 +193,7 @@ def walkthrough_stage(
         best = heads.top(1, prompt=0).iloc[0]
         l, h = int(best["layer"]), int(best["head"])
         by_pos = head_importance(model, prompt, answer, by_position=True, layers=[l])
-        tokens = model.to_str_tokens(item.prompt)
+        tokens = model.to_str_tokens(model.to_tokens(item.prompt)[0])  # ids: see single_token_id
         st.tables["head_positions"] = pd.DataFrame(
             {"position": range(len(tokens)), "token": tokens,
              "increase": by_pos.scores[0, l, h, : len(tokens)].numpy()}
