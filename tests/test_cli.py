@@ -1,6 +1,7 @@
 """Every subcommand invoked once in-process, on the shipped model or a tiny checkpoint."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,10 @@ INVOCATIONS = [
     ("prune", ["--prune-layers", "3", "--k", "2", "--cna-pairs", "1", "--cna-templates", "4",
                "--train-pairs", "4", "--test-pairs", "2", "--steps", "2"]),
     ("bias", ["--random", "1", "--cost-pairs", "2"]),
+    ("compare-claims", ["{root}/docs/reproduce/smollm2-135m-quick.md",
+                        "{root}/docs/reproduce/gemma-3-270m-quick.md", "--names", "S", "G"]),
 ]  # fmt: skip
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_subcommand_has_one_invocation_and_an_example():
@@ -64,7 +68,7 @@ def test_every_subcommand_has_one_invocation_and_an_example():
 @pytest.mark.parametrize("name,args", INVOCATIONS, ids=[n for n, _ in INVOCATIONS])
 def test_subcommand(name, args, tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = [name, *(a.format(tiny=tiny) for a in args), "--quiet", "--out", str(out)]
+    argv = [name, *(a.format(tiny=tiny, root=ROOT) for a in args), "--quiet", "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert text.startswith("# ") and f"wrote {out / 'index.html'}" in text

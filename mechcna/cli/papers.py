@@ -111,3 +111,42 @@ def reproduce_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
     report = build_report(rep, ctx.report("reproduce").provenance)
     report.attach("reproduce.md", to_markdown(rep))
     return report
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "records",
+        nargs="+",
+        help="two or more reproduce records: run folders (--out of mechcna reproduce), their "
+        "table-01-claims.csv, or markdown records (reproduce.md, docs/reproduce/*.md)",
+    )
+    p.add_argument("--names", nargs="+", default=None, help="a column name per record")
+    p.add_argument(
+        "--form",
+        default="zero-shot",
+        help="in a record of both arithmetic prompt forms, the form whose claims match the "
+        "other records' (default: zero-shot, the presets' form; 'tagged': match as written)",
+    )
+
+
+@command(
+    "compare-claims",
+    "the claim tables of several reproduce records side by side (which claims hold on both)",
+    "mechcna compare-claims runs/smollm2-standard runs/gemma-standard --names SmolLM2 Gemma",
+    _compare_args,
+    model=False,
+    out_default="runs/compare-claims",
+)
+def compare_claims_cmd(args: argparse.Namespace, ctx: Context) -> "Report":
+    from mechcna.reproduce.compare import compare_claims
+
+    form = None if args.form == "tagged" else args.form
+    cmp = compare_claims(args.records, names=args.names, form=form)
+    report = ctx.report("Claims side by side", records=" ".join(args.records))
+    report.table(cmp.summary(), "counts over the claims every record has")
+    report.figure(cmp.plot(), "the verdict of every claim in every record")
+    report.table(cmp.to_frame(), "the claims every record has, matched by paper, title and order")
+    if len(cmp.unmatched):
+        report.table(cmp.unmatched, "claims some record lacks")
+    report.attach("compare.md", cmp.to_markdown() + "\n")
+    return report

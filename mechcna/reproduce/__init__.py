@@ -31,6 +31,7 @@ from mechcna.reproduce import arith_cells, arith_graph, attr_more, attr_stages, 
 from mechcna.reproduce import arithmetic as arith
 from mechcna.reproduce import attribution as attr
 from mechcna.reproduce import query_stages as query
+from mechcna.reproduce.compare import ClaimComparison, compare_claims, read_claims
 from mechcna.reproduce.core import (
     Claim,
     ReproduceSettings,
@@ -51,12 +52,15 @@ Which = Literal["attribution", "arithmetic", "both"]
 
 __all__ = [
     "Claim",
+    "ClaimComparison",
     "RayRun",
     "ReproduceSettings",
     "Reproduction",
     "StageResult",
     "build_report",
+    "compare_claims",
     "expected_times",
+    "read_claims",
     "reproduce",
     "to_markdown",
     "write_markdown",
