@@ -36,6 +36,7 @@ from mechcna.models.backend import Model
 from mechcna.models.check import refuse_non_finite
 from mechcna.models.inputs import positive_int, warn_user_hooks
 from mechcna.models.processing import WeightProcessing, get_processing
+from mechcna.models.unembed import logits_at
 from mechcna.models.view import per_call
 from mechcna.tasks.arithmetic import ArithmeticDataset
 
@@ -196,7 +197,7 @@ def evaluate_accuracy(
         for start in tqdm(starts, desc="accuracy", disable=not progress, leave=False):
             batch = prepare_prompts(model, prompts[start : start + batch_size])
             with prompt_lengths(batch.lengths):
-                logits = model(batch.tokens)[batch.batch_index, batch.positions]
+                logits = logits_at(model, batch.tokens, batch.batch_index, batch.positions)
             logp = logits.float().log_softmax(-1)
             if not bool(torch.isfinite(logp).all()):
                 refuse_non_finite(model, batch.tokens, "the target log-probability")

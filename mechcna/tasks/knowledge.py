@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from mechcna.errors import MechcnaError, TokenizationError
 from mechcna.interventions.prompts import prepare_prompts, prompt_is_readable, single_token_id
 from mechcna.models.backend import Model
+from mechcna.models.unembed import logits_at
 
 KnowledgeType = Literal["language", "capital", "country", "color", "number", "month"]
 KNOWLEDGE_TYPES: tuple[str, ...] = ("language", "capital", "country", "color", "number", "month")
@@ -368,7 +369,8 @@ def filter_knowledge(
         if texts:
             batch = prepare_prompts(model, texts)
             with torch.no_grad():
-                scored = iter(model(batch.tokens)[batch.batch_index, batch.positions].float())
+                logits = logits_at(model, batch.tokens, batch.batch_index, batch.positions)
+                scored = iter(logits.float())
         for item, ok in zip(chunk, readable, strict=True):
             if ok:
                 rows.append(_judge(model, item, next(scored), ids, type_ids[item.type], top_k))
