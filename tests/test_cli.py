@@ -214,6 +214,8 @@ def test_reproduce_resume_writes_its_page_beside_its_checkpoint(tmp_path, monkey
     assert main(args) == 0
     saved = [p for p in out.iterdir() if p.name.startswith("checkpoint-")]
     assert len(saved) == 1 and any(saved[0].iterdir()) and (out / "index.html").is_file()
+    # the attribution calls of each stage were kept shard by shard too (scale.memo)
+    assert list((saved[0] / "calls").glob("compare_neurons-*.pt"))
     assert main(args) != 0  # old results without --overwrite: refused, before any work
     loads = []
     original = plan.Checkpoint.load

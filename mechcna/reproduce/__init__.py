@@ -44,7 +44,13 @@ from mechcna.reproduce.core import (
 )
 from mechcna.reproduce.page import build_report, to_markdown, write_markdown, write_report
 from mechcna.reproduce.plan import Checkpoint, expected_times
-from mechcna.reproduce.scale import RayRun, check_workers, on_ray, refuse_without_ray_extra
+from mechcna.reproduce.scale import (
+    RayRun,
+    check_workers,
+    memo,
+    on_ray,
+    refuse_without_ray_extra,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -89,7 +95,9 @@ def reproduce(
         progress: a progress bar over stages.
         lock: a file to ``flock`` during each stage, released between stages (for machines
             shared with other heavy jobs; stage wall times then exclude the waits).
-        checkpoint: a folder where each finished stage is saved (:class:`plan.Checkpoint`);
+        checkpoint: a folder where each finished stage is saved (:class:`plan.Checkpoint`),
+            and the attribution calls of unfinished ones shard by shard
+            (:func:`mechcna.reproduce.scale.memo`);
             a rerun with the same model, paper and settings loads those and continues.
         ray: run the dataset-level work (head sweep, dataset CNA, mask / keep, value neurons,
             the method comparison) on a Ray cluster (:class:`mechcna.reproduce.scale.RayRun`:
@@ -191,7 +199,7 @@ def reproduce(
     refuse_without_ray_extra(ray)
     if ray is not None:
         check_workers(model, ray)
-    with on_ray(ray):
+    with on_ray(ray), memo(saved.folder / "calls" if saved else None):
         results = run_stages(stages, progress, lock)
     settings_dict = {k: v for k, v in vars(s).items()}
     return Reproduction(

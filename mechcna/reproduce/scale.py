@@ -9,17 +9,34 @@ comparison. Outside :func:`on_ray` they are the library functions; inside, they 
 the head sweep and the mask / keep table; float rounding for attribution, whose shards pad
 their prompts differently). Before the first stage, :func:`check_workers` loads the model on one
 worker and refuses a run whose worker weights differ from the caller's model.
+
+A run with a checkpoint folder (``reproduce(..., checkpoint=DIR)``, ``--resume``) also keeps the
+attribution calls of unfinished stages (:func:`memo`): FFN and attention neuron importance,
+dataset CNA and the eight-method comparison run on shards of :data:`MEMO_PROMPTS` prompts, each
+shard's result saved under ``DIR/.../calls/`` as soon as it is computed and read back on a rerun
+(keyed by the model's weights, the shard's prompts and targets, and every other argument), and
+the shards merged as a Ray run merges them (:func:`mechcna.distributed.merge_scores`). So a run
+stopped in the middle of a long stage loses at most one shard.
 """
 
-from collections.abc import Iterator, Mapping
+import dataclasses
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from mechcna.errors import MechcnaError
 from mechcna.models.backend import Model
-from mechcna.models.fingerprint import content_key
+from mechcna.models.fingerprint import content_key, tensor_hash
+
+#: prompts per saved shard of a memoised call (:func:`memo`)
+MEMO_PROMPTS = 16
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,8 @@ def compare_neurons(model: Model, prompts: Any, other: Any, targets: Any = None,
     if run is None:
         from mechcna.analyses.comparative import compare_neurons as local
 
-        return local(model, prompts, other, targets, **kwargs)
+        return _memoised("compare_neurons", lambda p, t: local(model, p, other, t, **kwargs),
+                         model, prompts, targets, (other, kwargs))  # fmt: skip
     from mechcna import distributed
 
     return distributed.compare_neurons(run.model, prompts, other, targets,
@@ -133,7 +151,8 @@ def _attribution(name: str, model: Model, prompts: Any, targets: Any, **kwargs: 
             from mechcna.analyses import attribution
 
             local = getattr(attribution, name)
-        return local(model, prompts, targets, **kwargs)
+        return _memoised(name, lambda p, t: local(model, p, t, **kwargs), model, prompts,
+                         targets, kwargs)  # fmt: skip
     from mechcna import distributed
 
     return getattr(distributed, name)(run.model, prompts, targets, **{**run.options(), **kwargs})
@@ -171,3 +190,83 @@ def refuse_without_ray_extra(run: RayRun | None) -> None:
         raise MechcnaError(
             "a Ray run needs the distributed extra: pip install 'mechcna[distributed]'"
         ) from e
+
+
+_MEMO: ContextVar[Path | None] = ContextVar("mechcna_reproduce_memo", default=None)
+
+
+@contextmanager
+def memo(folder: str | Path | None) -> Iterator[None]:
+    """Keep the attribution calls made inside in ``folder`` (``None``: keep nothing); see the
+    module docstring."""
+    token = _MEMO.set(None if folder is None else Path(folder))
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def _digest(h: Any, obj: Any) -> bool:
+    """Feed ``obj`` to the hash ``h`` by content; ``False`` for a value it cannot key safely
+    (then the call is not kept)."""
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        h.update(f"{type(obj).__name__}:{obj!r}|".encode())
+        return True
+    if isinstance(obj, torch.Tensor):
+        h.update(f"tensor:{tensor_hash(obj)}|".encode())
+        return True
+    if isinstance(obj, np.ndarray):
+        h.update(f"array:{obj.dtype}:{obj.shape}|".encode() + obj.tobytes())
+        return True
+    if isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}[{len(obj)}|".encode())
+        return all(_digest(h, x) for x in obj)
+    if isinstance(obj, dict):
+        h.update(f"dict[{len(obj)}|".encode())
+        return all(_digest(h, k) and _digest(h, obj[k]) for k in sorted(obj, key=repr))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(f"{type(obj).__module__}.{type(obj).__qualname__}|".encode())
+        return all(_digest(h, f.name) and _digest(h, getattr(obj, f.name))
+                   for f in dataclasses.fields(obj))  # fmt: skip
+    return False
+
+
+def _memoised(
+    name: str, call: Callable[[Any, Any], Any], model: Any, prompts: Any, targets: Any, rest: Any
+) -> Any:
+    """``call(prompts, targets)``, in shards kept on disk inside :func:`memo` (see the module
+    docstring); outside it, or for arguments it cannot key, one plain call."""
+    folder = _MEMO.get()
+    if folder is None or isinstance(prompts, (str, torch.Tensor)):
+        return call(prompts, targets)
+    items = list(prompts)
+    per_prompt = not (targets is None or isinstance(targets, (str, int)))
+    many: Any = targets
+    if not items or not all(isinstance(x, str) for x in items):
+        return call(prompts, targets)  # only text prompts are kept (a shard is a list of them)
+    if per_prompt and len(many) != len(items):
+        return call(prompts, targets)  # the analysis gives the error
+    base = hashlib.blake2b(digest_size=16)
+    base.update(f"{name}|{weights_key(model)}|".encode())
+    if not (_digest(base, rest) and _digest(base, None if per_prompt else targets)):
+        return call(prompts, targets)
+    from mechcna.distributed.merge import merge_scores
+
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i in range(0, len(items), MEMO_PROMPTS):
+        h = base.copy()
+        shard = items[i : i + MEMO_PROMPTS]
+        shard_targets = many[i : i + MEMO_PROMPTS] if per_prompt else targets
+        if not (_digest(h, shard) and _digest(h, shard_targets if per_prompt else None)):
+            return call(prompts, targets)
+        path = folder / f"{name}-{h.hexdigest()}.pt"
+        if path.is_file():
+            parts.append(torch.load(path, weights_only=False))
+            continue
+        part = call(shard, shard_targets)
+        tmp = path.with_suffix(".tmp")
+        torch.save(part, tmp)
+        tmp.replace(path)  # a shard is saved whole or not at all
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else merge_scores(parts)
