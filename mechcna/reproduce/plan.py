@@ -65,26 +65,33 @@ _UNIT = {
 #: Seconds of one neuron-attribution call per (layer x d_model^2 x d_vocab) on a model whose
 #: rows the default cache cannot keep, so that the engine streams (per prompt and layer a
 #: d_model x d_model covariance over the vocabulary, plus the rows the second-order bound
-#: leaves): Gemma 3 270M's all-FFN call, 132 s for 18 layers, d_model 640 and 262,144 tokens,
-#: 2 threads on the 2-core machine (docs/benchmarks.md, 2026-12-04).
-_STREAM_SECONDS = 132.0 / (18 * 640**2 * 262144)
+#: leaves): Gemma 3 270M's all-FFN call, 74 s for 18 layers (warm: each layer's row ranges
+#: kept), d_model 640 and 262,144 tokens, 2 threads on the 2-core machine
+#: (docs/benchmarks.md, 2026-12-05; 132 s before the exact range bounds).
+_STREAM_SECONDS = 74.0 / (18 * 640**2 * 262144)
+#: Seconds per byte of int16 rows of one call whose rows are kept in the disk cache but not in
+#: memory (``MECHCNA_DISK_CACHE_BYTES`` above the rows, the memory budget below them): Gemma 3
+#: 270M's all-FFN call, 20.0-22.5 s for 19.3 GB of rows (docs/benchmarks.md, 2026-12-04).
+_DISK_SECONDS = 21.0 / 19.3e9
 #: attribution calls (FFN or attention neurons, streamed) per prompt or case of each stage
 _STREAM_CALLS = {"methods": 1, "value_neurons": 2, "cna": 2, "trace": 2, "division": 2}
 
 
 def streamed_call_seconds(model: Model) -> float:
-    """Expected seconds of one streamed attribution call (0 when the default cache keeps the
-    model's FFN rows: every layer's rows as int16 within the memory budget or the disk
-    cache's limit, :meth:`mechcna.engine.blocks.BlockCache.can_hold`)."""
+    """Expected seconds of one attribution call beyond what the model's size predicts: 0 when
+    the memory budget keeps every layer's FFN rows as int16; their reading time when only the
+    disk cache can keep them (its limit, ``MECHCNA_DISK_CACHE_BYTES``, above them); otherwise
+    the streaming call's covariances (:meth:`mechcna.engine.blocks.BlockCache.can_hold`)."""
     from mechcna.engine.blocks import default_budget
     from mechcna.engine.rows import default_disk_dir, disk_limit
 
     c = model.cfg
     d_mlp = int(c.d_mlp or 4 * c.d_model)
     rows = c.n_layers * d_mlp * c.d_vocab * 2
-    room = max(default_budget(), disk_limit() if default_disk_dir() is not None else 0)
-    if rows <= room:
+    if rows <= default_budget():
         return 0.0
+    if default_disk_dir() is not None and rows <= disk_limit():
+        return _DISK_SECONDS * rows
     return _STREAM_SECONDS * c.n_layers * c.d_model**2 * c.d_vocab
 
 
