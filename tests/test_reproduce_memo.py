@@ -72,3 +72,17 @@ def test_calls_it_cannot_key_run_once_and_keep_nothing(model, tmp_path):
     assert not list(tmp_path.iterdir())
     scale.neuron_importance(model, PROMPTS[:3], None, progress=False)  # outside: nothing kept
     assert not list(tmp_path.iterdir())
+
+
+def test_the_method_comparison_is_kept_whole(model, tmp_path, monkeypatch):
+    # its exact rows are formed once per call: shards would form them once per shard
+    import mechcna.analyses.methods as methods
+
+    whole = methods.comparison_scores(model, PROMPTS, None)
+    with scale.memo(tmp_path):
+        kept = scale.comparison_scores(model, PROMPTS, None)
+    assert len(list(tmp_path.glob("comparison_scores-*.pt"))) == 1
+    torch.testing.assert_close(kept.scores, whole.scores, rtol=0, atol=0)
+    monkeypatch.setattr(methods, "comparison_scores", refuse)
+    with scale.memo(tmp_path):
+        assert torch.equal(scale.comparison_scores(model, PROMPTS, None).scores, kept.scores)

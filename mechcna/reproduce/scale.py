@@ -12,7 +12,8 @@ worker and refuses a run whose worker weights differ from the caller's model.
 
 A run with a checkpoint folder (``reproduce(..., checkpoint=DIR)``, ``--resume``) also keeps the
 attribution calls of unfinished stages (:func:`memo`): FFN and attention neuron importance,
-dataset CNA and the eight-method comparison run on shards of :data:`MEMO_PROMPTS` prompts, each
+dataset CNA and the eight-method comparison (whole: :data:`WHOLE_CALLS`) run on shards of
+:data:`MEMO_PROMPTS` prompts, each
 shard's result saved under ``DIR/.../calls/`` as soon as it is computed and read back on a rerun
 (keyed by the model's weights, the shard's prompts and targets, and every other argument), and
 the shards merged as a Ray run merges them (:func:`mechcna.distributed.merge_scores`). So a run
@@ -37,6 +38,10 @@ from mechcna.models.fingerprint import content_key, tensor_hash
 
 #: prompts per saved shard of a memoised call (:func:`memo`)
 MEMO_PROMPTS = 16
+#: calls kept whole (one shard): the eight-method comparison forms every FFN neuron's exact
+#: float64 row once per call, its cost nearly independent of the prompts (on Gemma 3 270M,
+#: 18 x 2048 rows over 262,144 tokens, most of the stage), so shards would repeat it
+WHOLE_CALLS = frozenset({"comparison_scores"})
 
 
 @dataclass(frozen=True)
@@ -254,10 +259,11 @@ def _memoised(
 
     folder.mkdir(parents=True, exist_ok=True)
     parts = []
-    for i in range(0, len(items), MEMO_PROMPTS):
+    size = len(items) if name in WHOLE_CALLS else MEMO_PROMPTS
+    for i in range(0, len(items), size):
         h = base.copy()
-        shard = items[i : i + MEMO_PROMPTS]
-        shard_targets = many[i : i + MEMO_PROMPTS] if per_prompt else targets
+        shard = items[i : i + size]
+        shard_targets = many[i : i + size] if per_prompt else targets
         if not (_digest(h, shard) and _digest(h, shard_targets if per_prompt else None)):
             return call(prompts, targets)
         path = folder / f"{name}-{h.hexdigest()}.pt"
