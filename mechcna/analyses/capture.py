@@ -21,7 +21,6 @@ from typing import Literal
 import einops
 import torch
 from transformer_lens.hook_points import HookPoint
-from transformer_lens.utilities import apply_softcap
 
 from mechcna._types import Float, Int, Tensor
 from mechcna.engine.projection import compute_dtype
@@ -33,6 +32,7 @@ from mechcna.models.backend import Model, is_bridge
 from mechcna.models.check import first_non_finite
 from mechcna.models.hooks import hook_name, post_scale_name
 from mechcna.models.inputs import warn_user_hooks
+from mechcna.models.unembed import unembed_residual
 from mechcna.models.view import architecture, per_call
 
 #: What to score: one target for all prompts, one per prompt, or ``None`` (each prompt's top-1).
@@ -140,9 +140,7 @@ def capture(
     _require_finite(store, arch.n_layers)
     if targets is None and own:
         with torch.no_grad():
-            x = store["final"] if arch.final_norm == "none" else model.ln_final(store["final"])
-            at = apply_softcap(x @ model.W_U + model.b_U, model.cfg.output_logits_soft_cap)
-        target = at.argmax(-1)
+            target = unembed_residual(model, store["final"]).argmax(-1)
     elif targets is None:
         assert logits is not None
         target = logits[rows, pos].argmax(-1)

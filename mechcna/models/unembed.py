@@ -33,7 +33,12 @@ def logits_at(
 
     last = hook_name("resid_post", model.cfg.n_layers - 1)
     model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(last, keep)])
-    x = kept["x"]
+    return unembed_residual(model, kept["x"])
+
+
+def unembed_residual(model: Model, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
+    """The logits a HookedTransformer's forward forms from final residual-stream vectors
+    ``x``: ``ln_final`` (when the model has one), ``W_U``, ``b_U`` and the soft cap."""
     norm = getattr(model, "ln_final", None)
     if norm is not None and model.cfg.normalization_type is not None:
         x = norm(x)
