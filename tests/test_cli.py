@@ -100,6 +100,25 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert "layer" in capsys.readouterr().err
 
 
+def test_device_option_loads_the_model_there_or_says_why_not(tmp_path, capsys, monkeypatch):
+    import mechcna.models.loading
+
+    seen = []
+    load = mechcna.models.loading.load_model
+
+    def spy(*a, **k):
+        seen.append(k.get("device"))
+        return load(*a, **k)
+
+    monkeypatch.setattr(mechcna.models.loading, "load_model", spy)
+    argv = ["top-tokens", "--neuron", "3.266", "--quiet", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert seen == ["cpu"]
+    assert main([*argv[:-2], "--device", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mechcna: error: ") and err.count("\n") == 1 and "nowhere" in err
+
+
 def test_out_is_checked_before_any_computation(tmp_path, capsys, monkeypatch):
     import mechcna.models.loading
 

@@ -17,8 +17,9 @@ their CNA is exactly zero. The static vocabulary blocks are shared by the two st
 over the layers scores both.
 
 :func:`compare_inputs` is the single-input-pair variant (same model, two prompts; the
-gender-bias analysis of section 9). :func:`mask_keep_table`, :func:`lowest_neuron_table` and
-:func:`value_key_products` are the intervention experiments of Tables 5 and 6.
+gender-bias analysis of section 9). ``mask_keep_table`` and ``lowest_neuron_table`` (in
+:mod:`mechcna.analyses.case_ablation`) and :func:`value_key_products` are the intervention
+experiments of Tables 5 and 6.
 
 Example:
     >>> res = compare_neurons(model, ["3+5="], HeadAblation([(17, 22)]))     # doctest: +SKIP

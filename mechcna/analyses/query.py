@@ -14,9 +14,10 @@ activation are credited with the neuron's importance ``Imp``:
 * :func:`query_neurons` (5.3): FFN neurons of lower layers, ``Q(i, j) += <m[i][p, j] *
   W_out[i][j], key'> / <x_in[l][p], key'> * Imp`` over the top-K attention value neurons.
 * :func:`attention_neuron_queries` (5.4): the same for one attention neuron.
-* :func:`query_value_overlap` (5.5): query-only vs query-value neurons per layer.
-* :func:`query_neuron_tokens` (5.6): a hidden-interpretable query neuron made readable through
-  the attention neuron's head.
+* ``query_value_overlap`` (5.5, in :mod:`mechcna.analyses.query_overlap`): query-only vs
+  query-value neurons per layer.
+* ``query_neuron_tokens`` (5.6, same module): a hidden-interpretable query neuron made
+  readable through the attention neuron's head.
 
 Each analysis is one or two forward passes plus einsum contractions; the only Python loops
 run over layers.

@@ -26,10 +26,10 @@ What this module offers:
 
 * :func:`ffn_keys`: a deep neuron's keys (``up``/``gate`` for gated MLPs, ``in`` otherwise),
   each times the pre-MLP norm weight, and their raw inner products with residual vectors.
-* :func:`source_position_scores`, :func:`head_scores`, :func:`component_scores`,
-  :func:`neuron_scores`: the steps of the "3+5=" pipeline (docs/methods.md 8.2): which source
-  positions, heads, earlier components and shallow neurons feed a neuron's keys, optionally
-  through a path of attention transforms.
+* ``source_position_scores``, ``head_scores``, ``component_scores``, ``neuron_scores``
+  (in :mod:`mechcna.analyses.key_scores`): the steps of the "3+5=" pipeline (docs/methods.md
+  8.2): which source positions, heads, earlier components and shallow neurons feed a neuron's
+  keys, optionally through a path of attention transforms.
 * :func:`transform_through_attention`: one- and two-hop transformed vectors of FFN neurons,
   token embeddings or any vector, with original vs transformed top tokens (paper Table 7).
 * The zero-shot search for hidden-interpretable shallow neurons, built on these transforms,

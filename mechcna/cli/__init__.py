@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                 default=DEFAULT_MODEL,
                 help=f"model name or checkpoint directory (default: {DEFAULT_MODEL})",
             )
+            p.add_argument(
+                "--device",
+                default=None,
+                help="torch device for the model: cpu, cuda, cuda:1, ... (default: CUDA when "
+                "available)",
+            )
         cmd.arguments(p)
         p.add_argument(
             "--out",

@@ -101,7 +101,7 @@ class Context:
             from mechcna.models.loading import load_model
 
             with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints on load
-                self._model = load_model(self.args.model)
+                self._model = load_model(self.args.model, device=getattr(self.args, "device", None))
         return self._model
 
     @property

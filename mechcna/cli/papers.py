@@ -23,7 +23,7 @@ def _args(p: argparse.ArgumentParser) -> None:
         choices=["quick", "standard", "paper", "full"],
         default=None,
         help="sizes: quick (minutes, verdicts mostly inconclusive), standard (the default: "
-        "sized by power, about an hour for SmolLM2 on 2 cores), paper (the papers' sizes, "
+        "sized by power, about 25 minutes for SmolLM2 on 2 cores), paper (the papers' sizes, "
         "hours, resumable), full (the earlier, smaller default; too small to decide most "
         "claims); --quick is --preset quick",
     )
