@@ -1,0 +1,137 @@
+"""The C kernel for the raw moments of int16 rows (:mod:`mechcna.engine.native`, issue 20).
+
+References are exact: rational sums of the float64 probabilities times integer powers
+(:class:`fractions.Fraction`), or float64 sums with the same rigorous bound. Every test that
+expects the kernel asserts that it ran (a silent fallback could not fail the test)."""
+
+import logging
+from fractions import Fraction
+
+import pytest
+import torch
+
+from mechcna.engine import moments, native
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A process state with no library loaded yet and an empty build directory."""
+    monkeypatch.setenv("MECHCNA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MECHCNA_COMPILE", raising=False)
+    monkeypatch.delenv("MECHCNA_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_state", {})
+    return tmp_path
+
+
+def _inputs(B, V, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(B, V, generator=g, dtype=torch.float64) * 5, -1)
+    y = torch.randint(-32768, 32768, (n, V), generator=g, dtype=torch.int32).to(torch.int16)
+    y[0, : min(V, 3)] = torch.tensor([32767, -32768, 0][: min(V, 3)], dtype=torch.int16)
+    return p, y
+
+
+def test_kernel_is_built_here():
+    """CI machines have the C compiler that torch.compile needs too: the kernel must build
+    (otherwise every other test here would test the fallback only)."""
+    assert native.library() is not None
+
+
+@pytest.mark.parametrize("third", [False, True])
+def test_moments_within_the_rounding_bound_of_exact_rational_sums(third):
+    p, y = _inputs(3, 37, 5, 0)
+    got = native.moments_int16(p, y, third)
+    assert got is not None
+    g = moments.gamma(37)
+    for n in range(1, 4 if third else 3):
+        m = got[n - 1]
+        assert m is not None
+        for b in range(3):
+            pb = [Fraction(float(x)) for x in p[b]]
+            for r in range(5):
+                ys = [int(v) for v in y[r]]
+                exact = sum(q * v**n for q, v in zip(pb, ys, strict=True))
+                scale = sum(q * abs(v) ** n for q, v in zip(pb, ys, strict=True))
+                assert abs(Fraction(float(m[b, r])) - exact) <= Fraction(g) * scale
+    assert (got[2] is not None) == third
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 9, 64])
+@pytest.mark.parametrize("V", [1, 3, 4, 5, 1029])
+def test_moments_for_every_batch_and_width(B, V):
+    """Batches split into blocks of four prompts and widths not a multiple of the vector
+    length (the scalar tail) give the float64 sums within the bound."""
+    p, y = _inputs(B, V, 7, B * 10_000 + V)
+    got = native.moments_int16(p, y, True)
+    assert got is not None
+    yd = y.double()
+    for n, m in enumerate(got, start=1):
+        assert m is not None and m.shape == (B, 7)
+        ref = p @ (yd**n).T
+        scale = p @ (yd.abs() ** n).T
+        assert bool(((m - ref).abs() <= 2 * moments.gamma(V) * scale).all())
+
+
+def test_threads_split_rows_without_changing_a_value():
+    p, y = _inputs(2, 4099, 101, 3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.moments_int16(p, y, True)
+        torch.set_num_threads(2)
+        two = native.moments_int16(p, y, True)
+    finally:
+        torch.set_num_threads(before)
+    assert one is not None and two is not None
+    for a, b in zip(one, two, strict=True):
+        assert a is not None and b is not None
+        assert torch.equal(a, b)  # each row is summed by one thread in the same order
+
+
+def test_inputs_it_does_not_serve_return_none(monkeypatch):
+    p, y = _inputs(2, 64, 3, 4)
+    assert native.moments_int16(p.float(), y, True) is None  # not float64
+    assert native.moments_int16(p, y.to(torch.int32), True) is None  # not int16
+    big = torch.softmax(torch.zeros(native.MAX_BATCH + 1, 64, dtype=torch.float64), -1)
+    assert native.moments_int16(big, y, True) is None
+    monkeypatch.setenv("MECHCNA_NATIVE", "0")
+    assert native.moments_int16(p, y, True) is None
+    monkeypatch.setenv("MECHCNA_NATIVE", "1")
+    monkeypatch.setenv("MECHCNA_COMPILE", "0")
+    assert native.moments_int16(p, y, True) is None
+
+
+def test_the_build_is_kept_and_reused(fresh, monkeypatch):
+    assert native.library() is not None
+    built = list((fresh / "native").glob("moments-*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(native, "_state", {})
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(native.subprocess, "run", no_compiling)
+    assert native.library() is not None
+
+
+def test_no_compiler_or_a_failed_build_falls_back(fresh, monkeypatch, caplog):
+    """Without a compiler, or with one that fails, the kernel is unavailable (one warning for
+    a failed build) and the moments come from the compiled torch loop: same sums."""
+    p, y = _inputs(2, 3000, 9, 5)
+    ref = native.moments_int16(p, y, True)
+    assert ref is not None
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.moments_int16(p, y, True) is None
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_compiler", lambda: "false")  # exits 1: a failed build
+    with caplog.at_level(logging.WARNING, logger="mechcna.engine.native"):
+        assert native.moments_int16(p, y, True) is None
+        assert native.moments_int16(p, y, True) is None  # remembered: no second build
+    assert sum("failed" in r.getMessage() for r in caplog.records) == 1
+    got = moments.fused_moments(p, y, True)
+    assert got is not None and "packed" in moments._fused  # the torch.compile loop ran
+    for a, b in zip(got, ref, strict=True):
+        assert a is not None and b is not None
+        scale = b.abs().clamp_min(1.0)
+        assert float(((a - b).abs() / scale).max()) <= 1e-9
