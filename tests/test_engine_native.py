@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from mechcna.engine import moments, native
+from mechcna.engine.rows import RowStore
+from tests.test_engine_speed import _reference_moments
 
 
 @pytest.fixture
@@ -135,3 +137,29 @@ def test_no_compiler_or_a_failed_build_falls_back(fresh, monkeypatch, caplog):
         assert a is not None and b is not None
         scale = b.abs().clamp_min(1.0)
         assert float(((a - b).abs() / scale).max()) <= 1e-9
+
+
+def test_batches_up_to_64_prompts_of_int16_rows_take_the_kernel(monkeypatch):
+    """Past the compiled loop's 32 prompts, int16 rows still take the kernel (other storage
+    formats the chunked products); the central moments stay within their bounds."""
+    monkeypatch.setattr(moments, "FUSED_MIN_ELEMENTS", 0)
+    g = torch.Generator().manual_seed(7)
+    V, n, B = 1500, 12, 40
+    p = torch.softmax(torch.randn(B, V, generator=g, dtype=torch.float64) * 3, -1)
+    assert moments.fused_available(p, n * V, int16=True)
+    assert not moments.fused_available(p, n * V, int16=False)
+    assert not moments.fused_available(torch.ones(65, V, dtype=torch.float64), n * V, True)
+    rows = torch.randn(n, V, generator=g, dtype=torch.float64) * 2 + 9
+    store = RowStore(n, V, torch.int16, torch.float32)
+    store.fill(torch.arange(n), rows)
+    calls = []
+    real = native.moments_int16
+    monkeypatch.setattr(native, "moments_int16", lambda *a: calls.append(1) or real(*a))
+    sel = torch.arange(n)
+    k2, dk2, k3, dk3 = moments.central_moments(p, store, sel, True)
+    assert calls
+    exact = store.stored(sel).double() * store.step(sel)[:, None]
+    ref2, ref3 = _reference_moments(p, exact)
+    assert dk3 is not None and k3 is not None
+    assert bool(((k2 - ref2).abs() <= dk2).all())
+    assert bool(((k3 - ref3).abs() <= dk3).all())

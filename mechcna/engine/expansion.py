@@ -553,7 +553,7 @@ def _third_order(
     reach = a[:, :, sel].abs().amax(1) * radius * (1 + 2.0**-20)
     # with the fused loop the third moment costs one more product in registers: take it in
     # the same pass instead of a second pass over the rows that need it
-    both = fused_available(p, len(sel) * p.shape[1])
+    both = fused_available(p, len(sel) * p.shape[1], store.storage == torch.int16)
     k2y, dk2y, k3all, dk3all = central_moments(p, store, sel, both, reach, tol)
     sdy = (k2y + dk2y).clamp_min(0).sqrt()  # >= sd(y) despite rounding
     S = sdy + 2 * eta  # >= sd(u)

@@ -64,7 +64,9 @@ MAX_HEAD_BATCH = 4
 
 #: the most prompts for which the fused reduction is used: it costs about one pass over the
 #: rows per prompt (12 ms per SmolLM2 layer and prompt), the chunked matrix products about 0.6 s
-#: per layer for any batch up to 16, so the two cross near 50 prompts
+#: per layer for any batch up to 16, so the two cross near 50 prompts (int16 rows with the C
+#: kernel of :mod:`mechcna.engine.native`: up to its ``MAX_BATCH``, 64 prompts, where it took
+#: 2.3 s per SmolLM2 layer against 3.0 s for the chunked products, one thread)
 MAX_FUSED_BATCH = 32
 
 #: the share of ``tol`` a row's planned truncation error may take (:func:`head_plan`; a
@@ -137,14 +139,19 @@ def shifted_logsumexp(
     return out
 
 
-def fused_available(p: Tensor, elements: int) -> bool:
+def fused_available(p: Tensor, elements: int, int16: bool = False) -> bool:
     """Whether :func:`central_moments` uses the fused reduction for ``p`` (a CPU batch of at
-    most :data:`MAX_FUSED_BATCH` prompts) and ``elements`` stored entries."""
-    if os.environ.get("MECHCNA_COMPILE", "1") == "0" or _fused.get("broken"):
+    most :data:`MAX_FUSED_BATCH` prompts; for ``int16`` rows with the C kernel built, at most
+    :data:`mechcna.engine.native.MAX_BATCH`) and ``elements`` stored entries."""
+    if os.environ.get("MECHCNA_COMPILE", "1") == "0":
         return False
-    return (
-        p.device.type == "cpu" and p.shape[0] <= MAX_FUSED_BATCH and elements >= FUSED_MIN_ELEMENTS
-    )
+    if int16 and p.shape[0] <= native.MAX_BATCH and native.library() is not None:
+        limit = native.MAX_BATCH
+    elif _fused.get("broken"):
+        return False
+    else:
+        limit = MAX_FUSED_BATCH
+    return p.device.type == "cpu" and p.shape[0] <= limit and elements >= FUSED_MIN_ELEMENTS
 
 
 def _packed_kernel(
@@ -274,7 +281,8 @@ def _raw_parts(
     B, width = pk.shape
     # a full layer read in row order is a run of contiguous slices
     whole = cols is None and len(rows) == store.n_rows
-    if store.device == pk.device and fused_available(pk, len(rows) * width):
+    int16 = store.storage == torch.int16
+    if store.device == pk.device and fused_available(pk, len(rows) * width, int16):
         y = store.stored(slice(None) if whole else rows, cols)  # a gathered copy unless whole
         got = fused_moments(pk, y, third)
         if got is not None:
@@ -323,7 +331,7 @@ def central_moments(
     dk3 = torch.zeros_like(k2) if third else None
     R_all = _bounds_of(store, sel, dev)
     # the fused reduction reads a whole row about as fast as a gathered head of it
-    fused = fused_available(p, n * V)
+    fused = fused_available(p, n * V, store.storage == torch.int16)
     for mask, cols, delta in head_plan(p, None if fused else reach, tol, n):
         rows = sel[mask.to(sel.device)]
         width = V if cols is None else len(cols)
