@@ -13,6 +13,9 @@ Measured in one run, torch's default thread count (``--threads N`` to set one), 
   FFN neurons alone and attention neurons alone (issue 20's targets: FFN >= 20x the literal
   FFN method, attention no slower than FFN, both >= 40x); a new session warm from the disk
   cache; then 64 prompts amortised (warm cache, or cold with ``--amortised-cold``);
+* with ``--repeats N``: N further warm single prompts, the literal method re-timed on each
+  prompt right before its fast calls, and the median, min and max of the ratios (this VM's
+  speed drifts by up to 1.6x between runs, so one sample does not settle a target);
 * the first prompt when streaming (``BlockCache(budget=0, disk=False)``: only the rows the
   second-order expansion cannot certify are computed);
 * accuracy: max |fast - literal| on the timed layers and the top-100 FFN neurons of the
@@ -54,6 +57,22 @@ PROMPTS = [
     "Tim Duncan plays the sport of",
     "3+5=",
     "The Eiffel Tower is in the city of",
+]
+
+# the warm prompts of --repeats: none of them is scored anywhere else in the run
+REPEAT_PROMPTS = [
+    "The Great Wall is in the country of",
+    "Lionel Messi plays the sport of",
+    "The largest planet in the solar system is",
+    "The currency of Japan is the",
+    "Shakespeare was born in the town of",
+    "The chemical symbol for gold is",
+    "The Nile flows into the",
+    "Mount Everest is in the mountain range of",
+    "The author of Hamlet is William",
+    "The language spoken in Brazil is",
+    "Water freezes at zero degrees",
+    "The first man on the moon was Neil",
 ]
 
 
@@ -126,6 +145,83 @@ class Clock:
                 f"cpu {self.cpu:.2f} s -> {base.cpu / self.cpu:.1f}x")  # fmt: skip
 
 
+def time_literal(model, tokens, literal_layers, L: int, verbose: bool = False):
+    """The literal method for one prompt: one forward with the activations cached, then the
+    per-layer FFN and attention work timed on ``literal_layers`` and scaled to ``L`` layers.
+    Returns the literal scores on the timed layers and the all-neuron, FFN-only and
+    attention-only clocks (each includes the one forward)."""
+    lit = {"ffn": {}, "attn": {}}
+    lit_t = {"ffn": [], "attn": []}
+    lit_c = {"ffn": [], "attn": []}
+    literal_forward(model, tokens)  # warm-up
+    with Clock() as fwd:
+        run = literal_forward(model, tokens)
+    for kind in ("ffn", "attn"):
+        for l in literal_layers:
+            with Clock() as c:
+                lit[kind][l] = literal_layer(model, tokens, l, kind, run)
+            lit_t[kind].append(c.wall)
+            lit_c[kind].append(c.cpu)
+    per_layer = {k: sum(v) / len(v) for k, v in lit_t.items()}
+    per_layer_cpu = {k: sum(v) / len(v) for k, v in lit_c.items()}
+    # one forward per prompt (and per analysis: FFN and attention neurons each need one)
+    literal, lit_ffn, lit_att = Clock(), Clock(), Clock()
+    literal.wall = fwd.wall + L * (per_layer["ffn"] + per_layer["attn"])
+    literal.cpu = fwd.cpu + L * (per_layer_cpu["ffn"] + per_layer_cpu["attn"])
+    lit_ffn.wall, lit_ffn.cpu = fwd.wall + L * per_layer["ffn"], fwd.cpu + L * per_layer_cpu["ffn"]
+    lit_att.wall = fwd.wall + L * per_layer["attn"]
+    lit_att.cpu = fwd.cpu + L * per_layer_cpu["attn"]
+    if verbose:
+        print(f"literal: forward with cache {fwd.wall:.2f} s (cpu {fwd.cpu:.2f}) once, then "
+              f"FFN {per_layer['ffn']:.2f} s/layer (cpu {per_layer_cpu['ffn']:.2f}), "
+              f"attention {per_layer['attn']:.2f} s/layer (cpu {per_layer_cpu['attn']:.2f}) "
+              f"({len(tokens)} positions); timed on layers {literal_layers}, scaled to the "
+              f"{L} scored layers: wall {literal.wall:.1f} s, cpu {literal.cpu:.1f} s per prompt",
+              flush=True)  # fmt: skip
+    return lit, literal, lit_ffn, lit_att, per_layer, per_layer_cpu
+
+
+def spread(xs: list[float]) -> str:
+    """``median (min-max, n)`` of a list of ratios."""
+    ys = sorted(xs)
+    n = len(ys)
+    med = ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2
+    return f"median {med:.1f}x (min {ys[0]:.1f}x, max {ys[-1]:.1f}x, n {n})"
+
+
+def repeated_warm(model, cache, literal_layers, L: int, repeats: int) -> None:
+    """``repeats`` further warm single prompts, each timed right after the literal method on
+    the same prompt, so that the machine's drift between runs shows in both alike; prints every
+    repeat's ratios and their median, min and max (wall and CPU time)."""
+    if repeats > len(REPEAT_PROMPTS):
+        raise SystemExit(f"--repeats: at most {len(REPEAT_PROMPTS)}")
+    pool = REPEAT_PROMPTS[:repeats]
+    rows: dict[str, list[float]] = {k: [] for k in ("ffn", "attn", "all", "ffn_cpu", "all_cpu")}
+    for i, text in enumerate(pool):
+        tokens = model.to_tokens(text)[0]
+        _, literal, lit_ffn, lit_att, _, _ = time_literal(model, tokens, literal_layers, L)
+        with Clock() as f:
+            neuron_importance(model, [text], cache=cache, layers=LAYERS)
+        with Clock() as a:
+            attention_neuron_importance(model, [text], cache=cache, layers=LAYERS)
+        rows["ffn"].append(lit_ffn.wall / f.wall)
+        rows["attn"].append(lit_att.wall / a.wall)
+        rows["all"].append(literal.wall / (f.wall + a.wall))
+        rows["ffn_cpu"].append(lit_ffn.cpu / f.cpu)
+        rows["all_cpu"].append(literal.cpu / (f.cpu + a.cpu))
+        print(f"  repeat {i + 1} ({text!r}, {len(tokens)} positions): FFN {f.wall:.2f} s "
+              f"{rows['ffn'][-1]:.1f}x (cpu {rows['ffn_cpu'][-1]:.1f}x); attention "
+              f"{a.wall:.2f} s {rows['attn'][-1]:.1f}x; all {rows['all'][-1]:.1f}x "
+              f"(cpu {rows['all_cpu'][-1]:.1f}x); load {os.getloadavg()[0]:.2f}",
+              flush=True)  # fmt: skip
+    print(f"warm single prompts, {len(pool)} repeats, literal re-timed beside each:", flush=True)
+    print(f"  FFN only: wall {spread(rows['ffn'])}; cpu {spread(rows['ffn_cpu'])} "
+          f"(target >= 20x)", flush=True)  # fmt: skip
+    print(f"  attention only: wall {spread(rows['attn'])}", flush=True)
+    print(f"  all neurons: wall {spread(rows['all'])}; cpu {spread(rows['all_cpu'])} "
+          f"(target >= 40x)", flush=True)  # fmt: skip
+
+
 def all_neurons(model, prompts, cache):
     with Clock() as clock:
         f = neuron_importance(model, prompts, cache=cache, layers=LAYERS)
@@ -167,6 +263,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="*", help="score only these layers (default all)")
     ap.add_argument("--literal-layers", type=int, nargs="*", default=[0, 15, 29])
     ap.add_argument("--amortised", type=int, default=64)
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="time this many further warm single prompts, the literal re-timed beside each, and "
+        "print the median, min and max ratios (this VM's speed drifts between runs)",
+    )
     ap.add_argument("--check-all-ffn", action="store_true")
     ap.add_argument("--rss", choices=["default", "streaming"])
     ap.add_argument("--rss-prompts", type=int, default=4)
@@ -194,36 +297,9 @@ def main() -> None:
     tokens = model.to_tokens(prompt)[0]
     n_pos = len(tokens)
 
-    # literal method on a subset of layers, scaled to all layers
-    lit = {"ffn": {}, "attn": {}}
-    lit_t = {"ffn": [], "attn": []}
-    lit_c = {"ffn": [], "attn": []}
-    literal_forward(model, tokens)  # warm-up
-    with Clock() as fwd:
-        run = literal_forward(model, tokens)
-    for kind in ("ffn", "attn"):
-        for l in args.literal_layers:
-            with Clock() as c:
-                lit[kind][l] = literal_layer(model, tokens, l, kind, run)
-            lit_t[kind].append(c.wall)
-            lit_c[kind].append(c.cpu)
-    per_layer = {k: sum(v) / len(v) for k, v in lit_t.items()}
-    per_layer_cpu = {k: sum(v) / len(v) for k, v in lit_c.items()}
-    # one forward per prompt (and per analysis: FFN and attention neurons each need one)
-    literal = Clock()
-    literal.wall = fwd.wall + L * (per_layer["ffn"] + per_layer["attn"])
-    literal.cpu = fwd.cpu + L * (per_layer_cpu["ffn"] + per_layer_cpu["attn"])
-    print(f"literal: forward with cache {fwd.wall:.2f} s (cpu {fwd.cpu:.2f}) once, then "
-          f"FFN {per_layer['ffn']:.2f} s/layer (cpu {per_layer_cpu['ffn']:.2f}), "
-          f"attention {per_layer['attn']:.2f} s/layer (cpu {per_layer_cpu['attn']:.2f}) "
-          f"({n_pos} positions); timed on layers {args.literal_layers}, scaled to the "
-          f"{L} scored layers: wall {literal.wall:.1f} s, cpu {literal.cpu:.1f} s per prompt",
-          flush=True)  # fmt: skip
-
-    lit_ffn, lit_att = Clock(), Clock()
-    lit_ffn.wall, lit_ffn.cpu = fwd.wall + L * per_layer["ffn"], fwd.cpu + L * per_layer_cpu["ffn"]
-    lit_att.wall = fwd.wall + L * per_layer["attn"]
-    lit_att.cpu = fwd.cpu + L * per_layer_cpu["attn"]
+    lit, literal, lit_ffn, lit_att, per_layer, _ = time_literal(
+        model, tokens, args.literal_layers, L, verbose=True
+    )
 
     disk = scratch()
     cache = BlockCache(disk=disk)
@@ -264,6 +340,8 @@ def main() -> None:
     both3.wall, both3.cpu = ffn3.wall + att3.wall, ffn3.cpu + att3.cpu
     print(f"third single prompt: FFN only {ffn3.ratio(lit_ffn)}; attention only "
           f"{att3.ratio(lit_att)}; all neurons {both3.ratio(literal)}", flush=True)  # fmt: skip
+    if args.repeats:
+        repeated_warm(model, cache, args.literal_layers, L, args.repeats)
     warm = BlockCache(disk=disk)
     warm_c, _, _ = all_neurons(model, [PROMPTS[2]], warm)
     print(f"new session, warm from disk: {warm_c.ratio(literal)}", flush=True)

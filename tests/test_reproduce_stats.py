@@ -331,7 +331,7 @@ def test_expected_times_add_the_streamed_attribution_calls(monkeypatch, tmp_path
     """A model whose FFN rows the default cache cannot keep streams every attribution call
     (Gemma 3 270M: about 74 s a call here, against SmolLM2's 2.5 s), or reads them from the
     disk cache when its limit allows (about 21 s): the estimate adds those calls to the stages
-    that make them, and only to those."""
+    that make them, and only to those; the method comparison adds its float64 rows."""
     from mechcna.reproduce import plan
     from tests.helpers import build
 
@@ -339,15 +339,23 @@ def test_expected_times_add_the_streamed_attribution_calls(monkeypatch, tmp_path
     s = ReproduceSettings.quick()
     assert plan.streamed_call_seconds(model) == 0.0  # a tiny model's rows fit
     base = expected_times(model, s).set_index("stage")["expected seconds"]
+    # the comparison's vocabulary rows scale with n_layers x d_mlp x d_model x d_vocab, the
+    # rest of the stage with the parameter count
+    c, u = model.cfg, plan._UNIT
+    work = c.n_layers * c.d_mlp * c.d_model * c.d_vocab
+    _, n, m = plan._prompt_sizes(s)
+    assert base["methods"] == pytest.approx(
+        u["methods_fixed"] * work / plan._REFERENCE_ROW_WORK
+        + u["methods"] * m * plan._params(model) / plan._REFERENCE_PARAMS
+    )
     monkeypatch.setenv("MECHCNA_BLOCK_BUDGET", "1K")
     monkeypatch.setenv("MECHCNA_DISK_CACHE", "0")
-    c = model.cfg
     call = plan.streamed_call_seconds(model)
     assert call == pytest.approx(74.0 * c.n_layers * c.d_model**2 * c.d_vocab
                                  / (18 * 640**2 * 262144))  # fmt: skip
     extra = expected_times(model, s).set_index("stage")["expected seconds"] - base
-    _, n, m = plan._prompt_sizes(s)
-    assert extra["methods"] == pytest.approx(call * m)
+    # the method comparison also forms every FFN row in float64 that no cache keeps
+    assert extra["methods"] == pytest.approx(call * m + plan._UNKEPT_ROW_SECONDS * work)
     assert extra["value_neurons"] == pytest.approx(2 * call * n)
     assert extra["cna"] == pytest.approx(2 * call * plan._cna_cases(s))
     assert (extra.drop(["methods", "value_neurons", "cna", "trace", "division", "total"],

@@ -2,7 +2,10 @@
 
 * :func:`expected_times`: a rough wall time per stage for a model and settings, from unit costs
   measured on SmolLM2-135M on the 2-core CPU machine (docs/reproduce/smollm2-135m.md), scaled
-  by the model's parameter count. An estimate to decide whether to start, not a measurement.
+  by the model's parameter count (the method comparison's vocabulary rows by the row work
+  ``n_layers x d_mlp x d_model x d_vocab``), plus the attribution calls of models whose rows the
+  memory budget cannot keep, calibrated on Gemma 3 270M. An estimate to decide whether to
+  start, not a measurement.
 * :class:`Checkpoint`: each finished stage pickled under a folder keyed by the model and the
   settings; a rerun with the same model and settings loads the finished stages and continues.
 """
@@ -73,6 +76,17 @@ _STREAM_SECONDS = 74.0 / (18 * 640**2 * 262144)
 #: memory (``MECHCNA_DISK_CACHE_BYTES`` above the rows, the memory budget below them): Gemma 3
 #: 270M's all-FFN call, 20.0-22.5 s for 19.3 GB of rows (docs/benchmarks.md, 2026-12-04).
 _DISK_SECONDS = 21.0 / 19.3e9
+#: Every FFN neuron's vocabulary row on SmolLM2-135M (the method comparison's fixed part):
+#: ``n_layers x d_mlp x d_model x d_vocab`` multiply-adds. That part of the method stage scales
+#: with this product, not with the parameter count (Gemma 3 270M: 4.7x SmolLM2's, against
+#: 1.8x the parameters).
+_REFERENCE_ROW_WORK = 30 * 1536 * 576 * 49152
+#: Seconds per unit of that row work that the method comparison adds when the rows do not fit
+#: the memory budget (float64 rows of 262,144 tokens that no cache holds, quantised and written
+#: to the disk cache): the rest of Gemma 3 270M's measured 2,950 s (the standard record of
+#: 2026-12-05, docs/reproduce/gemma-3-270m-attribution.md, with ``MECHCNA_DISK_CACHE_BYTES=40G``)
+#: over what the row work and the streamed calls predict (1,165 s).
+_UNKEPT_ROW_SECONDS = (2950.2 - 1165.2) / (18 * 2048 * 640 * 262144)
 #: attribution calls (FFN or attention neurons, streamed) per prompt or case of each stage
 _STREAM_CALLS = {"methods": 1, "value_neurons": 2, "cna": 2, "trace": 2, "division": 2}
 
@@ -93,6 +107,14 @@ def streamed_call_seconds(model: Model) -> float:
     if default_disk_dir() is not None and rows <= disk_limit():
         return _DISK_SECONDS * rows
     return _STREAM_SECONDS * c.n_layers * c.d_model**2 * c.d_vocab
+
+
+def _row_work(model: Model) -> float:
+    """``n_layers x d_mlp x d_model x d_vocab``: the multiply-adds of every FFN neuron's
+    vocabulary row."""
+    c = model.cfg
+    d_mlp = int(c.d_mlp or 4 * c.d_model)
+    return float(c.n_layers * d_mlp * c.d_model * c.d_vocab)
 
 
 def _params(model: Model) -> float:
@@ -166,11 +188,18 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
         rows += _more_arithmetic(model, s, float(cna), per_case, layer * readers / 2.0)
     frame = pd.DataFrame(rows, columns=["paper", "stage", "expected seconds"])
     frame["expected seconds"] *= scale
+    methods = frame["stage"] == "methods"
+    work = _row_work(model)
+    # the method comparison's rows scale with the row work, not with the parameters
+    frame.loc[methods, "expected seconds"] += u["methods_fixed"] * (
+        work / _REFERENCE_ROW_WORK - scale
+    )
     call = streamed_call_seconds(model)
     if call > 0:  # rows the cache cannot keep: each attribution call streams
         counts = _stream_counts(s)
         extra = frame["stage"].map(lambda st: call * counts.get(st, 0.0))
         frame["expected seconds"] += extra
+        frame.loc[methods, "expected seconds"] += _UNKEPT_ROW_SECONDS * work
     total = pd.DataFrame([{"paper": "", "stage": "total",
                            "expected seconds": frame["expected seconds"].sum()}])  # fmt: skip
     return pd.concat([frame, total], ignore_index=True)
