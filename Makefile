@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m mechcna demo
+	$(PY) -m mechcna demo --overwrite
 
 lint: setup
 	$(VENV)/bin/ruff format --check .

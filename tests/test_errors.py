@@ -76,3 +76,12 @@ def test_head_effects_on_attention_only_and_parallel_models(flag):
             )
             expect = logits[0, -1].log_softmax(-1)[target]
             torch.testing.assert_close(effects.logprob[i], expect, atol=1e-10, rtol=0)
+
+
+def test_unknown_word_error_names_the_word():
+    """The error names the words the vocabulary lacks, not only the ones it knows."""
+    from mechcna.errors import UnknownTokenError
+    from tests.bad_inputs import model
+
+    with pytest.raises(UnknownTokenError, match="outside the vocabulary: 'zebra' "):
+        mechcna.layer_importance(model(), ["the zebra is"])

@@ -153,7 +153,7 @@ def mask_keep_correct(
     out: dict[str, dict[int, Tensor]] = {
         "base": {0: _run_cases(model, batch, targets, None, batch_size)[0]}
     }
-    for k in tqdm(plan.ks, desc="K", disable=not progress):
+    for k in tqdm(plan.ks, desc="mask / keep per K", disable=not progress):
         for e in EXPERIMENTS:
             out.setdefault(e, {})[k] = _run_cases(
                 model, batch, targets, plan.masks[e][k], batch_size

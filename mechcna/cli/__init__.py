@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module)
     parser = argparse.ArgumentParser(
         prog="mechcna",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=__doc__.split("\n\n")[0].replace("``", "") if __doc__ else None,
         epilog="example:\n  mechcna attribute --prompt '3+5=' --level ffn --out runs/attr",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -30,7 +30,12 @@ def _top(p: argparse.ArgumentParser, default: int = 10) -> None:
 
 def _attribute_args(p: argparse.ArgumentParser) -> None:
     add_prompts(p)
-    p.add_argument("--level", choices=[*LEVELS, "all"], default="ffn")
+    p.add_argument(
+        "--level",
+        choices=[*LEVELS, "all"],
+        default="ffn",
+        help="what to score: layers, heads, FFN neurons, attention neurons or all (default ffn)",
+    )
     p.add_argument("--paper-compat", action="store_true", help="drop ln_final bias and b_U")
     _top(p)
     add_ray(p)
@@ -79,7 +84,8 @@ def _cna_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", action="append", default=[], help="LAYER.HEAD to ablate in M'")
     p.add_argument("--second-model", default=None, help="M' is this model (same architecture)")
     p.add_argument("--mask-keep", action="store_true", help="also the mask/keep/random table")
-    p.add_argument("--ks", nargs="+", type=int, default=[50, 20, 10, 5], help="K of the table")
+    p.add_argument("--ks", nargs="+", type=int, default=[50, 20, 10, 5],
+                   help="K of the table (default 50 20 10 5)")  # fmt: skip
     _top(p)
 
 

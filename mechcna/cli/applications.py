@@ -75,7 +75,8 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cna-cases", type=int, default=8, help="held-out cases of the CNA (0: no Tables 9-10)"
     )
-    p.add_argument("--ks", nargs="+", type=int, default=[50, 30, 20, 10], help="K of Table 10")
+    p.add_argument("--ks", nargs="+", type=int, default=[50, 30, 20, 10],
+                   help="K of Table 10 (default 50 30 20 10)")  # fmt: skip
     p.add_argument(
         "--direction",
         choices=["lora_minus_original", "original_minus_lora"],

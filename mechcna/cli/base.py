@@ -177,10 +177,17 @@ def pair(text: str, what: str = "LAYER.INDEX") -> tuple[int, int]:
 
 def add_dataset(p: argparse.ArgumentParser, pairs: int = 20) -> None:
     """Options of an arithmetic dataset (ARITH section 3 templates)."""
-    p.add_argument("--operations", nargs="+", default=["+", "-"], help="of + - * /")
-    p.add_argument("--digits", nargs="+", type=int, default=[1, 2], help="operand digits")
-    p.add_argument("--pairs", type=int, default=pairs, help="operand pairs per cell")
-    p.add_argument("--split", choices=["heldout", "train", "all"], default="heldout")
+    p.add_argument("--operations", nargs="+", default=["+", "-"], help="of + - * / (default + -)")
+    p.add_argument("--digits", nargs="+", type=int, default=[1, 2],
+                   help="operand digits (default 1 2)")  # fmt: skip
+    p.add_argument("--pairs", type=int, default=pairs,
+                   help=f"operand pairs per cell (default {pairs})")  # fmt: skip
+    p.add_argument(
+        "--split",
+        choices=["heldout", "train", "all"],
+        default="heldout",
+        help="operand pairs never trained on, trained on, or both (default heldout)",
+    )
 
 
 def dataset_from(args: argparse.Namespace, ctx: Context) -> Any:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pairs", type=int, default=40, help="operand pairs per cell")
+    p.add_argument("--pairs", type=int, default=40, help="operand pairs per cell (default 40)")
 
 
 @command(

@@ -145,8 +145,10 @@ def _refuse_unknown(model: Model, prompt: str, row: Tensor) -> None:
     if tok.unk_token and str(tok.unk_token) in prompt:
         return  # the prompt spells the unknown token itself
     ids = [int(i) for i in row if int(i) != unk]
+    words = [w for w in prompt.split() if unk in tok(w, add_special_tokens=False)["input_ids"]]
+    named = f"{', '.join(map(repr, words))} " if words else ""
     raise UnknownTokenError(
-        f"prompt {prompt!r} has words outside the vocabulary (they map to "
+        f"prompt {prompt!r} has words outside the vocabulary: {named}(they map to "
         f"{tok.unk_token!r}); known tokens were {model.to_str_tokens(torch.tensor(ids))}"
     )
 
