@@ -65,6 +65,16 @@ def test_claims_match_by_title_and_order_whatever_their_test_text(tmp_path):
     assert isinstance(fig, go.Figure) and len(fig.to_dict()["data"][0]["z"]) == 3
 
 
+def test_appendix_b_claims_match_whichever_division_head_each_model_chose():
+    a = frame([("arithmetic", "Division head 1_4 (appendix B): Masking hurts (test: x)", 1.0,
+                "holds")])  # fmt: skip
+    b = frame([("arithmetic", "Division head 7_1 (appendix B): Masking hurts (test: y)", 2.0,
+                "inconclusive")])  # fmt: skip
+    cmp = compare_claims([a, b], names=["A", "B"])
+    assert list(cmp.frame["claim"]) == ["Division head (appendix B): Masking hurts"]
+    assert len(cmp.unmatched) == 0 and list(cmp.frame["same verdict"]) == [False]
+
+
 def test_markdown_records_keep_escaped_pipes_and_blank_numbers(tmp_path):
     f = frame([("arithmetic", "mean |cos| of pairs is above 1", 1.45, "holds")])
     f.loc[1] = ["arithmetic", "A claim not measured", "", "", 0, float("nan"), float("nan"),

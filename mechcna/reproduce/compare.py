@@ -7,7 +7,8 @@ markdown record (``reproduce.md``, e.g. the ones in ``docs/reproduce/``: the tab
 ``## Claims``). Claims are matched by paper and title, the claim's text before ``" (test"``
 (the test's wording names model-specific layers and thresholds), and by order among claims of
 the same title (a claim tested on two metrics or paths appears twice, in the same order in every
-record). Nothing is recomputed: each cell is the record's own estimate, interval, ``n`` and
+record; the division head that appendix B's claims name, which each model chooses, is left out
+of the title). Nothing is recomputed: each cell is the record's own estimate, interval, ``n`` and
 verdict.
 
 Example:
@@ -99,6 +100,9 @@ def read_claims(record: Record) -> pd.DataFrame:
 
 Key = tuple[str, str, int]
 
+#: the model's own division head in a claim's title (``Division head 7_1 (appendix B): ...``)
+_DIVISION_HEAD = re.compile(r"^(Division head) \d+_\d+ (\(appendix B\))")
+
 
 def _entries(frame: pd.DataFrame, form: str | None) -> dict[Key, tuple[str, str]]:
     """``(paper, title, k) -> (cell, verdict)`` in the record's order (see the module
@@ -109,6 +113,8 @@ def _entries(frame: pd.DataFrame, form: str | None) -> dict[Key, tuple[str, str]
         title = re.split(r" \(test[:,]", str(row["claim"]), maxsplit=1)[0].strip()
         if form is not None:  # a run of both prompt forms tags each arithmetic claim
             title = title.replace(f"[{form} prompts] ", "")
+        # appendix B's claims name the division head each model chose
+        title = _DIVISION_HEAD.sub(r"\1 \2", title)
         paper = str(row["paper"])
         k = seen.get((paper, title), 0)
         seen[(paper, title)] = k + 1
