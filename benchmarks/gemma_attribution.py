@@ -13,7 +13,9 @@ torch's default thread count:
   only the rows the second-order expansion cannot certify (``k2`` from a ``d_model x
   d_model`` covariance per prompt and layer); first, second and third prompts;
 * with ``--disk-bytes N`` (e.g. 40G) the disk cache may hold all 18 layers: the first call
-  fills it, later calls read int16 rows (from the page cache where it holds them);
+  fills it, later calls read int16 rows (from the page cache where it holds them); with
+  ``--disk-dir DIR`` as well, a folder already filled (e.g. by ``mechcna reproduce``) is read
+  from the first call on;
 * max |fast - literal| on the literal layers; peak resident memory (VmHWM) of the process.
 
 Run under the shared lock::
@@ -57,10 +59,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--literal-layers", type=int, nargs="*", default=[3, 15])
     ap.add_argument("--disk-bytes", help="let the disk cache hold every layer (e.g. 40G)")
+    ap.add_argument(
+        "--disk-dir",
+        help="use this disk-cache folder (e.g. one a reproduce run filled) instead of a fresh "
+        "scratch folder, and keep it",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = tempfile.mkdtemp(prefix="mechcna-gemma-")
+    folder = args.disk_dir or tempfile.mkdtemp(prefix="mechcna-gemma-")
     if args.disk_bytes:
         os.environ["MECHCNA_DISK_CACHE_BYTES"] = args.disk_bytes
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()}, "
@@ -95,7 +102,8 @@ def main() -> None:
         print(f"call {i + 1}: {c:.2f} s -> {literal / c:.1f}x the literal")
     print(f"max |fast - literal| on layers {args.literal_layers}: {worst:.2e}; "
           f"{memory()}; load {os.getloadavg()}")  # fmt: skip
-    shutil.rmtree(folder, ignore_errors=True)
+    if not args.disk_dir:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
