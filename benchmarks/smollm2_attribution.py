@@ -148,8 +148,8 @@ class Clock:
 def time_literal(model, tokens, literal_layers, L: int, verbose: bool = False):
     """The literal method for one prompt: one forward with the activations cached, then the
     per-layer FFN and attention work timed on ``literal_layers`` and scaled to ``L`` layers.
-    Returns the literal scores on the timed layers and the all-neuron, FFN-only and
-    attention-only clocks (each includes the one forward)."""
+    Returns the literal scores on the timed layers, the all-neuron, FFN-only and
+    attention-only clocks (each includes the one forward) and the mean wall time per layer."""
     lit = {"ffn": {}, "attn": {}}
     lit_t = {"ffn": [], "attn": []}
     lit_c = {"ffn": [], "attn": []}
@@ -178,7 +178,7 @@ def time_literal(model, tokens, literal_layers, L: int, verbose: bool = False):
               f"({len(tokens)} positions); timed on layers {literal_layers}, scaled to the "
               f"{L} scored layers: wall {literal.wall:.1f} s, cpu {literal.cpu:.1f} s per prompt",
               flush=True)  # fmt: skip
-    return lit, literal, lit_ffn, lit_att, per_layer, per_layer_cpu
+    return lit, literal, lit_ffn, lit_att, per_layer
 
 
 def spread(xs: list[float]) -> str:
@@ -199,7 +199,7 @@ def repeated_warm(model, cache, literal_layers, L: int, repeats: int) -> None:
     rows: dict[str, list[float]] = {k: [] for k in ("ffn", "attn", "all", "ffn_cpu", "all_cpu")}
     for i, text in enumerate(pool):
         tokens = model.to_tokens(text)[0]
-        _, literal, lit_ffn, lit_att, _, _ = time_literal(model, tokens, literal_layers, L)
+        _, literal, lit_ffn, lit_att, _ = time_literal(model, tokens, literal_layers, L)
         with Clock() as f:
             neuron_importance(model, [text], cache=cache, layers=LAYERS)
         with Clock() as a:
@@ -297,7 +297,7 @@ def main() -> None:
     tokens = model.to_tokens(prompt)[0]
     n_pos = len(tokens)
 
-    lit, literal, lit_ffn, lit_att, per_layer, _ = time_literal(
+    lit, literal, lit_ffn, lit_att, per_layer = time_literal(
         model, tokens, args.literal_layers, L, verbose=True
     )
 

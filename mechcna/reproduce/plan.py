@@ -100,8 +100,7 @@ def streamed_call_seconds(model: Model) -> float:
     from mechcna.engine.rows import default_disk_dir, disk_limit
 
     c = model.cfg
-    d_mlp = int(c.d_mlp or 4 * c.d_model)
-    rows = c.n_layers * d_mlp * c.d_vocab * 2
+    rows = c.n_layers * _d_mlp(model) * c.d_vocab * 2
     if rows <= default_budget():
         return 0.0
     if default_disk_dir() is not None and rows <= disk_limit():
@@ -109,17 +108,20 @@ def streamed_call_seconds(model: Model) -> float:
     return _STREAM_SECONDS * c.n_layers * c.d_model**2 * c.d_vocab
 
 
+def _d_mlp(model: Model) -> int:
+    return int(model.cfg.d_mlp or 4 * model.cfg.d_model)
+
+
 def _row_work(model: Model) -> float:
     """``n_layers x d_mlp x d_model x d_vocab``: the multiply-adds of every FFN neuron's
     vocabulary row."""
     c = model.cfg
-    d_mlp = int(c.d_mlp or 4 * c.d_model)
-    return float(c.n_layers * d_mlp * c.d_model * c.d_vocab)
+    return float(c.n_layers * _d_mlp(model) * c.d_model * c.d_vocab)
 
 
 def _params(model: Model) -> float:
     c = model.cfg
-    d_mlp = int(c.d_mlp or 4 * c.d_model)
+    d_mlp = _d_mlp(model)
     return float(c.n_layers * (4 * c.d_model**2 + 3 * c.d_model * d_mlp) + c.d_vocab * c.d_model)
 
 
@@ -141,7 +143,8 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
         written, n, m = _prompt_sizes(s)
         rows += [
             ("attribution", "knowledge", u["knowledge_fixed"] + u["knowledge"] * written),
-            ("attribution", "methods", u["methods_fixed"] + u["methods"] * m),
+            # + the vocabulary rows, scaled by row work below
+            ("attribution", "methods", u["methods"] * m),
             ("attribution", "value_neurons", u["value_neurons_fixed"] + u["value_neurons"] * n),
             ("attribution", "zeroing", u["zeroing"] * n * (2 + s.random_draws)),
             ("attribution", "query", u["query_fixed"] + u["query"] * n),
@@ -191,9 +194,7 @@ def expected_times(model: Model, settings: ReproduceSettings, paper: str = "both
     methods = frame["stage"] == "methods"
     work = _row_work(model)
     # the method comparison's rows scale with the row work, not with the parameters
-    frame.loc[methods, "expected seconds"] += u["methods_fixed"] * (
-        work / _REFERENCE_ROW_WORK - scale
-    )
+    frame.loc[methods, "expected seconds"] += u["methods_fixed"] * work / _REFERENCE_ROW_WORK
     call = streamed_call_seconds(model)
     if call > 0:  # rows the cache cannot keep: each attribution call streams
         counts = _stream_counts(s)
