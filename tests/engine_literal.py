@@ -61,9 +61,10 @@ def engine_literal(z, M, W, a, target) -> torch.Tensor:
     return out
 
 
-def layer_rows(M, W, storage: torch.dtype) -> LayerRows:
-    """A :class:`LayerRows` over an arbitrary projector ``M`` and vectors ``W`` (memory only)."""
-    store = RowStore(W.shape[0], M.shape[1], storage, M.dtype)
+def layer_rows(M, W, storage: torch.dtype, path=None) -> LayerRows:
+    """A :class:`LayerRows` over an arbitrary projector ``M`` and vectors ``W`` (in memory, or
+    file-backed at ``path``)."""
+    store = RowStore(W.shape[0], M.shape[1], storage, M.dtype, path)
     cache = BlockCache(disk=False, half=storage == torch.int16)
     return LayerRows(W, store, Projector(M, "test"), cache)
 

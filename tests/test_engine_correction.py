@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mechcna.engine.correction import corrected_logsumexp
-from mechcna.engine.expansion import EngineStats, _row_eta, increase_from_rows
+from mechcna.engine.correction import corrected_logsumexp, row_eta
+from mechcna.engine.expansion import EngineStats, increase_from_rows
 from mechcna.engine.rows import RowStore
 from tests.engine_literal import engine_literal, error_ratio, layer_rows
 from tests.test_engine_speed import _draw_engine_inputs
@@ -39,7 +39,7 @@ def _case(seed: int, V: int = 3000, n: int = 20, d: int = 12):
 
 def _corrected(M, W, z, target, store, rows, b, r, x, budget, tokens):
     idx = torch.arange(store.n_rows)
-    eta = _row_eta(rows, store, W, idx)
+    eta = row_eta(rows, store, W, idx)
     p = torch.softmax(z, -1)
     return corrected_logsumexp(
         z, p, store.stored(idx), idx, store.step(idx), store.radius_of(idx), W, M,
@@ -64,7 +64,7 @@ def test_accepted_items_are_within_their_budget(seed, tokens):
     n = store.n_rows
     # the flat prompt keeps over 80% of its mass beyond any 256 tokens: items whose tilt is
     # mild and whose |x| eta is not tiny cannot be summed on a few tokens
-    eta = _row_eta(rows, store, W, torch.arange(n))
+    eta = row_eta(rows, store, W, torch.arange(n))
     mild = x[n:].abs() * 2 * store.radius[r[n:]] <= 1  # q within e^1 of p: still flat
     big = mild & (x[n:].abs() * eta[r[n:]] * 0.3 > budget)
     assert bool(big.any()) and not bool(ok[n:][big].any())
@@ -90,7 +90,7 @@ def test_a_row_that_differs_from_its_stored_copy_by_more_than_eta_is_refused():
     (a stored row that is not the row) sends every item to the dense path."""
     M, W, z, target, _, store, rows, b, r, x = _case(1)
     idx = torch.arange(store.n_rows)
-    eta = _row_eta(rows, store, W, idx) * 1e-3
+    eta = row_eta(rows, store, W, idx) * 1e-3
     p = torch.softmax(z, -1)
     _, _, ok = corrected_logsumexp(
         z, p, store.stored(idx), idx, store.step(idx), store.radius_of(idx), W, M,

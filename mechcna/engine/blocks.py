@@ -277,10 +277,11 @@ class BlockCache:
         would evict the layers the next call needs first and recompute every row, so the
         rows are not kept at all (the engine computes only the rows the second-order
         expansion cannot certify). For a file-backed store the budget is the disk cache's
-        (:func:`mechcna.engine.rows.disk_limit`; its pages are page cache)."""
+        (:func:`mechcna.engine.rows.disk_limit`; its pages are page cache), counting the
+        residual file of int16 rows."""
         full = store.n_rows * store.d_vocab * store.storage.itemsize
         if store.path is not None:
-            return layers * full <= disk_limit()
+            return layers * (full + store.n_rows * store.d_vocab * store.has_fine) <= disk_limit()
         if layers * full > self.budget:
             return False
         return self.nbytes - store.memory_bytes + full <= self.budget

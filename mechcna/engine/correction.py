@@ -4,7 +4,7 @@ When the expansion cannot certify a (prompt, neuron) pair, the engine needs
 ``L = logsumexp(z + x u)`` on the neuron's exact float64 row ``u`` (centred,
 ``u = w M - centre``). Computing ``u`` is a ``d_model x d_vocab`` float64 product per row
 (for SmolLM2 about 40 ms for a layer's thirty such rows, most of a warm call's exact path).
-But the row is already stored as ``y`` with ``|y_j - u_j| <= eta`` (:func:`_row_eta` of
+But the row is already stored as ``y`` with ``|y_j - u_j| <= eta`` (:func:`row_eta` of
 :mod:`mechcna.engine.expansion`), and the tilted distribution ``q ~ exp(z + x y)`` of a deep
 layer's uncertified neuron sits on a handful of tokens. With ``d = u - y``:
 
@@ -25,13 +25,17 @@ correctness never does.
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mechcna._types import Float, Int, Tensor
+from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.engine import moments
 from mechcna.engine.moments import U64, gamma, shifted_logsumexp
+from mechcna.engine.rows import FINE, RowStore
+
+if TYPE_CHECKING:
+    from mechcna.engine.blocks import LayerRows
 
 #: tokens of each item's tilted distribution whose entries are computed exactly
 SPARSE_TOKENS = 256
@@ -153,6 +157,119 @@ def corrected_logsumexp(
         own[items] = E.gather(1, torch.searchsorted(cols, tc)[:, None]).squeeze(1)
         ok[items] = good
     return lse, own, ok
+
+
+def fine_scores(
+    z: Float[Tensor, "batch d_vocab"],
+    log_norm: Float[Tensor, " batch"],
+    store: Any,
+    rows: Int[Tensor, " n"],
+    eta: Float[Tensor, " n"],
+    W: Float[Tensor, "n d_model"],
+    M: Float[Tensor, "d_model d_vocab"],
+    x: Float[Tensor, " k"],
+    b: Int[Tensor, " k"],
+    r: Int[Tensor, " k"],
+    target: Int[Tensor, " batch"],
+    budget: float,
+) -> tuple[Float[Tensor, " k"], Bool[Tensor, " k"]]:
+    """``(score, ok)`` per item ``i`` from the store's rows refined by their residual word
+    (:meth:`mechcna.engine.rows.RowStore.fine_levels`): ``score = x_i u_w - (L - log_norm)``
+    with ``L = logsumexp(z[b_i] + x_i Y)``, ``Y = fine_levels * step / FINE`` the refined row of
+    store row ``rows[r_i]``, within ``budget`` of the exact score where ``ok``.
+
+    ``|Y_j - u_j| <= eta`` (the residual's rounding plus the float64 computation of the row,
+    ``eta`` per row) moves ``L`` by at most ``|x| eta``; the float64 evaluation adds at most
+    ``gamma(V) + u (8 (max|z| + |x| R) + 8)`` (the scaled products, the sums with ``z`` and the
+    log-sum-exp). The target's entry ``u_w = w . M_w - centre`` is computed exactly."""
+    V = z.shape[1]
+    step = store.step(rows).to(z.device)
+    R = store.radius_of(rows).to(z.device) * (1 + 2.0**-20)
+    ax = x.abs()
+    err = ax * eta[r] + gamma(V) + U64 * (8 * (z.abs().amax(-1)[b] + ax * R[r]) + 8)
+    ok = err <= budget
+    score = z.new_zeros(len(x))
+    if not bool(ok.any()):
+        return score, ok
+    sel = ok.nonzero().flatten()
+    used, inverse = torch.unique(r[sel], return_inverse=True)
+    Y = store.fine_levels(rows[used]).to(z.device)  # float32, exact
+    bs, xs = b[sel], x[sel]
+    lse = shifted_logsumexp(z, Y, xs * (step[r[sel]] / FINE), bs, inverse)
+    centre = store.centre[rows[used].cpu()].to(z.device)
+    own = (W[r[sel]] * M[:, target[bs]].T).sum(-1) - centre[inverse]
+    score[sel] = xs * own - (lse - log_norm[bs])
+    return score, ok
+
+
+def row_eta(
+    rows: "LayerRows", store: RowStore, W64: Tensor, sel: Int[Tensor, " n"], fine: bool = False
+) -> Tensor:
+    """Per-entry bound on ``|stored row - exact centred row|`` for rows of ``store``: the
+    storage rounding (:meth:`RowStore.eta`, or with ``fine`` :meth:`RowStore.eta_fine` of the
+    rows refined by their residual word) plus the float64 rounding of ``w . M64_j``
+    (``<= gamma_d |w| max_j |M64_j|``) and of the centring."""
+    _, _, col_norm = rows.projector.exact()
+    d = W64.shape[1]
+    sel = sel.to(W64.device)
+    comp = gamma(d) * W64[sel].norm(dim=1) * col_norm + 4 * U64 * store.radius_of(sel)
+    return (store.eta_fine(sel) if fine else store.eta(sel)).to(torch.float64) + comp
+
+
+def sparse_items(
+    out: Tensor, idx: Tensor, a: Tensor, z: Tensor, log_norm: Tensor, p: Tensor, tgt: Tensor,
+    rows: "LayerRows", store: RowStore, W: Tensor, fresh: dict[int, Tensor], tol: float,
+    stats: Any,  # an EngineStats or None
+) -> Tensor:  # fmt: skip
+    """Scores the exact path's items whose rows are stored rounded (and not fresh) from the
+    stored row plus the exact entries on a few tokens (:mod:`mechcna.engine.correction`,
+    within ``tol / 2``) into ``out``; returns the items left to the dense exact rows."""
+    host = idx[:, 2].cpu()
+    # not conditioned on rows kept exactly: an item's route (so its rounding) must not depend
+    # on what earlier calls left in the cache (comparing a model with itself gives 0)
+    cand = store.known[host].clone()
+    if fresh:
+        mine = [int(r) not in fresh for r in host.tolist()]
+        cand &= torch.tensor(mine, dtype=torch.bool, device=host.device)
+    if not bool(cand.any()):
+        return idx
+    items = idx[cand.to(idx.device)]
+    uniq, inverse = torch.unique(items[:, 2], return_inverse=True)
+    M = rows.projector.exact()[0]
+    b, e, r = items.unbind(1)
+    x = a[b, e, r]
+    # first the rows refined by their residual word (file-backed int16 stores), then the
+    # stored row plus a few exact entries
+    done = store.fine_usable(uniq)[inverse.cpu()].to(x.device)
+    if bool(done.any()):
+        f = done.nonzero().flatten()
+        eta = row_eta(rows, store, W, uniq, fine=True)
+        val, ok = fine_scores(z, log_norm, store, uniq, eta, W[uniq.to(W.device)], M, x[f],
+                              b[f], inverse[f], tgt, tol / 2)  # fmt: skip
+        f, val = f[ok], val[ok]
+        out[b[f], e[f], r[f]] = val
+        if stats is not None:
+            stats.fine += len(f)
+        done = torch.zeros_like(done)
+        done[f] = True
+    rest = (~done).nonzero().flatten()
+    if len(rest):
+        uniq, inverse = torch.unique(r[rest], return_inverse=True)
+        eta = row_eta(rows, store, W, uniq)
+        br, xr = b[rest], x[rest]
+        lse, own, ok = corrected_logsumexp(
+            z, p, store.stored(slice(None)), uniq.to(z.device), store.step(uniq).to(z.device),
+            store.radius_of(uniq).to(z.device), W[uniq.to(W.device)], M,
+            store.centre[uniq.cpu()].to(z.device), eta, xr, br, inverse, tgt, tol / 2,
+        )  # fmt: skip
+        g = ok.nonzero().flatten()
+        out[br[g], e[rest[g]], r[rest[g]]] = xr[g] * own[g] - (lse[g] - log_norm[br[g]])
+        done[rest[g]] = True
+    if stats is not None:
+        stats.sparse += int(done.sum())
+    left = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
+    left[cand.nonzero().flatten().to(idx.device)[done.to(idx.device)]] = False
+    return idx[left]
 
 
 @dataclass

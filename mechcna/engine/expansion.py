@@ -29,7 +29,7 @@ and the denominator at least ``e^{t m_0}`` (Jensen). Hence
 
 **Stored rows.** When a row is known only as ``y = u + e`` with ``|e_j| <= eta`` (16-bit or
 float32 storage, :mod:`mechcna.engine.rows`; ``eta`` also covers the float64 computation of the row,
-:func:`_row_eta`), the cumulants of ``y`` are used for
+:func:`row_eta`), the cumulants of ``y`` are used for
 ``k2`` and ``k3`` and the bound adds their error: with centred ``c = u - E u``,
 ``f = e - E e`` (``|f| <= 2 eta``) and ``S = sd(y) + 2 eta >= sd(u)``:
 ``|Var y - Var u| <= 4 eta sd(y) + 12 eta^2`` and
@@ -78,8 +78,11 @@ coefficient are summed over each prompt's most probable tokens only, with the om
 effect bounded and added to ``dk2`` and ``dk3`` (:mod:`mechcna.engine.moments`).
 
 **Exact fallback.** Every (prompt, neuron) whose bound exceeds ``tol`` is recomputed with
-the full log-sum-exp in float64 on the exact float64 row (kept per store, or recomputed from
-``w``), in fused chunks. So every returned score is within ``tol`` of the exact value on the
+the full log-sum-exp in float64: on the stored row refined by its residual word (file-backed
+int16 stores, within ``tol / 2``: :func:`mechcna.engine.correction.fine_scores`), else on the
+stored row plus a few exact entries (:func:`mechcna.engine.correction.corrected_logsumexp`),
+else on the exact float64 row (kept per store, or recomputed from ``w``), in fused chunks.
+So every returned score is within ``tol`` of the exact value on the
 engine's inputs, apart from the final rounding of the float64 result to the compute dtype
 (and float64 rounding of a log-sum-exp, about ``u`` times the largest logit).
 ``method="exact"`` evaluates everything exactly. ``tests/test_engine_properties.py`` checks
@@ -96,7 +99,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from mechcna._types import Float, Int, Tensor
-from mechcna.engine.correction import Deferred, corrected_logsumexp, defer_items
+from mechcna.engine.correction import Deferred, defer_items, row_eta, sparse_items
 from mechcna.engine.moments import (
     U64,
     central_moments,
@@ -130,8 +133,11 @@ class EngineStats:
 
     scored: int = 0
     exact: int = 0
-    #: of ``exact``, the items scored from the stored row plus a few exact entries
+    #: of ``exact``, the items scored from the stored row plus a few exact entries or from the
+    #: row refined by its residual word
     sparse: int = 0
+    #: of ``sparse``, the items scored from the refined row
+    fine: int = 0
 
     @property
     def certified_fraction(self) -> float:
@@ -296,17 +302,6 @@ def _exact_rows(rows: "LayerRows", idx: Int[Tensor, " n"], chunk: int = 256) -> 
     return _exact_rows64(rows, idx, chunk).to(rows.projector.M.dtype)
 
 
-def _row_eta(rows: "LayerRows", store: RowStore, W64: Tensor, sel: Int[Tensor, " n"]) -> Tensor:
-    """Per-entry bound on ``|stored row - exact centred row|`` for rows of ``store``: the
-    storage rounding (:meth:`RowStore.eta`) plus the float64 rounding of ``w . M64_j``
-    (``<= gamma_d |w| max_j |M64_j|``) and of the centring."""
-    _, _, col_norm = rows.projector.exact()
-    d = W64.shape[1]
-    sel = sel.to(W64.device)
-    comp = _gamma(d) * W64[sel].norm(dim=1) * col_norm + 4 * U64 * store.radius_of(sel)
-    return store.eta(sel).to(torch.float64) + comp
-
-
 def _covariance_k2(
     p: Float[Tensor, "batch d_vocab"], M: Float[Tensor, "d_model d_vocab"],
     col_max: Float[Tensor, " d_model"], W: Float[Tensor, "row d_model"],
@@ -435,7 +430,7 @@ def increase_from_rows(
         else:
             k2, dk2 = _covariance_k2(p, M, col_max, W)
             everyone = torch.arange(n_rows, device=dev)
-            eta = _row_eta(rows, store, W, everyone)
+            eta = row_eta(rows, store, W, everyone)
             known_width = 2 * (store.radius_of(everyone) + eta)
             bound_width = rows.projector.range_bound(rows.W).to(torch.float64) * (1 + 1e-6)
             bound_width = torch.minimum(bound_width, rows.cache.widths(rows).to(dev))
@@ -457,14 +452,14 @@ def increase_from_rows(
                     fresh.update(zip(part.tolist(), exact, strict=True))
         fail = torch.zeros_like(coef, dtype=torch.bool)
         if len(sel):
-            eta = _row_eta(rows, store, W, sel)
+            eta = row_eta(rows, store, W, sel)
             fail[:, :, sel] = _third_order(out, a, d1, dd1, p, store, sel, eta, k2, dk2, tol)
     idx = fail.nonzero()
     if stats is not None:
         stats.scored += coef.numel()
         stats.exact += idx.shape[0]
     if len(idx) and method != "exact" and store.rounded:
-        idx = _sparse_items(out, idx, a, z, log_norm, p, tgt, rows, store, W, fresh, tol, stats)
+        idx = sparse_items(out, idx, a, z, log_norm, p, tgt, rows, store, W, fresh, tol, stats)
         if defer is not None and len(idx):
             idx = defer_items(defer, tag, idx, a, z, log_norm, tgt, rows, store, W, M, fresh)
     if len(idx):
@@ -491,45 +486,6 @@ def increase_from_rows(
         own = U[inverse, tgt[b]]
         out[b, e, r] = xb * own - (lse - log_norm[b])
     return out.to(coef.dtype)
-
-
-def _sparse_items(
-    out: Tensor, idx: Tensor, a: Tensor, z: Tensor, log_norm: Tensor, p: Tensor, tgt: Tensor,
-    rows: "LayerRows", store: RowStore, W: Tensor, fresh: dict[int, Tensor], tol: float,
-    stats: EngineStats | None,
-) -> Tensor:  # fmt: skip
-    """Scores the exact path's items whose rows are stored rounded (and not fresh) from the
-    stored row plus the exact entries on a few tokens (:mod:`mechcna.engine.correction`,
-    within ``tol / 2``) into ``out``; returns the items left to the dense exact rows."""
-    host = idx[:, 2].cpu()
-    # not conditioned on rows kept exactly: an item's route (so its rounding) must not depend
-    # on what earlier calls left in the cache (comparing a model with itself gives 0)
-    cand = store.known[host].clone()
-    if fresh:
-        mine = [int(r) not in fresh for r in host.tolist()]
-        cand &= torch.tensor(mine, dtype=torch.bool, device=host.device)
-    if not bool(cand.any()):
-        return idx
-    items = idx[cand.to(idx.device)]
-    uniq, inverse = torch.unique(items[:, 2], return_inverse=True)
-    M = rows.projector.exact()[0]
-    levels = store.stored(slice(None))  # the whole store, no copy: gathered by chunks
-    centre = store.centre[uniq.cpu()].to(z.device)
-    eta = _row_eta(rows, store, W, uniq)
-    b, e, r = items.unbind(1)
-    x = a[b, e, r]
-    lse, own, ok = corrected_logsumexp(
-        z, p, levels, uniq.to(levels.device), store.step(uniq).to(z.device),
-        store.radius_of(uniq).to(z.device), W[uniq.to(W.device)], M, centre, eta,
-        x, b, inverse, tgt, tol / 2,
-    )  # fmt: skip
-    good = ok.nonzero().flatten()
-    out[b[good], e[good], r[good]] = x[good] * own[good] - (lse[good] - log_norm[b[good]])
-    if stats is not None:
-        stats.sparse += len(good)
-    done = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
-    done[cand.nonzero().flatten().to(idx.device)[good.to(idx.device)]] = True
-    return idx[~done]
 
 
 def _third_order(

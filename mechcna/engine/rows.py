@@ -17,16 +17,21 @@ A :class:`RowStore` holds, for one layer's neurons, the centred vocabulary direc
 
 **Disk cache.** With a directory, the rows live in a sparse file ``<key>.rows`` mapped into
 memory (``numpy.memmap``), and the radii, centres and the mask of computed rows in
-``<key>.meta.npz``; ``key`` is the content hash of the weights (:mod:`mechcna.engine.blocks`), so a
-new session with the same weights starts warm and other weights can never be read. Writers
-are safe against each other: rows are written and flushed to the file before the metadata
-that marks them valid, metadata is merged under an exclusive ``flock`` and replaced
-atomically (``os.replace``), and two writers of the same row write the same values.
+``<key>.meta.npz``. For int16 rows a second sparse file ``<key>.fine`` holds one residual byte
+per entry, ``f = round(FINE (U / step - y))`` with ``|f| <= 127``: ``(FINE y + f) step / FINE``
+is within :meth:`RowStore.eta_fine` (``eta / 254``) of the row, which the engine's exact path
+reads for the few rows it needs (:meth:`RowStore.fine_levels`) instead of forming their float64
+rows. It costs half the int16 rows' disk and nothing in memory but the pages read. ``key`` is
+the content hash of the weights (:mod:`mechcna.engine.blocks`), so a new session with the same
+weights starts warm and other weights can never be read. Writers are safe against each other:
+rows are written and flushed to the file before the metadata that marks them valid, metadata is
+merged under an exclusive ``flock`` and replaced atomically (``os.replace``), and two writers
+of the same row write the same values.
 
-The cache is never trusted blindly (issue 20): the metadata names its store and holds a
-CRC-32 per row, checked when the row is first read in a process (:meth:`RowStore.verify`; a
-damaged row is recomputed, with a warning); a row file of the wrong size is deleted with its
-metadata and rebuilt, never truncated or extended to fit.
+The cache is never trusted blindly (issue 20): the metadata names its store and holds a CRC-32
+per row, checked when the row is first read in a process (:meth:`RowStore.verify`; a damaged
+row is recomputed, with a warning; a damaged residual row is not used); a row or residual file
+of the wrong size is deleted with its metadata and rebuilt, never truncated or extended to fit.
 
 The directory is bounded: after a new file is created, the least recently used files are
 deleted until the total allocated size is at most ``MECHCNA_DISK_CACHE_BYTES`` (default
@@ -57,6 +62,13 @@ from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.errors import MechcnaError
 
 DEFAULT_DISK_BYTES = 16 * 2**30
+
+#: fine steps per int16 level in a store's residual file (see :meth:`RowStore.fine_levels`):
+#: ``254 y + f`` with ``|f| <= 127`` is exact in float32 (``|.| < 2**23``)
+FINE = 254
+
+#: the files of one file-backed store, by suffix (the lock file aside)
+SUFFIXES = (".rows", ".fine", ".meta.npz")
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +148,13 @@ class RowStore:
         self.sums = np.zeros(n_rows, dtype=np.int64)
         self.verified: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
         self.rebuilt = 0  # rows found damaged on disk and recomputed
+        # the residual word of int16 rows in a file-backed store (see fine_levels): which rows
+        # have it, their CRC-32s and the rows checked in this process
+        self.has_fine = path is not None and storage == torch.int16
+        self._fine_map: np.memmap | None = None
+        self.fine_known: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
+        self.fine_sums = np.zeros(n_rows, dtype=np.int64)
+        self.fine_verified: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
         self._in_use = None
         if path is not None:
             self._open_file()
@@ -147,26 +166,33 @@ class RowStore:
         never resized to fit: it and its metadata are deleted and the store starts empty."""
         assert self.path is not None
         rows = self.path.with_suffix(".rows")
-        size = self.n_rows * self.d_vocab * self.storage.itemsize
+        sizes = {rows: self.n_rows * self.d_vocab * self.storage.itemsize}
+        if self.has_fine:
+            sizes[self.path.with_suffix(".fine")] = self.n_rows * self.d_vocab
         for _ in range(100):
             with self._locked():  # creation and size checks are atomic between processes
                 fresh = False
-                try:
-                    actual = rows.stat().st_size
-                except FileNotFoundError:
-                    actual = None
-                if actual is not None and actual != size:
+                actual = {}
+                for file in sizes:
+                    try:
+                        actual[file] = file.stat().st_size
+                    except FileNotFoundError:
+                        actual[file] = None
+                bad = [f for f, n in actual.items() if n is not None and n != sizes[f]]
+                if bad:
                     logger.warning("discarding the damaged row cache %s: %d bytes, expected %d",
-                                   rows, actual, size)  # fmt: skip
-                    for suffix in (".rows", ".meta.npz"):
+                                   bad[0], actual[bad[0]], sizes[bad[0]])  # fmt: skip
+                    for suffix in SUFFIXES:
                         with contextlib.suppress(FileNotFoundError):
                             rows.with_suffix(suffix).unlink()
-                    actual = None
-                if actual is None:
-                    with open(rows, "xb") as new:  # a sparse file: untouched rows take no disk
-                        new.truncate(size)
-                    fresh = True
+                    actual = dict.fromkeys(sizes)
+                for file, size in sizes.items():
+                    if actual[file] is None:
+                        with open(file, "xb") as new:  # sparse: untouched rows take no disk
+                            new.truncate(size)
+                        fresh = fresh or file == rows
                 f = open(rows, "r+b")
+                fine = open(rows.with_suffix(".fine"), "r+b") if self.has_fine else None
             fcntl.flock(f, fcntl.LOCK_SH)  # waits only while a prune is deleting the file
             try:
                 same = os.fstat(f.fileno()).st_ino == os.stat(rows).st_ino
@@ -175,8 +201,14 @@ class RowStore:
             if same:
                 break
             f.close()  # deleted (pruned) between open and lock: open the new file
+            if fine is not None:
+                fine.close()
         else:  # pragma: no cover - a directory under constant deletion
             raise OSError(f"could not open {rows}")
+        if fine is not None:
+            self._fine_map = np.memmap(fine, dtype=np.int8, mode="r+",
+                                       shape=(self.n_rows, self.d_vocab))  # fmt: skip
+            fine.close()  # the mapping keeps the file's pages
         self._in_use = f
         weakref.finalize(self, f.close)
         self._map = np.memmap(f, dtype=_NP[self.storage], mode="r+",
@@ -201,7 +233,9 @@ class RowStore:
         return exact + int(self.known.sum()) * self.d_vocab * self.storage.itemsize
 
     def release(self) -> None:
-        self._U, self._map, self._exact = None, None, None
+        self._U, self._map, self._exact, self._fine_map = None, None, None, None
+        self.fine_known = torch.zeros_like(self.fine_known)
+        self.fine_verified = torch.zeros_like(self.fine_verified)
         self.known = torch.zeros_like(self.known)
         self.exact_known = torch.zeros_like(self.exact_known)
         self._slot = torch.full_like(self._slot, -1)
@@ -213,6 +247,10 @@ class RowStore:
     def _crc(self, i: int) -> int:
         assert self._map is not None
         return zlib.crc32(memoryview(self._map[i]).cast("B"))
+
+    def _fine_crc(self, i: int) -> int:
+        assert self._fine_map is not None
+        return zlib.crc32(memoryview(self._fine_map[i]).cast("B"))
 
     def verify(self) -> int:
         """Check every computed row not yet checked in this process against its CRC-32
@@ -228,8 +266,41 @@ class RowStore:
                            len(bad), self.path)  # fmt: skip
             self.known[bad] = False
             self.verified[bad] = False
+            self.fine_known[bad] = False
             self.rebuilt += len(bad)
         return len(bad)
+
+    def fine_usable(self, idx: Int[Tensor, " n"]) -> Bool[Tensor, " n"]:
+        """Which of rows ``idx`` have their residual word (:meth:`fine_levels`), each checked
+        against its CRC-32 when first asked in this process (a damaged one is dropped, with a
+        warning: the engine then takes another exact path)."""
+        idx = idx.cpu()
+        if self._fine_map is None:
+            return torch.zeros(len(idx), dtype=torch.bool)
+        todo = idx[self.fine_known[idx] & self.known[idx] & ~self.fine_verified[idx]]
+        bad = [i for i in todo.tolist() if self._fine_crc(i) != int(self.fine_sums[i])]
+        self.fine_verified[todo] = True
+        if bad:
+            logger.warning("%d residual rows of %s do not match their checksums; not using them",
+                           len(bad), self.path)  # fmt: skip
+            self.fine_known[bad] = False
+        return self.fine_known[idx] & self.known[idx]
+
+    def fine_levels(self, idx: Int[Tensor, " n"]) -> Float[Tensor, "n d_vocab"]:
+        """Rows ``idx`` (with :meth:`fine_usable`) to ``FINE`` times the resolution of the int16
+        rows, as float32 values ``FINE * y + f`` (exact): ``|(FINE y + f) * step / FINE - U| <=``
+        :meth:`eta_fine`. ``f`` is the stored residual ``round(FINE (U / step - y))``, written by
+        :meth:`fill` into the store's ``.fine`` file (one byte per entry, read only for the
+        rows the engine's exact path needs)."""
+        assert self._fine_map is not None and self._U is not None
+        host = idx.cpu()
+        y = self._U[host].to(torch.float32)
+        f = torch.from_numpy(self._fine_map[host.numpy()]).to(torch.float32)
+        return y.mul_(FINE).add_(f)
+
+    def eta_fine(self, idx: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
+        """Per-entry bound on ``|fine_levels * step / FINE - row given to fill|`` (float64)."""
+        return self.radius_of(idx) * (0.51 / (self.levels * FINE))
 
     @property
     def rounded(self) -> bool:
@@ -308,13 +379,20 @@ class RowStore:
             U = rows[i : i + chunk] - centre[i : i + chunk, None]
             if self.normalised:
                 U.div_(div[i : i + chunk]).clamp_(-self.levels, self.levels)
+            fine = None
             if self.storage == torch.int16:
+                if self._fine_map is not None:
+                    fine = U.clone()
                 U.round_()
+                if fine is not None:  # |U - y| <= 1/2: the residual fits int8 (|f| <= 127)
+                    fine = fine.sub_(U).mul_(FINE).round_().to(torch.int8).numpy()
             if run:
                 target[first + i : first + i + len(U)].copy_(U)
             else:
                 where = idx[i : i + chunk].to(target.device)
                 target[where] = U.to(device=target.device, dtype=self.storage)
+            if fine is not None and self._fine_map is not None:
+                self._fine_map[idx[i : i + chunk].numpy()] = fine
         self.radius[idx], self.centre[idx] = radius.cpu(), centre.cpu()
         self.known[idx] = True
         if self._map is not None:
@@ -322,6 +400,12 @@ class RowStore:
                 self.sums[i] = self._crc(i)
             self.verified[idx] = True
             self._map.flush()  # the rows reach the file before the metadata names them
+            if self._fine_map is not None:
+                for i in idx.tolist():
+                    self.fine_sums[i] = self._fine_crc(i)
+                self.fine_known[idx] = True
+                self.fine_verified[idx] = True
+                self._fine_map.flush()
             self._save_meta()
 
     def stored(
@@ -365,9 +449,10 @@ class RowStore:
         assert self.path is not None
         return f"{self.path.name}|{self.n_rows}|{self.d_vocab}|{self.storage}"
 
-    def _read_meta(self) -> tuple[Tensor, Tensor, Tensor, np.ndarray] | None:
+    def _read_meta(self) -> tuple[Tensor, Tensor, Tensor, np.ndarray, Tensor, np.ndarray] | None:
         """The metadata on disk, or ``None`` when there is none or it is unreadable or
-        belongs to another store (e.g. a file copied or swapped in)."""
+        belongs to another store (e.g. a file copied or swapped in). Metadata written before
+        the residual file existed marks no residual rows."""
         try:
             with np.load(self._meta()) as z:
                 ident = str(z["ident"])
@@ -375,37 +460,50 @@ class RowStore:
                 radius = torch.from_numpy(z["radius"].copy()).to(torch.float64)
                 centre = torch.from_numpy(z["centre"].copy()).to(torch.float64)
                 sums = z["sums"].astype(np.int64)
+                if "fine_known" in z.files:
+                    fine_known = torch.from_numpy(z["fine_known"].copy())
+                    fine_sums = z["fine_sums"].astype(np.int64)
+                else:
+                    fine_known = torch.zeros_like(known)
+                    fine_sums = np.zeros_like(sums)
         except FileNotFoundError:
             return None
         except (OSError, KeyError, ValueError, EOFError) as err:
             logger.warning("ignoring unreadable row metadata %s (%s)", self._meta(), err)
             return None
-        if ident != self._ident() or known.shape != self.known.shape or sums.shape != known.shape:
+        shapes = {known.shape, fine_known.shape, sums.shape, fine_sums.shape}
+        if ident != self._ident() or shapes != {self.known.shape}:
             logger.warning("ignoring row metadata %s: it belongs to another store", self._meta())
             return None
-        return known, radius, centre, sums
+        return known, radius, centre, sums, fine_known & known, fine_sums
 
     def _load_meta(self) -> None:
         with self._locked():
             meta = self._read_meta()
         if meta is not None:
-            self.known, self.radius, self.centre, self.sums = meta
+            self.known, self.radius, self.centre, self.sums, fine_known, self.fine_sums = meta
+            self.fine_known = fine_known if self.has_fine else torch.zeros_like(fine_known)
             self.verified = torch.zeros_like(self.known)
+            self.fine_verified = torch.zeros_like(self.known)
             os.utime(self._meta())
 
     def _save_meta(self) -> None:
         with self._locked():
             meta = self._read_meta()
             if meta is not None:  # keep rows another writer added (checked when first read)
-                known, radius, centre, sums = meta
+                known, radius, centre, sums, fine_known, fine_sums = meta
                 new = known & ~self.known
                 self.radius[new], self.centre[new] = radius[new], centre[new]
                 self.sums[new.numpy()] = sums[new.numpy()]
                 self.known |= known
+                extra = new & fine_known & self.has_fine  # their residuals, when written
+                self.fine_sums[extra.numpy()] = fine_sums[extra.numpy()]
+                self.fine_known |= extra
             fd, tmp = tempfile.mkstemp(dir=self._meta().parent, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, known=self.known.numpy(), radius=self.radius.double().numpy(),
                          centre=self.centre.double().numpy(), sums=self.sums,
+                         fine_known=self.fine_known.numpy(), fine_sums=self.fine_sums,
                          ident=np.array(self._ident()))  # fmt: skip
                 f.flush()
                 os.fsync(f.fileno())
@@ -447,7 +545,10 @@ def prune(directory: Path, keep: Path | None = None, limit: int | None = None) -
             continue
         side = meta.with_suffix(".meta.npz")
         used = side.stat().st_mtime if side.exists() else st.st_mtime
-        entries.append((used, st.st_blocks * 512, meta))
+        blocks = st.st_blocks
+        with contextlib.suppress(OSError):
+            blocks += meta.with_suffix(".fine").stat().st_blocks
+        entries.append((used, blocks * 512, meta))
     total = sum(e[1] for e in entries)
     for _, size, rows in sorted(entries):
         if total <= limit:
@@ -463,7 +564,7 @@ def prune(directory: Path, keep: Path | None = None, limit: int | None = None) -
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # in use
-            for suffix in (".rows", ".meta.npz"):
+            for suffix in SUFFIXES:
                 with contextlib.suppress(OSError):
                     rows.with_suffix(suffix).unlink()
         total -= size
