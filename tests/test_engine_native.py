@@ -163,3 +163,21 @@ def test_batches_up_to_64_prompts_of_int16_rows_take_the_kernel(monkeypatch):
     assert dk3 is not None and k3 is not None
     assert bool(((k2 - ref2).abs() <= dk2).all())
     assert bool(((k3 - ref3).abs() <= dk3).all())
+
+
+@pytest.mark.parametrize("B", [1, 3, 6])
+def test_a_subset_of_rows_read_in_place_equals_the_gathered_rows(B, monkeypatch):
+    """With an index list the kernel reads the rows where they lie (no gathered copy): the
+    same sums, bit for bit, as on the gathered rows, in any order and with repeats; an index
+    out of range is refused (``None``), not read."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    p, y = _inputs(B, 1003, 40, 5)
+    idx = torch.tensor([39, 0, 7, 7, 12, 3, 38, 21])
+    got = native.moments_int16(p, y, True, idx)
+    want = native.moments_int16(p, y[idx].contiguous(), True)
+    assert got is not None and want is not None
+    for a, b in zip(got, want, strict=True):
+        assert a is not None and b is not None and torch.equal(a, b)
+    assert native.moments_int16(p, y, True, torch.tensor([3, 40])) is None
+    empty = native.moments_int16(p, y, False, torch.tensor([], dtype=torch.long))
+    assert empty is not None and empty[0].shape == (B, 0)

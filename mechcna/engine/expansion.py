@@ -425,8 +425,13 @@ def increase_from_rows(
                 store.fill(missing[i : i + 128], _exact_rows64(rows, missing[i : i + 128]))
         k2 = dk2 = None
         store.verify()  # rows another process added meanwhile
+        easy = eta_all = None
         if bool(store.known.all()):
             sel = torch.arange(n_rows, device=dev)
+            eta_all = row_eta(rows, store, W, sel)
+            easy, hoeffding = _hoeffding(a, d1, dd1, 2 * (store.radius_of(sel) + eta_all), tol)
+            sel = (~easy).flatten(0, 1).any(0).nonzero().flatten()  # rows not read at all
+            out = hoeffding.clone()
         else:
             k2, dk2 = _covariance_k2(p, M, col_max, W)
             everyone = torch.arange(n_rows, device=dev)
@@ -452,8 +457,11 @@ def increase_from_rows(
                     fresh.update(zip(part.tolist(), exact, strict=True))
         fail = torch.zeros_like(coef, dtype=torch.bool)
         if len(sel):
-            eta = row_eta(rows, store, W, sel)
+            eta = row_eta(rows, store, W, sel) if eta_all is None else eta_all[sel]
             fail[:, :, sel] = _third_order(out, a, d1, dd1, p, store, sel, eta, k2, dk2, tol)
+        if easy is not None:  # an item's route never depends on the other items of its row
+            out = torch.where(easy, hoeffding, out)
+            fail &= ~easy
     idx = fail.nonzero()
     if stats is not None:
         stats.scored += coef.numel()
@@ -486,6 +494,20 @@ def increase_from_rows(
         own = U[inverse, tgt[b]]
         out[b, e, r] = xb * own - (lse - log_norm[b])
     return out.to(coef.dtype)
+
+
+def _hoeffding(
+    a: Tensor, d1: Tensor, dd1: Tensor, width: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """``(easy, value)`` per item: Hoeffding's lemma gives ``0 <= K(a) - a k1 <= a^2 r^2 / 8``
+    for a row of range ``r <= width``, so ``a d1 - a^2 r^2 / 16`` is within ``a^2 r^2 / 16``
+    (plus ``|a| dd1`` for ``d1`` and ``4 u`` of the terms for their evaluation) of the score.
+    Items where that is within ``tol`` (``|a| r`` below about ``4 sqrt(tol)``) need no moments;
+    a row all of whose items are such is not read."""
+    first = a * d1[:, None]
+    half = (a * width) ** 2 / 16
+    bound = half + a.abs() * dd1[:, None] + 4 * U64 * (first.abs() + half)
+    return bound <= tol, first - half
 
 
 def _third_order(

@@ -107,6 +107,12 @@ def _shifted_lse_kernel(z: Tensor, u: Tensor, x: Tensor) -> Tensor:
     return torch.logsumexp(z[None] + x[:, None] * u, -1)
 
 
+def _indexed_lse_kernel(z: Tensor, U: Tensor, r: Tensor, x: Tensor) -> Tensor:
+    """:func:`_shifted_lse_kernel` of the rows ``U[r]``, the gather inside the compiled loop
+    (the rows are read where they lie, not copied per item)."""
+    return torch.logsumexp(z[None] + x[:, None] * U[r], -1)
+
+
 def shifted_logsumexp(
     z: Float[Tensor, "batch d_vocab"],
     U: Float[Tensor, "n d_vocab"],
@@ -126,9 +132,9 @@ def shifted_logsumexp(
         items = (b == prompt).nonzero().flatten()
         if fused:
             if "lse" not in _fused:
-                _fused["lse"] = torch.compile(_shifted_lse_kernel, dynamic=True)
+                _fused["lse"] = torch.compile(_indexed_lse_kernel, dynamic=True)
             try:
-                out[items] = _fused["lse"](z[prompt], U[r[items]], x[items])
+                out[items] = _fused["lse"](z[prompt], U, r[items], x[items])
                 continue
             except Exception as err:  # as in fused_moments
                 _fused["broken"], fused = True, False
@@ -171,15 +177,18 @@ def _packed_kernel(
 
 
 def fused_moments(
-    p: Float[Tensor, "batch k"], y: Tensor, third: bool
+    p: Float[Tensor, "batch k"], y: Tensor, third: bool, rows: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """:func:`_moment_kernel` (int16 rows of even width: :func:`_packed_kernel`) compiled once
     per process with dynamic shapes, or ``None`` when compilation fails (then every later call
-    returns ``None`` at once: the caller runs the eager chunks)."""
+    returns ``None`` at once: the caller runs the eager chunks). With ``rows``, the moments of
+    ``y[rows]`` (read in place by the C kernel, else gathered)."""
     if y.dtype == torch.int16:  # the C kernel where it builds (about 2-3x faster)
-        got = native.moments_int16(p, y, third)
+        got = native.moments_int16(p, y, third, rows)
         if got is not None:
             return got
+    if rows is not None:
+        y = y[rows.to(y.device)]
     packed = y.dtype == torch.int16 and y.shape[1] % 2 == 0 and sys.byteorder == "little"
     key = "packed" if packed else "dense"
     if key not in _fused:
@@ -283,8 +292,11 @@ def _raw_parts(
     whole = cols is None and len(rows) == store.n_rows
     int16 = store.storage == torch.int16
     if store.device == pk.device and fused_available(pk, len(rows) * width, int16):
-        y = store.stored(slice(None) if whole else rows, cols)  # a gathered copy unless whole
-        got = fused_moments(pk, y, third)
+        if int16 and cols is None:  # the C kernel reads a subset of rows in place
+            got = fused_moments(pk, store.stored(slice(None)), third, None if whole else rows)
+        else:
+            y = store.stored(slice(None) if whole else rows, cols)  # a gathered copy unless whole
+            got = fused_moments(pk, y, third)
         if got is not None:
             m1, m2, m3 = got
             k3 = None if m3 is None else m3 - 3 * m1 * m2 + 2 * m1**3

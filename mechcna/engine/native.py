@@ -100,13 +100,13 @@ row_block(const int16_t* row, int64_t V, const double* const* pp, const int NB, 
         for (int n = 0; n < 3; n++) res[3 * b + n] = s[b][n];
 }
 
-/* Raw moments of the int16 rows r0..r1-1 of y (row length V) under the B distributions p
-   (B x V, float64): out[(n - 1) * B * ld + b * ld + r] = sum_j p[b, j] y[r, j]^n for n = 1, 2
-   and, when third, 3. The vocabulary is taken in blocks whose B rows of p stay in the cache
-   (512 KB) while every row passes; each block's sums are added to out. Returns 0, or -1
-   when B is out of range. */
+/* Raw moments of the int16 rows r0..r1-1 of y (row length V; with idx, the rows idx[r0..r1-1])
+   under the B distributions p (B x V, float64): out[(n - 1) * B * ld + b * ld + r] =
+   sum_j p[b, j] y[row r, j]^n for n = 1, 2 and, when third, 3. The vocabulary is taken in
+   blocks whose B rows of p stay in the cache (512 KB) while every row passes; each block's
+   sums are added to out. Returns 0, or -1 when B is out of range. */
 int moments_i16(const int16_t* y, int64_t V, int64_t r0, int64_t r1, const double* p,
-                int64_t B, int third, double* out, int64_t ld) {
+                int64_t B, int third, double* out, int64_t ld, const int64_t* idx) {
     if (B < 1 || B > MAXB) return -1;
     int64_t JB = ((int64_t)1 << 16) / B;
     JB = JB < 256 ? 256 : (JB / 4) * 4;
@@ -116,7 +116,7 @@ int moments_i16(const int16_t* y, int64_t V, int64_t r0, int64_t r1, const doubl
     for (int64_t j0 = 0; j0 < V; j0 += JB) {
         int64_t w = V - j0 < JB ? V - j0 : JB;
         for (int64_t r = r0; r < r1; r++) {
-            const int16_t* row = y + r * V + j0;
+            const int16_t* row = y + (idx ? idx[r] : r) * V + j0;
             for (int64_t b0 = 0; b0 < B; b0 += 4) {
                 const double* pp[4];
                 double res[12];
@@ -203,7 +203,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     fn = lib.moments_i16
     i64, dp = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [dp, i64, i64, i64, dp, i64, ctypes.c_int, dp, i64]
+    fn.argtypes = [dp, i64, i64, i64, dp, i64, ctypes.c_int, dp, i64, dp]
     fn.restype = ctypes.c_int
     return lib
 
@@ -235,11 +235,15 @@ def _executor(threads: int) -> ThreadPoolExecutor:
 
 
 def moments_int16(
-    p: Float[Tensor, "batch d_vocab"], y: Int[Tensor, "row d_vocab"], third: bool
+    p: Float[Tensor, "batch d_vocab"],
+    y: Int[Tensor, "row d_vocab"],
+    third: bool,
+    rows: Int[Tensor, " n"] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """``(m1, m2, m3)``, each ``[batch, row]`` float64 (``m3`` only with ``third``): the raw
-    moments ``p . y^n`` of the int16 rows ``y`` (CPU), or ``None`` when the kernel is not
-    available or does not apply (then the caller uses another path)."""
+    moments ``p . y^n`` of the int16 rows ``y`` (CPU; with ``rows``, of the rows ``y[rows]``,
+    read in place), or ``None`` when the kernel is not available or does not apply (then the
+    caller uses another path)."""
     B, V = p.shape
     if (
         y.dtype != torch.int16
@@ -256,15 +260,23 @@ def moments_int16(
         return None
     y = y.contiguous()
     p = p.contiguous()
-    n = y.shape[0]
+    index = None
+    if rows is not None:
+        index = rows.to(device="cpu", dtype=torch.int64).contiguous()
+        if len(index) and not (0 <= int(index.min()) and int(index.max()) < y.shape[0]):
+            return None
+    n = y.shape[0] if index is None else len(index)
     out = torch.empty(3, B, n, dtype=torch.float64)
+    if n == 0:
+        return out[0], out[1], (out[2] if third else None)
     threads = max(1, min(torch.get_num_threads(), n))
     bounds = [n * t // threads for t in range(threads + 1)]
     fn = lib.moments_i16
-    args = (y.data_ptr(), V, p.data_ptr(), B, int(third), out.data_ptr(), n)
+    ptr = None if index is None else index.data_ptr()
+    args = (y.data_ptr(), V, p.data_ptr(), B, int(third), out.data_ptr(), n, ptr)
 
     def run(r0: int, r1: int) -> int:
-        return fn(args[0], args[1], r0, r1, args[2], args[3], args[4], args[5], args[6])
+        return fn(args[0], args[1], r0, r1, args[2], args[3], args[4], args[5], args[6], args[7])
 
     if threads == 1:
         codes = [run(0, n)]
