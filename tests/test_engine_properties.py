@@ -19,6 +19,9 @@ recorded in ``docs/policies.md``). Derandomised: CI runs the same examples every
 
 import math
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,7 +65,7 @@ def log_uniform(lo: float, hi: float):
 @SETTINGS
 @given(
     seed=st.integers(0, 2**31 - 1),
-    storage=st.sampled_from(["int16", "float32", "float64"]),
+    storage=st.sampled_from(["int16", "int16-disk", "float32", "float64"]),
     V=st.integers(2, 300),
     d=st.integers(2, 20),
     R=st.integers(1, 40),
@@ -96,8 +99,16 @@ def test_engine_within_tolerance_of_literal(
     a = torch.randn(B, extra, R, generator=g, dtype=f64) * a_scale
     dtype = f64 if storage == "float64" else torch.float32
     z, M, W, a = z.to(dtype), M.to(dtype), W.to(dtype), a.to(dtype)
-    rows = layer_rows(M, W, getattr(torch, storage))
-    got = increase_from_rows(z, rows, a, target, fill=fill)
+    # int16-disk: a file-backed store, whose rows keep their residual bytes (the fine path)
+    folder = tempfile.mkdtemp() if storage == "int16-disk" else None
+    try:
+        rows = layer_rows(M, W, getattr(torch, storage.removesuffix("-disk")),
+                          None if folder is None else Path(folder) / "k")  # fmt: skip
+        got = increase_from_rows(z, rows, a, target, fill=fill)
+        rows.store.release()
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     ref = engine_literal(z, M, W, a, target)
     U = W.double() @ M.double()
     big = float(z.double().abs().max()) + float(
@@ -115,7 +126,7 @@ def test_engine_within_tolerance_of_literal(
 @given(
     seed=st.integers(0, 1000),
     kind=st.sampled_from(["gpt2", "llama"]),
-    rows=st.sampled_from(["float64", "float32-full", "float32-int16"]),
+    rows=st.sampled_from(["float64", "float32-full", "float32-int16", "float32-int16-disk"]),
     unembed=log_uniform(0.5, 600.0),
     coef=log_uniform(0.5, 20.0),
     common=st.sampled_from([0.0, 10.0, 1e3]),
@@ -139,8 +150,14 @@ def test_neuron_importance_within_tolerance_of_literal(
             top2 = logits.topk(2)
             gap = float(top2.values[0] - top2.values[1])
             model.b_U[top2.indices[1]] += gap - 1e-3
-    cache = BlockCache(disk=False, half=rows == "float32-int16")
-    res = neuron_importance(model, [prompt], cache=cache)
+    folder = tempfile.mkdtemp() if rows.endswith("-disk") else None
+    try:
+        cache = BlockCache(disk=folder or False, half="int16" in rows)
+        res = neuron_importance(model, [prompt], cache=cache)
+        cache.clear()
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     ref, big = literal64_ffn(model, prompt)
     u = U32 if dtype == torch.float32 else U64
     allowed = default_tol(dtype) + 64 * u * big

@@ -192,12 +192,10 @@ def fine_scores(
     if not bool(ok.any()):
         return score, ok
     sel = ok.nonzero().flatten()
-    used, inverse = torch.unique(r[sel], return_inverse=True)
-    Y = store.fine_levels(rows[used]).to(z.device)  # float32, exact
-    bs, xs = b[sel], x[sel]
-    lse = shifted_logsumexp(z, Y, xs * (step[r[sel]] / FINE), bs, inverse)
-    centre = store.centre[rows[used].cpu()].to(z.device)
-    own = (W[r[sel]] * M[:, target[bs]].T).sum(-1) - centre[inverse]
+    bs, xs, rs = b[sel], x[sel], r[sel]
+    Y, F = store.stored(slice(None)), store.fine_all()  # read in place, rows rows[rs]
+    lse = moments.fine_logsumexp(z, Y, F, FINE, xs * (step[rs] / FINE), bs, rows[rs])
+    own = (W[rs] * M[:, target[bs]].T).sum(-1) - store.centre[rows[rs].cpu()].to(z.device)
     score[sel] = xs * own - (lse - log_norm[bs])
     return score, ok
 
@@ -212,7 +210,11 @@ def row_eta(
     _, _, col_norm = rows.projector.exact()
     d = W64.shape[1]
     sel = sel.to(W64.device)
-    comp = gamma(d) * W64[sel].norm(dim=1) * col_norm + 4 * U64 * store.radius_of(sel)
+    norms = store.w_norms  # the store is keyed by the weights: its vectors' norms are fixed
+    if norms is None or len(norms) != len(W64) or norms.device != W64.device:
+        norms = store.w_norms = W64.norm(dim=1)
+    norms = norms[sel]
+    comp = gamma(d) * norms * col_norm + 4 * U64 * store.radius_of(sel)
     return (store.eta_fine(sel) if fine else store.eta(sel)).to(torch.float64) + comp
 
 

@@ -27,6 +27,11 @@ and the denominator at least ``e^{t m_0}`` (Jensen). Hence
     ``|R3| <= |a|^3 r k2 e^{|a| r} / 6``,
     ``|R4| <= a^4 min(r^4 / 96, r^2 k2 e^{|a| r} / 24)``.
 
+**No moments** (issue 20, speed; :func:`_hoeffding`). Hoeffding's lemma bounds
+``0 <= K(a) - a k1 <= a^2 r^2 / 8``, so an item whose ``a^2 r^2 / 16`` (plus the rounding of
+``d1``) is within ``tol`` is scored ``a (u_w - k1) - a^2 r^2 / 16`` from ``d1`` alone, and a layer's
+row none of whose items needs more is not read.
+
 **Stored rows.** When a row is known only as ``y = u + e`` with ``|e_j| <= eta`` (16-bit or
 float32 storage, :mod:`mechcna.engine.rows`; ``eta`` also covers the float64 computation of the row,
 :func:`row_eta`), the cumulants of ``y`` are used for
@@ -530,7 +535,8 @@ def _third_order(
     # |a| R per prompt and row: how far each row's moments may be truncated (moments.py)
     reach = a[:, :, sel].abs().amax(1) * radius * (1 + 2.0**-20)
     # with the fused loop the third moment costs one more product in registers: take it in
-    # the same pass instead of a second pass over the rows that need it
+    # the same pass instead of a second pass over the rows that need it (taking it only for
+    # the rows that may need it saved nothing measurable on SmolLM2: the loads dominate)
     both = fused_available(p, len(sel) * p.shape[1], store.storage == torch.int16)
     k2y, dk2y, k3all, dk3all = central_moments(p, store, sel, both, reach, tol)
     sdy = (k2y + dk2y).clamp_min(0).sqrt()  # >= sd(y) despite rounding

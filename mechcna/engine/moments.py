@@ -145,6 +145,46 @@ def shifted_logsumexp(
     return out
 
 
+def _fine_lse_kernel(z: Tensor, Y: Tensor, F: Tensor, r: Tensor, x: Tensor, fine: int) -> Tensor:
+    """``logsumexp(z + x_i (fine Y[r_i] + F[r_i]))`` for int16 rows ``Y`` and their int8
+    residuals ``F`` (the refined rows of :meth:`mechcna.engine.rows.RowStore.fine_levels`, exact
+    in float32), read where they lie."""
+    v = Y[r].to(torch.float32) * fine + F[r].to(torch.float32)
+    return torch.logsumexp(z[None] + x[:, None] * v, -1)
+
+
+def fine_logsumexp(
+    z: Float[Tensor, "batch d_vocab"],
+    Y: Tensor,
+    F: Tensor,
+    fine: int,
+    x: Float[Tensor, " k"],
+    b: Int[Tensor, " k"],
+    r: Int[Tensor, " k"],
+    chunk: int = 128,
+) -> Float[Tensor, " k"]:
+    """``logsumexp(z[b_i] + x_i (fine Y[r_i] + F[r_i]))`` for every item (float64): per prompt
+    one compiled loop that reads the stored rows in place where :func:`fused_available`, else
+    eager chunks of ``chunk`` items (the same sums)."""
+    out = z.new_zeros(len(x))
+    fused = len(x) * z.shape[1] >= FUSED_MIN_LSE and fused_available(z[:1], FUSED_MIN_ELEMENTS)
+    for prompt in b.unique().tolist():
+        items = (b == prompt).nonzero().flatten()
+        if fused:
+            if "fine" not in _fused:
+                _fused["fine"] = torch.compile(_fine_lse_kernel, dynamic=True)
+            try:
+                out[items] = _fused["fine"](z[prompt], Y, F, r[items], x[items], fine)
+                continue
+            except Exception as err:  # as in fused_moments
+                _fused["broken"], fused = True, False
+                _log.warning("fused log-sum-exp unavailable (%s); using eager chunks", err)
+        for i in range(0, len(items), chunk):
+            part = items[i : i + chunk]
+            out[part] = _fine_lse_kernel(z[prompt], Y, F, r[part], x[part], fine)
+    return out
+
+
 def fused_available(p: Tensor, elements: int, int16: bool = False) -> bool:
     """Whether :func:`central_moments` uses the fused reduction for ``p`` (a CPU batch of at
     most :data:`MAX_FUSED_BATCH` prompts; for ``int16`` rows with the C kernel built, at most

@@ -148,6 +148,9 @@ class RowStore:
         self.sums = np.zeros(n_rows, dtype=np.int64)
         self.verified: Bool[Tensor, " row"] = torch.zeros(n_rows, dtype=torch.bool)
         self.rebuilt = 0  # rows found damaged on disk and recomputed
+        # float64 norms of the layer's residual-space vectors (for the engine's rounding bounds;
+        # set on first use: the store is keyed by the weights, so they never change)
+        self.w_norms: Tensor | None = None
         # the residual word of int16 rows in a file-backed store (see fine_levels): which rows
         # have it, their CRC-32s and the rows checked in this process
         self.has_fine = path is not None and storage == torch.int16
@@ -297,6 +300,12 @@ class RowStore:
         y = self._U[host].to(torch.float32)
         f = torch.from_numpy(self._fine_map[host.numpy()]).to(torch.float32)
         return y.mul_(FINE).add_(f)
+
+    def fine_all(self) -> Tensor:
+        """The whole residual file as an int8 tensor (no copy; rows with :meth:`fine_usable`
+        are valid)."""
+        assert self._fine_map is not None
+        return torch.from_numpy(self._fine_map)
 
     def eta_fine(self, idx: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
         """Per-entry bound on ``|fine_levels * step / FINE - row given to fill|`` (float64)."""
