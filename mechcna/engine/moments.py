@@ -101,15 +101,10 @@ def _moment_kernel(p: Tensor, y: Tensor, third: bool) -> tuple[Tensor, Tensor, T
     return m1, m2, m3
 
 
-def _shifted_lse_kernel(z: Tensor, u: Tensor, x: Tensor) -> Tensor:
-    """``logsumexp(z + x_i u_i)`` along the vocabulary for each row ``u_i`` of the dense
-    ``u`` (``z`` one prompt's base logits; float64)."""
-    return torch.logsumexp(z[None] + x[:, None] * u, -1)
-
-
 def _indexed_lse_kernel(z: Tensor, U: Tensor, r: Tensor, x: Tensor) -> Tensor:
-    """:func:`_shifted_lse_kernel` of the rows ``U[r]``, the gather inside the compiled loop
-    (the rows are read where they lie, not copied per item)."""
+    """``logsumexp(z + x_i U[r_i])`` along the vocabulary for each item ``i`` (``z`` one
+    prompt's base logits; float64), the gather inside the compiled loop (the rows are read
+    where they lie, not copied per item)."""
     return torch.logsumexp(z[None] + x[:, None] * U[r], -1)
 
 
@@ -125,23 +120,32 @@ def shifted_logsumexp(
     of a shifted base), float64: per prompt one fused reduction where
     :func:`fused_available` (for at least :data:`FUSED_MIN_LSE` entries), else eager chunks of
     ``chunk`` items."""
-    V = z.shape[1]
-    out = z.new_zeros(len(x))
-    fused = len(x) * V >= FUSED_MIN_LSE and fused_available(z[:1], FUSED_MIN_ELEMENTS)
+    return _per_prompt(
+        "lse", _indexed_lse_kernel, z, b, chunk, lambda i, it: (z[i], U, r[it], x[it])
+    )
+
+
+def _per_prompt(key: str, kernel: Any, z: Tensor, b: Tensor, chunk: int, args: Any) -> Tensor:
+    """``kernel(*args(prompt, items))`` for each prompt's items ``b == prompt``: compiled once
+    per process (``_fused[key]``) and run on all of a prompt's items at once where
+    :func:`fused_available` (for at least :data:`FUSED_MIN_LSE` entries), else eagerly on
+    chunks of ``chunk`` items (the same sums)."""
+    out = z.new_zeros(len(b))
+    fused = len(b) * z.shape[1] >= FUSED_MIN_LSE and fused_available(z[:1], FUSED_MIN_ELEMENTS)
     for prompt in b.unique().tolist():
         items = (b == prompt).nonzero().flatten()
         if fused:
-            if "lse" not in _fused:
-                _fused["lse"] = torch.compile(_indexed_lse_kernel, dynamic=True)
+            if key not in _fused:
+                _fused[key] = torch.compile(kernel, dynamic=True)
             try:
-                out[items] = _fused["lse"](z[prompt], U, r[items], x[items])
+                out[items] = _fused[key](*args(prompt, items))
                 continue
             except Exception as err:  # as in fused_moments
                 _fused["broken"], fused = True, False
                 _log.warning("fused log-sum-exp unavailable (%s); using eager chunks", err)
         for i in range(0, len(items), chunk):
             part = items[i : i + chunk]
-            out[part] = _shifted_lse_kernel(z[prompt], U[r[part]], x[part])
+            out[part] = kernel(*args(prompt, part))
     return out
 
 
@@ -166,23 +170,9 @@ def fine_logsumexp(
     """``logsumexp(z[b_i] + x_i (fine Y[r_i] + F[r_i]))`` for every item (float64): per prompt
     one compiled loop that reads the stored rows in place where :func:`fused_available`, else
     eager chunks of ``chunk`` items (the same sums)."""
-    out = z.new_zeros(len(x))
-    fused = len(x) * z.shape[1] >= FUSED_MIN_LSE and fused_available(z[:1], FUSED_MIN_ELEMENTS)
-    for prompt in b.unique().tolist():
-        items = (b == prompt).nonzero().flatten()
-        if fused:
-            if "fine" not in _fused:
-                _fused["fine"] = torch.compile(_fine_lse_kernel, dynamic=True)
-            try:
-                out[items] = _fused["fine"](z[prompt], Y, F, r[items], x[items], fine)
-                continue
-            except Exception as err:  # as in fused_moments
-                _fused["broken"], fused = True, False
-                _log.warning("fused log-sum-exp unavailable (%s); using eager chunks", err)
-        for i in range(0, len(items), chunk):
-            part = items[i : i + chunk]
-            out[part] = _fine_lse_kernel(z[prompt], Y, F, r[part], x[part], fine)
-    return out
+    return _per_prompt(
+        "fine", _fine_lse_kernel, z, b, chunk, lambda i, it: (z[i], Y, F, r[it], x[it], fine)
+    )
 
 
 def fused_available(p: Tensor, elements: int, int16: bool = False) -> bool:
