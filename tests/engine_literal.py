@@ -14,15 +14,17 @@ U32 = torch.finfo(torch.float32).eps / 2
 
 
 @torch.no_grad()
-def literal64_ffn(model, prompt: str) -> tuple[torch.Tensor, float]:
+def literal64_ffn(model, prompt: str, target: int | None = None) -> tuple[torch.Tensor, float]:
     """``([layer, neuron] float64 literal scores, magnitude)`` for one prompt (last position),
-    target = the model's own top-1; activations from the model's forward pass in its dtype,
+    target = ``target`` or the model's own top-1 (two tokens within an ulp of each other may
+    each be the top-1 of one way of forming the logits: pass the one the engine scored);
+    activations from the model's forward pass in its dtype,
     everything after them in float64. ``magnitude`` is the largest absolute logit any score
     involves (the scale of the rounding of an evaluation in the model's dtype)."""
     tokens = model.to_tokens(prompt)[0]
     logits, cache = model.run_with_cache(tokens[None])
     T = len(tokens) - 1
-    w = int(logits[0, T].argmax())
+    w = int(logits[0, T].argmax()) if target is None else int(target)
     s = cache["ln_final.hook_scale"][0, T, 0].double()
     norm = model.cfg.normalization_type
     W_U = model.W_U.double()

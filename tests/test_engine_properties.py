@@ -158,7 +158,10 @@ def test_neuron_importance_within_tolerance_of_literal(
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
-    ref, big = literal64_ffn(model, prompt)
+    # the literal on the token the result scored: with a near tie at logits of ~1e4 the two
+    # top tokens can be within one float32 ulp, and the capture's last-position unembedding
+    # and the full forward may then pick different ones (seed 0, gpt2, common 1e3)
+    ref, big = literal64_ffn(model, prompt, int(res.target_ids[0]))
     u = U32 if dtype == torch.float32 else U64
     allowed = default_tol(dtype) + 64 * u * big
     ratio = float((res.scores[0].double() - ref).abs().max()) / allowed
