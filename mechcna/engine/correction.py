@@ -179,14 +179,19 @@ def fine_scores(
     store row ``rows[r_i]``, within ``budget`` of the exact score where ``ok``.
 
     ``|Y_j - u_j| <= eta`` (the residual's rounding plus the float64 computation of the row,
-    ``eta`` per row) moves ``L`` by at most ``|x| eta``; the float64 evaluation adds at most
+    ``eta`` per row) moves ``L`` by at most ``|x| eta``, and the float64 product that forms
+    ``u_w`` errs by at most the part of ``eta`` beyond the residual's rounding; the float64
+    evaluation adds at most
     ``gamma(V) + u (8 (max|z| + |x| R) + 8)`` (the scaled products, the sums with ``z`` and the
     log-sum-exp). The target's entry ``u_w = w . M_w - centre`` is computed exactly."""
     V = z.shape[1]
     step = store.step(rows).to(z.device)
     R = store.radius_of(rows).to(z.device) * (1 + 2.0**-20)
     ax = x.abs()
-    err = ax * eta[r] + gamma(V) + U64 * (8 * (z.abs().amax(-1)[b] + ax * R[r]) + 8)
+    # the row's entries in L (eta), and the target's entry u_w, formed by the same float64
+    # product as the row (the part of eta beyond the residual's rounding covers it)
+    comp = (eta - store.eta_fine(rows).to(eta)).clamp_min(0)
+    err = ax * (eta[r] + comp[r]) + gamma(V) + U64 * (8 * (z.abs().amax(-1)[b] + ax * R[r]) + 8)
     ok = err <= budget
     score = z.new_zeros(len(x))
     if not bool(ok.any()):
