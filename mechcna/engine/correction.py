@@ -162,7 +162,7 @@ def corrected_logsumexp(
 def fine_scores(
     z: Float[Tensor, "batch d_vocab"],
     log_norm: Float[Tensor, " batch"],
-    store: Any,
+    store: RowStore,
     rows: Int[Tensor, " n"],
     eta: Float[Tensor, " n"],
     W: Float[Tensor, "n d_model"],
@@ -183,7 +183,8 @@ def fine_scores(
     ``u_w`` errs by at most the part of ``eta`` beyond the residual's rounding; the float64
     evaluation adds at most
     ``gamma(V) + u (8 (max|z| + |x| R) + 8)`` (the scaled products, the sums with ``z`` and the
-    log-sum-exp). The target's entry ``u_w = w . M_w - centre`` is computed exactly."""
+    log-sum-exp). The target's entry ``u_w = w . M_w - centre`` is formed from ``w``, not
+    from the stored row."""
     V = z.shape[1]
     step = store.step(rows).to(z.device)
     R = store.radius_of(rows).to(z.device) * (1 + 2.0**-20)
