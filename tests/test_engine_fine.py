@@ -221,8 +221,8 @@ def test_zeroed_residual_files_through_the_analysis(tmp_path, caplog):
 
 def test_the_compiled_refined_log_sum_exp_gives_what_the_eager_one_gives(monkeypatch):
     """The compiled loop that reads int16 rows and their residuals in place (taken for every
-    size here) against the eager chunks, on repeated and unordered rows."""
-    from mechcna.engine import moments
+    size here) and the C kernel against the eager chunks, on repeated and unordered rows."""
+    from mechcna.engine import moments, native
 
     g = torch.Generator().manual_seed(6)
     V = 2000
@@ -232,6 +232,7 @@ def test_the_compiled_refined_log_sum_exp_gives_what_the_eager_one_gives(monkeyp
     b = torch.tensor([0, 1, 1, 0, 1])
     r = torch.tensor([8, 0, 8, 3, 5])
     x = torch.randn(5, generator=g, dtype=F64) * 1e-7
+    monkeypatch.setenv("MECHCNA_NATIVE", "0")  # the torch loops (the C kernel: below)
     eager = moments.fine_logsumexp(z, Y, F, FINE, x, b, r)
     monkeypatch.setattr(moments, "FUSED_MIN_LSE", 0)
     monkeypatch.setattr(moments, "FUSED_MIN_ELEMENTS", 0)
@@ -240,3 +241,9 @@ def test_the_compiled_refined_log_sum_exp_gives_what_the_eager_one_gives(monkeyp
     assert "fine" in moments._fused and not moments._fused.get("broken")
     ref = torch.logsumexp(z[b] + x[:, None] * (Y[r].double() * FINE + F[r].double()), -1)
     assert float((got - ref).abs().max()) <= 1e-12 and float((eager - ref).abs().max()) <= 1e-12
+    monkeypatch.delenv("MECHCNA_NATIVE")
+    calls = []
+    real = native.fine_logsumexp
+    monkeypatch.setattr(native, "fine_logsumexp", lambda *a: calls.append(1) or real(*a))
+    kernel = moments.fine_logsumexp(z, Y, F, FINE, x, b, r)
+    assert calls and float((kernel - ref).abs().max()) <= 1e-12

@@ -4,6 +4,7 @@ References are exact: rational sums of the float64 probabilities times integer p
 (:class:`fractions.Fraction`), or float64 sums with the same rigorous bound. Every test that
 expects the kernel asserts that it ran (a silent fallback could not fail the test)."""
 
+import decimal
 import logging
 from fractions import Fraction
 
@@ -181,3 +182,82 @@ def test_a_subset_of_rows_read_in_place_equals_the_gathered_rows(B, monkeypatch)
     assert native.moments_int16(p, y, True, torch.tensor([3, 40])) is None
     empty = native.moments_int16(p, y, False, torch.tensor([], dtype=torch.long))
     assert empty is not None and empty[0].shape == (B, 0)
+
+
+def test_the_kernels_exp_is_within_its_stated_error():
+    """The log-sum-exp kernel's own ``exp`` against 40-digit decimal exponentials: the
+    relative error stays within :data:`native.EXP_ULPS` units of roundoff over the whole
+    range it serves (reduction boundaries, tiny arguments, the clamp at -700)."""
+    lib = native.library()
+    assert lib is not None
+    g = torch.Generator().manual_seed(11)
+    ln2 = 0.6931471805599453
+    points = torch.cat([
+        -torch.rand(3000, generator=g, dtype=torch.float64) * 720,
+        -torch.rand(3000, generator=g, dtype=torch.float64) * 2,
+        -torch.rand(500, generator=g, dtype=torch.float64) * 1e-6,
+        -(torch.arange(1, 400, dtype=torch.float64) + 0.5) * ln2,  # |r| at its largest
+        torch.tensor([0.0, -700.0, -700.5, -1e-300, -745.0]),
+    ])  # fmt: skip
+    ctx = decimal.Context(prec=40)
+    worst = 0.0
+    for t in points.tolist():
+        exact = ctx.exp(decimal.Decimal(max(t, -700.0)))
+        got = decimal.Decimal(lib.exp_check(t))
+        worst = max(worst, float(abs(got - exact) / exact) / 2.0**-53)
+    assert worst <= native.EXP_ULPS
+    assert worst > 0.1  # the comparison sees rounding at all
+
+
+def _lse_inputs(V, n, seed, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    Y = torch.randint(-32767, 32768, (9, V), generator=g, dtype=torch.int32).to(torch.int16)
+    F = torch.randint(-127, 128, (9, V), generator=g, dtype=torch.int32).to(torch.int8)
+    z = torch.randn(3, V, generator=g, dtype=torch.float64) * 6
+    x = torch.randn(n, generator=g, dtype=torch.float64) * spread * 1e-6
+    b = torch.randint(0, 3, (n,), generator=g)
+    r = torch.randint(0, 9, (n,), generator=g)
+    return z, Y, F, x, b, r
+
+
+@pytest.mark.parametrize("V", [1, 3, 7, 8, 1029])
+@pytest.mark.parametrize("spread", [1.0, 1e3])
+def test_fine_logsumexp_within_its_bound_of_a_40_digit_reference(V, spread):
+    """Every item against a 40-digit decimal log-sum-exp of the same exact entries, within the
+    bound :func:`mechcna.engine.correction.fine_scores` charges for it (``spread`` 1e3 sends
+    most terms below ``exp(-700)``); widths that are not multiples of the vector width take
+    the scalar tail."""
+    z, Y, F, x, b, r = _lse_inputs(V, 12, V, spread)
+    got = native.fine_logsumexp(z, Y, F, 254.0, x, b, r)
+    assert got is not None and got.dtype == torch.float64
+    ctx = decimal.Context(prec=40)
+    D = decimal.Decimal
+    for i in range(len(x)):
+        v = Y[r[i]].double() * 254 + F[r[i]].double()  # exact
+        s = [
+            D(float(zj)) + D(float(x[i])) * D(float(vj)) for zj, vj in zip(z[b[i]], v, strict=True)
+        ]
+        m = max(s)
+        exact = m + ctx.ln(sum((ctx.exp(sj - m) for sj in s), D(0)))
+        big = float(z[b[i]].abs().max()) + abs(float(x[i])) * float(v.abs().max())
+        bound = moments.gamma(V) + moments.U64 * (8 * big + 8) + native.lse_error(V)
+        assert abs(float(D(float(got[i])) - exact)) <= bound
+
+
+def test_fine_logsumexp_threads_and_refusals(monkeypatch):
+    """Items split among threads give the same values bit for bit; inputs the kernel does not
+    serve (wrong dtypes, a row or prompt out of range) return ``None``, never a read."""
+    z, Y, F, x, b, r = _lse_inputs(1029, 31, 3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = native.fine_logsumexp(z, Y, F, 254.0, x, b, r)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    three = native.fine_logsumexp(z, Y, F, 254.0, x, b, r)
+    assert one is not None and three is not None and torch.equal(one, three)
+    eager = moments._fine_lse_kernel(z[0], Y, F, r[b == 0], x[b == 0], 254)
+    assert float((one[b == 0] - eager).abs().max()) <= 1e-12
+    assert native.fine_logsumexp(z.float(), Y, F, 254.0, x, b, r) is None
+    assert native.fine_logsumexp(z, Y.int(), F, 254.0, x, b, r) is None
+    assert native.fine_logsumexp(z, Y, F, 254.0, x, b, r + 9) is None
+    assert native.fine_logsumexp(z, Y, F, 254.0, x, b + 3, r) is None
+    empty = native.fine_logsumexp(z, Y, F, 254.0, x[:0], b[:0], r[:0])
+    assert empty is not None and empty.shape == (0,)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mechcna._types import Bool, Float, Int, Tensor
-from mechcna.engine import moments
+from mechcna.engine import moments, native
 from mechcna.engine.moments import U64, gamma, shifted_logsumexp
 from mechcna.engine.rows import FINE, RowStore
 
@@ -183,7 +183,8 @@ def fine_scores(
     ``u_w`` errs by at most the part of ``eta`` beyond the residual's rounding; the float64
     evaluation adds at most
     ``gamma(V) + u (8 (max|z| + |x| R) + 8)`` (the scaled products, the sums with ``z`` and the
-    log-sum-exp). The target's entry ``u_w = w . M_w - centre`` is formed from ``w``, not
+    log-sum-exp), plus :func:`mechcna.engine.native.lse_error` where the C kernel's own ``exp``
+    and ``log`` form it. The target's entry ``u_w = w . M_w - centre`` is formed from ``w``, not
     from the stored row."""
     V = z.shape[1]
     step = store.step(rows).to(z.device)
@@ -193,6 +194,7 @@ def fine_scores(
     # product as the row (the part of eta beyond the residual's rounding covers it)
     comp = (eta - store.eta_fine(rows).to(eta)).clamp_min(0)
     err = ax * (eta[r] + comp[r]) + gamma(V) + U64 * (8 * (z.abs().amax(-1)[b] + ax * R[r]) + 8)
+    err = err + native.lse_error(V)  # the C kernel's own exp and log, where it is used
     ok = err <= budget
     score = z.new_zeros(len(x))
     if not bool(ok.any()):

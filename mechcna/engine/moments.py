@@ -169,7 +169,12 @@ def fine_logsumexp(
 ) -> Float[Tensor, " k"]:
     """``logsumexp(z[b_i] + x_i (fine Y[r_i] + F[r_i]))`` for every item (float64): per prompt
     one compiled loop that reads the stored rows in place where :func:`fused_available`, else
-    eager chunks of ``chunk`` items (the same sums)."""
+    eager chunks of ``chunk`` items (the same sums). The C kernel of
+    :mod:`mechcna.engine.native` serves every item in one call where it builds (its own
+    ``exp``: :func:`mechcna.engine.native.lse_error` bounds what it adds)."""
+    got = native.fine_logsumexp(z, Y, F, fine, x, b, r)
+    if got is not None:
+        return got
     return _per_prompt(
         "fine", _fine_lse_kernel, z, b, chunk, lambda i, it: (z[i], Y, F, r[it], x[it], fine)
     )
