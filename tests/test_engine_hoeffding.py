@@ -57,3 +57,38 @@ def test_an_items_value_does_not_depend_on_its_batch():
     ref = engine_literal(z, M, W, a, target)
     assert error_ratio(both, ref, z, M, W, a, None) <= 1
     assert float((both[0] - ref[0]).abs().max()) <= default_tol(torch.float32) + 1e-7
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_pairs_whose_items_all_meet_the_bound_are_not_summed(monkeypatch, kernel):
+    """A row read for one prompt is not summed for a prompt all of whose items on it take
+    Hoeffding's route (the C kernel skips the pair; every path returns it as NaN, never used):
+    the scores stay within tol of the literal and the first prompt's are what it gets alone."""
+    from mechcna.engine import moments, native
+
+    monkeypatch.setattr(moments, "FUSED_MIN_ELEMENTS", 0 if kernel else 2**62)
+    z, M, W, a, target = _inputs(torch.float32)
+    wanted: list[torch.Tensor] = []
+    summed: list[int] = []
+    real_central, real_native = expansion.central_moments, native.moments_int16
+
+    def central(p, store, sel, third, reach=None, tol=0.0, want=None):
+        assert want is not None
+        wanted.append(want.clone())
+        return real_central(p, store, sel, third, reach, tol, want)
+
+    def counted(p, y, third, rows=None, want=None):
+        summed.append(1)
+        return real_native(p, y, third, rows, want)
+
+    monkeypatch.setattr(expansion, "central_moments", central)
+    monkeypatch.setattr(native, "moments_int16", counted)
+    got = increase_from_rows(z, layer_rows(M, W, torch.int16), a, target)
+    n = W.shape[0]
+    assert wanted and not bool(wanted[0][0].any()) and bool(wanted[0][1].all())
+    assert bool(summed) == kernel
+    assert not bool(got.isnan().any())
+    assert error_ratio(got, engine_literal(z, M, W, a, target), z, M, W, a, None) <= 1
+    one = increase_from_rows(z[:1], layer_rows(M, W, torch.int16), a[:1], target[:1])
+    assert torch.equal(got[0], one[0])
+    assert len(wanted[0][0]) == n - n // 2

@@ -261,3 +261,25 @@ def test_fine_logsumexp_threads_and_refusals(monkeypatch):
     assert native.fine_logsumexp(z, Y, F, 254.0, x, b + 3, r) is None
     empty = native.fine_logsumexp(z, Y, F, 254.0, x[:0], b[:0], r[:0])
     assert empty is not None and empty.shape == (0,)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_pairs_left_out_are_zero_and_the_others_unchanged(monkeypatch, threads):
+    """With ``want``, the marked (prompt, row) pairs get the sums they get without it, bit for
+    bit (also with the rows split among threads by the pairs they sum); the others are 0; a
+    mask of the wrong shape is refused."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    p, y = _inputs(6, 1003, 40, 8)
+    idx = torch.tensor([39, 0, 7, 7, 12, 3, 38, 21, 5])
+    g = torch.Generator().manual_seed(3)
+    want = torch.rand(6, len(idx), generator=g) < 0.4
+    want[:, 0] = False  # a row no prompt wants
+    want[:, 1] = True
+    full = native.moments_int16(p, y, True, idx)
+    part = native.moments_int16(p, y, True, idx, want)
+    assert full is not None and part is not None
+    for a, b in zip(part, full, strict=True):
+        assert a is not None and b is not None
+        assert torch.equal(a[want], b[want])
+        assert bool((a[~want] == 0).all())
+    assert native.moments_int16(p, y, True, None, want[:, :-1]) is None  # 40 rows, 8 marks

@@ -463,7 +463,9 @@ def increase_from_rows(
         fail = torch.zeros_like(coef, dtype=torch.bool)
         if len(sel):
             eta = row_eta(rows, store, W, sel) if eta_all is None else eta_all[sel]
-            fail[:, :, sel] = _third_order(out, a, d1, dd1, p, store, sel, eta, k2, dk2, tol)
+            # a (prompt, row) pair all of whose items take Hoeffding's route is not summed
+            want = None if easy is None else ~easy[:, :, sel].all(1)
+            fail[:, :, sel] = _third_order(out, a, d1, dd1, p, store, sel, eta, k2, dk2, tol, want)
         if easy is not None:  # an item's route never depends on the other items of its row
             out = torch.where(easy, hoeffding, out)
             fail &= ~easy
@@ -527,9 +529,12 @@ def _third_order(
     k2_exact: Tensor | None,
     dk2_exact: Tensor | None,
     tol: float,
+    want: Tensor | None = None,
 ) -> Tensor:
     """Third-order values (in place in ``out``, float64) for rows ``sel`` from stored rows;
-    returns the ``[batch, extra, len(sel)]`` mask of items the bound does not certify."""
+    returns the ``[batch, extra, len(sel)]`` mask of items the bound does not certify. Pairs
+    (prompt, row) not in ``want`` (``[batch, len(sel)]``) are not summed: their values are NaN
+    and their items are not marked (the caller scores them another way)."""
     eta = eta[None]
     radius = store.radius_of(sel).to(p.device)
     # |a| R per prompt and row: how far each row's moments may be truncated (moments.py)
@@ -538,7 +543,7 @@ def _third_order(
     # the same pass instead of a second pass over the rows that need it (taking it only for
     # the rows that may need it saved nothing measurable on SmolLM2: the loads dominate)
     both = fused_available(p, len(sel) * p.shape[1], store.storage == torch.int16)
-    k2y, dk2y, k3all, dk3all = central_moments(p, store, sel, both, reach, tol)
+    k2y, dk2y, k3all, dk3all = central_moments(p, store, sel, both, reach, tol, want)
     sdy = (k2y + dk2y).clamp_min(0).sqrt()  # >= sd(y) despite rounding
     S = sdy + 2 * eta  # >= sd(u)
     if k2_exact is None or dk2_exact is None:  # k2 from the stored rows: its error enters
@@ -564,7 +569,8 @@ def _third_order(
         if k3all is not None and dk3all is not None:
             k3n, dk3n = k3all[:, need], dk3all[:, need]
         else:
-            _, _, k3n, dk3n = central_moments(p, store, sel[need], True, reach[:, need], tol)
+            sub = None if want is None else want[:, need]
+            _, _, k3n, dk3n = central_moments(p, store, sel[need], True, reach[:, need], tol, sub)
         k3[:, need], dk3y[:, need] = k3n, dk3n  # type: ignore[assignment]
     dk3 = 6 * eta * S**2 + 12 * eta**2 * S + 8 * eta**3 + dk3y
     third = second - x**3 * (k3 / 6)[:, None]

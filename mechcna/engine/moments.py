@@ -40,13 +40,14 @@ chunk by chunk when the store lives elsewhere.
 """
 
 import logging
+import math
 import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mechcna._types import Float, Int, Tensor
+from mechcna._types import Bool, Float, Int, Tensor
 from mechcna.engine import native
 
 if TYPE_CHECKING:
@@ -212,14 +213,20 @@ def _packed_kernel(
 
 
 def fused_moments(
-    p: Float[Tensor, "batch k"], y: Tensor, third: bool, rows: Tensor | None = None
+    p: Float[Tensor, "batch k"],
+    y: Tensor,
+    third: bool,
+    rows: Tensor | None = None,
+    want: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """:func:`_moment_kernel` (int16 rows of even width: :func:`_packed_kernel`) compiled once
     per process with dynamic shapes, or ``None`` when compilation fails (then every later call
     returns ``None`` at once: the caller runs the eager chunks). With ``rows``, the moments of
-    ``y[rows]`` (read in place by the C kernel, else gathered)."""
+    ``y[rows]`` (read in place by the C kernel, else gathered). ``want`` (``[batch, rows]``)
+    lets the C kernel skip the pairs it does not mark (their values are then meaningless; the
+    other paths sum every pair)."""
     if y.dtype == torch.int16:  # the C kernel where it builds (about 2-3x faster)
-        got = native.moments_int16(p, y, third, rows)
+        got = native.moments_int16(p, y, third, rows, want)
         if got is not None:
             return got
     if rows is not None:
@@ -318,17 +325,24 @@ def head_plan(
 
 
 def _raw_parts(
-    pk: Tensor, store: "RowStore", rows: Tensor, cols: Tensor | None, third: bool
+    pk: Tensor,
+    store: "RowStore",
+    rows: Tensor,
+    cols: Tensor | None,
+    third: bool,
+    want: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(m2, k2, k3)`` of the stored rows ``rows`` (columns ``cols``) under ``pk``: one fused
-    reduction when :func:`fused_available`, else eager chunks."""
+    reduction when :func:`fused_available`, else eager chunks (``want``: as in
+    :func:`fused_moments`)."""
     B, width = pk.shape
     # a full layer read in row order is a run of contiguous slices
     whole = cols is None and len(rows) == store.n_rows
     int16 = store.storage == torch.int16
     if store.device == pk.device and fused_available(pk, len(rows) * width, int16):
         if int16 and cols is None:  # the C kernel reads a subset of rows in place
-            got = fused_moments(pk, store.stored(slice(None)), third, None if whole else rows)
+            y = store.stored(slice(None))
+            got = fused_moments(pk, y, third, None if whole else rows, want)
         else:
             y = store.stored(slice(None) if whole else rows, cols)  # a gathered copy unless whole
             got = fused_moments(pk, y, third)
@@ -359,6 +373,7 @@ def central_moments(
     third: bool,
     reach: Float[Tensor, "batch n"] | None = None,
     tol: float = 0.0,
+    want: Bool[Tensor, "batch n"] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """``(k2, dk2, k3, dk3)``: variance and (with ``third``) third central moment of the
     stored rows ``sel`` under each distribution (float64 ``p``), in the rows' real units,
@@ -366,7 +381,9 @@ def central_moments(
 
     ``reach`` (``|a| R`` per prompt and row) lets rows of neurons with small coefficients be
     summed over each prompt's most probable tokens only (:func:`head_plan`); without it every
-    token is read."""
+    token is read. With ``want``, the pairs (prompt, row) it does not mark are not wanted: they
+    may be skipped, and are returned as NaN whichever path runs (so a caller that used one
+    could not miss it)."""
     dev = p.device
     B, V = p.shape
     n = len(sel)
@@ -383,7 +400,9 @@ def central_moments(
         rows = sel[mask.to(sel.device)]
         width = V if cols is None else len(cols)
         pk = p if cols is None else p[:, cols]
-        m2, c2, c3 = _raw_parts(pk, store, rows, cols, third)
+        m2, c2, c3 = _raw_parts(
+            pk, store, rows, cols, third, None if want is None else want[:, mask]
+        )
         R = R_all[mask]
         e2, e3 = moment_errors(m2, R, width)
         d = delta[:, None]
@@ -399,4 +418,9 @@ def central_moments(
     if third:
         assert k3 is not None and dk3 is not None
         k3, dk3 = k3 * step**3, dk3 * step**3 * slack + k3.abs() * step**3 * 8 * U64
+    if want is not None:
+        drop = ~want.to(dev)
+        k2, dk2 = k2.masked_fill(drop, math.nan), dk2.masked_fill(drop, math.nan)
+        if k3 is not None and dk3 is not None:
+            k3, dk3 = k3.masked_fill(drop, math.nan), dk3.masked_fill(drop, math.nan)
     return k2, dk2, k3, dk3

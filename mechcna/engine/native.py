@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from mechcna._types import Float, Int, Tensor
+from mechcna._types import Bool, Float, Int, Tensor
 
 _log = logging.getLogger(__name__)
 
@@ -112,11 +112,15 @@ row_block(const int16_t* row, int64_t V, const double* const* pp, const int NB, 
 
 /* Raw moments of the int16 rows r0..r1-1 of y (row length V; with idx, the rows idx[r0..r1-1])
    under the B distributions p (B x V, float64): out[(n - 1) * B * ld + b * ld + r] =
-   sum_j p[b, j] y[row r, j]^n for n = 1, 2 and, when third, 3. The vocabulary is taken in
-   blocks whose B rows of p stay in the cache (512 KB) while every row passes; each block's
-   sums are added to out. Returns 0, or -1 when B is out of range. */
+   sum_j p[b, j] y[row r, j]^n for n = 1, 2 and, when third, 3. With want (r1 x B bytes, row r
+   at want[r * B]), only the prompts b with want[r * B + b] != 0 are summed for row r, packed
+   four at a time (the others stay 0; each prompt's sums are formed in the same order either
+   way). The vocabulary is taken in blocks whose B rows of p stay in the cache (512 KB) while
+   every row passes; each block's sums are added to out. Returns 0, or -1 when B is out of
+   range. */
 int moments_i16(const int16_t* y, int64_t V, int64_t r0, int64_t r1, const double* p,
-                int64_t B, int third, double* out, int64_t ld, const int64_t* idx) {
+                int64_t B, int third, double* out, int64_t ld, const int64_t* idx,
+                const uint8_t* want) {
     if (B < 1 || B > MAXB) return -1;
     int64_t JB = ((int64_t)1 << 16) / B;
     JB = JB < 256 ? 256 : (JB / 4) * 4;
@@ -127,11 +131,14 @@ int moments_i16(const int16_t* y, int64_t V, int64_t r0, int64_t r1, const doubl
         int64_t w = V - j0 < JB ? V - j0 : JB;
         for (int64_t r = r0; r < r1; r++) {
             const int16_t* row = y + (idx ? idx[r] : r) * V + j0;
-            for (int64_t b0 = 0; b0 < B; b0 += 4) {
+            int64_t list[MAXB], m = 0;
+            for (int64_t b = 0; b < B; b++)
+                if (!want || want[r * B + b]) list[m++] = b;
+            for (int64_t b0 = 0; b0 < m; b0 += 4) {
                 const double* pp[4];
                 double res[12];
-                int nb = B - b0 < 4 ? (int)(B - b0) : 4;
-                for (int b = 0; b < nb; b++) pp[b] = p + (b0 + b) * V + j0;
+                int nb = m - b0 < 4 ? (int)(m - b0) : 4;
+                for (int b = 0; b < nb; b++) pp[b] = p + list[b0 + b] * V + j0;
                 switch (nb) {
                     case 1: row_block(row, w, pp, 1, third, res); break;
                     case 2: row_block(row, w, pp, 2, third, res); break;
@@ -139,9 +146,10 @@ int moments_i16(const int16_t* y, int64_t V, int64_t r0, int64_t r1, const doubl
                     default: row_block(row, w, pp, 4, third, res); break;
                 }
                 for (int b = 0; b < nb; b++) {
-                    out[(b0 + b) * ld + r] += res[3 * b];
-                    out[B * ld + (b0 + b) * ld + r] += res[3 * b + 1];
-                    if (third) out[2 * B * ld + (b0 + b) * ld + r] += res[3 * b + 2];
+                    int64_t q = list[b0 + b];
+                    out[q * ld + r] += res[3 * b];
+                    out[B * ld + q * ld + r] += res[3 * b + 1];
+                    if (third) out[2 * B * ld + q * ld + r] += res[3 * b + 2];
                 }
             }
         }
@@ -312,7 +320,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     fn = lib.moments_i16
     i64, dp = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [dp, i64, i64, i64, dp, i64, ctypes.c_int, dp, i64, dp]
+    fn.argtypes = [dp, i64, i64, i64, dp, i64, ctypes.c_int, dp, i64, dp, dp]
     fn.restype = ctypes.c_int
     lse = lib.fine_lse
     lse.argtypes = [dp, i64, dp, dp, ctypes.c_double, dp, dp, dp, i64, i64, dp]
@@ -353,11 +361,13 @@ def moments_int16(
     y: Int[Tensor, "row d_vocab"],
     third: bool,
     rows: Int[Tensor, " n"] | None = None,
+    want: Bool[Tensor, "batch n"] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """``(m1, m2, m3)``, each ``[batch, row]`` float64 (``m3`` only with ``third``): the raw
     moments ``p . y^n`` of the int16 rows ``y`` (CPU; with ``rows``, of the rows ``y[rows]``,
     read in place), or ``None`` when the kernel is not available or does not apply (then the
-    caller uses another path)."""
+    caller uses another path). With ``want``, only the pairs (prompt, row) it marks are summed
+    (the others are 0); a marked pair's sums are the same, bit for bit, as without it."""
     B, V = p.shape
     if (
         y.dtype != torch.int16
@@ -380,17 +390,30 @@ def moments_int16(
         if len(index) and not (0 <= int(index.min()) and int(index.max()) < y.shape[0]):
             return None
     n = y.shape[0] if index is None else len(index)
+    mask = None
+    if want is not None:
+        if want.shape != (B, n):
+            return None
+        mask = want.to(device="cpu", dtype=torch.uint8).T.contiguous()  # [row, prompt]
     out = torch.empty(3, B, n, dtype=torch.float64)
     if n == 0:
         return out[0], out[1], (out[2] if third else None)
     threads = max(1, min(torch.get_num_threads(), n))
-    bounds = [n * t // threads for t in range(threads + 1)]
+    if mask is None:
+        bounds = [n * t // threads for t in range(threads + 1)]
+    else:  # balance the (prompt, row) pairs summed, not the rows
+        work = (mask.sum(1, dtype=torch.int64) + 1).cumsum(0)
+        cuts = torch.searchsorted(work, work[-1] * torch.arange(1, threads) // threads)
+        bounds = [0, *cuts.tolist(), n]
     fn = lib.moments_i16
     ptr = None if index is None else index.data_ptr()
-    args = (y.data_ptr(), V, p.data_ptr(), B, int(third), out.data_ptr(), n, ptr)
+    wptr = None if mask is None else mask.data_ptr()
+    args = (y.data_ptr(), V, p.data_ptr(), B, int(third), out.data_ptr(), n, ptr, wptr)
 
     def run(r0: int, r1: int) -> int:
-        return fn(args[0], args[1], r0, r1, args[2], args[3], args[4], args[5], args[6], args[7])
+        if r0 >= r1:
+            return 0
+        return fn(args[0], args[1], r0, r1, *args[2:])
 
     if threads == 1:
         codes = [run(0, n)]
