@@ -6,6 +6,7 @@ expects the kernel asserts that it ran (a silent fallback could not fail the tes
 
 import decimal
 import logging
+import math
 from fractions import Fraction
 
 import pytest
@@ -207,6 +208,12 @@ def test_the_kernels_exp_is_within_its_stated_error():
         worst = max(worst, float(abs(got - exact) / exact) / 2.0**-53)
     assert worst <= native.EXP_ULPS
     assert worst > 0.1  # the comparison sees rounding at all
+    # the vector exp the kernel uses gives the scalar one's values, bit for bit
+    t = points.contiguous()
+    out = torch.empty_like(t)
+    lib.exp_check_v(t.data_ptr(), len(t), out.data_ptr())
+    scalar = torch.tensor([lib.exp_check(v) for v in t.tolist()], dtype=torch.float64)
+    assert torch.equal(out, scalar)
 
 
 def _lse_inputs(V, n, seed, spread=1.0):
@@ -259,6 +266,11 @@ def test_fine_logsumexp_threads_and_refusals(monkeypatch):
     assert native.fine_logsumexp(z, Y.int(), F, 254.0, x, b, r) is None
     assert native.fine_logsumexp(z, Y, F, 254.0, x, b, r + 9) is None
     assert native.fine_logsumexp(z, Y, F, 254.0, x, b + 3, r) is None
+    for bad in (math.nan, math.inf):  # never a finite number from a NaN or infinite input
+        xb, zb = x.clone(), z.clone()
+        xb[0], zb[1, 5] = bad, bad
+        assert native.fine_logsumexp(z, Y, F, 254.0, xb, b, r) is None
+        assert native.fine_logsumexp(zb, Y, F, 254.0, x, b, r) is None
     empty = native.fine_logsumexp(z, Y, F, 254.0, x[:0], b[:0], r[:0])
     assert empty is not None and empty.shape == (0,)
 

@@ -159,7 +159,7 @@ int moments_i16(const int16_t* y, int64_t V, int64_t r0, int64_t r1, const doubl
 
 /* exp(t) for t <= 0 (t below -700 taken as -700), relative error below EXP_ULPS units of
    float64 roundoff: t = k ln2 + r with |r| <= ln2/2 + tiny (Cody-Waite, two fused
-   multiply-adds), exp(r) by its degree-13 Taylor polynomial (truncation below 5e-18
+   multiply-adds), exp(r) by its degree-13 Taylor polynomial (truncation about 6e-18
    relative), Horner's rule in fused multiply-adds, times 2^k built in the exponent bits. */
 #define LOG2E 1.4426950408889634
 #define LN2_HI 6.93147180369123816490e-01
@@ -200,6 +200,15 @@ static inline int32_t ld32(const int8_t* p) { int32_t v; __builtin_memcpy(&v, p,
 #endif
 
 double exp_check(double t) { return exp_s(t); }
+
+/* the vector exp on n values (n a multiple of 4 where AVX2 is built; else the scalar one) */
+void exp_check_v(const double* t, int64_t n, double* out) {
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; i + 4 <= n; i += 4) _mm256_storeu_pd(out + i, exp_v(_mm256_loadu_pd(t + i)));
+#endif
+    for (; i < n; i++) out[i] = exp_s(t[i]);
+}
 
 /* logsumexp_j (z[b_i, j] + x_i (fine Y[r_i, j] + F[r_i, j])) for the items i0..i1-1 into
    out[i]: int16 rows Y and their int8 residuals F (row length V) read in place, z the base
@@ -327,6 +336,8 @@ def _build() -> ctypes.CDLL | None:
     lse.restype = None
     lib.exp_check.argtypes = [ctypes.c_double]
     lib.exp_check.restype = ctypes.c_double
+    lib.exp_check_v.argtypes = [dp, i64, dp]
+    lib.exp_check_v.restype = None
     return lib
 
 
@@ -431,12 +442,14 @@ EXP_ULPS = 8
 
 
 def lse_error(V: int) -> float:
-    """Bound on the absolute error :func:`fine_logsumexp` adds beyond the rounding of ``s_j``
-    and of the sum over the vocabulary: each ``exp`` within :data:`EXP_ULPS` units of roundoff
-    (relative), so the sum within that relative error; the final ``log`` and addition within
-    ``u (log V + 2)`` of ``log`` of the sum (``1 <= sum <= V``), terms below ``exp(-700)``
-    taken as ``exp(-700)`` (relative ``V exp(-700)``, far below one unit)."""
-    return 2.0**-53 * (EXP_ULPS + math.log(max(V, 2)) + 3)
+    """Bound on the absolute error :func:`fine_logsumexp` adds beyond the rounding of ``s_j``,
+    of ``s_j - max`` and of the final ``max + log(sum)`` (charged with the magnitudes of ``z``
+    and ``x y`` by :func:`mechcna.engine.correction.fine_scores`) and of the sum over the
+    vocabulary (``gamma(V)``): each ``exp`` within :data:`EXP_ULPS` units of roundoff
+    (relative), so the sum within that relative error; the libm ``log`` of the sum
+    (``1 <= sum <= V``) within one ulp, ``2 u log V``; terms below ``exp(-700)`` taken as
+    ``exp(-700)`` (relative ``V exp(-700)``, far below one unit), and a unit to spare."""
+    return 2.0**-53 * (EXP_ULPS + 2 * math.log(max(V, 2)) + 4)
 
 
 def fine_logsumexp(
@@ -478,6 +491,8 @@ def fine_logsumexp(
         return None
     if int(prompts.min()) < 0 or int(prompts.max()) >= z.shape[0]:
         return None
+    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(z).all())):
+        return None  # the kernel's maxima would drop a NaN: torch's loop propagates it
     z, Y, F, x = z.contiguous(), Y.contiguous(), F.contiguous(), x.contiguous()
     fn = lib.fine_lse
     head = (z.data_ptr(), V, Y.data_ptr(), F.data_ptr(), float(fine))
