@@ -183,9 +183,9 @@ def fine_scores(
     ``u_w`` errs by at most the part of ``eta`` beyond the residual's rounding; the float64
     evaluation adds at most
     ``gamma(V) + u (8 (max|z| + |x| R) + 8)`` (the scaled products, the sums with ``z`` and the
-    log-sum-exp), plus :func:`mechcna.engine.native.lse_error` where the C kernel's own ``exp``
-    and ``log`` form it. The target's entry ``u_w = w . M_w - centre`` is formed from ``w``, not
-    from the stored row."""
+    log-sum-exp), plus :func:`mechcna.engine.native.lse_error` for the C kernel's own ``exp``
+    and ``log`` (charged on every path: a few units of roundoff). The target's entry
+    ``u_w = w . M_w - centre`` is formed from ``w``, not from the stored row."""
     V = z.shape[1]
     step = store.step(rows).to(z.device)
     R = store.radius_of(rows).to(z.device) * (1 + 2.0**-20)
@@ -194,7 +194,7 @@ def fine_scores(
     # product as the row (the part of eta beyond the residual's rounding covers it)
     comp = (eta - store.eta_fine(rows).to(eta)).clamp_min(0)
     err = ax * (eta[r] + comp[r]) + gamma(V) + U64 * (8 * (z.abs().amax(-1)[b] + ax * R[r]) + 8)
-    err = err + native.lse_error(V)  # the C kernel's own exp and log, where it is used
+    err = err + native.lse_error(V)  # the C kernel's own exp and log (charged on every path)
     ok = err <= budget
     score = z.new_zeros(len(x))
     if not bool(ok.any()):
